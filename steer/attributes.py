@@ -1,0 +1,311 @@
+"""The attribute schema: which attributes a model is steered by, their ranges and defaults.
+
+This is the only place attribute names, ranges and the SteerLM label string
+(``quality:4,toxicity:0,humor:3``) are defined. Training, relabeling and serving all
+call it, so a value that is valid in one is valid in all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steer.errors import SteerError
+
+# Names users commonly type for the same attribute. Keys are aliases, values canonical names.
+DEFAULT_ALIASES: dict[str, str] = {"humour": "humor"}
+
+
+class AttributeValueError(SteerError, ValueError):
+    """A bad attribute name, value or label string. ``field`` names the offending attribute."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    min: int = 0
+    max: int = 4
+    default: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise AttributeValueError(
+                f"attribute name {self.name!r} must be letters, digits and underscores", self.name
+            )
+        if self.min >= self.max:
+            raise AttributeValueError(f"attribute {self.name!r}: min {self.min} must be below max {self.max}", self.name)
+        if not self.min <= self.default <= self.max:
+            raise AttributeValueError(
+                f"attribute {self.name!r}: default {self.default} is outside {self.min}-{self.max}", self.name
+            )
+
+
+@dataclass(frozen=True)
+class AttributeSchema:
+    """An ordered set of attributes. Order matters: it is the order of the label string
+    and of the APM's outputs."""
+
+    name: str
+    attributes: tuple[Attribute, ...]
+    aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+
+    def __post_init__(self) -> None:
+        names = [a.name for a in self.attributes]
+        if not names:
+            raise AttributeValueError(f"schema {self.name!r} has no attributes")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise AttributeValueError(f"schema {self.name!r} repeats attribute(s): {', '.join(dupes)}", dupes[0])
+        object.__setattr__(self, "attributes", tuple(self.attributes))
+        object.__setattr__(self, "aliases", dict(self.aliases))
+
+    # ----------------------------------------------------------------- lookup
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.attributes]
+
+    def __len__(self) -> int:
+        return len(self.attributes)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.canonical_name(name, strict=False) is not None
+
+    def canonical_name(self, name: str, strict: bool = True) -> str | None:
+        """Map a user-typed name (any case, aliases such as ``humour``) to the schema's name."""
+        key = name.strip().lower()
+        key = self.aliases.get(key, key)
+        if key in self.names:
+            return key
+        if strict:
+            raise AttributeValueError(
+                f"unknown attribute {name!r}; this schema ({self.name}) has: {', '.join(self.names)}", name
+            )
+        return None
+
+    def __getitem__(self, name: str) -> Attribute:
+        canonical = self.canonical_name(name)
+        return next(a for a in self.attributes if a.name == canonical)
+
+    @property
+    def defaults(self) -> dict[str, int]:
+        return {a.name: a.default for a in self.attributes}
+
+    # ------------------------------------------------------------- validation
+    def validate_value(self, name: str, value: Any) -> int:
+        attr = self[name]
+        if isinstance(value, bool):
+            raise AttributeValueError(f"attribute {attr.name!r}: expected an integer, got a boolean", attr.name)
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = int(text)
+            except ValueError:
+                raise AttributeValueError(
+                    f"attribute {attr.name!r}: expected an integer, got {text!r}", attr.name
+                ) from None
+        elif isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                raise AttributeValueError(f"attribute {attr.name!r}: expected an integer, got {value!r}", attr.name)
+            value = int(value)
+        elif not isinstance(value, int):
+            raise AttributeValueError(
+                f"attribute {attr.name!r}: expected an integer, got {type(value).__name__}", attr.name
+            )
+        if not attr.min <= value <= attr.max:
+            raise AttributeValueError(
+                f"attribute {attr.name!r}: value {value} is outside its range {attr.min}-{attr.max}", attr.name
+            )
+        return value
+
+    def validate(self, values: Mapping[str, Any] | None, fill_defaults: bool = True) -> dict[str, int]:
+        """Check user-supplied values; return them keyed by canonical name, in schema order.
+
+        With ``fill_defaults`` every attribute is present (missing ones take their default),
+        which is what conditioning needs: the model always sees a full label string.
+        """
+        values = values or {}
+        if not isinstance(values, Mapping):
+            raise AttributeValueError(f"attributes must be a mapping of name to integer, got {type(values).__name__}")
+        checked: dict[str, int] = {}
+        for raw_name, value in values.items():
+            if not isinstance(raw_name, str):
+                raise AttributeValueError(f"attribute names must be strings, got {raw_name!r}")
+            name = self.canonical_name(raw_name)
+            if name in checked:
+                raise AttributeValueError(f"attribute {name!r} given twice (as {raw_name!r} and its alias)", name)
+            checked[name] = self.validate_value(name, value)
+        out = {}
+        for attr in self.attributes:
+            if attr.name in checked:
+                out[attr.name] = checked[attr.name]
+            elif fill_defaults:
+                out[attr.name] = attr.default
+        return out
+
+    def round_and_clip(self, predictions: Mapping[str, float]) -> dict[str, int]:
+        """Turn raw float predictions (e.g. from the APM) into valid integer values."""
+        out = {}
+        for name, value in predictions.items():
+            attr = self[name]
+            out[attr.name] = int(min(attr.max, max(attr.min, round(float(value)))))
+        return out
+
+    # ----------------------------------------------------------- label string
+    def format_labels(self, values: Mapping[str, Any], fill_defaults: bool = True) -> str:
+        """``{"humor": 3, "quality": 4}`` -> ``"quality:4,...,humor:3"`` in schema order."""
+        checked = self.validate(values, fill_defaults=fill_defaults)
+        return ",".join(f"{name}:{value}" for name, value in checked.items())
+
+    def parse_labels(self, text: str, fill_defaults: bool = False) -> dict[str, int]:
+        """Inverse of :meth:`format_labels`. Whitespace around items is ignored."""
+        if not isinstance(text, str):
+            raise AttributeValueError(f"label string must be text, got {type(text).__name__}")
+        stripped = text.strip()
+        if not stripped:
+            return self.validate({}, fill_defaults=fill_defaults)
+        values: dict[str, str] = {}
+        for item in stripped.split(","):
+            name, sep, value = item.partition(":")
+            if not sep or not name.strip() or not value.strip():
+                raise AttributeValueError(
+                    f"malformed label string {text!r}: item {item.strip()!r} is not of the form name:value"
+                )
+            canonical = self.canonical_name(name)
+            if canonical in values:
+                raise AttributeValueError(f"label string {text!r} gives {canonical!r} twice", canonical)
+            values[canonical] = value
+        return self.validate(values, fill_defaults=fill_defaults)
+
+    # ------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "attributes": [asdict(a) for a in self.attributes],
+            "aliases": dict(self.aliases),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttributeSchema:
+        if not isinstance(data, Mapping) or "attributes" not in data:
+            raise AttributeValueError("a schema needs an 'attributes' list")
+        attrs = []
+        for i, item in enumerate(data["attributes"]):
+            if isinstance(item, str):
+                item = {"name": item}
+            if not isinstance(item, Mapping) or "name" not in item:
+                raise AttributeValueError(f"schema attribute #{i} needs a 'name'")
+            unknown = set(item) - {"name", "min", "max", "default", "description"}
+            if unknown:
+                raise AttributeValueError(f"schema attribute {item['name']!r}: unknown field(s) {sorted(unknown)}")
+            attrs.append(Attribute(**{k: (v if k in ("name", "description") else int(v)) for k, v in item.items()}))
+        aliases = dict(DEFAULT_ALIASES)
+        aliases.update({str(k).lower(): str(v) for k, v in (data.get("aliases") or {}).items()})
+        names = {a.name for a in attrs}
+        # Only keep aliases whose target exists, so e.g. "humour" is harmless in a schema without humor.
+        aliases = {k: v for k, v in aliases.items() if v in names}
+        return cls(name=str(data.get("name", "custom")), attributes=tuple(attrs), aliases=aliases)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AttributeSchema:
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        schema = cls.from_dict(data)
+        if "name" not in data:
+            schema = cls(name=path.stem, attributes=schema.attributes, aliases=schema.aliases)
+        return schema
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _schema(name: str, specs: Iterable[tuple[str, int, str]]) -> AttributeSchema:
+    return AttributeSchema(
+        name=name, attributes=tuple(Attribute(name=n, default=d, description=desc) for n, d, desc in specs)
+    )
+
+
+_DESCRIPTIONS = {
+    "quality": "Overall quality of the reply.",
+    "toxicity": "Rude, disrespectful or harmful language.",
+    "humor": "How funny or playful the reply is.",
+    "creativity": "Originality and imagination of the reply.",
+    "helpfulness": "How well the reply serves the user's actual need.",
+    "violence": "Violent content or encouragement of violence.",
+    "not_appropriate": "Content inappropriate for a general audience.",
+    "correctness": "Factual accuracy; no hallucinated or wrong information.",
+    "coherence": "Clarity and logical consistency of the reply.",
+    "complexity": "Intellectual depth needed to write the reply (simple to expert).",
+    "verbosity": "Amount of detail relative to what was asked (terse to long).",
+}
+
+# Defaults are what a well-behaved assistant should be asked for when the user sets nothing.
+_DEFAULTS = {
+    "quality": 4,
+    "toxicity": 0,
+    "humor": 0,
+    "creativity": 0,
+    "helpfulness": 4,
+    "violence": 0,
+    "not_appropriate": 0,
+    "correctness": 4,
+    "coherence": 4,
+    "complexity": 2,
+    "verbosity": 2,
+}
+
+
+def _builtin(name: str, names: list[str]) -> AttributeSchema:
+    return _schema(name, [(n, _DEFAULTS[n], _DESCRIPTIONS[n]) for n in names])
+
+
+BUILTIN_SCHEMAS: dict[str, AttributeSchema] = {
+    "oasst": _builtin(
+        "oasst", ["quality", "toxicity", "humor", "creativity", "helpfulness", "violence", "not_appropriate"]
+    ),
+    "helpsteer": _builtin("helpsteer", ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]),
+    # NeMo-Aligner's SteerLM order.
+    "steerlm": _builtin(
+        "steerlm",
+        [
+            "quality",
+            "toxicity",
+            "humor",
+            "creativity",
+            "helpfulness",
+            "correctness",
+            "coherence",
+            "complexity",
+            "verbosity",
+        ],
+    ),
+}
+
+
+def get_schema(name_or_path: str | AttributeSchema) -> AttributeSchema:
+    """A built-in schema by name (``oasst``, ``helpsteer``, ``steerlm``) or a YAML/JSON file."""
+    if isinstance(name_or_path, AttributeSchema):
+        return name_or_path
+    if name_or_path in BUILTIN_SCHEMAS:
+        return BUILTIN_SCHEMAS[name_or_path]
+    path = Path(name_or_path)
+    if path.is_file():
+        return AttributeSchema.from_file(path)
+    raise AttributeValueError(
+        f"unknown schema {name_or_path!r}: use one of {', '.join(BUILTIN_SCHEMAS)} or a path to a YAML/JSON file",
+        "schema",
+    )

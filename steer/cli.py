@@ -1,0 +1,99 @@
+"""The ``steer`` command. One subcommand per entry point, each a config dataclass plus ``main``.
+
+Every entry point lives in its own module as ``SomethingConfig`` (a dataclass whose fields carry
+``help`` metadata) and ``main(config)``. This file only maps names to those modules and imports
+the one that is asked for, so ``steer --help`` stays fast and no model code loads early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from steer.errors import SteerError
+
+logger = logging.getLogger("steer")
+
+# name -> (module, config class, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "apm train": ("training.apm", "ApmTrainConfig", "Train an attribute prediction model on rated conversations."),
+    "apm eval": ("training.apm_eval", "ApmEvalConfig", "Score an APM on held-out ratings (Pearson, Spearman, MAE)."),
+    "relabel": ("training.relabel", "RelabelConfig", "Annotate a dataset with an APM's attribute predictions."),
+    "sft": ("training.sft", "SftConfig", "Attribute-conditioned LoRA fine-tuning of a causal LM."),
+    "generate": ("steer.generate_cli", "GenerateConfig", "Generate a reply with chosen attribute values."),
+    "demo": ("steer.demo", "DemoConfig", "Run the whole pipeline offline on the bundled game-NPC data."),
+    "serve": ("service.cli", "ServeConfig", "Serve an OpenAI-compatible steerable chat API."),
+    "ui": ("ui.cli", "UiConfig", "Open the Gradio chat UI against a running steer server."),
+}
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def build_parser(config_cls, prog: str, description: str) -> argparse.ArgumentParser:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(config_cls, prog=prog, description=description)
+    for action in parser._actions:
+        # HfArgumentParser gives list fields nargs="+" with the "store" action, so a repeated
+        # flag (--attr humor=4 --attr creativity=2) would silently keep only the last one.
+        if action.nargs == "+" and type(action).__name__ == "_StoreAction":
+            action.__class__ = argparse._ExtendAction  # copies the default list before extending
+    return parser
+
+
+def _top_level_help() -> str:
+    lines = ["usage: steer [--log-level LEVEL] COMMAND [options]", "", "commands:"]
+    for name, (_, _, help_text) in COMMANDS.items():
+        lines.append(f"  {name:<12} {help_text}")
+    lines += ["", "Run `steer COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    level = "INFO"
+    if argv[:1] == ["--log-level"] and len(argv) >= 2:
+        level, argv = argv[1], argv[2:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0
+    name = argv[0]
+    if name == "apm":
+        if len(argv) < 2 or argv[1] not in ("train", "eval"):
+            print("usage: steer apm {train,eval} [options]\n\n  train  " + COMMANDS["apm train"][2]
+                  + "\n  eval   " + COMMANDS["apm eval"][2])
+            return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
+        name, rest = f"apm {argv[1]}", argv[2:]
+    else:
+        rest = argv[1:]
+    if name not in COMMANDS:
+        print(f"steer: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
+        return 2
+    module_name, config_name, help_text = COMMANDS[name]
+    setup_logging(level)
+    module = importlib.import_module(module_name)
+    parser = build_parser(getattr(module, config_name), prog=f"steer {name}", description=help_text)
+    (config,) = parser.parse_args_into_dataclasses(args=rest)
+    try:
+        result = module.main(config)
+    except SteerError as e:
+        field = f" [{e.field}]" if getattr(e, "field", None) else ""
+        print(f"steer {name}: error{field}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"steer {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Raw records from files or the Hugging Face hub, each with a line number for error messages."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steer.errors import SteerError
+
+logger = logging.getLogger(__name__)
+
+FILE_KINDS = ("jsonl", "json", "csv", "parquet")
+
+
+class DataError(SteerError, ValueError):
+    """Input data that cannot be used. Names the source and, where known, the line."""
+
+    def __init__(self, message: str, source: str = "", line: int | None = None, field: str | None = None):
+        where = source + (f":{line}" if line is not None else "")
+        super().__init__(f"{where}: {message}" if where else message)
+        self.source = source
+        self.line = line
+        self.field = field
+
+
+@dataclass
+class BadRow:
+    line: int
+    reason: str
+
+
+@dataclass
+class LoadReport:
+    """What a loader skipped, so a caller can say so instead of silently dropping data."""
+
+    source: str
+    rows: int = 0
+    bad: list[BadRow] = field(default_factory=list)
+
+    def add(self, line: int, reason: str, strict: bool) -> None:
+        if strict:
+            raise DataError(reason, self.source, line)
+        self.bad.append(BadRow(line, reason))
+
+    def log_summary(self) -> None:
+        if not self.bad:
+            return
+        shown = "; ".join(f"line {b.line}: {b.reason}" for b in self.bad[:5])
+        more = f" (and {len(self.bad) - 5} more)" if len(self.bad) > 5 else ""
+        logger.warning("%s: skipped %d malformed row(s): %s%s", self.source, len(self.bad), shown, more)
+
+
+def file_kind(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (".gz", ".bz2", ".xz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for kind in FILE_KINDS:
+        if name.endswith("." + kind):
+            return kind
+    raise DataError(f"cannot tell the file type from its name; expected one of {', '.join('.' + k for k in FILE_KINDS)}", str(path))
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8", newline="")
+
+
+def iter_records(
+    source: str | Path, report: LoadReport, strict: bool = False, split: str = "train"
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, record)`` from a JSONL/JSON/CSV/Parquet file or a hub dataset id.
+
+    Line numbers are 1-based file lines for JSONL and CSV (the header is line 1), and row
+    numbers for Parquet, JSON arrays and hub datasets.
+    """
+    path = Path(source)
+    if not path.exists():
+        if isinstance(source, str) and "/" in source and not source.startswith((".", "/")) and path.suffix == "":
+            yield from _iter_hub(source, report, split)
+            return
+        raise DataError("no such file", str(source))
+    kind = file_kind(path)
+    if kind == "jsonl":
+        with _open_text(path) as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                report.rows += 1
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    report.add(line_no, f"invalid JSON ({e.msg} at column {e.colno})", strict)
+                    continue
+                if not isinstance(record, dict):
+                    report.add(line_no, f"expected a JSON object, got {type(record).__name__}", strict)
+                    continue
+                yield line_no, record
+    elif kind == "json":
+        with _open_text(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON ({e.msg} at line {e.lineno})", str(path), e.lineno) from None
+        if isinstance(data, dict):
+            data = data.get("data", data.get("rows", [data]))
+        for i, record in enumerate(data, start=1):
+            report.rows += 1
+            if not isinstance(record, dict):
+                report.add(i, f"expected a JSON object, got {type(record).__name__}", strict)
+                continue
+            yield i, record
+    elif kind == "csv":
+        with _open_text(path) as f:
+            reader = csv.DictReader(f)
+            for record in reader:
+                report.rows += 1
+                if None in record:  # more cells than header columns
+                    report.add(reader.line_num, "row has more cells than the header", strict)
+                    continue
+                yield reader.line_num, dict(record)
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for i, record in enumerate(table.to_pylist(), start=1):
+            report.rows += 1
+            yield i, record
+
+
+def _iter_hub(name: str, report: LoadReport, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the hub raises many types; the user needs the reason, not a traceback
+        raise DataError(f"could not load hub dataset (split {split!r}): {e}", name) from None
+    for i, record in enumerate(ds, start=1):
+        report.rows += 1
+        yield i, dict(record)

@@ -1,0 +1,93 @@
+"""Loading models and tokenizers: hub ids or local directories, safe by default.
+
+safetensors only, ``trust_remote_code`` off unless the caller asks, 4-bit only on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from steer.errors import SteerError
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(SteerError, RuntimeError):
+    pass
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def check_4bit_available() -> None:
+    """QLoRA needs bitsandbytes on a CUDA GPU; say so at once instead of failing mid-load."""
+    if not torch.cuda.is_available():
+        raise ModelLoadError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit); none is available on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("--load-in-4bit needs bitsandbytes: pip install 'steer[cuda]'") from None
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a tokenizer from {name_or_path!r}: {e}") from None
+    if tok.pad_token is None:
+        # Padding positions are masked out, so reusing EOS (or UNK) as the pad token is safe.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+):
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if load_in_4bit:
+        check_4bit_available()
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    else:
+        kwargs["dtype"] = resolve_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}: {e}") from None
+    if not load_in_4bit:
+        model.to(device)
+    return model

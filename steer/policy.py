@@ -1,0 +1,88 @@
+"""A trained policy directory: base model reference + LoRA adapter + schema + template.
+
+Layout written by ``steer sft`` (and read here)::
+
+    policy/
+      steer_config.json         kind "policy", schema, template, base_model, adapter, merged
+      adapter_config.json       the PEFT adapter (PeftModel.from_pretrained loads it)
+      adapter_model.safetensors
+      tokenizer.json ...        the tokenizer the policy was trained with
+      base/                     optional: a local base model shipped with the policy (the demo's)
+      merged/                   optional: base + adapter merged (``--merge``)
+
+``base_model`` is a hub id, an absolute path, or a path relative to the policy directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steer.artifacts import ArtifactError, load_steer_config
+from steer.attributes import AttributeSchema
+from steer.modeling import load_causal_lm, load_tokenizer, resolve_device
+from steer.template import PromptTemplate, build_template
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Policy:
+    model: Any
+    tokenizer: Any
+    schema: AttributeSchema
+    template: PromptTemplate
+    name: str
+    device: torch.device
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_base_model(policy_dir: Path, base_model: str) -> str:
+    local = policy_dir / base_model
+    return str(local) if not Path(base_model).is_absolute() and local.exists() else base_model
+
+
+def load_policy(
+    path: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    use_merged: bool | None = None,
+    trust_remote_code: bool = False,
+) -> Policy:
+    """Load a policy directory for inference. ``use_merged=None`` uses ``merged/`` when present."""
+    policy_dir = Path(path)
+    config, schema = load_steer_config(policy_dir, kind="policy")
+    dev = resolve_device(device)
+    merged = config.get("merged")
+    if use_merged is None:
+        use_merged = bool(merged) and (policy_dir / merged).is_dir()
+    if use_merged:
+        if not merged or not (policy_dir / merged).is_dir():
+            raise ArtifactError(f"{policy_dir} has no merged model; train with --merge or load the adapter")
+        model = load_causal_lm(policy_dir / merged, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        base = resolve_base_model(policy_dir, config["base_model"])
+        model = load_causal_lm(base, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
+        if config.get("adapter"):
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(policy_dir / config["adapter"]))
+            # Folding LoRA into the weights makes every decode step as cheap as the base model's.
+            model = model.merge_and_unload()
+    model.eval()
+    tokenizer = load_tokenizer(policy_dir, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    template = build_template(config.get("template"), schema, tokenizer)
+    return Policy(
+        model=model,
+        tokenizer=tokenizer,
+        schema=schema,
+        template=template,
+        name=config.get("name") or policy_dir.resolve().name,
+        device=dev,
+        config=config,
+    )

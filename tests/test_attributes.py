@@ -1,0 +1,120 @@
+import json
+
+import pytest
+
+from steer.attributes import BUILTIN_SCHEMAS, AttributeSchema, AttributeValueError, get_schema
+
+
+def test_builtin_schemas_have_expected_order():
+    assert get_schema("oasst").names == [
+        "quality", "toxicity", "humor", "creativity", "helpfulness", "violence", "not_appropriate"
+    ]
+    assert get_schema("helpsteer").names == ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+    assert get_schema("steerlm").names == [
+        "quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence", "complexity",
+        "verbosity",
+    ]
+    for schema in BUILTIN_SCHEMAS.values():
+        for attr in schema.attributes:
+            assert (attr.min, attr.max) == (0, 4) and attr.description
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_SCHEMAS))
+def test_label_string_round_trip(name):
+    schema = get_schema(name)
+    values = {n: (i * 3) % 5 for i, n in enumerate(schema.names)}
+    text = schema.format_labels(values)
+    assert text == ",".join(f"{n}:{v}" for n, v in values.items())
+    assert schema.parse_labels(text) == values
+    assert schema.format_labels(schema.parse_labels(text)) == text
+
+
+def test_format_orders_by_schema_and_fills_defaults():
+    schema = get_schema("oasst")
+    text = schema.format_labels({"humor": 3, "quality": 1})
+    assert text.startswith("quality:1,toxicity:0,humor:3,")
+    assert schema.parse_labels("humor:3", fill_defaults=False) == {"humor": 3}
+
+
+def test_humour_alias_everywhere():
+    schema = get_schema("steerlm")
+    assert schema.validate({"humour": 4}, fill_defaults=False) == {"humor": 4}
+    assert schema.parse_labels("humour:2,Creativity:1", fill_defaults=False) == {"humor": 2, "creativity": 1}
+    assert "humour" in schema and schema["HUMOUR"].name == "humor"
+    with pytest.raises(AttributeValueError, match="twice"):
+        schema.validate({"humor": 1, "humour": 2})
+
+
+@pytest.mark.parametrize(
+    "values, match, field",
+    [
+        ({"funniness": 2}, "unknown attribute 'funniness'", "funniness"),
+        ({"humor": 5}, "outside its range 0-4", "humor"),
+        ({"humor": -1}, "outside its range 0-4", "humor"),
+        ({"humor": 2.5}, "expected an integer", "humor"),
+        ({"humor": "lots"}, "expected an integer", "humor"),
+        ({"humor": True}, "boolean", "humor"),
+        ({"humor": None}, "expected an integer", "humor"),
+    ],
+)
+def test_validation_errors_name_the_problem(values, match, field):
+    with pytest.raises(AttributeValueError, match=match) as info:
+        get_schema("oasst").validate(values)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("text", ["humor", "humor:", ":3", "humor:3,,quality:2", "humor=3", "humor:3,humor:2"])
+def test_malformed_label_strings(text):
+    with pytest.raises(AttributeValueError):
+        get_schema("oasst").parse_labels(text)
+
+
+def test_integral_floats_and_numeric_strings_accepted():
+    schema = get_schema("oasst")
+    assert schema.validate({"humor": 3.0, "quality": " 2 "}, fill_defaults=False) == {"quality": 2, "humor": 3}
+
+
+def test_round_and_clip():
+    schema = get_schema("helpsteer")
+    assert schema.round_and_clip({"helpfulness": 4.7, "verbosity": -0.4, "coherence": 2.5}) == {
+        "helpfulness": 4, "verbosity": 0, "coherence": 2
+    }
+
+
+def test_custom_schema_from_yaml_and_json(tmp_path):
+    yaml_file = tmp_path / "npc.yaml"
+    yaml_file.write_text(
+        "name: npc\nattributes:\n  - {name: humor, max: 9, default: 2, description: Jokes}\n  - name: menace\n"
+    )
+    schema = get_schema(str(yaml_file))
+    assert schema.name == "npc" and schema.names == ["humor", "menace"]
+    assert schema["humour"].max == 9
+    assert schema.parse_labels("humor:9,menace:0") == {"humor": 9, "menace": 0}
+    with pytest.raises(AttributeValueError, match="outside its range 0-9"):
+        schema.validate({"humor": 10})
+    json_file = tmp_path / "s.json"
+    schema.save(json_file)
+    assert AttributeSchema.from_file(json_file) == schema
+    assert json.loads(json_file.read_text())["attributes"][0]["max"] == 9
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"attributes": []}, "no attributes"),
+        ({"attributes": ["a", "a"]}, "repeats"),
+        ({"attributes": [{"name": "a", "min": 3, "max": 1}]}, "below max"),
+        ({"attributes": [{"name": "a", "default": 7}]}, "outside"),
+        ({"attributes": [{"name": "a b"}]}, "letters"),
+        ({"attributes": [{"name": "a", "colour": 1}]}, "unknown field"),
+        ({}, "needs an 'attributes'"),
+    ],
+)
+def test_bad_custom_schemas(data, match):
+    with pytest.raises(AttributeValueError, match=match):
+        AttributeSchema.from_dict(data)
+
+
+def test_unknown_schema_name():
+    with pytest.raises(AttributeValueError, match="unknown schema"):
+        get_schema("nope")
