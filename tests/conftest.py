@@ -33,3 +33,37 @@ def llama_tokenizer():
 @pytest.fixture(params=["gpt2", "llama"])
 def any_tokenizer(request, gpt2_tokenizer, llama_tokenizer):
     return gpt2_tokenizer if request.param == "gpt2" else llama_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_backbone(tmp_path_factory):
+    """A randomly initialised 2-layer BERT with MiniLM's real tokenizer: an APM backbone that
+    trains in seconds."""
+    from transformers import BertConfig, BertModel
+
+    from steer.apm import default_backbone
+    from steer.modeling import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = load_tokenizer(default_backbone())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_apm_dir(tiny_bert_backbone, tmp_path_factory):
+    """A (barely) trained APM on the helpsteer schema, saved as `steer apm train` saves it."""
+    from training.apm import ApmTrainConfig
+    from training.apm import main as train_main
+
+    out = tmp_path_factory.mktemp("tiny-apm")
+    train_main(ApmTrainConfig(
+        data=str(shared_path("data", "helpsteer2", "sample.jsonl")), format="helpsteer", output=str(out),
+        backbone=str(tiny_bert_backbone), max_steps=2, batch_size=8, max_length=128, device="cpu",
+    ))
+    return out

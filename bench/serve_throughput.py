@@ -1,0 +1,238 @@
+"""Serving throughput: 16 concurrent streaming clients against `steer serve` (continuous batching)
+vs the same requests one at a time through `steer.generation.SteerGenerator`, same policy, same run.
+
+    python bench/serve_throughput.py [--policy DIR] [--clients 16] [--max-tokens 64]
+
+Without --policy, ../shared/models/stories260K is wrapped as a policy directory in a temp folder.
+The server runs as a subprocess (`python -m steer.cli serve`), so clients and server do not share
+a Python interpreter. Both sides use the same seeds, so they generate the same tokens.
+Prints a JSON object, then a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Tell me a story about a dragon.",
+    "What should I pack for a trip to the mountains?",
+    "Write a short poem about the sea.",
+    "Why is the sky blue?",
+    "Give me three tips for learning to cook.",
+    "Describe a busy market in the morning.",
+    "How do I keep a plant alive?",
+    "Tell me a joke about a cat.",
+]
+ATTRIBUTE_SETS = [{"humor": 4}, {"creativity": 4}, {"helpfulness": 4, "humor": 0}, {}]
+
+
+def wrap_stories260k(directory: Path) -> Path:
+    from steer.artifacts import save_steer_config
+    from steer.attributes import Attribute, AttributeSchema
+    from steer.template import PromptTemplate
+
+    source = Path(os.environ.get("STEER_SHARED", REPO.parent / "shared")) / "models" / "stories260K"
+    if not source.is_dir():
+        sys.exit(f"no --policy given and {source} is absent")
+    schema = AttributeSchema(name="demo", attributes=(
+        Attribute("helpfulness", 0, 4, 3, "How well the reply serves the user."),
+        Attribute("humor", 0, 4, 0, "How funny the reply is."),
+        Attribute("creativity", 0, 4, 1, "How original the reply is."),
+    ))
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, directory / name)
+    save_steer_config(directory, "policy", schema, PromptTemplate(schema).to_dict(), base_model=str(source),
+                      adapter=None, name="stories260K")
+    return directory
+
+
+def requests_for(n: int, max_tokens: int) -> list[dict]:
+    return [
+        {
+            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "attributes": ATTRIBUTE_SETS[i % len(ATTRIBUTE_SETS)],
+            "max_tokens": max_tokens,
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "seed": 1000 + i,
+        }
+        for i in range(n)
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def stream_one(client, url: str, body: dict) -> dict:
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    usage = None
+    async with client.stream("POST", f"{url}/v1/chat/completions",
+                             json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
+    end = time.perf_counter()
+    return {
+        "ttft": arrivals[0] - start if arrivals else end - start,
+        "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],
+        "tokens": usage["completion_tokens"],
+        "latency": end - start,
+    }
+
+
+async def run_concurrent(url: str, bodies: list[dict]) -> tuple[list[dict], float]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        await stream_one(client, url, {**bodies[0], "max_tokens": 4})  # warm-up
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(stream_one(client, url, b) for b in bodies))
+        return list(results), time.perf_counter() - t0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", default=None, help="policy directory (default: stories260K wrapped in a temp dir)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads on both sides (0: torch's default; 1 is fastest for tiny models)")
+    args = parser.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="steer-bench-")
+    try:
+        policy = args.policy or str(wrap_stories260k(Path(tmp) / "policy"))
+        bodies = requests_for(args.clients, args.max_tokens)
+
+        # -------- sequential baseline: one request at a time through the generation API
+        import torch
+
+        from steer.generation import SteerGenerator
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+
+        generator = SteerGenerator.load(policy, device=args.device)
+        generator.generate(**_gen_kwargs({**bodies[0], "max_tokens": 4}))  # warm-up
+        seq_ttft, seq_tokens = [], 0
+        t0 = time.perf_counter()
+        for body in bodies:
+            start = time.perf_counter()
+            first = generator.generate(**_gen_kwargs({**body, "max_tokens": 1}))  # time to one token alone
+            seq_ttft.append(time.perf_counter() - start)
+            del first
+        ttft_time = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for body in bodies:
+            seq_tokens += generator.generate(**_gen_kwargs(body)).completion_tokens
+        seq_time = time.perf_counter() - t0
+        del generator
+
+        # -------- the server, 16 concurrent streaming clients
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        server = subprocess.Popen(
+            [sys.executable, "-m", "steer.cli", "--log-level", "WARNING", "serve", "--policy", policy, "--port",
+             str(port), "--no-ui", "--device", args.device, "--max-batch-size", str(max(16, args.clients)),
+             "--log-level", "warning", "--threads", str(args.threads)],
+            env=env, cwd=str(REPO),
+        )
+        try:
+            _wait_healthy(url, server)
+            results, wall = asyncio.run(run_concurrent(url, bodies))
+        finally:
+            server.terminate()
+            server.wait(30)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    served_tokens = sum(r["tokens"] for r in results)
+    gaps = [g for r in results for g in r["gaps"]]
+    ttfts = [r["ttft"] for r in results]
+    seq_tps = seq_tokens / seq_time
+    served_tps = served_tokens / wall
+    report = {
+        "policy": args.policy or "stories260K (wrapped)",
+        "clients": args.clients,
+        "max_tokens": args.max_tokens,
+        "device": args.device,
+        "threads": args.threads,
+        "sequential": {"tokens": seq_tokens, "seconds": round(seq_time, 3), "tokens_per_s": round(seq_tps, 1),
+                       "ttft_p50_s": round(statistics.median(seq_ttft), 4)},
+        "served": {
+            "tokens": served_tokens, "seconds": round(wall, 3), "tokens_per_s": round(served_tps, 1),
+            "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p95_s": round(percentile(ttfts, 95), 4),
+            "itl_p50_s": round(percentile(gaps, 50), 4), "itl_p95_s": round(percentile(gaps, 95), 4),
+            "latency_p50_s": round(percentile([r["latency"] for r in results], 50), 3),
+        },
+        "speedup": round(served_tps / seq_tps, 2),
+        "targets": {"speedup>=8": served_tps / seq_tps >= 8, "ttft_p50<=0.3s": percentile(ttfts, 50) <= 0.3},
+    }
+    print(json.dumps(report, indent=2))
+    print()
+    print(f"{'':<28}{'sequential':>12}{'served x' + str(args.clients):>14}")
+    print(f"{'tokens':<28}{seq_tokens:>12}{served_tokens:>14}")
+    print(f"{'aggregate tokens/s':<28}{seq_tps:>12.1f}{served_tps:>14.1f}")
+    print(f"{'speedup':<28}{'':>12}{served_tps / seq_tps:>13.2f}x")
+    print(f"{'TTFT p50 / p95 (s)':<28}{statistics.median(seq_ttft):>12.3f}"
+          f"{percentile(ttfts, 50):>7.3f} / {percentile(ttfts, 95):.3f}")
+    print(f"{'inter-token p50 / p95 (s)':<28}{'':>12}{percentile(gaps, 50):>7.4f} / {percentile(gaps, 95):.4f}")
+
+
+def _gen_kwargs(body: dict) -> dict:
+    return {"messages": body["messages"], "attributes": body["attributes"], "max_new_tokens": body["max_tokens"],
+            "temperature": body["temperature"], "top_p": body["top_p"], "seed": body["seed"]}
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"the server exited with code {server.returncode}")
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    sys.exit("the server did not become healthy")
+
+
+if __name__ == "__main__":
+    main()

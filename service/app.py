@@ -1,0 +1,303 @@
+"""The FastAPI app: an app factory, a lifespan that loads the model, and thin routes.
+
+The model loads in the background once the server is up, so ``/health`` answers 503 while it
+loads and 200 after; API routes answer 503 until then. Nothing heavy happens at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from service.protocol import (
+    AttributesResponse,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+)
+from service.serving import ChatServing, ServingError
+from service.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+KNOWN_ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/attributes", "/health", "/metrics")
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ServerState:
+    """What the lifespan loads; routes read it through ``app.state.server``."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.serving: ChatServing | None = None
+        self.engine = None
+        self.load_error: str | None = None
+
+    def load(self) -> None:
+        """Blocking: load the policy (and APM) and start the engine."""
+        from service.engine import Engine
+        from steer.policy import load_policy
+
+        s = self.settings
+        if s.threads > 0:
+            import torch
+
+            torch.set_num_threads(s.threads)
+        policy = load_policy(s.policy, device=s.device, dtype=s.dtype)
+        apm = None
+        if s.apm:
+            from steer.apm import AttributePredictor
+
+            apm = AttributePredictor.load(s.apm, device=s.device)
+        eos = {policy.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+        engine = Engine(
+            policy.model,
+            policy.tokenizer,
+            max_batch_size=s.max_batch_size,
+            max_queue=s.max_queue,
+            eos_token_ids=[t for t in eos if t is not None],
+            device=policy.device,
+            on_token=self.metrics.tokens.inc,
+        )
+        engine.start()
+        self.metrics.bind_engine(engine.stats)
+        self.engine = engine
+        self.serving = ChatServing(policy, engine, s, self.metrics, apm=apm)
+        logger.info("serving %s (schema %s)%s", self.serving.model_name, policy.schema.name,
+                    f" with APM {s.apm}" if apm is not None else "")
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``max_bytes``, whether or not they declare a Content-Length."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = error_response(413, f"request body is larger than {self.max_bytes} bytes", code="body_too_large")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client gone before the body arrived
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for http.disconnect, as streaming needs
+
+        await self.app(scope, replay, send)
+
+
+class RequestCountMiddleware:
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+        status = {"code": 500}
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
+
+
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|[A-Z]\w*)$")
+
+
+def _param_from_loc(loc) -> str | None:
+    # pydantic names union members in the location ("content.str"); the client only needs the field.
+    parts = [str(p) for p in loc if p != "body" and not _UNION_MEMBER.match(str(p))]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or None
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def load():
+            try:
+                await asyncio.to_thread(state.load)
+            except Exception as e:  # reported by /health; the CLI checks the policy dir before starting
+                state.load_error = f"{type(e).__name__}: {e}"
+                logger.error("could not load the model: %s", state.load_error)
+
+        task = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            await task
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.stop)
+
+    app = FastAPI(
+        title="steer",
+        description="OpenAI-compatible chat completions steered by attribute values (SteerLM).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    # Outermost last: count every request, including the ones the body limit rejects.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestCountMiddleware, metrics=state.metrics)
+
+    # ------------------------------------------------------------ errors
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, e: ServingError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        param = _param_from_loc(first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                                  code="invalid_json")
+        if param is None:
+            return error_response(400, "the request body must be a JSON object (Content-Type: application/json)",
+                                  code="invalid_body")
+        message = f"{param}: {first.get('msg', 'invalid value')}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+        return error_response(400, message, param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        types = {401: "authentication_error", 404: "not_found_error"}
+        return error_response(e.status_code, str(e.detail), type=types.get(e.status_code, "invalid_request_error"),
+                              headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, e: Exception):
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal server error", type="server_error")
+
+    # ------------------------------------------------------- dependencies
+    async def check_api_key(request: Request) -> None:
+        if not settings.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in settings.api_keys):
+            raise ServingError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                               type="authentication_error", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+    def serving() -> ChatServing:
+        if state.serving is None:
+            detail = f"the model failed to load ({state.load_error})" if state.load_error else "the model is loading"
+            raise ServingError(503, f"{detail}; retry shortly", type="server_error", code="model_not_ready",
+                               headers={"Retry-After": "5"})
+        return state.serving
+
+    auth = [Depends(check_api_key)]
+
+    # ------------------------------------------------------------ routes
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health():
+        if state.serving is None:
+            status = f"failed: {state.load_error}" if state.load_error else "loading"
+            return JSONResponse({"status": status, "model": None}, status_code=503)
+        return HealthResponse(status="ok", model=state.serving.model_name)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=auth, responses=ERROR_RESPONSES)
+    async def list_models():
+        return serving().models()
+
+    @app.get("/v1/attributes", response_model=AttributesResponse, dependencies=auth, responses=ERROR_RESPONSES)
+    async def list_attributes():
+        return serving().attributes()
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=auth,
+              responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        chat = serving()
+        gen = chat.start(body)
+        if body.stream:
+            # Starlette cancels the stream when the client disconnects; the generator then frees its rows.
+            return StreamingResponse(chat.stream(gen), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        task = asyncio.ensure_future(chat.complete(gen))
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()  # complete() cancels the rows on its way out
+                chat.cancel(gen)
+                return Response(status_code=499)
+        return task.result()
+
+    if settings.ui:
+        _mount_ui(app, settings)
+    return app
+
+
+def _mount_ui(app: FastAPI, settings: ServerSettings) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        logger.info("gradio is not installed; serving without the UI (pip install 'steer[ui]')")
+        return
+    try:
+        from ui.app import mount_ui
+
+        mount_ui(app, path=settings.ui_path, server_url=None)
+        logger.info("UI mounted at %s", settings.ui_path)
+    except Exception as e:  # the API must come up even when the UI cannot
+        logger.warning("could not mount the UI at %s: %s", settings.ui_path, e)

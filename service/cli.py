@@ -1,0 +1,88 @@
+"""``steer serve``: run the OpenAI-compatible API with uvicorn.
+
+Every option can also come from a ``STEER_*`` environment variable (see ``service.settings``);
+a flag given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from service.settings import ServerSettings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    policy: str | None = field(default=None, metadata={"help": "Policy directory (steer sft / steer demo). Env: STEER_POLICY."})
+    apm: str | None = field(
+        default=None, metadata={"help": "Attribute prediction model directory; enables \"score\": true. Env: STEER_APM."}
+    )
+    host: str | None = field(default=None, metadata={"help": "Interface to bind (default 127.0.0.1). Env: STEER_HOST."})
+    port: int | None = field(default=None, metadata={"help": "TCP port (default 8000). Env: STEER_PORT."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available). Env: STEER_DEVICE."})
+    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: bf16 on GPU). Env: STEER_DTYPE."})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (default: torch's choice). Env: STEER_THREADS."}
+    )
+    model_name: str | None = field(
+        default=None, metadata={"help": "Model name shown by /v1/models (default: the policy's name). Env: STEER_MODEL_NAME."}
+    )
+    max_batch_size: int | None = field(
+        default=None, metadata={"help": "Rows decoded together (default 16). Env: STEER_MAX_BATCH_SIZE."}
+    )
+    max_queue: int | None = field(
+        default=None, metadata={"help": "Rows allowed to wait for a slot before 429 (default 64). Env: STEER_MAX_QUEUE."}
+    )
+    max_tokens_limit: int | None = field(
+        default=None, metadata={"help": "Largest max_tokens a request may ask for (default 1024). Env: STEER_MAX_TOKENS_LIMIT."}
+    )
+    default_max_tokens: int | None = field(
+        default=None, metadata={"help": "max_tokens when a request gives none (default 256). Env: STEER_DEFAULT_MAX_TOKENS."}
+    )
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "Longest prompt accepted, in tokens (default 2048). Env: STEER_MAX_PROMPT_TOKENS."}
+    )
+    max_body_bytes: int | None = field(
+        default=None, metadata={"help": "Largest request body before 413 (default 1000000). Env: STEER_MAX_BODY_BYTES."}
+    )
+    max_n: int | None = field(default=None, metadata={"help": "Largest n (choices per request) (default 8). Env: STEER_MAX_N."})
+    api_key: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Require 'Authorization: Bearer KEY'; repeat for several keys. Off by default. "
+                          "Env: STEER_API_KEYS (comma-separated)."},
+    )
+    ui: bool = field(
+        default=False, metadata={"help": "Mount the Gradio UI at /ui when gradio is installed (the default). Env: STEER_UI=1/0."}
+    )
+    no_ui: bool = field(default=False, metadata={"help": "Do not mount the UI."})
+    log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
+
+    def to_settings(self) -> ServerSettings:
+        overrides = {k: v for k, v in vars(self).items() if k not in ("api_key", "log_level", "ui", "no_ui")}
+        overrides["api_keys"] = list(self.api_key)
+        if self.ui and self.no_ui:
+            raise SettingsError("give --ui or --no-ui, not both", "ui")
+        overrides["ui"] = True if self.ui else (False if self.no_ui else None)
+        return ServerSettings.from_env(overrides)
+
+
+def main(config: ServeConfig) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from steer.artifacts import load_steer_config
+
+    settings = config.to_settings()
+    if not settings.policy:
+        raise SettingsError("no policy: pass --policy DIR or set STEER_POLICY", "policy")
+    # Fail now, with one clear line, rather than after the server is up.
+    load_steer_config(settings.policy, kind="policy")
+    if settings.apm:
+        load_steer_config(settings.apm, kind="apm")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        logger.warning("listening on %s without API keys: anyone who can reach it can use it", settings.host)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=config.log_level)
+    return 0

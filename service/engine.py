@@ -1,0 +1,390 @@
+"""Continuous batching: one background thread owns the model and decodes every running request
+together, admitting waiting requests into the running batch between decode steps.
+
+Each step:
+
+1. drop rows whose client went away (their slot is free at once);
+2. admit waiting rows up to ``max_batch_size``: prefill them together (left-padded), sample their
+   first token, and merge their KV cache into the running batch's cache (left-padding the shorter
+   one, so every row's real tokens stay right-aligned);
+3. one batched decode step over all rows; each row samples from its own logits with its own
+   ``torch.Generator`` (``steer.sampling``), so a seeded request gives the same text alone or batched;
+4. detokenize, find stop strings, emit text deltas through each row's ``sink`` callback and retire
+   finished rows, trimming cache columns that only padding still uses.
+
+Every row always has exactly one sampled token that is not yet in the cache (its "pending" token);
+the decode step feeds those.
+
+Merging caches relies on transformers' ``DynamicCache`` storing plain ``[batch, heads, seq, dim]``
+tensors per layer (``cache.layers[i].keys/values``). Caches of other shapes (sliding-window
+layers) fall back to re-prefilling the whole batch on admission, which is correct and, for small
+models, cheap.
+
+This module knows nothing about HTTP or asyncio: results leave through the ``sink`` callables,
+which the serving layer turns into ``loop.call_soon_threadsafe`` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from steer.errors import SteerError
+from steer.sampling import SamplingParams, find_stop, sample_next_tokens, streamable_length
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(SteerError, RuntimeError):
+    """The waiting queue is full; the client should retry later."""
+
+
+class EngineStoppedError(SteerError, RuntimeError):
+    pass
+
+
+@dataclass
+class RowEvent:
+    """What a row reports: new text, and once, the end."""
+
+    index: int
+    delta: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    completion_tokens: int = 0
+    text: str = ""  # the full reply, on the final event
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stops: list[str]
+    sink: Callable[[RowEvent], None]
+    index: int = 0
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    emitted_chars: int = 0
+    cancelled: bool = False
+    done: bool = False
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def num_cached(self) -> int:
+        # The last generated token is pending: sampled but not yet fed through the model.
+        return len(self.prompt_ids) + max(0, len(self.generated) - 1)
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    active: int
+    cancelled_total: int
+    finished_total: int
+    tokens_total: int
+    steps_total: int
+    max_batch_seen: int
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        eos_token_ids: Sequence[int] = (),
+        device: torch.device | str | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.eos_token_ids = set(int(t) for t in eos_token_ids)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.on_token = on_token
+        # SentencePiece byte-fallback tokens (<0xE2>) decode as a group: "!" followed by a stray
+        # continuation byte turns into two U+FFFD. Text is held back while such a run is open.
+        self._byte_tokens = {
+            i for tok, i in tokenizer.get_vocab().items() if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
+        }
+        self._cv = threading.Condition()
+        self._waiting: deque[Row] = deque()
+        self._running: list[Row] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # [batch, cache_len], 1 where a real token sits
+        self._mergeable: bool | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._cancelled_total = 0
+        self._finished_total = 0
+        self._tokens_total = 0
+        self._steps_total = 0
+        self._max_batch_seen = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="steer-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._cv:
+            for row in list(self._waiting) + self._running:
+                self._finish(row, "cancelled")
+            self._waiting.clear()
+            self._running = []
+
+    # --------------------------------------------------------------- client
+    def submit(self, rows: Sequence[Row]) -> None:
+        """Queue ``rows`` together (a request's ``n`` choices), or none of them."""
+        now = time.perf_counter()
+        with self._cv:
+            if self._stop:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._waiting) + len(rows) > self.max_queue + max(0, self.max_batch_size - len(self._running)):
+                raise QueueFullError(
+                    f"the server is busy ({len(self._running)} running, {len(self._waiting)} waiting); retry later"
+                )
+            for row in rows:
+                row.submitted_at = now
+                if row.generator is None:
+                    row.generator = row.params.make_generator(self.device)
+                self._waiting.append(row)
+            self._cv.notify_all()
+
+    def cancel(self, rows: Sequence[Row]) -> None:
+        """Free the rows' slots; the engine drops them before its next step."""
+        with self._cv:
+            for row in rows:
+                if not row.done:
+                    row.cancelled = True
+            self._cv.notify_all()
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            return EngineStats(
+                waiting=len(self._waiting),
+                active=len(self._running),
+                cancelled_total=self._cancelled_total,
+                finished_total=self._finished_total,
+                tokens_total=self._tokens_total,
+                steps_total=self._steps_total,
+                max_batch_seen=self._max_batch_seen,
+            )
+
+    # ------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                self._drop_cancelled()
+                room = self.max_batch_size - len(self._running)
+                admit = []
+                while self._waiting and len(admit) < room:
+                    admit.append(self._waiting.popleft())
+            try:
+                with torch.inference_mode():
+                    if admit:
+                        self._admit(admit)
+                    if self._running:
+                        self._decode_step()
+            except Exception as e:  # a bug or an out-of-memory must not kill the server silently
+                logger.exception("engine step failed; failing the batch")
+                with self._cv:
+                    for row in admit + self._running:
+                        if not row.done:
+                            self._finish(row, "error", error=f"generation failed: {type(e).__name__}")
+                    self._running = []
+                    self._cache, self._mask = None, None
+
+    def _drop_cancelled(self) -> None:
+        """Under the lock: remove cancelled rows from the queue and the batch."""
+        for row in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(row)
+            self._finish(row, "cancelled")
+        keep = [i for i, r in enumerate(self._running) if not r.cancelled]
+        if len(keep) != len(self._running):
+            for r in self._running:
+                if r.cancelled:
+                    self._finish(r, "cancelled")
+            self._select_rows(keep)
+
+    # -------------------------------------------------------------- model
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :], out.past_key_values
+
+    def _prefill(self, sequences: list[list[int]]):
+        """Left-padded forward pass over whole sequences; returns last-position logits, cache, mask."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, s in enumerate(sequences):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        logits, cache = self._forward(ids, mask, positions, DynamicCache(config=self.model.config))
+        return logits, cache, mask
+
+    def _admit(self, rows: list[Row]) -> None:
+        logits, cache, mask = self._prefill([r.prompt_ids for r in rows])
+        if self._mergeable is None:
+            from transformers.cache_utils import DynamicLayer
+
+            layers = getattr(cache, "layers", None)
+            self._mergeable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            if not self._mergeable:
+                logger.info("this model's KV cache cannot be merged; admission re-prefills the batch")
+        if not self._running:
+            self._cache, self._mask = cache, mask
+        elif self._mergeable:
+            self._merge(cache, mask)
+        else:
+            # Rebuild the whole batch: running rows re-prefill everything except their pending token.
+            _, self._cache, self._mask = self._prefill(
+                [r.prompt_ids + r.generated[:-1] for r in self._running] + [r.prompt_ids for r in rows]
+            )
+        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        self._running.extend(rows)
+        self._max_batch_seen = max(self._max_batch_seen, len(self._running))
+        self._accept(rows, tokens.tolist())
+
+    def _merge(self, cache, mask: torch.Tensor) -> None:
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+
+        def pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[-2 if t.dim() == 4 else -1] = n
+            return torch.cat([t.new_zeros(shape), t], dim=-2 if t.dim() == 4 else -1)
+
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([pad_left(old.keys, width - old_len), pad_left(new.keys, width - new_len)], dim=0)
+            old.values = torch.cat(
+                [pad_left(old.values, width - old_len), pad_left(new.values, width - new_len)], dim=0
+            )
+        self._mask = torch.cat([pad_left(self._mask, width - old_len), pad_left(mask, width - new_len)], dim=0)
+
+    def _select_rows(self, keep: list[int]) -> None:
+        """Keep only the batch rows ``keep`` and drop cache columns no remaining row uses."""
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self._mask.index_select(0, index)
+        first = int((mask.sum(0) > 0).nonzero()[0]) if self._mergeable else 0
+        self._mask = mask[:, first:]
+        if self._mergeable:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
+                layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+        else:
+            self._cache.batch_select_indices(index)
+
+    def _decode_step(self) -> None:
+        rows = self._running
+        pending = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[r.num_cached] for r in rows], dtype=torch.long, device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        logits, self._cache = self._forward(pending, mask, positions, self._cache)
+        self._mask = mask
+        self._steps_total += 1
+        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        self._accept(rows, tokens.tolist())
+
+    # -------------------------------------------------------------- output
+    def _accept(self, rows: list[Row], tokens: list[int]) -> None:
+        """Append each row's new token, emit text, and retire rows that are done."""
+        now = time.perf_counter()
+        finished: list[Row] = []
+        for row, token in zip(rows, tokens):
+            if row.cancelled:
+                continue
+            if row.first_token_at is None:
+                row.first_token_at = now
+            if token in self.eos_token_ids:
+                self._emit_final(row, self._text(row), "stop")
+                finished.append(row)
+                continue
+            row.generated.append(token)
+            self._tokens_total += 1
+            if self.on_token is not None:
+                self.on_token(1)
+            text = self._text(row)
+            cut = find_stop(text, row.stops)
+            if cut >= 0:
+                self._emit_final(row, text[:cut], "stop")
+                finished.append(row)
+            elif len(row.generated) >= row.params.max_new_tokens:
+                self._emit_final(row, text, "length")
+                finished.append(row)
+            else:
+                safe = streamable_length(text, row.stops) if token not in self._byte_tokens else 0
+                # A multi-byte character split across tokens decodes as U+FFFD until it completes.
+                while safe > row.emitted_chars and text[safe - 1] == "\ufffd":
+                    safe -= 1
+                if safe > row.emitted_chars:
+                    row.sink(RowEvent(index=row.index, delta=text[row.emitted_chars:safe]))
+                    row.emitted_chars = safe
+        if finished or any(r.cancelled for r in self._running):
+            with self._cv:
+                for r in self._running:
+                    if r.cancelled and not r.done:
+                        self._finish(r, "cancelled")
+                keep = [i for i, r in enumerate(self._running) if not r.done]
+                self._select_rows(keep)
+
+    def _text(self, row: Row) -> str:
+        return self.tokenizer.decode(row.generated, skip_special_tokens=False)
+
+    def _emit_final(self, row: Row, text: str, reason: str) -> None:
+        if len(text) > row.emitted_chars:
+            row.sink(RowEvent(index=row.index, delta=text[row.emitted_chars:]))
+            row.emitted_chars = len(text)
+        self._finish(row, reason, text=text)
+
+    def _finish(self, row: Row, reason: str, text: str = "", error: str | None = None) -> None:
+        if row.done:
+            return
+        row.done = True
+        row.finished_at = time.perf_counter()
+        if reason == "cancelled":
+            self._cancelled_total += 1
+        else:
+            self._finished_total += 1
+        row.sink(RowEvent(index=row.index, finished=True, finish_reason=reason,
+                          completion_tokens=len(row.generated), text=text, error=error))

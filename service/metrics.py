@@ -1,0 +1,43 @@
+"""Prometheus metrics, on a registry owned by one app (several apps in one process never clash)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "steer_requests", "HTTP requests to the API, by route and status code.", ["route", "status"],
+            registry=self.registry,
+        )
+        self.tokens = Counter("steer_generated_tokens", "Completion tokens generated.", registry=self.registry)
+        self.ttft = Histogram(
+            "steer_time_to_first_token_seconds", "Time from accepting a request to its first content.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.latency = Histogram(
+            "steer_request_latency_seconds", "Time from accepting a chat completion to its last byte.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queue_depth = Gauge("steer_queue_depth", "Rows waiting for a batch slot.", registry=self.registry)
+        self.active = Gauge("steer_active_rows", "Rows decoding in the running batch.", registry=self.registry)
+        self.cancelled = Gauge(
+            "steer_cancelled_rows", "Rows cancelled because their client went away (since start).",
+            registry=self.registry,
+        )
+
+    def bind_engine(self, stats: Callable) -> None:
+        """Read queue depth, batch size and cancellations from the engine at scrape time."""
+        self.queue_depth.set_function(lambda: stats().waiting)
+        self.active.set_function(lambda: stats().active)
+        self.cancelled.set_function(lambda: stats().cancelled_total)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,305 @@
+"""The chat-completions logic, without FastAPI: validate a request, build its prompt with the
+policy's template, hand its rows to the engine, and assemble responses or stream chunks.
+
+Every user error becomes a ``ServingError`` carrying an HTTP status and OpenAI's error fields
+(``message``, ``type``, ``param``, ``code``); the app turns it into a JSON response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.engine import Engine, EngineStoppedError, QueueFullError, Row, RowEvent
+from service.metrics import ServerMetrics
+from service.protocol import (
+    AttributeInfo,
+    AttributesResponse,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    Usage,
+    completion_id,
+)
+from service.settings import ServerSettings
+from steer.errors import SteerError
+from steer.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class ServingError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ServingError:
+    return ServingError(400, message, param=param, code=code)
+
+
+def _param_from_steer_error(e: SteerError, prefix: str = "") -> str | None:
+    name = getattr(e, "field", None)
+    if not name:
+        return prefix.rstrip(".") or None
+    return f"{prefix}{name}"
+
+
+@dataclass
+class Generation:
+    """One accepted request: its rows in the engine and the queue their events arrive on."""
+
+    request: ChatCompletionRequest
+    messages: list[dict[str, str]]
+    attributes: dict[str, int]
+    prompt_tokens: int
+    rows: list[Row]
+    events: asyncio.Queue
+    id: str = field(default_factory=completion_id)
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+class ChatServing:
+    def __init__(self, policy, engine: Engine, settings: ServerSettings, metrics: ServerMetrics, apm=None):
+        self.policy = policy
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.apm = apm
+        self.model_name = settings.model_name or policy.name
+        self.created = int(time.time())
+        self.max_context = int(getattr(policy.model.config, "max_position_embeddings", 0) or 0) or None
+        self._apm_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- info
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
+
+    def attributes(self) -> AttributesResponse:
+        def info(schema) -> list[AttributeInfo]:
+            return [AttributeInfo(name=a.name, min=a.min, max=a.max, default=a.default, description=a.description)
+                    for a in schema.attributes]
+
+        schema = self.policy.schema
+        return AttributesResponse(
+            schema_name=schema.name,
+            attributes=info(schema),
+            aliases=dict(schema.aliases),
+            score_attributes=info(self.apm.schema) if self.apm is not None else None,
+        )
+
+    # ---------------------------------------------------------- validation
+    def _sampling_params(self, req: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
+        s = self.settings
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            raise bad_request("give max_tokens or max_completion_tokens, not two different values", "max_tokens")
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if requested is not None and requested > s.max_tokens_limit:
+            raise bad_request(f"{param} is {requested}; this server allows at most {s.max_tokens_limit}", param)
+        max_new = requested if requested is not None else min(s.default_max_tokens, s.max_tokens_limit)
+        if self.max_context is not None:
+            room = self.max_context - prompt_tokens
+            if room < 1:
+                raise bad_request(f"the prompt has {prompt_tokens} tokens; the model's context is {self.max_context}",
+                                  "messages", "context_length_exceeded")
+            # Like a model running out of context: the reply ends with finish_reason "length".
+            max_new = min(max_new, room)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        try:
+            return SamplingParams(
+                max_new_tokens=max_new,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                seed=req.seed,
+                stop=stops,
+            )
+        except SteerError as e:
+            raise bad_request(str(e), _param_from_steer_error(e)) from None
+
+    def start(self, req: ChatCompletionRequest) -> Generation:
+        """Validate ``req`` and queue its rows; raises ``ServingError`` (400/404/429/503)."""
+        if req.model is not None and req.model != self.model_name:
+            raise ServingError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                               param="model", code="model_not_found")
+        if req.n > min(self.settings.max_n, self.settings.max_batch_size):
+            limit = min(self.settings.max_n, self.settings.max_batch_size)
+            raise bad_request(f"n is {req.n}; this server allows at most {limit}", "n")
+        if req.score and self.apm is None:
+            raise bad_request("score: true needs an attribute prediction model; start the server with --apm DIR",
+                              "score")
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        schema = self.policy.schema
+        try:
+            attributes = schema.validate(req.attributes)
+        except SteerError as e:
+            raise bad_request(str(e), _param_from_steer_error(e, "attributes.")) from None
+        try:
+            prompt = self.policy.template.tokenize(messages, self.policy.tokenizer, mode="inference",
+                                                   attributes=attributes)
+        except SteerError as e:
+            raise bad_request(str(e), _param_from_steer_error(e) or "messages") from None
+        prompt_tokens = len(prompt.input_ids)
+        if prompt_tokens > self.settings.max_prompt_tokens:
+            raise bad_request(f"the prompt has {prompt_tokens} tokens; this server allows at most "
+                              f"{self.settings.max_prompt_tokens}", "messages", "context_length_exceeded")
+        params = self._sampling_params(req, prompt_tokens)
+        template = self.policy.template
+        # The end marker ("\n<extra_id_1>") is listed before the bare stop string so the newline that
+        # precedes it is cut too (and held back while streaming), as steer.generation does.
+        stops = list(dict.fromkeys([s for s in [template.end_marker] if s] + template.stop_strings + params.stop))
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(event: RowEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
+
+        rows = []
+        for i in range(req.n):
+            # n > 1 with a seed: each choice gets its own stream (seed + i), still reproducible.
+            row_params = params if (params.seed is None or i == 0) else SamplingParams(
+                max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                seed=(params.seed + i) % 2**63, stop=params.stop)
+            rows.append(Row(prompt_ids=list(prompt.input_ids), params=row_params, stops=stops, sink=sink, index=i))
+        try:
+            self.engine.submit(rows)
+        except QueueFullError as e:
+            raise ServingError(429, str(e), type="rate_limit_error", code="server_busy",
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        except EngineStoppedError as e:
+            raise ServingError(503, str(e), type="server_error", code="shutting_down") from None
+        return Generation(request=req, messages=messages, attributes=attributes, prompt_tokens=prompt_tokens,
+                          rows=rows, events=events)
+
+    def cancel(self, gen: Generation) -> None:
+        self.engine.cancel(gen.rows)
+
+    # ------------------------------------------------------------- results
+    def _observe_first_token(self, gen: Generation) -> None:
+        if gen.first_token_at is None:
+            gen.first_token_at = time.perf_counter()
+            self.metrics.ttft.observe(gen.first_token_at - gen.started)
+
+    async def _score(self, gen: Generation, texts: list[str]) -> list[dict[str, float]]:
+        items = [gen.messages + [{"role": "assistant", "content": t}] for t in texts]
+
+        def run():
+            with self._apm_lock:
+                preds = self.apm.predict(items)
+            return [{name: round(float(v), 4) for name, v in zip(self.apm.schema.names, row)} for row in preds]
+
+        return await asyncio.get_running_loop().run_in_executor(None, run)
+
+    @staticmethod
+    def _check_error(event: RowEvent) -> None:
+        if event.finish_reason == "error":
+            raise ServingError(500, event.error or "generation failed", type="server_error")
+
+    async def complete(self, gen: Generation) -> ChatCompletionResponse:
+        texts: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        tokens = 0
+        try:
+            while len(reasons) < len(gen.rows):
+                event: RowEvent = await gen.events.get()
+                if event.delta:
+                    self._observe_first_token(gen)
+                if event.finished:
+                    self._check_error(event)
+                    texts[event.index] = event.text
+                    reasons[event.index] = event.finish_reason
+                    tokens += event.completion_tokens
+        finally:
+            # Client gone or server error: free the rows that are still decoding.
+            if len(reasons) < len(gen.rows):
+                self.cancel(gen)
+        scores = await self._score(gen, [texts[i] for i in range(len(gen.rows))]) if gen.request.score else None
+        self.metrics.latency.observe(time.perf_counter() - gen.started)
+        return ChatCompletionResponse(
+            id=gen.id,
+            created=gen.created,
+            model=self.model_name,
+            choices=[
+                Choice(index=i, message=ChatMessageOut(content=texts[i]), finish_reason=reasons[i],
+                       scores=scores[i] if scores else None)
+                for i in range(len(gen.rows))
+            ],
+            usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=tokens,
+                        total_tokens=gen.prompt_tokens + tokens),
+            attributes=gen.attributes,
+        )
+
+    def _chunk(self, gen: Generation, choices: list[ChunkChoice], **extra) -> str:
+        chunk = ChatCompletionChunk(id=gen.id, created=gen.created, model=self.model_name, choices=choices, **extra)
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    async def stream(self, gen: Generation) -> AsyncIterator[str]:
+        """Server-sent events: a role chunk per choice, content deltas, a finish chunk per choice,
+        an optional usage chunk, then ``[DONE]``. Cancelled (client gone) when the caller stops iterating."""
+        done = 0
+        tokens = 0
+        texts: dict[int, str] = {}
+        try:
+            for i in range(len(gen.rows)):
+                # The first chunk also reports the attribute values the reply is conditioned on.
+                yield self._chunk(gen, [ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                                  attributes=gen.attributes if i == 0 else None)
+            while done < len(gen.rows):
+                event: RowEvent = await gen.events.get()
+                if event.delta:
+                    self._observe_first_token(gen)
+                    yield self._chunk(gen, [ChunkChoice(index=event.index, delta=DeltaMessage(content=event.delta))])
+                if event.finished:
+                    done += 1
+                    tokens += event.completion_tokens
+                    texts[event.index] = event.text
+                    if event.finish_reason == "error":
+                        err = {"error": {"message": event.error or "generation failed", "type": "server_error",
+                                         "param": None, "code": None}}
+                        yield f"data: {json.dumps(err)}\n\n"
+                        return
+                    scores = None
+                    if gen.request.score:
+                        scores = (await self._score(gen, [event.text]))[0]
+                    yield self._chunk(gen, [ChunkChoice(index=event.index, delta=DeltaMessage(),
+                                                        finish_reason=event.finish_reason, scores=scores)])
+            opts = gen.request.stream_options
+            if opts is not None and opts.include_usage:
+                usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=tokens,
+                              total_tokens=gen.prompt_tokens + tokens)
+                yield self._chunk(gen, [], usage=usage)
+            yield "data: [DONE]\n\n"
+            self.metrics.latency.observe(time.perf_counter() - gen.started)
+        finally:
+            if done < len(gen.rows):
+                self.cancel(gen)

@@ -1,0 +1,114 @@
+"""Server settings: one dataclass, filled from ``steer serve`` flags or ``STEER_*`` environment variables.
+
+Flags win over the environment, the environment over the defaults. Plain ``os.environ`` reading
+keeps the server free of a settings framework.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from steer.errors import SteerError
+
+
+class SettingsError(SteerError, ValueError):
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+# settings field -> environment variable
+ENV_VARS: dict[str, str] = {
+    "policy": "STEER_POLICY",
+    "apm": "STEER_APM",
+    "host": "STEER_HOST",
+    "port": "STEER_PORT",
+    "device": "STEER_DEVICE",
+    "dtype": "STEER_DTYPE",
+    "threads": "STEER_THREADS",
+    "model_name": "STEER_MODEL_NAME",
+    "max_batch_size": "STEER_MAX_BATCH_SIZE",
+    "max_queue": "STEER_MAX_QUEUE",
+    "max_tokens_limit": "STEER_MAX_TOKENS_LIMIT",
+    "default_max_tokens": "STEER_DEFAULT_MAX_TOKENS",
+    "max_prompt_tokens": "STEER_MAX_PROMPT_TOKENS",
+    "max_body_bytes": "STEER_MAX_BODY_BYTES",
+    "max_n": "STEER_MAX_N",
+    "api_keys": "STEER_API_KEYS",
+    "ui": "STEER_UI",
+    "ui_path": "STEER_UI_PATH",
+    "retry_after_s": "STEER_RETRY_AFTER",
+}
+
+
+@dataclass
+class ServerSettings:
+    policy: str = ""
+    apm: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str | None = None
+    dtype: str | None = None
+    # torch CPU threads; 0 keeps torch's default. On a busy CPU, fewer threads than cores avoid
+    # threads spinning against each other.
+    threads: int = 0
+    # Name reported by /v1/models and checked against a request's "model"; defaults to the policy's name.
+    model_name: str | None = None
+    max_batch_size: int = 16
+    max_queue: int = 64
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+    max_prompt_tokens: int = 2048
+    max_body_bytes: int = 1_000_000
+    max_n: int = 8
+    api_keys: list[str] = field(default_factory=list)
+    ui: bool = True
+    ui_path: str = "/ui"
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_prompt_tokens",
+                     "max_body_bytes", "max_n", "retry_after_s"):
+            if int(getattr(self, name)) < 1:
+                raise SettingsError(f"{name} must be at least 1", name)
+        if self.max_queue < 0:
+            raise SettingsError("max_queue must be 0 or more", "max_queue")
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"port {self.port} is not a valid TCP port", "port")
+        self.api_keys = [k for k in self.api_keys if k]
+
+    @classmethod
+    def from_env(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None):
+        """Defaults, then ``STEER_*`` variables, then ``overrides`` (values that are None are skipped)."""
+        environ = os.environ if environ is None else environ
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, var in ENV_VARS.items():
+            if environ.get(var, "") != "":
+                values[name] = _parse(name, types[name], environ[var], var)
+        for name, value in (overrides or {}).items():
+            if value is None or (name == "api_keys" and not value):
+                continue
+            values[name] = value
+        return cls(**values)
+
+
+def _parse(name: str, type_name: str, raw: str, var: str) -> Any:
+    raw = raw.strip()
+    if name == "api_keys":
+        return [k.strip() for k in raw.split(",") if k.strip()]
+    if type_name == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{var}={raw!r} is not a boolean (use 1/0, true/false)", name)
+    if type_name == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{var}={raw!r} is not an integer", name) from None
+    return raw

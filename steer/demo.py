@@ -1,0 +1,334 @@
+"""``steer demo``: the whole SteerLM pipeline, offline, on the bundled game-NPC data.
+
+Stages (each writes ``WORKDIR/stages/NAME.done`` when finished, so a rerun skips it):
+
+1. ``apm``: train the attribute prediction model on ``rated.jsonl`` (helpfulness, humor,
+   creativity, 0-4) with ``training.apm``;
+2. ``relabel``: annotate ``unrated.jsonl`` with it (``training.relabel``);
+3. ``base``: build a base model that needs no download: a byte-level BPE tokenizer trained on
+   the unlabelled dialogue and a ~1M parameter Llama pretrained on that dialogue (no labels);
+4. ``sft``: attribute-conditioned LoRA SFT of that base on the relabeled data (``training.sft``),
+   written as a policy directory ``WORKDIR/policy``;
+5. ``evaluate``: generate replies to held-out player lines over a grid of requested values and
+   score them with the APM: the Spearman correlation between requested value and APM score is
+   the policy's steerability. Written to ``WORKDIR/report.json``.
+
+Afterwards ``steer serve --policy WORKDIR/policy --apm WORKDIR/apm`` serves the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from steer.attributes import Attribute, AttributeSchema
+from steer.conversation import Conversation
+from steer.errors import SteerError
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("apm", "relabel", "base", "sft", "evaluate")
+
+
+class DemoError(SteerError, RuntimeError):
+    pass
+
+
+@dataclass
+class DemoConfig:
+    workdir: str = field(default="steer-demo", metadata={"help": "Where the APM, policy and report are written."})
+    quick: bool = field(default=False, metadata={"help": "Tiny settings (a smoke test, not a steerable model)."})
+    fresh: bool = field(default=False, metadata={"help": "Delete WORKDIR first and run every stage again."})
+    limit: int | None = field(default=None, metadata={"help": "Use at most this many unrated conversations (relabel, SFT)."})
+    apm_limit: int | None = field(default=1000, metadata={"help": "Train the APM on at most this many rated conversations."})
+    apm_epochs: float = field(default=2.0, metadata={"help": "APM training epochs."})
+    apm_max_length: int = field(default=128, metadata={"help": "APM tokens per item."})
+    vocab_size: int = field(default=1024, metadata={"help": "Vocabulary of the demo's own tokenizer."})
+    hidden_size: int = field(default=128, metadata={"help": "Width of the tiny base model."})
+    num_layers: int = field(default=4, metadata={"help": "Layers of the tiny base model."})
+    pretrain_epochs: float = field(default=2.0, metadata={"help": "Pretraining epochs of the base on unlabelled text."})
+    sft_epochs: float = field(default=2.0, metadata={"help": "Attribute-conditioned SFT epochs."})
+    sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate (high: the base is tiny)."})
+    lora_r: int = field(default=16, metadata={"help": "SFT LoRA rank."})
+    seeds: int = field(default=2, metadata={"help": "Sampling seeds per prompt and value in the steerability grid."})
+    eval_prompts: int | None = field(default=None, metadata={"help": "Use at most this many held-out player lines."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Tokens per generated reply."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature for the evaluation."})
+    samples: int = field(default=4, metadata={"help": "Player lines shown side by side at low and high values."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.limit = self.limit or 160
+            self.apm_limit = min(self.apm_limit or 160, 160)
+            self.apm_epochs = min(self.apm_epochs, 1.0)
+            self.pretrain_epochs = min(self.pretrain_epochs, 1.0)
+            self.sft_epochs = min(self.sft_epochs, 1.0)
+            self.hidden_size = min(self.hidden_size, 64)
+            self.num_layers = min(self.num_layers, 2)
+            self.vocab_size = min(self.vocab_size, 512)
+            self.seeds = 1
+            self.eval_prompts = self.eval_prompts or 3
+            self.max_new_tokens = min(self.max_new_tokens, 24)
+            self.samples = min(self.samples, 2)
+
+
+def demo_schema() -> AttributeSchema:
+    """The three attributes the bundled data is rated on."""
+    from steer.attributes import BUILTIN_SCHEMAS
+
+    desc = {a.name: a.description for a in BUILTIN_SCHEMAS["oasst"].attributes}
+    return AttributeSchema(
+        name="demo",
+        attributes=(
+            Attribute("helpfulness", 0, 4, 4, desc["helpfulness"]),
+            Attribute("humor", 0, 4, 2, desc["humor"]),
+            Attribute("creativity", 0, 4, 2, desc["creativity"]),
+        ),
+    )
+
+
+# ----------------------------------------------------------------- stages
+class Stages:
+    """Done-markers: a stage that finished is never redone unless its marker is removed."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    def done(self, name: str) -> bool:
+        return (self.dir / f"{name}.done").exists()
+
+    def run(self, name: str, fn) -> None:
+        if self.done(name):
+            logger.info("stage %s: already done, reusing it", name)
+            data = json.loads((self.dir / f"{name}.done").read_text())
+            self.timings[name] = data.get("seconds", 0.0)
+            return
+        logger.info("stage %s: running", name)
+        start = time.perf_counter()
+        fn()
+        seconds = round(time.perf_counter() - start, 2)
+        self.timings[name] = seconds
+        (self.dir / f"{name}.done").write_text(json.dumps({"seconds": seconds}) + "\n")
+        logger.info("stage %s: done in %.1f s", name, seconds)
+
+
+def _load_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def stage_apm(config: DemoConfig, work: Path) -> None:
+    from steer.demo_data import rated_path
+    from training.apm import ApmTrainConfig
+    from training.apm import main as train_apm
+
+    schema_file = work / "schema.json"
+    demo_schema().save(schema_file)
+    train_apm(ApmTrainConfig(
+        data=str(rated_path()), output=str(work / "apm"), format="steer", schema=str(schema_file),
+        epochs=config.apm_epochs, max_length=config.apm_max_length, batch_size=32, learning_rate=1e-4,
+        limit=config.apm_limit, resume=True, device="cpu", logging_steps=20,
+    ))
+
+
+def stage_relabel(config: DemoConfig, work: Path) -> None:
+    from steer.demo_data import unrated_path
+    from training.relabel import RelabelConfig
+    from training.relabel import main as relabel
+
+    relabel(RelabelConfig(
+        model=str(work / "apm"), data=str(unrated_path()), output=str(work / "relabeled.jsonl"), format="steer",
+        limit=config.limit, device="cpu",
+    ))
+
+
+def stage_base(config: DemoConfig, work: Path) -> None:
+    """Tokenizer + tiny Llama pretrained on the unlabelled dialogue, saved as ``policy/base``."""
+    from steer.demo_data import unrated_path
+    from steer.template import PromptTemplate
+    from steer.tiny_model import TinyModelSpec, build_tiny_llama, pack_documents, pretrain, save_model, train_tokenizer
+
+    schema = demo_schema()
+    template = PromptTemplate(schema)
+    convs = [Conversation.from_dict(r) for r in _load_jsonl(unrated_path(), config.limit)]
+    # The base sees the dialogue in the template's layout but never a label: conditioning is
+    # what SFT has to teach it.
+    docs = [template.render_text(c.messages, mode="apm") + template.end_marker for c in convs]
+    label_lines = [template.label_line({n: v for n in schema.names}) for v in range(5)]
+    tokenizer = train_tokenizer(docs + label_lines, vocab_size=config.vocab_size)
+    spec = TinyModelSpec(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                         num_layers=config.num_layers, num_heads=max(2, config.hidden_size // 32),
+                         intermediate_size=config.hidden_size * 8 // 3 // 8 * 8)
+    model = build_tiny_llama(tokenizer, spec)
+    ids = [[tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    rows = pack_documents(ids, 128, tokenizer.eos_token_id)
+    losses = pretrain(model, rows, epochs=config.pretrain_epochs, batch_size=16, lr=3e-3)
+    logger.info("base pretraining loss %.3f -> %.3f", losses[0], float(np.mean(losses[-5:])))
+    save_model(model, tokenizer, work / "policy" / "base")
+
+
+def stage_sft(config: DemoConfig, work: Path) -> None:
+    from training.sft import SftConfig
+    from training.sft import main as sft
+
+    sft(SftConfig(
+        base_model=str(work / "policy" / "base"), data=str(work / "relabeled.jsonl"), output=str(work / "policy"),
+        format="steer", schema=str(work / "apm"), lora_r=config.lora_r, lora_alpha=2 * config.lora_r,
+        lora_dropout=0.0, epochs=config.sft_epochs, lr=config.sft_lr, batch_size=16, max_length=256,
+        eval_fraction=0.05, save_steps=50, resume=True, logging_steps=20, limit=config.limit,
+    ))
+
+
+# ---------------------------------------------------------------- evaluate
+def _prompt_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    return msgs + [{"role": "user", "content": row["user"]}]
+
+
+def _generate_all(generator, requests, batch_size: int = 48, desc: str = "generate"):
+    from tqdm.auto import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(requests), batch_size), desc=desc, unit="batch"):
+        out.extend(generator.generate_batch(requests[i:i + batch_size]))
+    return out
+
+
+def evaluate(config: DemoConfig, work: Path) -> dict[str, Any]:
+    from scipy.stats import spearmanr
+
+    from steer.apm import AttributePredictor
+    from steer.demo_data import prompts_path
+    from steer.generation import GenerationRequest, SteerGenerator
+
+    generator = SteerGenerator.load(work / "policy", device="cpu")
+    apm = AttributePredictor.load(work / "apm", device="cpu")
+    schema = generator.schema
+    prompts = _load_jsonl(prompts_path(), config.eval_prompts)
+    middle = {a.name: (a.min + a.max) // 2 for a in schema.attributes}
+
+    grid, requests = [], []
+    for attr in schema.attributes:
+        for value in range(attr.min, attr.max + 1):
+            for p_i, prompt in enumerate(prompts):
+                for seed in range(config.seeds):
+                    values = dict(middle, **{attr.name: value})
+                    grid.append((attr.name, value, p_i))
+                    requests.append(GenerationRequest(_prompt_messages(prompt), values, config.max_new_tokens,
+                                                      config.temperature, 0.95, seed=1000 * seed + p_i))
+    results = _generate_all(generator, requests, desc="steerability grid")
+    scored = apm.predict([_prompt_messages(prompts[p]) + [{"role": "assistant", "content": r.text}]
+                          for (_, _, p), r in zip(grid, results)])
+    steerability: dict[str, Any] = {}
+    for j, attr in enumerate(schema.attributes):
+        # The APM's columns follow its own schema order; look the attribute up by name.
+        col = apm.schema.names.index(attr.name)
+        rows = [i for i, (name, _, _) in enumerate(grid) if name == attr.name]
+        requested = np.array([grid[i][1] for i in rows], dtype=float)
+        scores = scored[rows, col]
+        rho = spearmanr(requested, scores).statistic
+        steerability[attr.name] = {
+            "spearman": None if np.isnan(rho) else round(float(rho), 4),
+            "n": len(rows),
+            "mean_apm_score_by_value": {
+                str(v): round(float(scores[requested == v].mean()), 3) for v in range(attr.min, attr.max + 1)
+            },
+        }
+
+    low = dict(middle, humor=0, creativity=0)
+    high = dict(middle, humor=4, creativity=4)
+    sample_requests = []
+    for p_i, prompt in enumerate(prompts[: config.samples]):
+        for values in (low, high):
+            sample_requests.append(GenerationRequest(_prompt_messages(prompt), values, config.max_new_tokens,
+                                                     config.temperature, 0.95, seed=7 + p_i))
+    sample_results = _generate_all(generator, sample_requests, desc="samples")
+    samples = []
+    for k, prompt in enumerate(prompts[: config.samples]):
+        samples.append({
+            "npc": prompt.get("npc"), "system": prompt.get("system"), "user": prompt["user"],
+            "low": {"attributes": sample_results[2 * k].attributes, "reply": sample_results[2 * k].text},
+            "high": {"attributes": sample_results[2 * k + 1].attributes, "reply": sample_results[2 * k + 1].text},
+        })
+    return {"steerability": steerability, "samples": samples,
+            "grid": {"prompts": len(prompts), "seeds": config.seeds, "held_at": middle,
+                     "temperature": config.temperature, "max_new_tokens": config.max_new_tokens}}
+
+
+def format_report(report: dict[str, Any], width: int = 100) -> str:
+    lines = []
+    col = (width - 3) // 2
+    for s in report["samples"]:
+        lines.append(f"\n[{s.get('npc') or 'npc'}] Player: {s['user']}")
+        lo, hi = s["low"]["attributes"], s["high"]["attributes"]
+        left_title = f"humor {lo.get('humor')}, creativity {lo.get('creativity')}"
+        right_title = f"humor {hi.get('humor')}, creativity {hi.get('creativity')}"
+        left = textwrap.wrap(s["low"]["reply"] or "(empty)", col) or [""]
+        right = textwrap.wrap(s["high"]["reply"] or "(empty)", col) or [""]
+        lines.append(f"{left_title:<{col}} | {right_title}")
+        lines.append(f"{'-' * col}-+-{'-' * col}")
+        for i in range(max(len(left), len(right))):
+            a = left[i] if i < len(left) else ""
+            b = right[i] if i < len(right) else ""
+            lines.append(f"{a:<{col}} | {b}")
+    lines.append("\nSteerability: Spearman correlation between the requested value and the APM's score")
+    lines.append("of the generated reply (one attribute varied, the others held at the middle value)")
+    lines.append(f"{'attribute':<12} {'spearman':>9} {'n':>5}   mean APM score at requested 0..4")
+    for name, s in report["steerability"].items():
+        means = " ".join(f"{v:5.2f}" for v in s["mean_apm_score_by_value"].values())
+        rho = "n/a" if s["spearman"] is None else f"{s['spearman']:.3f}"
+        lines.append(f"{name:<12} {rho:>9} {s['n']:>5}   {means}")
+    t = report.get("timings", {})
+    lines.append("\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    return "\n".join(lines)
+
+
+def main(config: DemoConfig) -> int:
+    work = Path(config.workdir)
+    if config.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    for name in ("apm", "relabel"):
+        try:
+            __import__(f"training.{name}")
+        except ImportError as e:
+            raise DemoError(f"the demo needs training.{name}: {e}") from None
+    stages = Stages(work)
+    start = time.perf_counter()
+    stages.run("apm", lambda: stage_apm(config, work))
+    stages.run("relabel", lambda: stage_relabel(config, work))
+    stages.run("base", lambda: stage_base(config, work))
+    stages.run("sft", lambda: stage_sft(config, work))
+    report_path = work / "report.json"
+
+    def run_evaluate() -> None:
+        report = evaluate(config, work)
+        report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    stages.run("evaluate", run_evaluate)
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    report["timings"] = {**stages.timings, "total_this_run": round(time.perf_counter() - start, 2)}
+    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(format_report(report))
+    print(f"\nReport: {report_path}\nServe it: steer serve --policy {work / 'policy'} --apm {work / 'apm'}")
+    return 0

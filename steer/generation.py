@@ -1,0 +1,257 @@
+"""Attribute-conditioned generation with a KV-cached decode loop.
+
+Two layers:
+
+- decode primitives, reusable by a scheduler: :func:`left_pad` builds a batch from token lists,
+  :func:`prefill` runs the prompts once and returns the last logits plus a :class:`DecodeState`
+  (the KV cache, the attention mask and each row's next position), and :func:`decode_step`
+  feeds one new token per row and returns the next logits. Positions come from the attention
+  mask, so a left-padded row sees exactly the positions it would see alone;
+- :class:`SteerGenerator`, which validates attributes, renders the prompt with the policy's
+  template (``mode="inference"``), samples with :mod:`steer.sampling` (one ``torch.Generator``
+  per request, so a seeded request gives the same text alone or batched) and stops at the
+  template's end marker, a stop string, EOS or the token budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steer.errors import SteerError
+from steer.sampling import SamplingParams, find_stop, sample_next_tokens
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationError(SteerError, ValueError):
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+# ----------------------------------------------------------------- primitives
+@dataclass
+class DecodeState:
+    """What the next :func:`decode_step` needs: the model's KV cache, the attention mask over
+    every position so far ([batch, length], 0 on left padding) and each row's next position id."""
+
+    past_key_values: Any
+    attention_mask: torch.Tensor
+    next_positions: torch.Tensor
+
+
+def left_pad(token_lists: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"):
+    """``(input_ids, attention_mask)`` with every row right-aligned, as decoding needs."""
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for i, tokens in enumerate(token_lists):
+        if tokens:
+            ids[i, width - len(tokens):] = torch.tensor(list(tokens), dtype=torch.long)
+            mask[i, width - len(tokens):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+    """Run left-padded prompts through the model once: last-position logits [batch, vocab] and
+    the state to continue from."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    state = DecodeState(out.past_key_values, attention_mask, positions[:, -1] + 1)
+    return out.logits[:, -1, :], state
+
+
+@torch.inference_mode()
+def decode_step(model, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """Feed one token per row ([batch]); returns the next logits and advances ``state`` in place."""
+    state.attention_mask = torch.cat(
+        [state.attention_mask, state.attention_mask.new_ones((state.attention_mask.shape[0], 1))], dim=-1
+    )
+    out = model(
+        input_ids=tokens.view(-1, 1),
+        attention_mask=state.attention_mask,
+        position_ids=state.next_positions.view(-1, 1),
+        past_key_values=state.past_key_values,
+        use_cache=True,
+    )
+    state.past_key_values = out.past_key_values
+    state.next_positions = state.next_positions + 1
+    return out.logits[:, -1, :]
+
+
+def context_limit(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+# ------------------------------------------------------------------ requests
+@dataclass
+class GenerationRequest:
+    messages: Sequence[Any]
+    attributes: Mapping[str, Any] | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = None
+    stop: Sequence[str] | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    # Every schema attribute, validated, as it was applied (defaults filled in).
+    attributes: dict[str, int] = field(default_factory=dict)
+    finish_reason: str = "length"  # "stop" | "length"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "attributes": dict(self.attributes),
+            "finish_reason": self.finish_reason,
+        }
+
+
+class _Row:
+    """Decoding bookkeeping for one request."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], end_marker: str,
+                 attributes: dict[str, int], generator: torch.Generator, budget: int):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.stops = stops
+        self.end_marker = end_marker
+        self.attributes = attributes
+        self.generator = generator
+        self.budget = budget
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.text, len(self.prompt_ids), len(self.tokens), self.attributes,
+                                self.finish_reason or "length")
+
+
+# ----------------------------------------------------------------- generator
+class SteerGenerator:
+    """Generate replies from a policy with requested attribute values."""
+
+    def __init__(self, model, tokenizer, schema, template, device: torch.device | str = "cpu", name: str = "policy"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.schema = schema
+        self.template = template
+        self.device = torch.device(device)
+        self.name = name
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = tokenizer.eos_token_id
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        self.max_context = context_limit(model)
+
+    @classmethod
+    def load(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None) -> SteerGenerator:
+        from steer.policy import load_policy
+
+        policy = load_policy(policy_dir, device=device, dtype=dtype)
+        return cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name)
+
+    # -- one request
+    def generate(
+        self,
+        messages: Sequence[Any],
+        attributes: Mapping[str, Any] | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> GenerationResult:
+        request = GenerationRequest(messages, attributes, max_new_tokens, temperature, top_p, seed, stop)
+        return self.generate_batch([request])[0]
+
+    # -- many requests, decoded together
+    def prepare(self, request: GenerationRequest) -> _Row:
+        """Validate one request and render its prompt; raises SteerError subclasses naming the field."""
+        applied = self.schema.validate(request.attributes)  # AttributeValueError names the attribute
+        params = SamplingParams(
+            max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=list(request.stop or []),
+        )
+        prompt = self.template.tokenize(request.messages, self.tokenizer, mode="inference", attributes=applied)
+        budget = params.max_new_tokens
+        if self.max_context:
+            room = self.max_context - len(prompt.input_ids)
+            if room < 1:
+                raise GenerationError(
+                    f"the prompt is {len(prompt.input_ids)} tokens; this model's context is {self.max_context}",
+                    "messages",
+                )
+            budget = min(budget, room)
+        stops = list(self.template.stop_strings) + params.stop
+        return _Row(prompt.input_ids, params, stops, self.template.end_marker, applied,
+                    params.make_generator(), budget)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Decode several requests in one left-padded batch. A seeded request gives the same text
+        here as through :meth:`generate`, because each row samples from its own generator."""
+        if not requests:
+            return []
+        rows = [self.prepare(r) for r in requests]
+        input_ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_token_id, self.device)
+        logits, state = prefill(self.model, input_ids, mask)
+        active = list(range(len(rows)))
+        while True:
+            next_tokens = torch.full((len(rows),), self.pad_token_id, dtype=torch.long, device=self.device)
+            # Only unfinished rows draw from their generators, so a row's random stream never
+            # depends on what else is in the batch.
+            sampled = sample_next_tokens(
+                logits[active], [rows[i].params for i in active], [rows[i].generator for i in active]
+            )
+            for i, token in zip(active, sampled.tolist()):
+                next_tokens[i] = token
+                self._advance(rows[i], token)
+            active = [i for i in active if rows[i].finish_reason is None]
+            if not active:
+                break
+            logits = decode_step(self.model, next_tokens, state)
+        return [r.result() for r in rows]
+
+    def _advance(self, row: _Row, token: int) -> None:
+        if token in self.eos_ids:
+            row.tokens.append(token)
+            row.finish_reason = "stop"
+            return
+        row.tokens.append(token)
+        # Decoding the whole completion each step keeps multi-byte characters and merges right.
+        text = self.tokenizer.decode([t for t in row.tokens], skip_special_tokens=False)
+        cut = find_stop(text, row.stops)
+        if cut >= 0:
+            row.text = self._strip_marker(text[:cut], row)
+            row.finish_reason = "stop"
+            return
+        row.text = text
+        if len(row.tokens) >= row.budget:
+            row.finish_reason = "length"
+
+    @staticmethod
+    def _strip_marker(text: str, row: _Row) -> str:
+        # The end marker is "\n<extra_id_1>": drop the part of it that precedes the stop string.
+        for s in row.stops:
+            idx = row.end_marker.find(s)
+            if idx > 0 and text.endswith(row.end_marker[:idx]):
+                return text[: len(text) - idx]
+        return text

@@ -1,0 +1,170 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from steer.attributes import AttributeValueError, get_schema
+from steer.generation import (
+    GenerationError,
+    GenerationRequest,
+    SteerGenerator,
+    decode_step,
+    left_pad,
+    prefill,
+)
+from steer.sampling import SamplingError
+from steer.template import PromptTemplate
+from steer.tiny_model import build_random_policy
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return build_random_policy(tmp_path_factory.mktemp("policy") / "p", schema=get_schema("oasst"))
+
+
+@pytest.fixture(scope="module")
+def generator(policy_dir):
+    return SteerGenerator.load(policy_dir, device="cpu")
+
+
+USER = [{"role": "user", "content": "Tell me about item 7, please."}]
+LONGER = [
+    {"role": "system", "content": "You are a shopkeeper in a small town far away."},
+    {"role": "user", "content": "Tell me about item 12, please. And also item 13 if you have time."},
+]
+
+
+def test_same_seed_same_text_and_seeds_matter(generator):
+    a = generator.generate(USER, {"humor": 3}, max_new_tokens=20, seed=5)
+    b = generator.generate(USER, {"humor": 3}, max_new_tokens=20, seed=5)
+    assert a == b
+    others = {generator.generate(USER, {"humor": 3}, max_new_tokens=20, seed=s).text for s in (6, 7, 8)}
+    assert others - {a.text}, "different seeds never changed the text"
+    assert a.completion_tokens == 20 and a.finish_reason == "length"
+    assert a.prompt_tokens == len(generator.template.tokenize(USER, generator.tokenizer, "inference",
+                                                              {"humor": 3}).input_ids)
+
+
+def test_batch_rows_match_single_requests(generator):
+    requests = [
+        GenerationRequest(USER, {"humor": 4}, max_new_tokens=12, temperature=0.9, seed=1),
+        GenerationRequest(LONGER, {"creativity": 1, "quality": 2}, max_new_tokens=20, temperature=0.7, seed=2),
+        GenerationRequest(USER, {"humor": 0}, max_new_tokens=16, temperature=0.0, seed=None),
+        GenerationRequest(LONGER, None, max_new_tokens=8, temperature=1.2, top_p=0.5, seed=3),
+    ]
+    batched = generator.generate_batch(requests)
+    for req, got in zip(requests, batched):
+        alone = generator.generate(req.messages, req.attributes, req.max_new_tokens, req.temperature, req.top_p,
+                                   req.seed, req.stop)
+        assert got == alone
+    assert [r.completion_tokens for r in batched] == [12, 20, 16, 8]
+
+
+def test_attributes_are_validated_and_reported_in_full(generator):
+    res = generator.generate(USER, {"humour": 4}, max_new_tokens=2, seed=0)
+    assert res.attributes == dict(get_schema("oasst").defaults, humor=4)
+    with pytest.raises(AttributeValueError) as e:
+        generator.generate(USER, {"wit": 2}, max_new_tokens=2)
+    assert e.value.field == "wit"
+    with pytest.raises(AttributeValueError) as e:
+        generator.generate(USER, {"humor": 9}, max_new_tokens=2)
+    assert e.value.field == "humor"
+    with pytest.raises(SamplingError) as e:
+        generator.generate(USER, {}, max_new_tokens=0)
+    assert e.value.field == "max_new_tokens"
+
+
+def test_user_stop_string_cuts_text(generator):
+    free = generator.generate(USER, {}, max_new_tokens=30, temperature=0.0)
+    stop = free.text[10:13]
+    assert stop.strip(), free.text
+    cut = generator.generate(USER, {}, max_new_tokens=30, temperature=0.0, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.find(stop)]
+    assert stop not in cut.text
+
+
+def test_prompt_longer_than_context_is_a_clear_error(generator):
+    huge = [{"role": "user", "content": "item " * 2000}]
+    with pytest.raises(GenerationError) as e:
+        generator.generate(huge, {}, max_new_tokens=4)
+    assert e.value.field == "messages"
+
+
+class ScriptedLM(torch.nn.Module):
+    """Emits a fixed token sequence, whatever the input: to test stopping exactly."""
+
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+        self.config = SimpleNamespace(max_position_embeddings=4096)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+        step = 0 if past_key_values is None else past_key_values + 1
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab), -1e4)
+        logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 1e4
+        return SimpleNamespace(logits=logits, past_key_values=step)
+
+
+def test_stops_at_template_end_marker_and_strips_it(generator):
+    tok = generator.tokenizer
+    script = tok("Hello there", add_special_tokens=False)["input_ids"] + tok(
+        PromptTemplate(generator.schema).end_marker + "User\nmore", add_special_tokens=False)["input_ids"]
+    scripted = SteerGenerator(ScriptedLM(script, len(tok)), tok, generator.schema, generator.template)
+    res = scripted.generate(USER, {}, max_new_tokens=50, seed=0)
+    assert res.text == "Hello there"
+    assert res.finish_reason == "stop"
+    n_text = len(tok("Hello there", add_special_tokens=False)["input_ids"])
+    assert res.completion_tokens == n_text + len(tok("\n<extra_id_1>", add_special_tokens=False)["input_ids"])
+    # EOS also stops, and is not part of the text.
+    eos_script = tok("Hi", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 5, 6]
+    res = SteerGenerator(ScriptedLM(eos_script, len(tok)), tok, generator.schema, generator.template).generate(
+        USER, {}, max_new_tokens=50, seed=0)
+    assert (res.text, res.finish_reason) == ("Hi", "stop")
+
+
+def test_decode_primitives_match_full_forward(generator):
+    """prefill + decode_step on a left-padded batch give the logits of an unpadded full forward."""
+    model, tok = generator.model, generator.tokenizer
+    a = tok("Item 3 is fine", add_special_tokens=False)["input_ids"]
+    b = tok("Tell me about item 12, please now", add_special_tokens=False)["input_ids"]
+    ids, mask = left_pad([a, b], tok.pad_token_id)
+    logits, state = prefill(model, ids, mask)
+    nxt = torch.tensor([7, 9])
+    step_logits = decode_step(model, nxt, state)
+    for row, toks in enumerate((a, b)):
+        full = model(input_ids=torch.tensor([toks + [int(nxt[row])]])).logits[0]
+        torch.testing.assert_close(logits[row], full[-2], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(step_logits[row], full[-1], atol=1e-4, rtol=1e-4)
+
+
+def _cli(argv, capsys):
+    from steer.cli import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_generate_json_and_seed(policy_dir, capsys):
+    argv = ["generate", "--policy", str(policy_dir), "--prompt", "Tell me about item 3", "--system", "Be brief.",
+            "--attr", "humour=4", "--attr", "creativity=1", "--seed", "3", "--max-new-tokens", "6", "--json"]
+    code, out, _ = _cli(argv, capsys)
+    assert code == 0
+    first = json.loads(out.strip().splitlines()[-1])
+    assert first["attributes"]["humor"] == 4 and first["attributes"]["creativity"] == 1
+    assert first["completion_tokens"] == 6
+    code, out, _ = _cli(argv, capsys)
+    assert json.loads(out.strip().splitlines()[-1]) == first
+
+
+@pytest.mark.parametrize(
+    "attr, named",
+    [("humor=9", "humor"), ("wit=2", "wit"), ("humor", "name=value"), ("humor=lots", "humor")],
+)
+def test_cli_bad_attr_is_one_line_exit_2(policy_dir, capsys, attr, named):
+    code, _, err = _cli(["generate", "--policy", str(policy_dir), "--prompt", "hi", "--attr", attr], capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in err

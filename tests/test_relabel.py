@@ -1,0 +1,144 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from steer.cli import main as cli_main
+from steer.data import load_conversations
+from tests.conftest import shared_path
+from training.relabel import RelabelConfig
+from training.relabel import main as relabel_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_relabel_annotates_every_assistant_turn(tiny_apm_dir, tmp_path):
+    out = tmp_path / "hh.jsonl"
+    data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="hh", output=str(out), limit=40,
+                               batch_size=8, chunk_size=16))
+    rows = read_jsonl(out)
+    source, _ = load_conversations(data, "hh", limit=40)
+    assert [r["id"] for r in rows] == [c.id for c in source]
+    names = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+    for row in rows:
+        assert row["provenance"]["apm"] == str(tiny_apm_dir.resolve())
+        assert row["provenance"]["schema"] == "helpsteer"
+        for m in row["messages"]:
+            if m["role"] != "assistant":
+                assert "labels" not in m
+                continue
+            assert list(m["labels"]) == names and all(0 <= v <= 4 and isinstance(v, int) for v in m["labels"].values())
+            assert m["labels"] == {k: min(4, max(0, round(v))) for k, v in m["predictions"].items()}
+            assert m["label_string"] == ",".join(f"{k}:{v}" for k, v in m["labels"].items())
+    # The output is steer's native format: SFT reads it back as labelled conversations.
+    back, report = load_conversations(out, "steer", schema="helpsteer")
+    assert report.bad == [] and len(back) == 40
+    assert all(m.labels for c in back for m in c.messages if m.role == "assistant")
+    # ... and `datasets` loads it.
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert len(ds) == 40 and "label_string" in ds.column_names
+
+
+def test_batched_predictions_match_one_at_a_time(tiny_apm_dir):
+    from steer.apm import AttributePredictor
+
+    predictor = AttributePredictor.load(tiny_apm_dir, device="cpu")
+    convs, _ = load_conversations(shared_path("data", "helpsteer2", "sample.jsonl"), "helpsteer", limit=12)
+    items = [c.messages for c in convs]
+    batched = predictor.predict(items, batch_size=5, sort_by_length=True)
+    single = [predictor.predict([it], batch_size=1)[0] for it in items]
+    assert batched.shape == (12, 5)
+    assert abs(batched - single).max() < 1e-4
+
+
+def test_keep_human_labels_and_parquet(tiny_apm_dir, tmp_path):
+    out = tmp_path / "hs.parquet"
+    data = shared_path("data", "helpsteer2", "sample.jsonl")
+    relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="helpsteer", output=str(out),
+                               keep_human_labels=True, limit=10, chunk_size=4))
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(out), split="train")
+    assert len(ds) == 10 and not (tmp_path / "hs.parquet.parts").exists()
+    source, _ = load_conversations(data, "helpsteer", limit=10)
+    for row, conv in zip(ds, source):
+        reply = json.loads(row["messages"])[-1]
+        assert reply["labels"] == conv.messages[-1].labels == reply["human_labels"]
+        assert set(reply["predictions"]) == set(reply["labels"])
+
+
+def test_completed_run_is_not_redone_and_mismatch_is_refused(tiny_apm_dir, tmp_path):
+    out = tmp_path / "o.jsonl"
+    data = str(shared_path("data", "helpsteer2", "sample.jsonl"))
+    cfg = RelabelConfig(model=str(tiny_apm_dir), data=data, format="helpsteer", output=str(out), limit=6)
+    relabel_main(cfg)
+    mtime = out.stat().st_mtime_ns
+    relabel_main(cfg)
+    assert out.stat().st_mtime_ns == mtime and len(read_jsonl(out)) == 6
+    rc = cli_main(["relabel", "--model", str(tiny_apm_dir), "--data", data, "--format", "helpsteer",
+                   "--output", str(out), "--limit", "7"])
+    assert rc == 2  # a different run would be appended to the wrong file
+    assert len(read_jsonl(out)) == 6
+
+
+def test_torn_last_line_is_repaired_on_resume(tiny_apm_dir, tmp_path):
+    out = tmp_path / "o.jsonl"
+    data = str(shared_path("data", "helpsteer2", "sample.jsonl"))
+    cfg = RelabelConfig(model=str(tiny_apm_dir), data=data, format="helpsteer", output=str(out), limit=9,
+                        chunk_size=3)
+    relabel_main(cfg)
+    full = out.read_text()
+    lines = full.splitlines(keepends=True)
+    # Simulate a crash: three rows durable, the fourth half-written, the run not marked complete.
+    out.write_text("".join(lines[:3]) + lines[3][:25])
+    sidecar = tmp_path / "o.jsonl.relabel.json"
+    state = json.loads(sidecar.read_text())
+    state["complete"] = False
+    sidecar.write_text(json.dumps(state))
+    relabel_main(cfg)
+    assert out.read_text() == full
+
+
+def test_relabel_cli_errors_are_one_line(tiny_apm_dir, tmp_path, capsys):
+    rc = cli_main(["relabel", "--model", str(tiny_apm_dir), "--data", str(tmp_path / "missing.jsonl"),
+                   "--format", "jsonl", "--output", str(tmp_path / "o.jsonl")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("steer relabel: error") and "no such file" in err
+    rc = cli_main(["relabel", "--model", str(tmp_path), "--data", "x.jsonl", "--output", str(tmp_path / "o.txt")])
+    assert rc == 2 and "[output]" in capsys.readouterr().err
+
+
+def test_sigkill_then_rerun_gives_every_row_exactly_once(tiny_apm_dir, tmp_path):
+    data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    out = tmp_path / "killed.jsonl"
+    cmd = [sys.executable, "-m", "steer.cli", "relabel", "--model", str(tiny_apm_dir), "--data", str(data),
+           "--format", "hh", "--output", str(out), "--chunk-size", "4", "--batch-size", "4", "--limit", "300",
+           "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.stat().st_size > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "relabel finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = out.read_bytes().count(b"\n")
+    assert 0 < partial < 300
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    rows = read_jsonl(out)
+    expected, _ = load_conversations(data, "hh", limit=300)
+    assert [r["id"] for r in rows] == [c.id for c in expected]

@@ -1,0 +1,327 @@
+"""The chat API in-process (FastAPI TestClient) on a tiny random Llama saved as a policy directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from steer.artifacts import save_steer_config
+from steer.attributes import Attribute, AttributeSchema
+from steer.template import PromptTemplate
+from tests.conftest import shared_path
+
+DEMO_SCHEMA = AttributeSchema(
+    name="demo",
+    attributes=(
+        Attribute("helpfulness", 0, 4, 3, "How well the reply serves the user."),
+        Attribute("humor", 0, 4, 0, "How funny the reply is."),
+        Attribute("creativity", 0, 4, 1, "How original the reply is."),
+    ),
+)
+
+
+def build_tiny_policy(directory: Path, max_positions: int = 4096) -> Path:
+    """A policy dir around a random 2-layer Llama using stories260K's tokenizer (vocab 512)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer_dir = shared_path("models", "stories260K")
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(directory / "base", safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    save_steer_config(directory, "policy", DEMO_SCHEMA, PromptTemplate(DEMO_SCHEMA).to_dict(),
+                      base_model="base", adapter=None, name="tiny-steer")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("svc") / "policy")
+
+
+def wait_ready(client, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/health").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"server not ready: {client.get('/health').json()}")
+
+
+def make_client(policy: Path, **overrides):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import ServerSettings
+
+    settings = ServerSettings(policy=str(policy), ui=False, **overrides)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_policy):
+    with make_client(tiny_policy, max_tokens_limit=64, max_prompt_tokens=300) as c:
+        wait_ready(c)
+        yield c
+
+
+HELLO = [{"role": "user", "content": "Tell me a story."}]
+
+
+def sse_events(text: str) -> list:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def test_models_and_attributes(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny-steer"
+    attrs = client.get("/v1/attributes").json()
+    assert [a["name"] for a in attrs["attributes"]] == ["helpfulness", "humor", "creativity"]
+    assert attrs["attributes"][0] == {"name": "helpfulness", "min": 0, "max": 4, "default": 3,
+                                      "description": "How well the reply serves the user."}
+    assert attrs["aliases"] == {"humour": "humor"}
+    assert attrs["score_attributes"] is None
+
+
+def test_completion_shape_and_applied_attributes(client):
+    r = client.post("/v1/chat/completions", json={
+        "model": "tiny-steer", "messages": HELLO, "max_tokens": 12, "seed": 3, "attributes": {"humour": 4},
+    })
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == "tiny-steer"
+    # The alias maps to the canonical name, and every attribute is reported (defaults filled in).
+    assert body["attributes"] == {"helpfulness": 3, "humor": 4, "creativity": 1}
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["completion_tokens"] <= 12 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_prompt_comes_from_the_policy_template(client, tiny_policy):
+    """usage.prompt_tokens is exactly the template's inference prompt for the requested attributes."""
+    from steer.policy import load_policy
+
+    policy = load_policy(tiny_policy)
+    expected = policy.template.tokenize(HELLO, policy.tokenizer, mode="inference", attributes={"humor": 2})
+    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1, "attributes": {"humor": 2}})
+    assert r.json()["usage"]["prompt_tokens"] == len(expected.input_ids)
+
+
+def test_stream_matches_non_stream_with_the_same_seed(client):
+    base = {"messages": HELLO, "max_tokens": 16, "seed": 11, "temperature": 1.0, "attributes": {"creativity": 4}}
+    whole = client.post("/v1/chat/completions", json=base).json()
+    r = client.post("/v1/chat/completions", json={**base, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["attributes"] == whole["attributes"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")]
+    assert finish == [whole["choices"][0]["finish_reason"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_n_choices_and_request_stop_string(client):
+    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 10, "n": 3, "seed": 5})
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    # Each choice samples with its own generator (seed + index), so the choices differ.
+    assert len({c["message"]["content"] for c in body["choices"]}) > 1
+    first = body["choices"][0]["message"]["content"]
+    if len(first) >= 3:
+        # Stopping at a string the reply is known to contain cuts the reply just before it.
+        stop = first[1:3]
+        cut = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 10, "seed": 5, "stop": stop})
+        assert cut.json()["choices"][0]["message"]["content"] == first[:first.find(stop)]
+        assert cut.json()["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    "patch, param",
+    [
+        ({"attributes": {"wit": 3}}, "attributes.wit"),
+        ({"attributes": {"humor": 9}}, "attributes.humor"),
+        ({"attributes": {"humor": "high"}}, "attributes.humor"),
+        ({"attributes": {"humor": 2.5}}, "attributes.humor"),
+        ({"attributes": ["humor"]}, "attributes"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
+        ({"max_tokens": 65}, "max_tokens"),
+        ({"max_tokens": None, "max_completion_tokens": 1000}, "max_completion_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"n": 99}, "n"),
+        ({"seed": -1}, "seed"),
+        ({"stream": "yes please"}, "stream"),
+        ({"score": True}, "score"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field(client, patch, param):
+    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4, **patch})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_bad_json_and_unknown_model(client):
+    r = client.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = client.post("/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"model": "gpt-9", "messages": HELLO})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_metrics_report_requests_tokens_and_latency(client):
+    client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 5})
+    client.post("/v1/chat/completions", json={"messages": [], "max_tokens": 5})
+    text = client.get("/metrics").text
+    assert 'steer_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'steer_requests_total{route="/v1/chat/completions",status="400"}' in text
+    tokens = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("steer_generated_tokens_total")))
+    assert tokens >= 1
+    assert "steer_time_to_first_token_seconds_count" in text and "steer_request_latency_seconds_bucket" in text
+    assert "steer_queue_depth 0.0" in text and "steer_active_rows 0.0" in text
+
+
+def test_body_limit_and_api_keys(tiny_policy):
+    with make_client(tiny_policy, max_body_bytes=2000, api_keys=["sk-one", "sk-two"]) as c:
+        wait_ready(c)
+        assert c.get("/health").status_code == 200  # health stays open for probes
+        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = c.get("/v1/models", headers={"Authorization": "Bearer sk-wrong"})
+        assert r.status_code == 401
+        ok = {"Authorization": "Bearer sk-two"}
+        assert c.get("/v1/models", headers=ok).status_code == 200
+        r = c.post("/v1/chat/completions", headers=ok, json={"messages": [{"role": "user", "content": "x" * 5000}]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_health_and_routes_report_a_policy_that_fails_to_load(tmp_path):
+    broken = tmp_path / "broken"
+    save_steer_config(broken, "policy", DEMO_SCHEMA, base_model="does-not-exist", adapter=None)
+    with make_client(broken) as c:
+        deadline = time.monotonic() + 30
+        while "failed" not in c.get("/health").json()["status"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"].startswith("failed")
+        r = c.post("/v1/chat/completions", json={"messages": HELLO})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+
+
+# ------------------------------------------------------------------ engine
+def _engine(tiny_policy, **kw):
+    from service.engine import Engine
+    from steer.policy import load_policy
+
+    policy = load_policy(tiny_policy)
+    engine = Engine(policy.model, policy.tokenizer, eos_token_ids=[policy.tokenizer.eos_token_id], **kw)
+    return policy, engine
+
+
+class Collector:
+    def __init__(self):
+        import threading
+
+        self.text, self.final, self.done = "", None, threading.Event()
+
+    def __call__(self, event):
+        self.text += event.delta
+        if event.finished:
+            self.final = event
+            self.done.set()
+
+
+def _row(policy, content, seed, max_new=24, temperature=1.0):
+    from service.engine import Row
+    from steer.sampling import SamplingParams
+
+    prompt = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer, mode="inference",
+                                      attributes={"humor": 2})
+    sink = Collector()
+    params = SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed)
+    return Row(prompt_ids=prompt.input_ids, params=params, stops=policy.template.stop_strings, sink=sink), sink
+
+
+def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy):
+    policy, engine = _engine(tiny_policy, max_batch_size=8, max_queue=16)
+    engine.start()
+    try:
+        alone, alone_sink = _row(policy, "Once upon a time", seed=1234)
+        engine.submit([alone])
+        assert alone_sink.done.wait(30)
+        # Same request among others of different lengths, some admitted mid-decode (cache merge).
+        first_wave = [_row(policy, "x " * k + "hello", seed=k) for k in range(3)]
+        engine.submit([r for r, _ in first_wave])
+        time.sleep(0.01)
+        target, target_sink = _row(policy, "Once upon a time", seed=1234)
+        second_wave = [_row(policy, "a much longer prompt " * k, seed=100 + k) for k in range(1, 4)]
+        engine.submit([second_wave[0][0], target, second_wave[1][0]])
+        engine.submit([second_wave[2][0]])
+        for _, sink in first_wave + second_wave + [(target, target_sink)]:
+            assert sink.done.wait(30)
+        assert engine.stats().max_batch_seen > 1
+        assert target_sink.text == alone_sink.text
+        assert target_sink.final.completion_tokens == alone_sink.final.completion_tokens
+    finally:
+        engine.stop()
+
+
+def test_cancel_frees_the_slot(tiny_policy):
+    policy, engine = _engine(tiny_policy, max_batch_size=1, max_queue=0)
+    engine.start()
+    try:
+        from service.engine import QueueFullError
+
+        long_row, sink = _row(policy, "hi", seed=1, max_new=3000, temperature=0)
+        engine.submit([long_row])
+        deadline = time.monotonic() + 10
+        while not sink.text and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert engine.stats().active == 1
+        other, other_sink = _row(policy, "hi", seed=2, max_new=4)
+        with pytest.raises(QueueFullError):
+            engine.submit([other])
+        engine.cancel([long_row])
+        assert sink.done.wait(10) and sink.final.finish_reason == "cancelled"
+        stats = engine.stats()
+        assert stats.active == 0 and stats.cancelled_total == 1
+        engine.submit([other])
+        assert other_sink.done.wait(10) and other_sink.final.finish_reason in ("stop", "length")
+    finally:
+        engine.stop()

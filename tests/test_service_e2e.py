@@ -1,0 +1,196 @@
+"""End to end: a real uvicorn server on 127.0.0.1 driven by the official ``openai`` client and raw
+HTTP (429 on a full server, a disconnecting client freeing its slot), plus schemathesis fuzzing."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.test_service import HELLO, build_tiny_policy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, **settings):
+        import uvicorn
+
+        from service.app import create_app
+        from service.settings import ServerSettings
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(ServerSettings(port=self.port, ui=False, **settings))
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("server did not become healthy")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def engine(self):
+        return self.app.state.server.engine
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return build_tiny_policy(tmp_path_factory.mktemp("e2e") / "policy")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(policy_dir):
+    # Two slots and no waiting room: the third concurrent row is refused with 429.
+    with LiveServer(policy=str(policy_dir), api_keys=["sk-test"], max_batch_size=2, max_queue=0,
+                    max_tokens_limit=4000) as server:
+        yield server
+
+
+def test_openai_client_non_streaming_and_streaming(keyed_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{keyed_server.url}/v1", api_key="sk-test", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny-steer"]
+    completion = client.chat.completions.create(
+        model="tiny-steer", messages=HELLO, max_tokens=12, seed=7, temperature=0.8,
+        extra_body={"attributes": {"helpfulness": 4, "humour": 1, "creativity": 3}},
+    )
+    assert completion.object == "chat.completion"
+    assert completion.model_extra["attributes"] == {"helpfulness": 4, "humor": 1, "creativity": 3}
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens <= 12
+
+    stream = client.chat.completions.create(
+        model="tiny-steer", messages=HELLO, max_tokens=12, seed=7, temperature=0.8, stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"attributes": {"helpfulness": 4, "humour": 1, "creativity": 3}},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == completion.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+
+def test_openai_client_errors(keyed_server):
+    import openai
+
+    bad_key = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key="sk-nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+    client = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key="sk-test", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-steer", messages=HELLO, extra_body={"attributes": {"wit": 2}})
+    assert info.value.body["param"] == "attributes.wit"
+
+
+def _cancelled(server) -> int:
+    return server.engine.stats().cancelled_total
+
+
+def test_full_server_429_and_disconnect_frees_the_slots(keyed_server):
+    headers = {"Authorization": "Bearer sk-test"}
+    long_request = {"messages": HELLO, "max_tokens": 4000, "n": 2, "temperature": 0, "stream": True}
+    before = _cancelled(keyed_server)
+    with httpx.Client(base_url=keyed_server.url, headers=headers, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=long_request) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            # Wait for generated content: both rows now hold the batch's two slots.
+            while True:
+                line = next(lines)
+                if line.startswith("data: ") and '"content":"' in line and '"role"' not in line:
+                    break
+            assert keyed_server.engine.stats().active == 2
+            busy = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+            assert busy.status_code == 429
+            assert busy.headers["Retry-After"] == "1"
+            assert busy.json()["error"]["type"] == "rate_limit_error"
+        # Leaving the block closes the connection mid-stream.
+    deadline = time.monotonic() + 10
+    while keyed_server.engine.stats().active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert keyed_server.engine.stats().active == 0
+    assert _cancelled(keyed_server) == before + 2
+    ok = httpx.post(f"{keyed_server.url}/v1/chat/completions", headers=headers,
+                    json={"messages": HELLO, "max_tokens": 2})
+    assert ok.status_code == 200
+    metrics = httpx.get(f"{keyed_server.url}/metrics").text
+    assert 'steer_requests_total{route="/v1/chat/completions",status="429"} 1.0' in metrics
+    assert f"steer_cancelled_rows {float(before + 2)}" in metrics
+
+
+def test_concurrent_requests_share_the_batch(policy_dir):
+    with LiveServer(policy=str(policy_dir), max_batch_size=8) as server:
+        body = {"messages": HELLO, "max_tokens": 40, "temperature": 0}
+
+        def one(i):
+            return httpx.post(f"{server.url}/v1/chat/completions", json={**body, "seed": i}, timeout=60)
+
+        threads = [threading.Thread(target=lambda i=i: results.append(one(i))) for i in range(6)]
+        results: list = []
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [200] * 6
+        # Greedy: every reply to the same prompt is identical, batched or not.
+        assert len({r.json()["choices"][0]["message"]["content"] for r in results}) == 1
+        assert server.engine.stats().max_batch_seen > 1
+
+
+# ---------------------------------------------------------------- fuzzing
+@pytest.fixture(scope="module")
+def fuzz_server(policy_dir):
+    with LiveServer(policy=str(policy_dir), max_tokens_limit=8, default_max_tokens=4, max_n=2,
+                    max_body_bytes=20_000) as server:
+        yield server
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_requests_never_get_a_5xx(fuzz_server, mode):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation.modes import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+    seen = []
+
+    @given(case=schema.as_strategy(GenerationMode(mode)))
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case):
+        response = case.call(base_url=fuzz_server.url, timeout=30)
+        seen.append((case.method, case.path, response.status_code))
+        assert response.status_code < 500, (
+            f"{case.method} {case.path} body={case.body!r} -> {response.status_code}: {response.text[:300]}"
+        )
+        if response.status_code >= 400 and case.path.startswith("/v1/"):
+            error = json.loads(response.text)["error"]
+            assert error["message"] and error["type"]
+
+    check()
+    assert any(path == "/v1/chat/completions" for _, path, _ in seen)
+    if mode == "negative":
+        assert any(status == 400 for method, path, status in seen if path == "/v1/chat/completions")

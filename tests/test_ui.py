@@ -1,0 +1,335 @@
+"""The Gradio chat UI against the real steer server, in-process on a free port.
+
+The policy is stories260K (a real tiny pretrained Llama) and the APM a random tiny Llama
+classifier: the tests check the plumbing (sliders from the schema, streamed replies, applied and
+measured values, compare), not the quality of either model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from steer.artifacts import save_steer_config
+from steer.attributes import Attribute, AttributeSchema
+from steer.template import PromptTemplate
+from tests.conftest import shared_path
+
+pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'steer[ui]')")
+
+# Five attributes: three up front, two folded away in the accordion. Defaults and descriptions
+# are distinctive so a test can tell they came from the server, not from the UI's code.
+UI_SCHEMA = AttributeSchema(
+    name="ui-test",
+    attributes=(
+        Attribute("quality", 0, 4, 4, "Overall quality of the reply."),
+        Attribute("humor", 0, 4, 1, "How funny the reply is."),
+        Attribute("helpfulness", 0, 4, 3, "How well the reply serves the user."),
+        Attribute("verbosity", 0, 6, 2, "How long-winded the reply is."),
+        Attribute("creativity", 0, 4, 2, "How original the reply is."),
+    ),
+)
+
+
+def build_policy(directory: Path) -> Path:
+    """A policy dir whose base model is stories260K itself (no adapter)."""
+    base = shared_path("models", "stories260K")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, directory / name)
+    save_steer_config(directory, "policy", UI_SCHEMA, PromptTemplate(UI_SCHEMA).to_dict(),
+                      base_model=str(base), adapter=None, name="stories-ui")
+    return directory
+
+
+def build_apm(directory: Path) -> Path:
+    """A random 1-layer Llama regressor over the same schema, saved as an APM directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    base = shared_path("models", "stories260K")
+    torch.manual_seed(0)
+    names = UI_SCHEMA.names
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, num_labels=len(names),
+                         problem_type="regression", id2label=dict(enumerate(names)),
+                         label2id={n: i for i, n in enumerate(names)})
+    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, directory / name)
+    save_steer_config(directory, "apm", UI_SCHEMA, PromptTemplate(UI_SCHEMA).to_dict(), max_length=128,
+                      label_normalization={"mean": [2.0] * len(names), "std": [0.5] * len(names)})
+    return directory
+
+
+class LiveServer:
+    """The steer server app (UI mounted at /ui) served by uvicorn in a thread on 127.0.0.1."""
+
+    def __init__(self, app, health: str = "/health"):
+        import uvicorn
+
+        self.health = health
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}{self.health}", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"the server at {self.url} did not become healthy")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory):
+    """One live server (policy + APM + UI) shared by the UI tests and the browser test."""
+    from service.app import create_app
+    from service.settings import ServerSettings
+
+    root = tmp_path_factory.mktemp("ui")
+    settings = ServerSettings(policy=str(build_policy(root / "policy")), apm=str(build_apm(root / "apm")),
+                              device="cpu", max_batch_size=4, ui=True, ui_path="/ui")
+    with LiveServer(create_app(settings)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gradio_client(ui_server):
+    from gradio_client import Client
+
+    return Client(f"{ui_server.url}/ui/", verbose=False, download_files=False)
+
+
+# --------------------------------------------------------------------------- pure helpers
+def _schema():
+    from ui.client import AttributeSpec, ServerSchema
+
+    specs = tuple(AttributeSpec(a.name, a.min, a.max, a.default, a.description) for a in UI_SCHEMA.attributes)
+    return ServerSchema("ui-test", specs, specs)
+
+
+def test_slider_order_puts_favourites_first_then_schema_order():
+    from ui.app import slider_order
+
+    assert [a.name for a in slider_order(_schema())] == ["helpfulness", "humor", "creativity", "quality", "verbosity"]
+
+
+def test_slider_order_fills_the_front_from_a_schema_without_favourites():
+    from ui.app import slider_order
+    from ui.client import AttributeSpec, ServerSchema
+
+    specs = tuple(AttributeSpec(n, 0, 4, 0) for n in ("correctness", "coherence", "complexity", "verbosity"))
+    assert [a.name for a in slider_order(ServerSchema("hs", specs, None))] == [
+        "correctness", "coherence", "complexity", "verbosity"]
+
+
+def test_attributes_from_slots_maps_by_configured_names_and_ignores_unconfigured():
+    from ui.app import attributes_from_slots
+
+    schema = _schema()
+    assert attributes_from_slots(schema, [4, 2.0, 1, 3, 5]) == {
+        "helpfulness": 4, "humor": 2, "creativity": 1, "quality": 3, "verbosity": 5}
+    # The page configured its sliders in another order: names win over the default order.
+    assert attributes_from_slots(schema, [1, 2], names=["humor", "quality"]) == {"humor": 1, "quality": 2}
+    # The page could not reach the server: hidden sliders must not be sent as values.
+    assert attributes_from_slots(schema, [0, 0, 0], names=[]) == {}
+
+
+def test_conversation_for_server_drops_ui_notes_and_joins_parts():
+    from ui.app import conversation_for_server
+
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": "Well met.", "metadata": None},
+        {"role": "assistant", "content": "| attribute | applied |", "metadata": {"title": "applied: humor 3"}},
+        {"role": "user", "content": "Any rooms?"},
+    ]
+    assert conversation_for_server(history, "  You are an innkeeper. ") == [
+        {"role": "system", "content": "You are an innkeeper."},
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Well met."},
+        {"role": "user", "content": "Any rooms?"},
+    ]
+    assert conversation_for_server(history[:1], "")[0]["role"] == "user"
+
+
+def test_format_steering_shows_applied_and_measured_values():
+    from ui.app import format_steering, slider_order
+    from ui.client import ChatResult
+
+    schema = _schema()
+    result = ChatResult(text="hi", finish_reason="stop", attributes={"humor": 3, "helpfulness": 2},
+                        scores={"humor": 2.345, "helpfulness": 1.0})
+    note = format_steering(slider_order(schema), result, {"humor": 0}, seed=7, can_score=True)
+    assert note["metadata"]["title"] == "applied: helpfulness 2, humor 3 | measured: helpfulness 1.0, humor 2.3"
+    assert "| humor | 3 | 2.35 |" in note["content"] and "seed 7" in note["content"]
+    no_apm = format_steering(slider_order(schema), ChatResult(text="x"), {"humor": 4}, seed=None, can_score=False)
+    assert no_apm["metadata"]["title"] == "applied: humor 4"
+    assert "--apm" in no_apm["content"]
+
+
+def test_ui_config_rejects_bad_urls_and_ports():
+    from ui.cli import UiConfig, UiConfigError
+
+    UiConfig(server="http://gpu:8000").validate()
+    for kwargs, field in [({"server": "gpu:8000"}, "server"), ({"server": "http://gpu:8000/v1"}, "server"),
+                          ({"port": 70000}, "port")]:
+        with pytest.raises(UiConfigError) as err:
+            UiConfig(**kwargs).validate()
+        assert err.value.field == field
+
+
+def test_client_reports_an_unreachable_server_clearly():
+    from ui.client import ServerError, SteerClient
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ServerError, match="cannot reach the steer server"):
+        SteerClient(f"http://127.0.0.1:{port}").schema()
+
+
+def test_merge_streams_interleaves_and_closing_it_closes_every_stream():
+    from ui.app import merge_streams
+    from ui.client import ServerError
+
+    closed = []
+
+    def stream(name, n, fail=False):
+        try:
+            for i in range(n):
+                yield f"{name}{i}"
+            if fail:
+                raise ServerError(f"{name} broke")
+        finally:
+            closed.append(name)
+
+    items = list(merge_streams([stream("a", 3), stream("b", 2, fail=True)]))
+    assert [x for i, x in items if i == 0] == ["a0", "a1", "a2"]
+    assert [str(x) for i, x in items if i == 1] == ["b0", "b1", "b broke"]
+    closed.clear()
+    merged = merge_streams([stream("x", 10**9), stream("y", 10**9)])
+    next(merged)
+    merged.close()  # what Stop does to the compare handler
+    deadline = time.monotonic() + 5
+    while len(closed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(closed) == ["x", "y"]
+
+
+# --------------------------------------------------------------------------- against the server
+def test_client_streams_from_the_real_server(ui_server):
+    from ui.client import ChatResult, ServerError, SteerClient
+
+    client = SteerClient(ui_server.url)
+    schema = client.schema()
+    assert schema.names == UI_SCHEMA.names and schema.can_score
+    events = list(client.stream_chat([{"role": "user", "content": "Once upon a time"}], {"humor": 3},
+                                     temperature=0.0, max_tokens=12, seed=1, score=True))
+    result = events[-1]
+    assert isinstance(result, ChatResult)
+    assert len(events) > 2 and "".join(events[:-1]) == result.text and result.text
+    assert result.attributes["humor"] == 3 and result.attributes["quality"] == 4  # defaults filled by the server
+    assert set(result.scores) == set(UI_SCHEMA.names)
+    with pytest.raises(ServerError, match="humor") as err:
+        list(client.stream_chat([{"role": "user", "content": "hi"}], {"humor": 9}, max_tokens=4))
+    assert err.value.status == 400
+
+
+def test_gradio_api_lists_the_ui_endpoints(gradio_client):
+    endpoints = gradio_client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/send", "/regenerate", "/clear", "/compare", "/configure"} <= set(endpoints)
+
+
+def test_configure_builds_sliders_from_the_server_schema(gradio_client):
+    status, *rest = gradio_client.predict(api_name="/configure")
+    assert "stories-ui" in status and "ui-test" in status and "APM loaded" in status
+
+
+def test_send_streams_a_reply_with_the_applied_and_measured_values(gradio_client):
+    # Slots follow slider_order: helpfulness, humor, creativity, quality, verbosity.
+    slots = [2, 4, 0, 3, 5] + [0] * 11
+    job = gradio_client.submit("Hello, innkeeper!", [], "You are an innkeeper.", 0.0, 16, "5", "", *slots,
+                               api_name="/send")
+    outputs = job.outputs()
+    history, textbox = job.result(timeout=60)
+    assert textbox == ""
+    # Streaming: the chatbot was sent more than once before the final value.
+    assert len(outputs) >= 3
+    user, reply, note = history
+    assert user["role"] == "user" and "Hello, innkeeper!" in str(user["content"])
+    reply_text = str(reply["content"])
+    assert reply["role"] == "assistant" and reply_text.strip()
+    title = note["metadata"]["title"]
+    assert title.startswith("applied: helpfulness 2, humor 4, creativity 0, quality 3, verbosity 5 | measured: ")
+    assert "seed 5" in str(note["content"])
+
+    # Same settings and seed: the regenerated reply is the same text (greedy anyway).
+    regenerated = gradio_client.predict(history, "You are an innkeeper.", 0.0, 16, "5", "", *slots,
+                                        api_name="/regenerate")
+    assert len(regenerated) == 3 and str(regenerated[1]["content"]) == reply_text
+
+    # A second turn goes out with the first reply but without the UI's note.
+    history2, _ = gradio_client.predict("And a hot meal?", history, "", 0.0, 8, "5", "", *slots, api_name="/send")
+    assert [m["role"] for m in history2] == ["user", "assistant", "assistant", "user", "assistant", "assistant"]
+    assert history2[:3] == history and history2[5]["metadata"]["title"].startswith("applied: ")
+
+
+def test_send_with_a_bad_value_shows_the_server_error(ui_server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    # A fresh session, whose sliders were never configured: the server judges the value.
+    client = Client(f"{ui_server.url}/ui/", verbose=False, download_files=False)
+    slots = [2, 9] + [0] * 14  # humor 9 is outside 0-4
+    with pytest.raises(AppError, match="humor"):
+        client.predict("hi", [], "", 0.0, 4, "", "", *slots, api_name="/send")
+    with pytest.raises(AppError, match="seed"):
+        client.predict("hi", [], "", 0.0, 4, "lucky", "", *([0] * 16), api_name="/send")
+    with pytest.raises(AppError, match="nothing to regenerate"):
+        client.predict([], "", 0.0, 4, "", "", *([0] * 16), api_name="/regenerate")
+
+
+def test_compare_answers_one_message_at_two_settings(gradio_client):
+    a = [3, 0, 2, 4, 2] + [0] * 11
+    b = [3, 4, 2, 4, 2] + [0] * 11
+    left, right = gradio_client.predict("Tell me about the town.", "", 0.0, 12, "11", "", *a, *b,
+                                        api_name="/compare")
+    assert "applied: helpfulness 3, humor 0," in left and "applied: helpfulness 3, humor 4," in right
+    assert "measured:" in left and "measured:" in right and "seed 11" in left
+
+
+def test_standalone_ui_talks_to_a_remote_server(ui_server):
+    """``steer ui --server URL``: the UI alone at /, its handlers calling the given server."""
+    from gradio_client import Client
+
+    from ui.cli import UiConfig, build_app
+
+    with LiveServer(build_app(UiConfig(server=ui_server.url, port=7860)), health="/") as ui:
+        client = Client(f"{ui.url}/", verbose=False, download_files=False)
+        status = client.predict(api_name="/configure")[0]
+        assert f"`{ui_server.url}`" in status and "ui-test" in status
+        history, _ = client.predict("Hi!", [], "", 0.0, 6, "3", "", *([3, 2, 1, 4, 2] + [0] * 11), api_name="/send")
+        assert history[-1]["metadata"]["title"].startswith("applied: helpfulness 3, humor 2, creativity 1")

@@ -1,0 +1,295 @@
+"""``steer relabel``: annotate every assistant turn of a dataset with an APM's attribute values.
+
+Output is steer's native conversation JSONL (or Parquet), one row per input conversation, in
+input order. Each assistant message gains ``labels`` (rounded and clipped to the schema),
+``predictions`` (the raw floats) and ``label_string``; each row carries ``provenance``.
+
+Resuming: rows are written in chunks, each flushed and fsynced before the next starts, and
+the output itself is the record of progress: on restart, complete rows are counted (a torn
+last line is cut off) and that many input rows are skipped. A run killed at any moment and
+restarted with the same command therefore ends with every input row exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from steer.artifacts import load_steer_config
+from steer.conversation import Conversation
+from steer.data import load_conversations
+from steer.errors import SteerError
+
+logger = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".relabel.json"
+
+
+class RelabelError(SteerError, ValueError):
+    pass
+
+
+@dataclass
+class RelabelConfig:
+    model: str = field(metadata={"help": "APM directory (written by `steer apm train`)."})
+    data: str = field(metadata={"help": "Dataset to relabel: a JSONL/CSV/Parquet file or a hub dataset id."})
+    output: str = field(metadata={"help": "Output file: .jsonl or .parquet (loadable with `datasets`)."})
+    format: str = field(
+        default="jsonl", metadata={"help": "Input format: oasst, helpsteer, hh, steer, jsonl, csv, parquet, hub."}
+    )
+    columns: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Column mapping for table formats, repeated: --columns prompt=instruction."},
+    )
+    split: str = field(default="train", metadata={"help": "Split to read when --data is a hub dataset."})
+    keep_human_labels: bool = field(
+        default=False,
+        metadata={"help": "Where the source has a human label for an attribute, keep it instead of the APM's."},
+    )
+    batch_size: int = field(default=64, metadata={"help": "APM batch size (batches are sorted by length)."})
+    chunk_size: int = field(
+        default=512, metadata={"help": "Conversations per durable write; a crash loses at most one chunk of work."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Relabel only the first N conversations."})
+    strict: bool = field(default=False, metadata={"help": "Stop at the first malformed input row."})
+    overwrite: bool = field(default=False, metadata={"help": "Start over even if a partial output exists."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available)."})
+
+
+# ---------------------------------------------------------------------- output
+class _JsonlSink:
+    """Append-only JSONL whose complete lines are the durable progress record."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def count_and_repair(self) -> int:
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            cut = data.rfind(b"\n") + 1  # a line without its newline was torn by the crash
+            if cut != len(data):
+                f.truncate(cut)
+        return data[:cut].count(b"\n")
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _ParquetSink:
+    """Parquet cannot be appended to safely, so chunks go to numbered part files (each written
+    to a temporary name and renamed, hence all-or-nothing) and are joined at the end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.parts = path.with_name(path.name + ".parts")
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts.glob("part-*.parquet")) if self.parts.is_dir() else []
+
+    def count_and_repair(self) -> int:
+        import pyarrow.parquet as pq
+
+        for tmp in self.parts.glob("*.tmp") if self.parts.is_dir() else []:
+            tmp.unlink()
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in self._part_files())
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.parts.mkdir(parents=True, exist_ok=True)
+        final = self.parts / f"part-{len(self._part_files()):06d}.parquet"
+        tmp = final.with_suffix(".tmp")
+        # Nested values are stored as JSON text so every part has the same Arrow schema.
+        pq.write_table(pa.Table.from_pylist([_flatten_for_parquet(r) for r in rows]), tmp)
+        tmp.replace(final)
+
+    def finish(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts = self._part_files()
+        tables = [pq.read_table(p) for p in parts]
+        if tables:
+            tmp = self.path.with_suffix(".tmp")
+            pq.write_table(pa.concat_tables(tables), tmp)
+            tmp.replace(self.path)
+        for p in parts:
+            p.unlink()
+        if self.parts.is_dir():
+            self.parts.rmdir()
+
+    def reset(self) -> None:
+        for p in self._part_files():
+            p.unlink()
+        self.path.unlink(missing_ok=True)
+
+
+def _flatten_for_parquet(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v) for k, v in row.items()}
+
+
+def _sink(path: Path):
+    if path.suffix == ".jsonl":
+        return _JsonlSink(path)
+    if path.suffix == ".parquet":
+        return _ParquetSink(path)
+    raise RelabelError(f"--output must end in .jsonl or .parquet, got {path.name!r}", field="output")
+
+
+# ----------------------------------------------------------------------- logic
+def _fingerprint(config: RelabelConfig) -> dict[str, Any]:
+    """What must match for a partial output to be continued rather than started over."""
+    return {
+        "model": str(Path(config.model).resolve()),
+        "data": str(Path(config.data).resolve()) if Path(config.data).exists() else config.data,
+        "format": config.format,
+        "columns": list(config.columns),
+        "split": config.split,
+        "keep_human_labels": config.keep_human_labels,
+        "limit": config.limit,
+    }
+
+
+def _chunks(items: Sequence[Conversation], size: int) -> Iterator[Sequence[Conversation]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def annotate(
+    conversations: Sequence[Conversation],
+    predictor,
+    keep_human_labels: bool = False,
+    batch_size: int = 64,
+    cache: dict[str, list[float]] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Score every assistant turn of ``conversations`` in one length-sorted pass and return the
+    output rows. ``cache`` (message id -> predictions) avoids re-scoring a reply that several
+    conversations share, as OpenAssistant's tree paths do."""
+    schema = predictor.schema
+    cache = {} if cache is None else cache
+    wanted: list[tuple[int, int]] = []
+    items, item_keys, queued = [], [], set()
+    for ci, conv in enumerate(conversations):
+        for mi in conv.assistant_indices():
+            wanted.append((ci, mi))
+            mid = conv.messages[mi].id
+            if mid is not None and (mid in cache or mid in queued):
+                continue
+            queued.add(mid)
+            items.append(conv.messages[: mi + 1])
+            item_keys.append(mid if mid is not None else f"#{ci}:{mi}")
+    if items:
+        preds = predictor.predict(items, batch_size=batch_size)
+        for key, row in zip(item_keys, preds):
+            cache[key] = [float(x) for x in row]
+
+    rows = [conv.to_dict() for conv in conversations]
+    for ci, mi in wanted:
+        msg = conversations[ci].messages[mi]
+        key = msg.id if msg.id is not None else f"#{ci}:{mi}"
+        predictions = dict(zip(schema.names, cache[key]))
+        labels = schema.round_and_clip(predictions)
+        out = rows[ci]["messages"][mi]
+        if keep_human_labels and msg.labels:
+            human = {schema.canonical_name(k): v for k, v in msg.labels.items() if k in schema}
+            labels.update(human)
+            out["human_labels"] = human
+        else:
+            out.pop("scores", None)  # the source's scores are not the labels being written
+        out["labels"] = labels
+        out["predictions"] = {k: round(v, 4) for k, v in predictions.items()}
+        out["label_string"] = schema.format_labels(labels)
+        if msg.id is None:
+            cache.pop(key, None)
+    for row in rows:
+        last = next((m for m in reversed(row["messages"]) if m["role"] == "assistant"), None)
+        row["label_string"] = last["label_string"] if last else ""
+        row["predictions"] = last["predictions"] if last else {}
+        row["provenance"] = provenance or {}
+    return rows
+
+
+def main(config: RelabelConfig) -> int:
+    from steer.apm import AttributePredictor
+
+    if config.chunk_size < 1 or config.batch_size < 1:
+        raise RelabelError("--chunk-size and --batch-size must be positive", field="chunk_size")
+    output = Path(config.output)
+    sink = _sink(output)
+    sidecar = output.with_name(output.name + SIDECAR_SUFFIX)
+    fingerprint = _fingerprint(config)
+    if output.parent and not output.parent.exists():
+        output.parent.mkdir(parents=True, exist_ok=True)
+
+    state = json.loads(sidecar.read_text()) if sidecar.exists() else None
+    if state is not None and not config.overwrite:
+        if state.get("fingerprint") != fingerprint:
+            raise RelabelError(
+                f"{output} holds output of a different relabel run ({sidecar.name} differs); "
+                "use another --output or pass --overwrite",
+                field="output",
+            )
+        if state.get("complete"):
+            logger.info("%s is already complete (%d rows); nothing to do", output, state.get("rows", 0))
+            return 0
+    if config.overwrite or state is None:
+        sink.reset()
+
+    # Read the data before loading the model, so bad input fails in a second, not after a load.
+    _, schema = load_steer_config(config.model, kind="apm")
+    conversations, report = load_conversations(
+        config.data, config.format, schema=schema, columns=config.columns or None,
+        strict=config.strict, split=config.split, limit=config.limit,
+    )
+    if not conversations:
+        raise RelabelError(f"no conversations could be read from {config.data}", field="data")
+    predictor = AttributePredictor.load(config.model, device=config.device)
+
+    provenance = {
+        "apm": fingerprint["model"],
+        "schema": predictor.schema.name,
+        "attributes": predictor.schema.names,
+        "source": fingerprint["data"],
+    }
+    state = {"fingerprint": fingerprint, "schema": predictor.schema.to_dict(), "provenance": provenance,
+             "complete": False, "rows": 0}
+    sidecar.write_text(json.dumps(state, indent=2))
+
+    done = sink.count_and_repair()
+    if done > len(conversations):
+        raise RelabelError(f"{output} has more rows ({done}) than the input ({len(conversations)})", field="output")
+    if done:
+        logger.info("resuming: %d of %d conversations already relabeled", done, len(conversations))
+    remaining = conversations[done:]
+    cache: dict[str, list[float]] = {}
+    with tqdm(total=len(conversations), initial=done, desc="relabel", unit="conv") as bar:
+        for chunk in _chunks(remaining, config.chunk_size):
+            rows = annotate(chunk, predictor, config.keep_human_labels, config.batch_size, cache, provenance)
+            sink.write(rows)
+            bar.update(len(chunk))
+    sink.finish()
+    state.update(complete=True, rows=len(conversations), skipped_input_rows=len(report.bad))
+    sidecar.write_text(json.dumps(state, indent=2))
+    logger.info("wrote %d relabeled conversations to %s", len(conversations), output)
+    return 0

@@ -1,0 +1,448 @@
+"""Attribute-conditioned supervised fine-tuning (``steer sft``): LoRA on any causal LM.
+
+Every assistant turn is rendered by :class:`steer.template.PromptTemplate` with its own labels
+in front of it (``<extra_id_2>helpfulness:3,humor:4,...``), and the loss covers only what the
+template marks trainable: the replies and the marker that ends them. The model thereby learns
+to write a reply *with* the attribute values it is given, which is what makes it steerable.
+
+Built on ``transformers.Trainer`` so ``accelerate launch -m steer.cli sft ...`` (or
+``accelerate launch $(which steer) sft ...``) scales it to several GPUs, with real epochs,
+an eval split that never shares a conversation group with training, step checkpoints and
+``--resume`` after a crash. Batches are grouped by length so almost every token is real.
+
+The output directory is a policy directory as :mod:`steer.policy` documents it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steer.artifacts import load_steer_config, save_steer_config
+from steer.attributes import AttributeSchema, get_schema
+from steer.conversation import Conversation
+from steer.data import DataError, grouped_split, load_conversations
+from steer.errors import SteerError
+from steer.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+# Attention and MLP projections of the common decoder families (llama, mistral, qwen2/3,
+# gemma, phi3 use the first seven; gpt2 the Conv1D trio; gpt-neox/falcon the rest).
+PREFERRED_TARGETS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "c_attn", "c_proj", "c_fc",
+    "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "qkv_proj", "gate_up_proj",
+)
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "sft_metrics.json"
+
+
+class SftError(SteerError, ValueError):
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class SftConfig:
+    base_model: str = field(default=None, metadata={"help": "Base causal LM: a hub id or a local directory."})
+    data: str = field(default=None, metadata={"help": "Training conversations (what `steer relabel` writes)."})
+    output: str = field(default=None, metadata={"help": "Policy directory to write (adapter, tokenizer, config)."})
+    format: str = field(default="steer", metadata={"help": "Data format (steer, oasst, helpsteer, table, ...)."})
+    schema: str | None = field(
+        default=None,
+        metadata={"help": "Attribute schema: a built-in name, a YAML/JSON file or a steer artifact directory "
+                  "(e.g. the APM). Default: the attributes the data's labels use."},
+    )
+    template: str = field(
+        default="steerlm", metadata={"help": "Prompt format: steerlm, or chat_template (the tokenizer's own)."}
+    )
+    default_system: str = field(default="", metadata={"help": "System prompt used when a conversation has none."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    target_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Module names to adapt (repeatable). Default: attention + MLP projections of the "
+                  "architecture, else every Linear layer except the output head."},
+    )
+    epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use epochs)."})
+    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps spent warming up the LR."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per device per step."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    max_length: int = field(default=1024, metadata={"help": "Longer examples are truncated to this many tokens."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Share of conversation groups held out for eval loss."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
+    save_steps: int = field(default=100, metadata={"help": "Write a resumable checkpoint every N steps."})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "Batch examples of similar length together (little padding)."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Use at most this many conversations."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit (CUDA + bitsandbytes)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    dtype: str = field(default="auto", metadata={"help": "Base weights dtype: auto, float32, bfloat16, float16."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in OUTPUT/checkpoints."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT/checkpoints after training ends."})
+    merge: bool = field(default=False, metadata={"help": "Also write base + adapter merged into OUTPUT/merged."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    seed: int = field(default=0, metadata={"help": "Seed for the split, LoRA init and data order."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+
+# --------------------------------------------------------------------- data
+@dataclass
+class SftExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def resolve_schema(spec: str | None, conversations: Sequence[Conversation] = ()) -> AttributeSchema:
+    """The schema to condition on: named, read from a file or artifact dir, or inferred from the labels."""
+    if spec:
+        path = Path(spec)
+        if path.is_dir():
+            return load_steer_config(path)[1]
+        return get_schema(spec)
+    used = {name for conv in conversations for m in conv.messages for name in m.labels}
+    if not used:
+        raise SftError("the data carries no attribute labels; relabel it first (steer relabel) or pass --schema",
+                       "schema")
+    union = _all_builtin_schema()
+    return AttributeSchema(
+        name="inferred", attributes=tuple(a for a in union.attributes if a.name in used), aliases=union.aliases
+    )
+
+
+def _all_builtin_schema() -> AttributeSchema:
+    from steer.attributes import BUILTIN_SCHEMAS
+
+    seen: dict[str, Any] = {}
+    for schema in BUILTIN_SCHEMAS.values():
+        for attr in schema.attributes:
+            seen.setdefault(attr.name, attr)
+    return AttributeSchema(name="all", attributes=tuple(seen.values()))
+
+
+def load_sft_conversations(config: SftConfig) -> tuple[list[Conversation], AttributeSchema]:
+    explicit = resolve_schema(config.schema) if config.schema else None
+    if not Path(config.data).exists() and config.format not in ("hub",):
+        raise SftError(f"training data {config.data!r} does not exist", "data")
+    convs, _ = load_conversations(config.data, config.format, schema=explicit or _all_builtin_schema(),
+                                  limit=config.limit)
+    if not convs:
+        raise SftError(f"no usable conversations in {config.data!r}", "data")
+    schema = explicit or resolve_schema(None, convs)
+    unlabeled = sum(1 for c in convs for m in c.messages if m.role == "assistant" and not m.labels)
+    if unlabeled:
+        logger.warning("%d assistant turns carry no labels; they are conditioned on the schema defaults", unlabeled)
+    return convs, schema
+
+
+def tokenize_conversations(
+    conversations: Sequence[Conversation], template: PromptTemplate, tokenizer, max_length: int
+) -> list[SftExample]:
+    """Template tokens and loss labels per conversation; truncated, and dropped if nothing is left to learn."""
+    out = []
+    truncated = 0
+    for conv in conversations:
+        tok = template.tokenize(conv.messages, tokenizer, mode="train")
+        ids, labels = tok.input_ids, tok.labels
+        if len(ids) > max_length:
+            truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        # The model predicts token t from tokens < t, so a trainable first token teaches nothing.
+        if sum(1 for x in labels[1:] if x != IGNORE_INDEX) == 0:
+            continue
+        out.append(SftExample(ids, labels))
+    if truncated:
+        logger.warning("%d conversations were longer than --max-length %d and were truncated", truncated, max_length)
+    return out
+
+
+class SftDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: Sequence[SftExample]):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        ex = self.examples[i]
+        return {"input_ids": ex.input_ids, "labels": ex.labels}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ex.input_ids) for ex in self.examples]
+
+
+@dataclass
+class SftCollator:
+    """Right-pads a batch; padding gets attention 0 and label -100, prompt tokens keep the
+    template's -100, so the loss only sees reply tokens."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        n = len(features)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            input_ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            attention_mask[i, :k] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# -------------------------------------------------------------------- model
+def default_target_modules(model) -> list[str]:
+    """Attention + MLP projections where the architecture has the usual names, else every
+    Linear/Conv1D layer except the output head (adapting the vocab projection is costly and
+    rarely helps)."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
+            names.add(full_name.rsplit(".", 1)[-1])
+    # bitsandbytes 4-bit layers subclass nn.Linear, so the scan also works for QLoRA.
+    preferred = [n for n in PREFERRED_TARGETS if n in names]
+    chosen = preferred or sorted(names)
+    if not chosen:
+        raise SftError("found no Linear layers to adapt; pass --target-modules", "target_modules")
+    return chosen
+
+
+def build_template(config: SftConfig, schema: AttributeSchema, tokenizer) -> PromptTemplate:
+    if config.template == "steerlm":
+        return PromptTemplate(schema, default_system=config.default_system)
+    if config.template == "chat_template":
+        try:
+            return ChatTemplatePrompt(schema, tokenizer, default_system=config.default_system)
+        except ValueError as e:
+            raise SftError(str(e), "template") from None
+    raise SftError(f"unknown template {config.template!r}; use steerlm or chat_template", "template")
+
+
+def load_model_for_training(config: SftConfig):
+    from peft import LoraConfig, get_peft_model
+
+    from steer.modeling import load_causal_lm
+
+    if config.load_in_4bit:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        model = load_causal_lm(config.base_model, device=f"cuda:{local_rank}", load_in_4bit=True,
+                               trust_remote_code=config.trust_remote_code)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    else:
+        # Loaded on the CPU; the Trainer moves it to its (per-process) device.
+        dtype = config.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+        model = load_causal_lm(config.base_model, device="cpu", dtype=dtype,
+                               trust_remote_code=config.trust_remote_code)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+    targets = list(config.target_modules) or default_target_modules(model)
+    logger.info("LoRA r=%d alpha=%d on %s", config.lora_r, config.lora_alpha, ", ".join(targets))
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise SftError(f"cannot apply LoRA: {e}", "target_modules") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return model
+
+
+# ------------------------------------------------------------------ trainer
+def latest_checkpoint(output: Path) -> Path | None:
+    root = output / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    ckpts = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def training_arguments(config: SftConfig, output: Path, has_eval: bool, steps_per_epoch: int):
+    from transformers import TrainingArguments
+
+    total = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
+    eval_every = config.eval_steps or None
+    return TrainingArguments(
+        output_dir=str(output / CHECKPOINT_DIR),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.lr,
+        warmup_steps=int(config.warmup_ratio * total),
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="cosine",
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        eval_strategy=("steps" if eval_every else "epoch") if has_eval else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        logging_steps=config.logging_steps,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=config.num_workers,
+        seed=config.seed,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,  # enabled on the model itself (QLoRA needs it set up first)
+        disable_tqdm=False,
+    )
+
+
+def validate_config(config: SftConfig) -> None:
+    for name in ("base_model", "data", "output"):
+        if not getattr(config, name):
+            raise SftError(f"--{name.replace('_', '-')} is required", name)
+    if config.load_in_4bit:
+        from steer.modeling import check_4bit_available
+
+        check_4bit_available()
+    if config.lora_r < 1:
+        raise SftError("--lora-r must be at least 1", "lora_r")
+    if config.batch_size < 1 or config.grad_accum < 1:
+        raise SftError("--batch-size and --grad-accum must be at least 1", "batch_size")
+    if not 0.0 <= config.eval_fraction < 1.0:
+        raise SftError("--eval-fraction must be in [0, 1)", "eval_fraction")
+    if config.max_length < 8:
+        raise SftError("--max-length must be at least 8", "max_length")
+    if config.epochs <= 0 and config.max_steps <= 0:
+        raise SftError("--epochs must be positive (or set --max-steps)", "epochs")
+
+
+def stored_base_model(base_model: str, output: Path) -> str:
+    """Hub ids stay as given; local paths become relative to the policy dir when inside it,
+    absolute otherwise, so the policy loads from any working directory."""
+    path = Path(base_model)
+    if not path.exists():
+        return base_model
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(output.resolve()))
+    except ValueError:
+        return str(resolved)
+
+
+def main(config: SftConfig) -> dict[str, Any]:
+    validate_config(config)
+    from transformers import Trainer, set_seed
+
+    from steer.modeling import load_tokenizer
+
+    output = Path(config.output)
+    resume_from = latest_checkpoint(output) if config.resume else None
+    if not config.resume and latest_checkpoint(output) is not None:
+        raise SftError(f"{output} holds checkpoints of an unfinished run; pass --resume to continue it "
+                       "or choose another --output", "output")
+    set_seed(config.seed)
+
+    convs, schema = load_sft_conversations(config)
+    tokenizer = load_tokenizer(config.base_model, trust_remote_code=config.trust_remote_code)
+    tokenizer.padding_side = "right"
+    template = build_template(config, schema, tokenizer)
+    train_convs, eval_convs = grouped_split(convs, config.eval_fraction, seed=config.seed)
+    train_set = SftDataset(tokenize_conversations(train_convs, template, tokenizer, config.max_length))
+    eval_set = SftDataset(tokenize_conversations(eval_convs, template, tokenizer, config.max_length))
+    if len(train_set) == 0:
+        raise SftError("no training examples left after tokenization (are there assistant turns?)", "data")
+    logger.info("SFT on %d conversations (%d eval), schema %s: %s", len(train_set), len(eval_set),
+                schema.name, ", ".join(schema.names))
+
+    model = load_model_for_training(config)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum * world))
+    args = training_arguments(config, output, has_eval=len(eval_set) > 0, steps_per_epoch=steps_per_epoch)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set if len(eval_set) else None,
+        data_collator=SftCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    metrics: dict[str, Any] = {"train_examples": len(train_set), "eval_examples": len(eval_set)}
+    if len(eval_set) and resume_from is None:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        logger.info("eval loss before training: %.4f", metrics["eval_loss_before"])
+    if resume_from is not None:
+        logger.info("resuming from %s", resume_from)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics["train_seconds"] = round(time.perf_counter() - start, 2)
+    metrics["train_loss"] = result.training_loss
+    metrics["global_step"] = result.global_step
+    if len(eval_set):
+        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+        logger.info("eval loss after training: %.4f", metrics["eval_loss_after"])
+
+    if trainer.is_world_process_zero():
+        save_policy(trainer.model, tokenizer, template, schema, config, output, metrics)
+    return metrics
+
+
+def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSchema, config: SftConfig,
+                output: Path, metrics: dict[str, Any]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output))
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(str(output))
+    merged = None
+    if config.merge:
+        merged = "merged"
+        merge_adapter(config, output, output / merged, tokenizer)
+    base = stored_base_model(config.base_model, output)
+    save_steer_config(output, "policy", schema, template.to_dict(), base_model=base, adapter=".", merged=merged)
+    (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if not config.keep_checkpoints:
+        shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
+    logger.info("policy written to %s", output)
+
+
+def merge_adapter(config: SftConfig, adapter_dir: Path, target: Path, tokenizer) -> None:
+    """Fold the adapter into a full-precision copy of the base (never into 4-bit weights)."""
+    from peft import PeftModel
+
+    from steer.modeling import load_causal_lm
+
+    dtype = "float32" if config.dtype == "auto" and not torch.cuda.is_available() else config.dtype
+    base = load_causal_lm(config.base_model, device="cpu", dtype=dtype if dtype != "auto" else "bfloat16",
+                          trust_remote_code=config.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(target))  # safetensors is the default serialization
+    tokenizer.save_pretrained(str(target))
