@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steer.errors import SteerError
-from steer.sampling import SamplingParams, find_stop, sample_next_tokens, streamable_length
+from steer.sampling import SamplingParams, filter_top_p, find_stop, streamable_length
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,28 @@ class Row:
     def num_cached(self) -> int:
         # The last generated token is pending: sampled but not yet fed through the model.
         return len(self.prompt_ids) + max(0, len(self.generated) - 1)
+
+
+def sample_batch(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """``steer.sampling.sample_next_tokens`` for a whole batch at once: rows that share temperature and
+    top_p get one softmax and one top-p filter, then each row still draws once from its own generator,
+    so a seeded row's tokens do not depend on the batch. Per-row work was a third of a decode step."""
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    logits = logits.float()
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((float(p.temperature), float(p.top_p)), []).append(i)
+    for (temperature, top_p), rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        if temperature == 0:
+            out[index] = torch.argmax(logits[index], dim=-1)
+            continue
+        probs = filter_top_p(torch.softmax(logits[index] / temperature, dim=-1), top_p)
+        for j, i in enumerate(rows):
+            out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    return out
 
 
 @dataclass
@@ -275,7 +297,7 @@ class Engine:
             _, self._cache, self._mask = self._prefill(
                 [r.prompt_ids + r.generated[:-1] for r in self._running] + [r.prompt_ids for r in rows]
             )
-        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        tokens = sample_batch(logits, [r.params for r in rows], [r.generator for r in rows])
         self._running.extend(rows)
         self._max_batch_seen = max(self._max_batch_seen, len(self._running))
         self._accept(rows, tokens.tolist())
@@ -323,7 +345,7 @@ class Engine:
         logits, self._cache = self._forward(pending, mask, positions, self._cache)
         self._mask = mask
         self._steps_total += 1
-        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        tokens = sample_batch(logits, [r.params for r in rows], [r.generator for r in rows])
         self._accept(rows, tokens.tolist())
 
     # -------------------------------------------------------------- output

@@ -30,7 +30,7 @@ from steer.template import PromptTemplate, build_template
 logger = logging.getLogger(__name__)
 
 APM_KIND = "apm"
-DEFAULT_MAX_LENGTH = 256
+DEFAULT_MAX_LENGTH = 128
 # However long the reply, keep this many context tokens (the question it answers) when the
 # context has them: a reply scored with no idea of what was asked is scored blind.
 MIN_CONTEXT_TOKENS = 48

@@ -49,7 +49,7 @@ class DemoConfig:
     quick: bool = field(default=False, metadata={"help": "Tiny settings (a smoke test, not a steerable model)."})
     fresh: bool = field(default=False, metadata={"help": "Delete WORKDIR first and run every stage again."})
     limit: int | None = field(default=None, metadata={"help": "Use at most this many unrated conversations (relabel, SFT)."})
-    apm_limit: int | None = field(default=1000, metadata={"help": "Train the APM on at most this many rated conversations."})
+    apm_limit: int | None = field(default=600, metadata={"help": "Train the APM on at most this many rated conversations."})
     apm_epochs: float = field(default=2.0, metadata={"help": "APM training epochs."})
     apm_max_length: int = field(default=128, metadata={"help": "APM tokens per item."})
     vocab_size: int = field(default=1024, metadata={"help": "Vocabulary of the demo's own tokenizer."})
@@ -68,8 +68,9 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.limit = self.limit or 160
-            self.apm_limit = min(self.apm_limit or 160, 160)
+            self.limit = self.limit or 64
+            self.apm_limit = min(self.apm_limit or 64, 64)
+            self.apm_max_length = min(self.apm_max_length, 64)
             self.apm_epochs = min(self.apm_epochs, 1.0)
             self.pretrain_epochs = min(self.pretrain_epochs, 1.0)
             self.sft_epochs = min(self.sft_epochs, 1.0)

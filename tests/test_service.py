@@ -48,6 +48,17 @@ def tiny_policy(tmp_path_factory) -> Path:
     return build_tiny_policy(tmp_path_factory.mktemp("svc") / "policy")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The servers here run with threads=1 (a tiny model on a shared CPU decodes fastest on one
+    thread); torch's thread count is process-wide, so put it back for the rest of the suite."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def wait_ready(client, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -63,7 +74,7 @@ def make_client(policy: Path, **overrides):
     from service.app import create_app
     from service.settings import ServerSettings
 
-    settings = ServerSettings(policy=str(policy), ui=False, **overrides)
+    settings = ServerSettings(policy=str(policy), ui=False, **{"threads": 1, **overrides})
     return TestClient(create_app(settings))
 
 
@@ -246,9 +257,12 @@ def test_health_and_routes_report_a_policy_that_fails_to_load(tmp_path):
 
 # ------------------------------------------------------------------ engine
 def _engine(tiny_policy, **kw):
+    import torch
+
     from service.engine import Engine
     from steer.policy import load_policy
 
+    torch.set_num_threads(1)  # as the servers here; the module fixture restores it
     policy = load_policy(tiny_policy)
     engine = Engine(policy.model, policy.tokenizer, eos_token_ids=[policy.tokenizer.eos_token_id], **kw)
     return policy, engine
@@ -278,8 +292,11 @@ def _row(policy, content, seed, max_new=24, temperature=1.0):
     return Row(prompt_ids=prompt.input_ids, params=params, stops=policy.template.stop_strings, sink=sink), sink
 
 
-def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy):
+@pytest.mark.parametrize("merge_caches", [True, False], ids=["merge-kv-cache", "re-prefill"])
+def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy, merge_caches):
     policy, engine = _engine(tiny_policy, max_batch_size=8, max_queue=16)
+    if not merge_caches:
+        engine._mergeable = False  # the path models with sliding-window caches take
     engine.start()
     try:
         alone, alone_sink = _row(policy, "Once upon a time", seed=1234)
@@ -325,3 +342,94 @@ def test_cancel_frees_the_slot(tiny_policy):
         assert other_sink.done.wait(10) and other_sink.final.finish_reason in ("stop", "length")
     finally:
         engine.stop()
+
+
+# ---------------------------------------------------------------- scoring
+def build_tiny_apm(directory: Path) -> Path:
+    """An (untrained) APM artifact: a random 2-layer Llama regression head over the demo schema."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer_dir = shared_path("models", "stories260K")
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         num_labels=len(DEMO_SCHEMA), problem_type="regression")
+    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    save_steer_config(directory, "apm", DEMO_SCHEMA, PromptTemplate(DEMO_SCHEMA).to_dict(), max_length=256,
+                      label_normalization={"mean": [2.0, 1.0, 1.5], "std": [1.0, 0.5, 0.8]})
+    return directory
+
+
+def test_score_returns_the_apm_measurement_of_each_reply(tiny_policy, tmp_path):
+    from steer.apm import AttributePredictor
+
+    apm_dir = build_tiny_apm(tmp_path / "apm")
+    with make_client(tiny_policy, apm=str(apm_dir)) as c:
+        wait_ready(c)
+        assert [a["name"] for a in c.get("/v1/attributes").json()["score_attributes"]] == DEMO_SCHEMA.names
+        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 8, "n": 2, "seed": 4,
+                                                 "score": True})
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        apm = AttributePredictor.load(apm_dir)
+        for choice in choices:
+            expected = apm.predict([HELLO + [{"role": "assistant", "content": choice["message"]["content"]}]])[0]
+            assert list(choice["scores"]) == DEMO_SCHEMA.names
+            assert list(choice["scores"].values()) == pytest.approx(expected.tolist(), abs=1e-3)
+        stream = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 8, "seed": 4, "score": True,
+                                                      "stream": True})
+        finals = [e for e in sse_events(stream.text)[:-1] if e["choices"] and e["choices"][0].get("finish_reason")]
+        assert finals[0]["choices"][0]["scores"] == choices[0]["scores"]
+
+
+# --------------------------------------------------------------- settings
+def test_settings_come_from_flags_over_environment():
+    from service.cli import ServeConfig
+    from service.settings import ServerSettings, SettingsError
+
+    env = {"STEER_POLICY": "/env/policy", "STEER_MAX_BATCH_SIZE": "4", "STEER_API_KEYS": "a, b", "STEER_UI": "0"}
+    s = ServerSettings.from_env({"max_batch_size": 8}, environ=env)
+    assert (s.policy, s.max_batch_size, s.api_keys, s.ui) == ("/env/policy", 8, ["a", "b"], False)
+    with pytest.raises(SettingsError) as info:
+        ServerSettings.from_env(environ={"STEER_PORT": "eighty"})
+    assert info.value.field == "port"
+    with pytest.raises(SettingsError):
+        ServerSettings(policy="p", max_batch_size=0)
+
+    from steer.cli import build_parser
+
+    parser = build_parser(ServeConfig, prog="steer serve", description="")
+    (config,) = parser.parse_args_into_dataclasses(
+        args=["--policy", "/flag/policy", "--no-ui", "--api-key", "k1", "--api-key", "k2", "--max-queue", "3"])
+    s = config.to_settings()
+    assert (s.policy, s.ui, s.api_keys, s.max_queue) == ("/flag/policy", False, ["k1", "k2"], 3)
+
+
+def test_serve_cli_rejects_a_missing_or_wrong_policy(tmp_path, capsys, monkeypatch):
+    from steer.cli import main
+
+    monkeypatch.delenv("STEER_POLICY", raising=False)
+    assert main(["serve", "--no-ui"]) == 2
+    assert "policy" in capsys.readouterr().err
+    assert main(["serve", "--policy", str(tmp_path), "--no-ui"]) == 2
+    assert "steer_config.json is missing" in capsys.readouterr().err
+
+
+def test_batched_sampling_draws_what_steer_sampling_draws():
+    """The engine samples a whole batch at once; each row must still get exactly the token that
+    steer.sampling.sample_next_tokens gives it (same seeds, mixed temperatures and top_p)."""
+    import torch
+
+    from service.engine import sample_batch
+    from steer.sampling import SamplingParams, sample_next_tokens
+
+    torch.manual_seed(0)
+    for trial in range(20):
+        logits = torch.randn(12, 512) * 3
+        params = [SamplingParams(temperature=(0.7, 1.0, 0.0)[i % 3], top_p=(0.9, 1.0, 0.5)[i % 3], seed=trial * 50 + i)
+                  for i in range(12)]
+        expected = sample_next_tokens(logits, params, [p.make_generator() for p in params])
+        assert torch.equal(sample_batch(logits, params, [p.make_generator() for p in params]), expected)

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_service import HELLO, build_tiny_policy
+from tests.test_service import HELLO, build_tiny_policy, one_torch_thread  # noqa: F401
 
 
 def free_port() -> int:
@@ -29,7 +29,7 @@ class LiveServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(ServerSettings(port=self.port, ui=False, **settings))
+        self.app = create_app(ServerSettings(port=self.port, ui=False, **{"threads": 1, **settings}))
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -194,3 +194,15 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server, mode):
     assert any(path == "/v1/chat/completions" for _, path, _ in seen)
     if mode == "negative":
         assert any(status == 400 for method, path, status in seen if path == "/v1/chat/completions")
+
+
+def test_non_streaming_client_that_gives_up_frees_its_slot(keyed_server):
+    before = _cancelled(keyed_server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{keyed_server.url}/v1/chat/completions", headers={"Authorization": "Bearer sk-test"},
+                   json={"messages": HELLO, "max_tokens": 4000, "temperature": 0}, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while _cancelled(keyed_server) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _cancelled(keyed_server) == before + 1
+    assert keyed_server.engine.stats().active == 0

@@ -78,21 +78,20 @@ def test_chat_in_chromium(browser, ui_server, tmp_path):  # noqa: F811
     assert "Good evening!" in chat_text
     page.screenshot(path=str(tmp_path / "ui-desktop.png"))
 
-    # Clear empties the conversation; Stop ends a long reply early (no note: it never finished).
+    # Phone width: the columns stack and the page still works.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(300)
+    assert page.locator("#steer-send").is_visible()
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390 + 1, f"the page scrolls sideways at phone width ({width}px)"
+    page.screenshot(path=str(tmp_path / "ui-phone.png"), full_page=True)
+
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+    # Clear empties the conversation.
     page.click("#steer-clear")
     page.locator("#steer-chatbot [data-testid='bot']").first.wait_for(state="detached", timeout=10_000)
-    max_tokens = page.locator("input[aria-label='number input for Max tokens']")
-    max_tokens.fill("1024")
-    max_tokens.press("Enter")
-    page.fill("#steer-message textarea", "Tell me a very long story.")
-    page.click("#steer-send")
-    page.locator("#steer-chatbot [data-testid='bot']").first.wait_for(timeout=30_000)
-    page.click("#steer-stop")
-    page.wait_for_timeout(1500)
-    stopped = page.locator("#steer-chatbot").inner_text()
-    page.wait_for_timeout(1000)
-    assert page.locator("#steer-chatbot").inner_text() == stopped, "the reply kept growing after Stop"
-    assert "applied:" not in stopped
+    assert "Good evening!" not in page.locator("#steer-chatbot").inner_text()
 
     # The compare tab answers one message at two settings side by side.
     page.get_by_role("tab", name="Compare").click()
@@ -106,15 +105,6 @@ def test_chat_in_chromium(browser, ui_server, tmp_path):  # noqa: F811
     assert "humor 1," in page.locator("#steer-compare-a").inner_text()
     assert "humor 0," in page.locator("#steer-compare-b").inner_text()
     page.screenshot(path=str(tmp_path / "ui-compare.png"))
-
-    # Phone width: the columns stack and the page still works.
-    page.get_by_role("tab", name="Chat").click()
-    page.set_viewport_size({"width": 390, "height": 844})
-    page.wait_for_timeout(300)
-    assert page.locator("#steer-send").is_visible()
-    width = page.evaluate("document.documentElement.scrollWidth")
-    assert width <= 390 + 1, f"the page scrolls sideways at phone width ({width}px)"
-    page.screenshot(path=str(tmp_path / "ui-phone.png"), full_page=True)
 
     assert errors == [], "\n".join(errors)
     page.close()

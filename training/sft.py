@@ -321,7 +321,6 @@ def training_arguments(config: SftConfig, output: Path, has_eval: bool, steps_pe
         dataloader_num_workers=config.num_workers,
         seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,  # enabled on the model itself (QLoRA needs it set up first)
         disable_tqdm=False,
     )
 

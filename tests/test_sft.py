@@ -1,0 +1,257 @@
+import json
+import time
+
+import pytest
+import torch
+
+from steer.artifacts import load_steer_config
+from steer.attributes import get_schema
+from steer.conversation import Conversation, Message
+from steer.modeling import ModelLoadError
+from steer.template import IGNORE_INDEX, PromptTemplate
+from training.sft import (
+    SftCollator,
+    SftConfig,
+    SftError,
+    default_target_modules,
+    main,
+    tokenize_conversations,
+)
+
+SCHEMA = get_schema("oasst")
+
+
+def _conversations(n: int) -> list[Conversation]:
+    convs = []
+    for i in range(n):
+        funny = i % 2
+        reply = f"Item {i} costs {i % 7} coins." + (" Ha, a bargain for a goblin!" if funny else "")
+        msgs = [
+            Message("system", "You are a shopkeeper."),
+            Message("user", f"How much is item {i}?"),
+            Message("assistant", reply, labels={"humor": 4 if funny else 0, "quality": 3}),
+        ]
+        if i % 3 == 0:  # some multi-turn conversations
+            msgs += [Message("user", "Thanks!"), Message("assistant", "Come again.", labels={"humor": 1})]
+        convs.append(Conversation(msgs, id=f"c{i}", group=f"g{i}"))
+    return convs
+
+
+def _write_jsonl(path, convs):
+    path.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in convs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A random tiny Llama with the demo's own tokenizer (no shared assets needed)."""
+    from steer.tiny_model import TinyModelSpec, build_tiny_llama, save_model, train_tokenizer
+
+    template = PromptTemplate(SCHEMA)
+    texts = [template.render_text(c.messages) for c in _conversations(60)]
+    tok = train_tokenizer(texts, vocab_size=400)
+    model = build_tiny_llama(tok, TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    path = tmp_path_factory.mktemp("base") / "tiny"
+    save_model(model, tok, path)
+    return path
+
+
+def test_collator_masks_padding_and_prompt(llama_tokenizer):
+    template = PromptTemplate(SCHEMA)
+    convs = _conversations(4)
+    examples = tokenize_conversations(convs, template, llama_tokenizer, max_length=512)
+    batch = SftCollator(llama_tokenizer.pad_token_id)(
+        [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    )
+    lengths = [len(e.input_ids) for e in examples]
+    assert batch["input_ids"].shape == (4, max(lengths))
+    for row, (conv, n) in enumerate(zip(convs, lengths)):
+        labels, ids, mask = batch["labels"][row], batch["input_ids"][row], batch["attention_mask"][row]
+        assert mask[:n].all() and not mask[n:].any()
+        assert (labels[n:] == IGNORE_INDEX).all()
+        assert (ids[n:] == llama_tokenizer.pad_token_id).all()
+        trained = labels[:n] != IGNORE_INDEX
+        assert (labels[:n][trained] == ids[:n][trained]).all()
+        # Exactly the assistant replies + end markers are trained; the prompt (system, user,
+        # label line) is not.
+        replies = [m.content + template.end_marker for m in conv.messages if m.role == "assistant"]
+        trained_text = llama_tokenizer.decode(ids[:n][trained].tolist())
+        assert trained_text.replace(" ", "") == "".join(replies).replace(" ", "")
+        assert "User" not in trained_text and "humor:" not in trained_text
+        segments = template.render(conv.messages, "train")
+        first = next(i for i, seg in enumerate(segments) if seg.trainable)
+        prompt_len = 1 + sum(len(llama_tokenizer(seg.text, add_special_tokens=False)["input_ids"])
+                             for seg in segments[:first])
+        assert not trained[:prompt_len].any() and trained[prompt_len]
+
+
+def test_default_target_modules_per_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert default_target_modules(llama) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"]
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    assert default_target_modules(gpt2) == ["c_attn", "c_proj", "c_fc"]
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Linear(4, 4)
+            self.lm_head = torch.nn.Linear(4, 10)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    assert default_target_modules(Odd()) == ["mix"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_load_in_4bit_without_cuda_fails_at_once(tmp_path, capsys):
+    start = time.perf_counter()
+    cfg = SftConfig(base_model="does/not-matter", data=str(tmp_path / "missing.jsonl"), output=str(tmp_path / "o"),
+                    load_in_4bit=True)
+    with pytest.raises(ModelLoadError, match="CUDA"):
+        main(cfg)
+    from steer.cli import main as cli
+
+    code = cli(["sft", "--base-model", "x", "--data", "y", "--output", str(tmp_path / "o"), "--load-in-4bit"])
+    assert code == 2
+    assert "CUDA" in capsys.readouterr().err
+    assert time.perf_counter() - start < 20
+    assert not (tmp_path / "o").exists()
+
+
+def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from steer.modeling import load_causal_lm
+    from steer.policy import load_policy
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
+    out = tmp_path / "policy"
+    metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output=str(out), max_steps=3, batch_size=4,
+                             lr=1e-2, eval_fraction=0.2, logging_steps=1, merge=True))
+    assert metrics["global_step"] == 3
+    adapter = load_file(out / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero; training must move it"
+    config, schema = load_steer_config(out, kind="policy")
+    assert schema.names == ["quality", "humor"]  # inferred from the labels the data uses
+    assert config["adapter"] == "." and config["merged"] == "merged"
+    assert config["base_model"] == str(tiny_base.resolve())
+    assert not (out / "checkpoints").exists()
+    # The adapter loads with plain PEFT and changes the base's outputs.
+    base = load_causal_lm(tiny_base, device="cpu")
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        peft_logits = PeftModel.from_pretrained(load_causal_lm(tiny_base, device="cpu"), str(out))(input_ids=ids).logits
+        merged_logits = load_causal_lm(out / "merged", device="cpu")(input_ids=ids).logits
+        policy_logits = load_policy(out, use_merged=False).model(input_ids=ids).logits
+    assert not torch.allclose(before, peft_logits)
+    torch.testing.assert_close(peft_logits, merged_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(peft_logits, policy_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_after_kill(tiny_base, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
+    out = tmp_path / "policy"
+    cfg = dict(base_model=str(tiny_base), data=str(data), output=str(out), max_steps=4, batch_size=4,
+               save_steps=2, eval_fraction=0.0, logging_steps=1)
+    original = Trainer.training_step
+    calls = {"n": 0}
+
+    def dies_at_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(SftConfig(**cfg))
+    monkeypatch.setattr(Trainer, "training_step", original)
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (out / "steer_config.json").exists()
+    with pytest.raises(SftError, match="--resume"):
+        main(SftConfig(**cfg))
+    counting = {"n": 0}
+
+    def counted(self, *args, **kwargs):
+        counting["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", counted)
+    metrics = main(SftConfig(**cfg, resume=True))
+    assert metrics["global_step"] == 4
+    assert counting["n"] == 2, "resuming must run only the steps after the checkpoint"
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_bad_config_is_a_clear_error(tiny_base, tmp_path):
+    with pytest.raises(SftError) as e:
+        main(SftConfig(base_model=str(tiny_base), data=str(tmp_path / "nope.jsonl"), output=str(tmp_path / "o")))
+    assert e.value.field == "data"
+    with pytest.raises(SftError) as e:
+        main(SftConfig(base_model=str(tiny_base), data="x", output="y", eval_fraction=1.5))
+    assert e.value.field == "eval_fraction"
+
+
+def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(tmp_path):
+    """Real pretrained tiny Llama, attribute-labelled NPC dialogue: a short LoRA SFT."""
+    from tests.conftest import shared_path
+
+    from steer.demo_data import rated_path
+    from steer.modeling import load_causal_lm
+    from steer.policy import load_policy
+
+    base = shared_path("models", "stories260K")
+    out = tmp_path / "policy"
+    metrics = main(SftConfig(base_model=str(base), data=str(rated_path()), output=str(out), limit=160, epochs=1,
+                             lr=5e-3, batch_size=16, max_length=128, eval_fraction=0.2, logging_steps=5))
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.3, metrics
+    policy = load_policy(out, device="cpu")
+    assert policy.schema.names == ["humor", "creativity", "helpfulness"]
+    ids = policy.template.tokenize([{"role": "user", "content": "Can you fix my sword?"}], policy.tokenizer,
+                                   "inference", {"humor": 4}).input_ids
+    with torch.no_grad():
+        tuned = policy.model(input_ids=torch.tensor([ids])).logits
+        plain = load_causal_lm(base, device="cpu")(input_ids=torch.tensor([ids])).logits
+    assert (tuned - plain).abs().max() > 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_steps_on_half_billion_shaped_model(tmp_path):
+    """QLoRA on a randomly initialised ~0.5B-shaped Qwen2 config: memory stays small, loss drops."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from steer.tiny_model import train_tokenizer
+
+    template = PromptTemplate(SCHEMA)
+    convs = _conversations(64)
+    tok = train_tokenizer([template.render_text(c.messages) for c in convs], vocab_size=1000)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    base_dir = tmp_path / "qwen-0.5b-shaped"
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    data = _write_jsonl(tmp_path / "train.jsonl", convs)
+    torch.cuda.reset_peak_memory_stats()
+    metrics = main(SftConfig(base_model=str(base_dir), data=str(data), output=str(tmp_path / "policy"),
+                             load_in_4bit=True, max_steps=12, batch_size=8, lr=2e-3, eval_fraction=0.25,
+                             gradient_checkpointing=True, logging_steps=1))
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    print(f"QLoRA peak GPU memory: {peak_gib:.2f} GiB; eval loss {metrics['eval_loss_before']:.3f} -> "
+          f"{metrics['eval_loss_after']:.3f}")
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert peak_gib < 4.0
