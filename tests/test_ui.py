@@ -333,3 +333,34 @@ def test_standalone_ui_talks_to_a_remote_server(ui_server):
         assert f"`{ui_server.url}`" in status and "ui-test" in status
         history, _ = client.predict("Hi!", [], "", 0.0, 6, "3", "", *([3, 2, 1, 4, 2] + [0] * 11), api_name="/send")
         assert history[-1]["metadata"]["title"].startswith("applied: helpfulness 3, humor 2, creativity 1")
+
+
+def _generated_tokens(url: str) -> float:
+    import re
+
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(re.search(r"^steer_generated_tokens_total (\S+)", text, re.M).group(1))
+
+
+def test_stop_ends_the_generation_on_the_server(ui_server, gradio_client):
+    from ui.client import SteerClient
+
+    slots = [3, 2, 1, 4, 2] + [0] * 11
+    args = dict(temperature=1.5, max_tokens=120, seed=3)
+    # Uncancelled, this request generates many tokens (same seed: the same reply).
+    full = [e for e in SteerClient(ui_server.url).stream_chat(
+        [{"role": "user", "content": "Tell me a long story"}], dict(zip(
+            ["helpfulness", "humor", "creativity", "quality", "verbosity"], slots)), **args)][-1]
+    assert full.finish_reason == "length", "pick a seed whose reply runs long"
+    before = _generated_tokens(ui_server.url)
+    job = gradio_client.submit("Tell me a long story", [], "", args["temperature"], args["max_tokens"],
+                               str(args["seed"]), "", *slots, api_name="/send")
+    deadline = time.monotonic() + 30
+    while len(job.outputs()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.cancel()  # what the Stop button does
+    time.sleep(1.5)
+    stopped_at = _generated_tokens(ui_server.url) - before
+    time.sleep(1.0)
+    assert _generated_tokens(ui_server.url) - before == stopped_at, "the server kept generating after Stop"
+    assert stopped_at < args["max_tokens"]

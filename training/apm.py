@@ -25,7 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steer.apm import APM_KIND, DEFAULT_MAX_LENGTH, MIN_CONTEXT_TOKENS, AttributePredictor, default_backbone, encode_for_apm, pad_batch
+from steer.apm import (
+    APM_KIND,
+    DEFAULT_MAX_LENGTH,
+    MIN_CONTEXT_TOKENS,
+    AttributePredictor,
+    default_backbone,
+    encode_for_apm,
+    pad_batch,
+)
 from steer.artifacts import save_steer_config
 from steer.attributes import AttributeSchema, get_schema
 from steer.conversation import Conversation, Message

@@ -31,7 +31,7 @@ import torch
 from steer.artifacts import load_steer_config, save_steer_config
 from steer.attributes import AttributeSchema, get_schema
 from steer.conversation import Conversation
-from steer.data import DataError, grouped_split, load_conversations
+from steer.data import grouped_split, load_conversations
 from steer.errors import SteerError
 from steer.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate
 
