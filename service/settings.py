@@ -15,9 +15,7 @@ from steer.errors import SteerError
 
 
 class SettingsError(SteerError, ValueError):
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+    """Invalid server settings (flag or environment variable)."""
 
 
 # settings field -> environment variable

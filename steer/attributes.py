@@ -23,10 +23,6 @@ DEFAULT_ALIASES: dict[str, str] = {"humour": "humor"}
 class AttributeValueError(SteerError, ValueError):
     """A bad attribute name, value or label string. ``field`` names the offending attribute."""
 
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
 
 @dataclass(frozen=True)
 class Attribute:

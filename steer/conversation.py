@@ -14,10 +14,6 @@ ROLES = ("system", "user", "assistant")
 class ConversationError(SteerError, ValueError):
     """A conversation that cannot be rendered: bad role, order or content."""
 
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
 
 @dataclass
 class Message:

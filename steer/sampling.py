@@ -18,9 +18,7 @@ MAX_STOP_STRINGS = 4
 
 
 class SamplingError(SteerError, ValueError):
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+    """Invalid sampling settings; ``field`` names the request field."""
 
 
 @dataclass

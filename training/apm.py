@@ -49,9 +49,7 @@ EVAL_RESULTS = "eval_results.json"
 
 
 class ApmTrainError(SteerError, ValueError):
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+    """Bad APM training input or settings."""
 
 
 @dataclass
