@@ -53,11 +53,11 @@ class DemoConfig:
     apm_epochs: float = field(default=2.0, metadata={"help": "APM training epochs."})
     apm_max_length: int = field(default=128, metadata={"help": "APM tokens per item."})
     vocab_size: int = field(default=1024, metadata={"help": "Vocabulary of the demo's own tokenizer."})
-    hidden_size: int = field(default=96, metadata={"help": "Width of the tiny base model."})
-    num_layers: int = field(default=3, metadata={"help": "Layers of the tiny base model."})
-    pretrain_epochs: float = field(default=1.0, metadata={"help": "Pretraining epochs of the base on unlabelled text."})
-    sft_epochs: float = field(default=1.5, metadata={"help": "Attribute-conditioned SFT epochs."})
-    sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate (high: the base is tiny)."})
+    hidden_size: int = field(default=128, metadata={"help": "Width of the tiny base model."})
+    num_layers: int = field(default=4, metadata={"help": "Layers of the tiny base model."})
+    pretrain_epochs: float = field(default=3.0, metadata={"help": "Pretraining epochs of the base on unlabelled text."})
+    sft_epochs: float = field(default=2.0, metadata={"help": "Attribute-conditioned SFT epochs."})
+    sft_lr: float = field(default=5e-3, metadata={"help": "SFT learning rate (high: the base is tiny)."})
     lora_r: int = field(default=16, metadata={"help": "SFT LoRA rank."})
     seeds: int = field(default=2, metadata={"help": "Sampling seeds per prompt and value in the steerability grid."})
     eval_prompts: int | None = field(default=None, metadata={"help": "Use at most this many held-out player lines."})
@@ -190,8 +190,14 @@ def stage_sft(config: DemoConfig, work: Path) -> None:
     from training.sft import SftConfig
     from training.sft import main as sft
 
+    from steer.demo_data import rated_path
+
+    # SteerLM trains on human-rated data with its human labels plus the APM-relabeled data.
+    data = work / "sft_data.jsonl"
+    rated = [json.dumps(r) + "\n" for r in _load_jsonl(rated_path(), config.apm_limit)]
+    data.write_text("".join(rated) + (work / "relabeled.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     sft(SftConfig(
-        base_model=str(work / "policy" / "base"), data=str(work / "relabeled.jsonl"), output=str(work / "policy"),
+        base_model=str(work / "policy" / "base"), data=str(data), output=str(work / "policy"),
         format="steer", schema=str(work / "apm"), lora_r=config.lora_r, lora_alpha=2 * config.lora_r,
         lora_dropout=0.0, epochs=config.sft_epochs, lr=config.sft_lr, batch_size=16, max_length=256,
         eval_fraction=0.05, save_steps=50, resume=True, logging_steps=20, limit=config.limit,
