@@ -26,6 +26,7 @@ which the serving layer turns into ``loop.call_soon_threadsafe`` calls.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -78,6 +79,12 @@ class Row:
     first_token_at: float | None = None
     finished_at: float | None = None
 
+    # Characters some stop string contains: text ending in any other cannot end in a stop's prefix.
+    stop_chars: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stop_chars = frozenset("".join(self.stops))
+
     @property
     def num_cached(self) -> int:
         # The last generated token is pending: sampled but not yet fed through the model.
@@ -89,20 +96,32 @@ def sample_batch(
 ) -> torch.Tensor:
     """``steer.sampling.sample_next_tokens`` for a whole batch at once: rows that share temperature and
     top_p get one softmax and one top-p filter, then each row still draws once from its own generator,
-    so a seeded row's tokens do not depend on the batch. Per-row work was a third of a decode step."""
+    so a seeded row's tokens do not depend on the batch. Per-row work was a third of a decode step.
+
+    ``torch.multinomial`` draws one sample as ``argmax(probs / q)`` with ``q ~ Exp(1)`` from the
+    generator (ATen's single-sample fast path); doing that here, with only the exponential noise drawn
+    per row, consumes each generator exactly as multinomial does and gives the same token, while the
+    division and argmax run once for the group instead of once per row."""
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     logits = logits.float()
     groups: dict[tuple[float, float], list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault((float(p.temperature), float(p.top_p)), []).append(i)
+    single = len(groups) == 1
     for (temperature, top_p), rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
+        index = None if single else torch.tensor(rows, device=logits.device)
+        group_logits = logits if single else logits[index]
         if temperature == 0:
-            out[index] = torch.argmax(logits[index], dim=-1)
-            continue
-        probs = filter_top_p(torch.softmax(logits[index] / temperature, dim=-1), top_p)
-        for j, i in enumerate(rows):
-            out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+            tokens = torch.argmax(group_logits, dim=-1)
+        else:
+            probs = filter_top_p(torch.softmax(group_logits / temperature, dim=-1), top_p)
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(rows):
+                noise[j].exponential_(1, generator=generators[i])
+            tokens = torch.argmax(probs / noise, dim=-1)
+        if single:
+            return tokens
+        out[index] = tokens
     return out
 
 
@@ -137,11 +156,20 @@ class Engine:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.on_token = on_token
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         # SentencePiece byte-fallback tokens (<0xE2>) decode as a group: "!" followed by a stray
         # continuation byte turns into two U+FFFD. Text is held back while such a run is open.
         self._byte_tokens = {
             i for tok, i in tokenizer.get_vocab().items() if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
         }
+        # The Rust tokenizer's own decode is what ``tokenizer.decode`` ends up calling for fast
+        # tokenizers without space clean-up; calling it directly skips a per-row, per-step wrapper
+        # that cost as much as the decoding itself.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=False)
+        else:
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._running: list[Row] = []
@@ -255,12 +283,16 @@ class Engine:
 
     # -------------------------------------------------------------- model
     def _forward(self, input_ids, attention_mask, position_ids, cache):
+        # Only the last position's logits are sampled from: the LM head over a whole prompt was
+        # wasted work in every prefill.
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            **extra,
         )
         return out.logits[:, -1, :], out.past_key_values
 
@@ -353,6 +385,7 @@ class Engine:
         """Append each row's new token, emit text, and retire rows that are done."""
         now = time.perf_counter()
         finished: list[Row] = []
+        accepted = 0
         for row, token in zip(rows, tokens):
             if row.cancelled:
                 continue
@@ -363,9 +396,7 @@ class Engine:
                 finished.append(row)
                 continue
             row.generated.append(token)
-            self._tokens_total += 1
-            if self.on_token is not None:
-                self.on_token(1)
+            accepted += 1
             text = self._text(row)
             cut = find_stop(text, row.stops)
             if cut >= 0:
@@ -375,13 +406,21 @@ class Engine:
                 self._emit_final(row, text, "length")
                 finished.append(row)
             else:
-                safe = streamable_length(text, row.stops) if token not in self._byte_tokens else 0
+                if token in self._byte_tokens:
+                    safe = 0
+                elif text and text[-1] in row.stop_chars:
+                    safe = streamable_length(text, row.stops)
+                else:  # no stop string can be starting at the end of the text
+                    safe = len(text)
                 # A multi-byte character split across tokens decodes as U+FFFD until it completes.
                 while safe > row.emitted_chars and text[safe - 1] == "\ufffd":
                     safe -= 1
                 if safe > row.emitted_chars:
                     row.sink(RowEvent(index=row.index, delta=text[row.emitted_chars:safe]))
                     row.emitted_chars = safe
+        self._tokens_total += accepted
+        if accepted and self.on_token is not None:
+            self.on_token(accepted)
         if finished or any(r.cancelled for r in self._running):
             with self._cv:
                 for r in self._running:
@@ -391,7 +430,7 @@ class Engine:
                 self._select_rows(keep)
 
     def _text(self, row: Row) -> str:
-        return self.tokenizer.decode(row.generated, skip_special_tokens=False)
+        return self._decode(row.generated)
 
     def _emit_final(self, row: Row, text: str, reason: str) -> None:
         if len(text) > row.emitted_chars:

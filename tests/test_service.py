@@ -431,5 +431,33 @@ def test_batched_sampling_draws_what_steer_sampling_draws():
         logits = torch.randn(12, 512) * 3
         params = [SamplingParams(temperature=(0.7, 1.0, 0.0)[i % 3], top_p=(0.9, 1.0, 0.5)[i % 3], seed=trial * 50 + i)
                   for i in range(12)]
-        expected = sample_next_tokens(logits, params, [p.make_generator() for p in params])
-        assert torch.equal(sample_batch(logits, params, [p.make_generator() for p in params]), expected)
+        alone = [p.make_generator() for p in params]
+        batched = [p.make_generator() for p in params]
+        # Several steps with the same generators: each must also advance exactly as multinomial does.
+        for _ in range(3):
+            step_logits = logits + torch.randn_like(logits)
+            expected = sample_next_tokens(step_logits, params, alone)
+            assert torch.equal(sample_batch(step_logits, params, batched), expected)
+    # One shared (temperature, top_p), the common case, takes the no-grouping path.
+    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=7 + i) for i in range(5)]
+    alone, batched = [p.make_generator() for p in params], [p.make_generator() for p in params]
+    for _ in range(4):
+        logits = torch.randn(5, 512) * 3
+        assert torch.equal(sample_batch(logits, params, batched), sample_next_tokens(logits, params, alone))
+
+
+def test_fast_content_chunk_is_the_pydantic_chunk():
+    """Streaming renders content deltas from a cached prefix; the JSON must be what the protocol
+    model gives, whatever the text holds."""
+    from service.protocol import ChatCompletionRequest, ChunkChoice, DeltaMessage
+    from service.serving import ChatServing, Generation
+
+    serving = ChatServing.__new__(ChatServing)
+    serving.model_name = 'tiny "steer" \\ é'
+    gen = Generation(request=ChatCompletionRequest(messages=HELLO), messages=[], attributes={}, prompt_tokens=1,
+                     rows=[], events=None)
+    for index, text in [(0, "hello"), (2, ' "quoted" \\ back\nslash\t'), (1, "é – 字 😀 \u2028 </script>"), (0, "\x00\x1f")]:
+        fast = serving._content_chunk(gen, index, text)
+        slow = serving._chunk(gen, [ChunkChoice(index=index, delta=DeltaMessage(content=text))])
+        assert fast.startswith("data: ") and fast.endswith("\n\n")
+        assert json.loads(fast[6:]) == json.loads(slow[6:])
