@@ -61,7 +61,7 @@ class DemoConfig:
     hidden_size: int = field(default=128, metadata={"help": "Width of the tiny base model."})
     num_layers: int = field(default=4, metadata={"help": "Layers of the tiny base model."})
     pretrain_epochs: float = field(default=3.0, metadata={"help": "Pretraining epochs of the base on unlabelled text."})
-    sft_epochs: float = field(default=2.0, metadata={"help": "Attribute-conditioned SFT epochs."})
+    sft_epochs: float = field(default=6.0, metadata={"help": "Attribute-conditioned SFT epochs."})
     sft_lr: float = field(default=5e-3, metadata={"help": "SFT learning rate (high: the base is tiny)."})
     lora_r: int = field(default=16, metadata={"help": "SFT LoRA rank."})
     seeds: int = field(default=2, metadata={"help": "Sampling seeds per prompt and value in the steerability grid."})
@@ -225,7 +225,7 @@ def stage_sft(config: DemoConfig, work: Path) -> None:
     sft(SftConfig(
         base_model=str(work / "policy" / "base"), data=str(data), output=str(work / "policy"),
         format="steer", schema=str(work / "apm"), lora_r=config.lora_r, lora_alpha=2 * config.lora_r,
-        lora_dropout=0.0, epochs=config.sft_epochs, lr=config.sft_lr, batch_size=16, max_length=256,
+        lora_dropout=0.0, modules_to_save=["embed_tokens"], epochs=config.sft_epochs, lr=config.sft_lr, batch_size=16, max_length=256,
         eval_fraction=0.05, save_steps=50, resume=True, logging_steps=20, limit=config.limit,
     ))
 

@@ -77,6 +77,11 @@ class SftConfig:
         metadata={"help": "Module names to adapt (repeatable). Default: attention + MLP projections of the "
                   "architecture, else every Linear layer except the output head."},
     )
+    modules_to_save: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Modules trained in full and saved with the adapter (repeatable), e.g. embed_tokens when "
+                  "the label tokens are new to the base model."},
+    )
     epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use epochs)."})
     lr: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
@@ -271,6 +276,7 @@ def load_model_for_training(config: SftConfig):
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
+        modules_to_save=list(config.modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
