@@ -30,9 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 class GenerationError(SteerError, ValueError):
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+    """Bad generation input; ``field`` names it."""
 
 
 # ----------------------------------------------------------------- primitives

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from steer.template import PromptTemplate
+
 logger = logging.getLogger(__name__)
 
 # The SteerLM template's markers get one token each, so the model sees them as atomic
 # (non-special, so decoding keeps them and stop strings can be found in the text).
-TEMPLATE_MARKERS = ("<extra_id_0>", "<extra_id_1>", "<extra_id_2>")
+TEMPLATE_MARKERS = (PromptTemplate.system_marker, PromptTemplate.turn_marker, PromptTemplate.label_marker)
 
 
 @dataclass

@@ -49,9 +49,7 @@ METRICS_FILE = "sft_metrics.json"
 
 
 class SftError(SteerError, ValueError):
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+    """Bad SFT input or settings; ``field`` names the flag."""
 
 
 @dataclass
