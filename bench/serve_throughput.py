@@ -1,7 +1,11 @@
 """Serving throughput: 16 concurrent streaming clients against `steer serve` (continuous batching)
 vs the same requests one at a time through `steer.generation.SteerGenerator`, same policy, same run.
 
-    python bench/serve_throughput.py [--policy DIR] [--clients 16] [--max-tokens 64]
+    python bench/serve_throughput.py [--policy DIR] [--clients 16] [--requests-per-client 4] [--max-tokens 64]
+
+Each client sends its requests one after another, so 16 are in flight until the last ones finish
+(sustained load, as serving benchmarks measure it); `--requests-per-client 1` is a single wave,
+where the batch drains as replies end and the last, longest reply sets the wall time.
 
 Without --policy, ../shared/models/stories260K is wrapped as a policy directory in a temp folder.
 The server runs as a subprocess (`python -m steer.cli serve`), so clients and server do not share
@@ -133,10 +137,15 @@ async def stream_one(url: str, body: dict) -> dict:
     }
 
 
-async def run_concurrent(url: str, bodies: list[dict]) -> tuple[list[dict], float]:
+async def run_concurrent(url: str, bodies: list[dict], clients: int) -> tuple[list[dict], float]:
+    """``clients`` concurrent clients; client ``c`` sends bodies ``c``, ``c + clients``, ... in turn."""
+
+    async def client(mine: list[dict]) -> list[dict]:
+        return [await stream_one(url, b) for b in mine]
+
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(stream_one(url, b) for b in bodies))
-    return list(results), time.perf_counter() - t0
+    per_client = await asyncio.gather(*(client(bodies[c::clients]) for c in range(clients)))
+    return [r for results in per_client for r in results], time.perf_counter() - t0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -151,6 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", default=None, help="policy directory (default: stories260K wrapped in a temp dir)")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests-per-client", type=int, default=4,
+                        help="requests each client sends one after another (1: a single wave)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
@@ -160,7 +171,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="steer-bench-")
     try:
         policy = args.policy or str(wrap_stories260k(Path(tmp) / "policy"))
-        bodies = requests_for(args.clients, args.max_tokens)
+        bodies = requests_for(args.clients * args.requests_per_client, args.max_tokens)
 
         # -------- sequential baseline: one request at a time through the generation API
         import torch
@@ -174,7 +185,7 @@ def main() -> None:
         generator.generate(**_gen_kwargs({**bodies[0], "max_tokens": 4}))  # warm-up
         seq_ttft, seq_tokens = [], 0
         t0 = time.perf_counter()
-        for body in bodies:
+        for body in bodies[: args.clients]:
             start = time.perf_counter()
             first = generator.generate(**_gen_kwargs({**body, "max_tokens": 1}))  # time to one token alone
             seq_ttft.append(time.perf_counter() - start)
@@ -200,7 +211,7 @@ def main() -> None:
             _wait_healthy(url, server)
             asyncio.run(stream_one(url, {**bodies[0], "max_tokens": 4}))  # warm-up
             server_cpu0, client_cpu0 = _cpu_seconds(server.pid), time.process_time()
-            results, wall = asyncio.run(run_concurrent(url, bodies))
+            results, wall = asyncio.run(run_concurrent(url, bodies, args.clients))
             server_cpu, client_cpu = _cpu_seconds(server.pid) - server_cpu0, time.process_time() - client_cpu0
             server_ttft = _server_mean_ttft(url)
         finally:
@@ -217,6 +228,7 @@ def main() -> None:
     report = {
         "policy": args.policy or "stories260K (wrapped)",
         "clients": args.clients,
+        "requests": len(bodies),
         "max_tokens": args.max_tokens,
         "device": args.device,
         "threads": args.threads,

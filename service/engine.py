@@ -392,7 +392,12 @@ class Engine:
             if row.first_token_at is None:
                 row.first_token_at = now
             if token in self.eos_token_ids:
-                self._emit_final(row, self._text(row), "stop")
+                # EOS counts as a completion token (as in steer.generation and OpenAI's usage) but
+                # is not text.
+                text = self._text(row)
+                row.generated.append(token)
+                accepted += 1
+                self._emit_final(row, text, "stop")
                 finished.append(row)
                 continue
             row.generated.append(token)

@@ -159,7 +159,14 @@ class AttributeSchema:
     def format_labels(self, values: Mapping[str, Any], fill_defaults: bool = True) -> str:
         """``{"humor": 3, "quality": 4}`` -> ``"quality:4,...,humor:3"`` in schema order."""
         checked = self.validate(values, fill_defaults=fill_defaults)
-        return ",".join(f"{name}:{value}" for name, value in checked.items())
+        return ",".join(_label_item(name, value) for name, value in checked.items())
+
+    def label_items(self) -> list[str]:
+        """Every ``name:value`` item a label string of this schema can contain.
+
+        A tokenizer built for a steered model can make these atomic tokens: a tiny model then
+        finds "humor is 3" in one token instead of assembling it from ``h``, ``um``, ``or``, ``:``, ``3``."""
+        return [_label_item(a.name, v) for a in self.attributes for v in range(a.min, a.max + 1)]
 
     def parse_labels(self, text: str, fill_defaults: bool = False) -> dict[str, int]:
         """Inverse of :meth:`format_labels`. Whitespace around items is ignored."""
@@ -227,6 +234,10 @@ class AttributeSchema:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _label_item(name: str, value: int) -> str:
+    return f"{name}:{value}"
 
 
 def _schema(name: str, specs: Iterable[tuple[str, int, str]]) -> AttributeSchema:

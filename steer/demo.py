@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch
 
 from steer.attributes import Attribute, AttributeSchema
 from steer.conversation import Conversation
@@ -60,7 +59,7 @@ class DemoConfig:
     vocab_size: int = field(default=1024, metadata={"help": "Vocabulary of the demo's own tokenizer."})
     hidden_size: int = field(default=128, metadata={"help": "Width of the tiny base model."})
     num_layers: int = field(default=4, metadata={"help": "Layers of the tiny base model."})
-    pretrain_epochs: float = field(default=3.0, metadata={"help": "Pretraining epochs of the base on unlabelled text."})
+    pretrain_epochs: float = field(default=6.0, metadata={"help": "Pretraining epochs of the base on unlabelled text."})
     sft_epochs: float = field(default=6.0, metadata={"help": "Attribute-conditioned SFT epochs."})
     sft_lr: float = field(default=5e-3, metadata={"help": "SFT learning rate (high: the base is tiny)."})
     lora_r: int = field(default=16, metadata={"help": "SFT LoRA rank."})
@@ -199,8 +198,10 @@ def stage_base(config: DemoConfig, work: Path) -> None:
     # The base sees the dialogue in the template's layout but never a label: conditioning is
     # what SFT has to teach it.
     docs = [template.render_text(c.messages, mode="apm") + template.end_marker for c in convs]
-    label_lines = [template.label_line({n: v for n in schema.names}) for v in range(5)]
-    tokenizer = train_tokenizer(docs + label_lines, vocab_size=config.vocab_size)
+    # "humor:3" as one token. A BPE trained on the dialogue alone cuts it into five pieces, and the
+    # ~1M parameter model then followed only the label next to the reply (creativity): humor
+    # steerability 0.03 with split labels vs 0.30 with atomic ones, same base and 3 SFT epochs.
+    tokenizer = train_tokenizer(docs, vocab_size=config.vocab_size, atomic=schema.label_items())
     spec = TinyModelSpec(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                          num_layers=config.num_layers, num_heads=max(2, config.hidden_size // 32),
                          intermediate_size=config.hidden_size * 8 // 3 // 8 * 8)
@@ -226,7 +227,7 @@ def stage_sft(config: DemoConfig, work: Path) -> None:
         base_model=str(work / "policy" / "base"), data=str(data), output=str(work / "policy"),
         format="steer", schema=str(work / "apm"), lora_r=config.lora_r, lora_alpha=2 * config.lora_r,
         lora_dropout=0.0, modules_to_save=["embed_tokens"], epochs=config.sft_epochs, lr=config.sft_lr, batch_size=16, max_length=256,
-        eval_fraction=0.05, save_steps=50, resume=True, logging_steps=20, limit=config.limit,
+        eval_fraction=0.05, save_steps=200, resume=True, logging_steps=20, limit=config.limit,
     ))
 
 

@@ -36,8 +36,11 @@ class TinyModelSpec:
     max_positions: int = 512
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
-    """A byte-level BPE tokenizer (GPT-2 style, any text round-trips) with BOS/EOS/PAD."""
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048, atomic: Sequence[str] = ()):
+    """A byte-level BPE tokenizer (GPT-2 style, any text round-trips) with BOS/EOS/PAD.
+
+    The template markers and the strings in ``atomic`` (say, ``AttributeSchema.label_items()``)
+    become single tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,7 +54,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in TEMPLATE_MARKERS])
+    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in (*TEMPLATE_MARKERS, *atomic)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 

@@ -29,6 +29,15 @@ def test_label_string_round_trip(name):
     assert schema.format_labels(schema.parse_labels(text)) == text
 
 
+def test_label_items_are_exactly_the_pieces_of_label_strings():
+    schema = get_schema("helpsteer")
+    items = schema.label_items()
+    assert len(items) == len(set(items)) == 5 * len(schema)
+    for values in ({n: 0 for n in schema.names}, {n: 4 for n in schema.names}, {"verbosity": 2}):
+        assert set(schema.format_labels(values).split(",")) <= set(items)
+    assert "helpfulness:3" in items and "helpfulness:5" not in items
+
+
 def test_format_orders_by_schema_and_fills_defaults():
     schema = get_schema("oasst")
     text = schema.format_labels({"humor": 3, "quality": 1})

@@ -319,6 +319,35 @@ def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy, merge_
         engine.stop()
 
 
+def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
+    """Usage counts EOS, as steer.generation does, so both report the same completion_tokens."""
+    from service.engine import Engine
+
+    policy, engine = _engine(tiny_policy)
+    engine.start()
+    try:
+        row, sink = _row(policy, "Once upon a time", seed=0, max_new=8, temperature=0)
+        engine.submit([row])
+        assert sink.done.wait(30)
+        greedy = list(row.generated)
+    finally:
+        engine.stop()
+    assert len(greedy) == 8
+    # The same greedy request, now with its third token declared EOS.
+    engine = Engine(policy.model, policy.tokenizer, eos_token_ids=[greedy[2]])
+    engine.start()
+    try:
+        row, sink = _row(policy, "Once upon a time", seed=0, max_new=8, temperature=0)
+        engine.submit([row])
+        assert sink.done.wait(30)
+    finally:
+        engine.stop()
+    first = greedy.index(greedy[2])  # the earliest occurrence of that token ends it
+    assert sink.final.finish_reason == "stop"
+    assert sink.final.completion_tokens == first + 1
+    assert sink.text == sink.final.text == policy.tokenizer.decode(greedy[:first])
+
+
 def test_cancel_frees_the_slot(tiny_policy):
     policy, engine = _engine(tiny_policy, max_batch_size=1, max_queue=0)
     engine.start()

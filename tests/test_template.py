@@ -159,3 +159,23 @@ def test_chat_template_variant_puts_labels_in_assistant_turn(gpt2_tokenizer):
 def test_chat_template_variant_needs_a_template(gpt2_tokenizer):
     with pytest.raises(ValueError, match="no chat template"):
         ChatTemplatePrompt(SCHEMA, gpt2_tokenizer)
+
+
+def test_tiny_tokenizer_keeps_label_items_atomic_and_prompts_identical():
+    """The demo's tokenizer makes each ``name:value`` one token; training and inference still agree."""
+    from steer.tiny_model import train_tokenizer
+
+    schema = get_schema("steerlm")
+    template = PromptTemplate(schema)
+    texts = [f"The blacksmith mends swords for {i} coins and tells a joke." for i in range(50)]
+    tok = train_tokenizer(texts, vocab_size=300, atomic=schema.label_items())
+    line = template.label_line({"humor": 3, "creativity": 1})
+    pieces = tok.convert_ids_to_tokens(tok(line, add_special_tokens=False)["input_ids"])
+    assert "humor:3" in pieces and "creativity:1" in pieces
+    assert tok.decode(tok(line, add_special_tokens=False)["input_ids"]) == line
+    messages = [{"role": "user", "content": "Fix my sword?"}]
+    values = {**schema.defaults, "humor": 3, "creativity": 1}
+    train = template.tokenize(messages + [{"role": "assistant", "content": "Sure.", "labels": values}], tok,
+                              mode="train")
+    infer = template.tokenize(messages, tok, mode="inference", attributes=values)
+    assert train.input_ids[: len(infer.input_ids)] == infer.input_ids
