@@ -67,3 +67,46 @@ def tiny_apm_dir(tiny_bert_backbone, tmp_path_factory):
         backbone=str(tiny_bert_backbone), max_steps=2, batch_size=8, max_length=128, device="cpu",
     ))
     return out
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn in a thread on 127.0.0.1, ready once ``health`` answers 200."""
+
+    def __init__(self, app, health: str = "/health"):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.app, self.health = app, health
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        import httpx
+
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}{self.health}", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the server at {self.url} did not become healthy")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def engine(self):
+        return self.app.state.server.engine

@@ -4,55 +4,21 @@ HTTP (429 on a full server, a disconnecting client freeing its slot), plus schem
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
+from tests.conftest import LiveServer
 from tests.test_service import HELLO, build_tiny_policy, one_torch_thread  # noqa: F401
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def live_steer_server(**settings) -> LiveServer:
+    from service.app import create_app
+    from service.settings import ServerSettings
 
-
-class LiveServer:
-    def __init__(self, **settings):
-        import uvicorn
-
-        from service.app import create_app
-        from service.settings import ServerSettings
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(ServerSettings(port=self.port, ui=False, **{"threads": 1, **settings}))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("server did not become healthy")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    @property
-    def engine(self):
-        return self.app.state.server.engine
+    return LiveServer(create_app(ServerSettings(ui=False, **{"threads": 1, **settings})))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +29,7 @@ def policy_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def keyed_server(policy_dir):
     # Two slots and no waiting room: the third concurrent row is refused with 429.
-    with LiveServer(policy=str(policy_dir), api_keys=["sk-test"], max_batch_size=2, max_queue=0,
+    with live_steer_server(policy=str(policy_dir), api_keys=["sk-test"], max_batch_size=2, max_queue=0,
                     max_tokens_limit=4000) as server:
         yield server
 
@@ -143,7 +109,7 @@ def test_full_server_429_and_disconnect_frees_the_slots(keyed_server):
 
 
 def test_concurrent_requests_share_the_batch(policy_dir):
-    with LiveServer(policy=str(policy_dir), max_batch_size=8) as server:
+    with live_steer_server(policy=str(policy_dir), max_batch_size=8) as server:
         body = {"messages": HELLO, "max_tokens": 40, "temperature": 0}
 
         def one(i):
@@ -164,7 +130,7 @@ def test_concurrent_requests_share_the_batch(policy_dir):
 # ---------------------------------------------------------------- fuzzing
 @pytest.fixture(scope="module")
 def fuzz_server(policy_dir):
-    with LiveServer(policy=str(policy_dir), max_tokens_limit=8, default_max_tokens=4, max_n=2,
+    with live_steer_server(policy=str(policy_dir), max_tokens_limit=8, default_max_tokens=4, max_n=2,
                     max_body_bytes=20_000) as server:
         yield server
 

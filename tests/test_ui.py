@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from steer.artifacts import save_steer_config
 from steer.attributes import Attribute, AttributeSchema
 from steer.template import PromptTemplate
-from tests.conftest import shared_path
+from tests.conftest import LiveServer, shared_path
 
 pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'steer[ui]')")
 
@@ -67,39 +66,6 @@ def build_apm(directory: Path) -> Path:
     save_steer_config(directory, "apm", UI_SCHEMA, PromptTemplate(UI_SCHEMA).to_dict(), max_length=128,
                       label_normalization={"mean": [2.0] * len(names), "std": [0.5] * len(names)})
     return directory
-
-
-class LiveServer:
-    """The steer server app (UI mounted at /ui) served by uvicorn in a thread on 127.0.0.1."""
-
-    def __init__(self, app, health: str = "/health"):
-        import uvicorn
-
-        self.health = health
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}{self.health}", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"the server at {self.url} did not become healthy")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="session")
