@@ -8,14 +8,14 @@ Each step:
    first token, and merge their KV cache into the running batch's cache (left-padding the shorter
    one, so every row's real tokens stay right-aligned);
 3. one batched decode step over all rows; each row samples from its own logits with its own
-   ``torch.Generator`` (``steer.sampling``), so a seeded request gives the same text alone or batched;
+   random stream (``steer.sampling``), so a seeded request gives the same text alone or batched;
 4. detokenize, find stop strings, emit text deltas through each row's ``sink`` callback and retire
    finished rows, trimming cache columns that only padding still uses.
 
 Every row always has exactly one sampled token that is not yet in the cache (its "pending" token);
 the decode step feeds those.
 
-Merging caches relies on transformers' ``DynamicCache`` storing plain ``[batch, heads, seq, dim]``
+Merging caches relies on the cache (``steer.kv_cache``) storing plain ``[batch, heads, seq, dim]``
 tensors per layer (``cache.layers[i].keys/values``). Caches of other shapes (sliding-window
 layers) fall back to re-prefilling the whole batch on admission, which is correct and, for small
 models, cheap.
@@ -26,8 +26,8 @@ which the serving layer turns into ``loop.call_soon_threadsafe`` calls.
 
 from __future__ import annotations
 
-import inspect
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 import torch
 
 from steer.errors import SteerError
-from steer.sampling import SamplingParams, filter_top_p, find_stop, streamable_length
+from steer.generation import DecodeState, decode_step, left_pad, prefill
+from steer.kv_cache import PreallocatedLayer
+from steer.sampling import SamplingParams, find_stop, sample_next_tokens, streamable_length
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class Row:
     stops: list[str]
     sink: Callable[[RowEvent], None]
     index: int = 0
-    generator: torch.Generator | None = None
+    rng: random.Random | None = None
     generated: list[int] = field(default_factory=list)
     emitted_chars: int = 0
     cancelled: bool = False
@@ -84,45 +86,6 @@ class Row:
 
     def __post_init__(self) -> None:
         self.stop_chars = frozenset("".join(self.stops))
-
-    @property
-    def num_cached(self) -> int:
-        # The last generated token is pending: sampled but not yet fed through the model.
-        return len(self.prompt_ids) + max(0, len(self.generated) - 1)
-
-
-def sample_batch(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
-) -> torch.Tensor:
-    """``steer.sampling.sample_next_tokens`` for a whole batch at once: rows that share temperature and
-    top_p get one softmax and one top-p filter, then each row still draws once from its own generator,
-    so a seeded row's tokens do not depend on the batch. Per-row work was a third of a decode step.
-
-    ``torch.multinomial`` draws one sample as ``argmax(probs / q)`` with ``q ~ Exp(1)`` from the
-    generator (ATen's single-sample fast path); doing that here, with only the exponential noise drawn
-    per row, consumes each generator exactly as multinomial does and gives the same token, while the
-    division and argmax run once for the group instead of once per row."""
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    logits = logits.float()
-    groups: dict[tuple[float, float], list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault((float(p.temperature), float(p.top_p)), []).append(i)
-    single = len(groups) == 1
-    for (temperature, top_p), rows in groups.items():
-        index = None if single else torch.tensor(rows, device=logits.device)
-        group_logits = logits if single else logits[index]
-        if temperature == 0:
-            tokens = torch.argmax(group_logits, dim=-1)
-        else:
-            probs = filter_top_p(torch.softmax(group_logits / temperature, dim=-1), top_p)
-            noise = torch.empty_like(probs)
-            for j, i in enumerate(rows):
-                noise[j].exponential_(1, generator=generators[i])
-            tokens = torch.argmax(probs / noise, dim=-1)
-        if single:
-            return tokens
-        out[index] = tokens
-    return out
 
 
 @dataclass
@@ -156,7 +119,6 @@ class Engine:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.on_token = on_token
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         # SentencePiece byte-fallback tokens (<0xE2>) decode as a group: "!" followed by a stray
         # continuation byte turns into two U+FFFD. Text is held back while such a run is open.
         self._byte_tokens = {
@@ -173,8 +135,8 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._running: list[Row] = []
-        self._cache = None
-        self._mask: torch.Tensor | None = None  # [batch, cache_len], 1 where a real token sits
+        # The running batch's KV cache, attention mask (1 where a real token sits) and positions.
+        self._state: DecodeState | None = None
         self._mergeable: bool | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -216,8 +178,8 @@ class Engine:
                 )
             for row in rows:
                 row.submitted_at = now
-                if row.generator is None:
-                    row.generator = row.params.make_generator(self.device)
+                if row.rng is None:
+                    row.rng = row.params.make_rng()
                 self._waiting.append(row)
             self._cv.notify_all()
 
@@ -267,7 +229,7 @@ class Engine:
                         if not row.done:
                             self._finish(row, "error", error=f"generation failed: {type(e).__name__}")
                     self._running = []
-                    self._cache, self._mask = None, None
+                    self._state = None
 
     def _drop_cancelled(self) -> None:
         """Under the lock: remove cancelled rows from the queue and the batch."""
@@ -282,60 +244,34 @@ class Engine:
             self._select_rows(keep)
 
     # -------------------------------------------------------------- model
-    def _forward(self, input_ids, attention_mask, position_ids, cache):
-        # Only the last position's logits are sampled from: the LM head over a whole prompt was
-        # wasted work in every prefill.
-        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            **extra,
-        )
-        return out.logits[:, -1, :], out.past_key_values
-
-    def _prefill(self, sequences: list[list[int]]):
-        """Left-padded forward pass over whole sequences; returns last-position logits, cache, mask."""
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, s in enumerate(sequences):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
-        logits, cache = self._forward(ids, mask, positions, DynamicCache(config=self.model.config))
-        return logits, cache, mask
+    def _prefill(self, sequences: list[list[int]]) -> tuple[torch.Tensor, DecodeState]:
+        return prefill(self.model, *left_pad(sequences, self.pad_token_id, self.device))
 
     def _admit(self, rows: list[Row]) -> None:
-        logits, cache, mask = self._prefill([r.prompt_ids for r in rows])
+        logits, state = self._prefill([r.prompt_ids for r in rows])
         if self._mergeable is None:
-            from transformers.cache_utils import DynamicLayer
-
-            layers = getattr(cache, "layers", None)
-            self._mergeable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            layers = getattr(state.past_key_values, "layers", None)
+            self._mergeable = bool(layers) and all(isinstance(layer, PreallocatedLayer) for layer in layers)
             if not self._mergeable:
                 logger.info("this model's KV cache cannot be merged; admission re-prefills the batch")
         if not self._running:
-            self._cache, self._mask = cache, mask
+            self._state = state
         elif self._mergeable:
-            self._merge(cache, mask)
+            self._merge(state)
         else:
             # Rebuild the whole batch: running rows re-prefill everything except their pending token.
-            _, self._cache, self._mask = self._prefill(
+            _, self._state = self._prefill(
                 [r.prompt_ids + r.generated[:-1] for r in self._running] + [r.prompt_ids for r in rows]
             )
-        tokens = sample_batch(logits, [r.params for r in rows], [r.generator for r in rows])
+        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows])
         self._running.extend(rows)
         self._max_batch_seen = max(self._max_batch_seen, len(self._running))
         self._accept(rows, tokens.tolist())
 
-    def _merge(self, cache, mask: torch.Tensor) -> None:
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
+    def _merge(self, new: DecodeState) -> None:
+        """Append ``new``'s rows to the running batch, left-padding the shorter cache."""
+        old = self._state
+        old_len, new_len = old.attention_mask.shape[1], new.attention_mask.shape[1]
         width = max(old_len, new_len)
 
         def pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -345,39 +281,41 @@ class Engine:
             shape[-2 if t.dim() == 4 else -1] = n
             return torch.cat([t.new_zeros(shape), t], dim=-2 if t.dim() == 4 else -1)
 
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([pad_left(old.keys, width - old_len), pad_left(new.keys, width - new_len)], dim=0)
-            old.values = torch.cat(
-                [pad_left(old.values, width - old_len), pad_left(new.values, width - new_len)], dim=0
+        for layer, added in zip(old.past_key_values.layers, new.past_key_values.layers):
+            layer.keys = torch.cat([pad_left(layer.keys, width - old_len), pad_left(added.keys, width - new_len)])
+            layer.values = torch.cat(
+                [pad_left(layer.values, width - old_len), pad_left(added.values, width - new_len)]
             )
-        self._mask = torch.cat([pad_left(self._mask, width - old_len), pad_left(mask, width - new_len)], dim=0)
+        old.attention_mask = torch.cat(
+            [pad_left(old.attention_mask, width - old_len), pad_left(new.attention_mask, width - new_len)]
+        )
+        old.next_positions = torch.cat([old.next_positions, new.next_positions])
 
     def _select_rows(self, keep: list[int]) -> None:
         """Keep only the batch rows ``keep`` and drop cache columns no remaining row uses."""
         self._running = [self._running[i] for i in keep]
         if not keep:
-            self._cache, self._mask = None, None
+            self._state = None
             return
+        state = self._state
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        mask = self._mask.index_select(0, index)
+        mask = state.attention_mask.index_select(0, index)
         first = int((mask.sum(0) > 0).nonzero()[0]) if self._mergeable else 0
-        self._mask = mask[:, first:]
+        state.attention_mask = mask[:, first:]
+        state.next_positions = state.next_positions.index_select(0, index)
         if self._mergeable:
-            for layer in self._cache.layers:
+            for layer in state.past_key_values.layers:
                 layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
                 layer.values = layer.values.index_select(0, index)[:, :, first:, :]
         else:
-            self._cache.batch_select_indices(index)
+            state.past_key_values.batch_select_indices(index)
 
     def _decode_step(self) -> None:
         rows = self._running
-        pending = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[r.num_cached] for r in rows], dtype=torch.long, device=self.device)
-        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        logits, self._cache = self._forward(pending, mask, positions, self._cache)
-        self._mask = mask
+        pending = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long, device=self.device)
+        logits = decode_step(self.model, pending, self._state)
         self._steps_total += 1
-        tokens = sample_batch(logits, [r.params for r in rows], [r.generator for r in rows])
+        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows])
         self._accept(rows, tokens.tolist())
 
     # -------------------------------------------------------------- output

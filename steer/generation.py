@@ -8,14 +8,16 @@ Two layers:
   feeds one new token per row and returns the next logits. Positions come from the attention
   mask, so a left-padded row sees exactly the positions it would see alone;
 - :class:`SteerGenerator`, which validates attributes, renders the prompt with the policy's
-  template (``mode="inference"``), samples with :mod:`steer.sampling` (one ``torch.Generator``
+  template (``mode="inference"``), samples with :mod:`steer.sampling` (one random stream
   per request, so a seeded request gives the same text alone or batched) and stops at the
   template's end marker, a stop string, EOS or the token budget.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from steer.errors import SteerError
+from steer.kv_cache import new_kv_cache
 from steer.sampling import SamplingParams, find_stop, sample_next_tokens
 
 logger = logging.getLogger(__name__)
@@ -56,12 +59,19 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_token_id: int, device: to
     return ids.to(device), mask.to(device)
 
 
+def _last_logits_only(model) -> dict:
+    # Only the last position's logits are sampled from: the LM head over a whole prompt is wasted
+    # work in every prefill. Models whose forward lacks the argument compute them all.
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
     """Run left-padded prompts through the model once: last-position logits [batch, vocab] and
-    the state to continue from."""
+    the state to continue from. The cache appends in place (:mod:`steer.kv_cache`)."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                past_key_values=new_kv_cache(model.config), use_cache=True, **_last_logits_only(model))
     state = DecodeState(out.past_key_values, attention_mask, positions[:, -1] + 1)
     return out.logits[:, -1, :], state
 
@@ -124,13 +134,13 @@ class _Row:
     """Decoding bookkeeping for one request."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], end_marker: str,
-                 attributes: dict[str, int], generator: torch.Generator, budget: int):
+                 attributes: dict[str, int], rng: random.Random, budget: int):
         self.prompt_ids = prompt_ids
         self.params = params
         self.stops = stops
         self.end_marker = end_marker
         self.attributes = attributes
-        self.generator = generator
+        self.rng = rng
         self.budget = budget
         self.tokens: list[int] = []
         self.text = ""
@@ -201,7 +211,7 @@ class SteerGenerator:
             budget = min(budget, room)
         stops = list(self.template.stop_strings) + params.stop
         return _Row(prompt.input_ids, params, stops, self.template.end_marker, applied,
-                    params.make_generator(), budget)
+                    params.make_rng(), budget)
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Decode several requests in one left-padded batch. A seeded request gives the same text
@@ -214,10 +224,10 @@ class SteerGenerator:
         active = list(range(len(rows)))
         while True:
             next_tokens = torch.full((len(rows),), self.pad_token_id, dtype=torch.long, device=self.device)
-            # Only unfinished rows draw from their generators, so a row's random stream never
+            # Only unfinished rows draw from their random streams, so a row's stream never
             # depends on what else is in the batch.
             sampled = sample_next_tokens(
-                logits[active], [rows[i].params for i in active], [rows[i].generator for i in active]
+                logits[active], [rows[i].params for i in active], [rows[i].rng for i in active]
             )
             for i, token in zip(active, sampled.tolist()):
                 next_tokens[i] = token

@@ -101,10 +101,13 @@ class ScriptedLM(torch.nn.Module):
         self.config = SimpleNamespace(max_position_embeddings=4096)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
-        step = 0 if past_key_values is None else past_key_values + 1
+        # The prefill sees the whole prompt; each decode step adds one column to the mask.
+        if input_ids.shape[1] == attention_mask.shape[1]:
+            self.prompt_length = attention_mask.shape[1]
+        step = attention_mask.shape[1] - self.prompt_length
         logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab), -1e4)
         logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 1e4
-        return SimpleNamespace(logits=logits, past_key_values=step)
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
 
 
 def test_stops_at_template_end_marker_and_strips_it(generator):

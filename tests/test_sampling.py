@@ -28,13 +28,71 @@ def test_seeded_row_is_independent_of_batch():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     p = SamplingParams(temperature=1.0, seed=7)
-    alone = [sample_next_tokens(logits[2:3], [p], [p.make_generator()]) for _ in range(1)][0]
+    alone = sample_next_tokens(logits[2:3], [p], [p.make_rng()])
     others = [SamplingParams(seed=s) for s in (1, 2, 3)]
     batch_params = [others[0], others[1], p, others[2]]
-    batch = sample_next_tokens(logits, batch_params, [q.make_generator() for q in batch_params])
+    batch = sample_next_tokens(logits, batch_params, [q.make_rng() for q in batch_params])
     assert batch[2] == alone[0]
     greedy = SamplingParams(temperature=0)
-    assert sample_next_tokens(logits, [greedy] * 4, [greedy.make_generator()] * 4).tolist() == logits.argmax(-1).tolist()
+    assert sample_next_tokens(logits, [greedy] * 4, [greedy.make_rng()] * 4).tolist() == logits.argmax(-1).tolist()
+
+
+def test_mixed_params_in_one_batch_match_each_row_alone():
+    """Rows are grouped by (temperature, top_p); every row still gets the token it gets alone,
+    step after step, with greedy rows consuming no randomness."""
+    torch.manual_seed(0)
+    for trial in range(10):
+        logits = torch.randn(12, 512) * 3
+        params = [SamplingParams(temperature=(0.7, 1.0, 0.0)[i % 3], top_p=(0.9, 1.0, 0.5)[i % 3],
+                                 seed=trial * 50 + i) for i in range(12)]
+        alone = [p.make_rng() for p in params]
+        batched = [p.make_rng() for p in params]
+        for _ in range(3):
+            step = logits + torch.randn_like(logits)
+            expected = torch.cat([sample_next_tokens(step[i:i + 1], [p], [alone[i]]) for i, p in enumerate(params)])
+            assert torch.equal(sample_next_tokens(step, params, batched), expected)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
+def test_draws_follow_the_filtered_distribution(top_p):
+    """20,000 draws from a known distribution: frequencies match the top-p filtered, renormalised
+    probabilities, and nothing outside the nucleus is ever drawn."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 200) * 2
+    expected = filter_top_p(torch.softmax(logits, dim=-1), top_p)[0]
+    expected = expected / expected.sum()
+    rows = 20_000
+    params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i) for i in range(rows)]
+    tokens = sample_next_tokens(logits.expand(rows, -1), params, [p.make_rng() for p in params])
+    counts = torch.bincount(tokens, minlength=200).double()
+    assert counts[expected == 0].sum() == 0
+    # Within 5 standard deviations of a binomial count, for every token.
+    sd = (rows * expected * (1 - expected)).sqrt().clamp(min=1.0)
+    assert ((counts - rows * expected).abs() <= 5 * sd).all()
+
+
+def test_wide_nucleus_falls_back_to_a_full_sort():
+    """A flat distribution needs far more than the top-k candidates to reach top_p; the fallback
+    must give the same nucleus (draws stay inside it and cover it)."""
+    import steer.sampling as sampling
+
+    logits = torch.zeros(1, 1000)
+    logits[0, :500] = 0.01 * torch.arange(500, dtype=torch.float32)  # mass spread over many tokens
+    probs = torch.softmax(logits, dim=-1)
+    nucleus = filter_top_p(probs, 0.9)[0] > 0
+    assert nucleus.sum() > sampling.NUCLEUS_CANDIDATES
+    rows = 4000
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=i) for i in range(rows)]
+    tokens = sample_next_tokens(logits.expand(rows, -1), params, [p.make_rng() for p in params])
+    assert nucleus[tokens].all()
+    assert len(set(tokens.tolist())) > sampling.NUCLEUS_CANDIDATES
+
+
+def test_non_finite_logits_are_an_error_not_a_token():
+    logits = torch.full((2, 10), float("nan"))
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=0)] * 2
+    with pytest.raises(SamplingError, match="non-finite"):
+        sample_next_tokens(logits, params, [p.make_rng() for p in params])
 
 
 def test_stop_helpers():

@@ -447,34 +447,6 @@ def test_serve_cli_rejects_a_missing_or_wrong_policy(tmp_path, capsys, monkeypat
     assert "steer_config.json is missing" in capsys.readouterr().err
 
 
-def test_batched_sampling_draws_what_steer_sampling_draws():
-    """The engine samples a whole batch at once; each row must still get exactly the token that
-    steer.sampling.sample_next_tokens gives it (same seeds, mixed temperatures and top_p)."""
-    import torch
-
-    from service.engine import sample_batch
-    from steer.sampling import SamplingParams, sample_next_tokens
-
-    torch.manual_seed(0)
-    for trial in range(20):
-        logits = torch.randn(12, 512) * 3
-        params = [SamplingParams(temperature=(0.7, 1.0, 0.0)[i % 3], top_p=(0.9, 1.0, 0.5)[i % 3], seed=trial * 50 + i)
-                  for i in range(12)]
-        alone = [p.make_generator() for p in params]
-        batched = [p.make_generator() for p in params]
-        # Several steps with the same generators: each must also advance exactly as multinomial does.
-        for _ in range(3):
-            step_logits = logits + torch.randn_like(logits)
-            expected = sample_next_tokens(step_logits, params, alone)
-            assert torch.equal(sample_batch(step_logits, params, batched), expected)
-    # One shared (temperature, top_p), the common case, takes the no-grouping path.
-    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=7 + i) for i in range(5)]
-    alone, batched = [p.make_generator() for p in params], [p.make_generator() for p in params]
-    for _ in range(4):
-        logits = torch.randn(5, 512) * 3
-        assert torch.equal(sample_batch(logits, params, batched), sample_next_tokens(logits, params, alone))
-
-
 def test_fast_content_chunk_is_the_pydantic_chunk():
     """Streaming renders content deltas from a cached prefix; the JSON must be what the protocol
     model gives, whatever the text holds."""
