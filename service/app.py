@@ -55,8 +55,8 @@ class ServerState:
         self.load_error: str | None = None
 
     def load(self) -> None:
-        """Blocking: load the policy (and APM) and start the engine."""
-        from service.engine import Engine
+        """Blocking: load the policy (and APM) and start the engine, in a child process unless
+        ``engine_in_process``."""
         from steer.policy import load_policy
 
         s = self.settings
@@ -64,30 +64,56 @@ class ServerState:
             import torch
 
             torch.set_num_threads(s.threads)
-        policy = load_policy(s.policy, device=s.device, dtype=s.dtype)
+        if s.engine_in_process:
+            policy = load_policy(s.policy, device=s.device, dtype=s.dtype)
+            engine = self._thread_engine(policy)
+        else:
+            # This process only renders and tokenizes prompts: it needs no weights.
+            policy = load_policy(s.policy, device=s.device, load_model=False)
+            engine = self._process_engine()
         apm = None
         if s.apm:
             from steer.apm import AttributePredictor
 
             apm = AttributePredictor.load(s.apm, device=s.device)
-        eos = {policy.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
-        eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
-        engine = Engine(
-            policy.model,
-            policy.tokenizer,
-            max_batch_size=s.max_batch_size,
-            max_queue=s.max_queue,
-            eos_token_ids=[t for t in eos if t is not None],
-            device=policy.device,
-            on_token=self.metrics.tokens.inc,
-        )
-        engine.start()
         self.metrics.bind_engine(engine.stats)
         self.engine = engine
         self.serving = ChatServing(policy, engine, s, self.metrics, apm=apm)
         logger.info("serving %s (schema %s)%s", self.serving.model_name, policy.schema.name,
                     f" with APM {s.apm}" if apm is not None else "")
+
+    def _thread_engine(self, policy):
+        from service.engine import Engine
+        from steer.generation import eos_token_ids
+
+        s = self.settings
+        engine = Engine(
+            policy.model,
+            policy.tokenizer,
+            max_batch_size=s.max_batch_size,
+            max_queue=s.max_queue,
+            eos_token_ids=eos_token_ids(policy.model, policy.tokenizer),
+            device=policy.device,
+            on_token=self.metrics.tokens.inc,
+        )
+        engine.start()
+        return engine
+
+    def _process_engine(self):
+        from service.engine_process import EngineProcess, EngineProcessConfig
+
+        s = self.settings
+        config = EngineProcessConfig(policy=s.policy, device=s.device, dtype=s.dtype, threads=s.threads,
+                                     max_batch_size=s.max_batch_size, log_level=logging.getLogger().level)
+        engine = EngineProcess(config, max_queue=s.max_queue, on_token=self.metrics.tokens.inc)
+        engine.start()
+        return engine
+
+    def failure(self) -> str | None:
+        """Why the server cannot serve, or None: the model failed to load or the engine died."""
+        if self.load_error:
+            return self.load_error
+        return getattr(self.engine, "error", None)
 
 
 class BodyLimitMiddleware:
@@ -237,8 +263,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
                                headers={"WWW-Authenticate": "Bearer"})
 
     def serving() -> ChatServing:
-        if state.serving is None:
-            detail = f"the model failed to load ({state.load_error})" if state.load_error else "the model is loading"
+        failure = state.failure()
+        if state.serving is None or failure:
+            if state.load_error:
+                detail = f"the model failed to load ({state.load_error})"
+            else:
+                detail = failure or "the model is loading"
             raise ServingError(503, f"{detail}; retry shortly", type="server_error", code="model_not_ready",
                                headers={"Retry-After": "5"})
         return state.serving
@@ -248,8 +278,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     # ------------------------------------------------------------ routes
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health():
-        if state.serving is None:
-            status = f"failed: {state.load_error}" if state.load_error else "loading"
+        failure = state.failure()
+        if state.serving is None or failure:
+            status = f"failed: {failure}" if failure else "loading"
             return JSONResponse({"status": status, "model": None}, status_code=503)
         return HealthResponse(status="ok", model=state.serving.model_name)
 

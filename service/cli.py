@@ -59,6 +59,11 @@ class ServeConfig:
         default=False, metadata={"help": "Mount the Gradio UI at /ui when gradio is installed (the default). Env: STEER_UI=1/0."}
     )
     no_ui: bool = field(default=False, metadata={"help": "Do not mount the UI."})
+    engine_in_process: bool = field(
+        default=False,
+        metadata={"help": "Decode in a thread of the server process instead of a separate engine process: "
+                          "faster start, lower throughput under concurrent load. Env: STEER_ENGINE_IN_PROCESS=1."},
+    )
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 
     def to_settings(self) -> ServerSettings:
@@ -67,6 +72,7 @@ class ServeConfig:
         if self.ui and self.no_ui:
             raise SettingsError("give --ui or --no-ui, not both", "ui")
         overrides["ui"] = True if self.ui else (False if self.no_ui else None)
+        overrides["engine_in_process"] = True if self.engine_in_process else None  # else the environment decides
         return ServerSettings.from_env(overrides)
 
 

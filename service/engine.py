@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steer.errors import SteerError
-from steer.generation import DecodeState, decode_step, left_pad, prefill
+from steer.generation import DecodeState, context_limit, decode_step, left_pad, prefill
 from steer.kv_cache import PreallocatedLayer
 from steer.sampling import SamplingParams, find_stop, sample_next_tokens, streamable_length
 
@@ -110,6 +110,7 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         device: torch.device | str | None = None,
         on_token: Callable[[int], None] | None = None,
+        on_step: Callable[[], None] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -119,6 +120,9 @@ class Engine:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.on_token = on_token
+        # Called after every pass of the loop, outside the lock, once that pass's events are out.
+        self.on_step = on_step
+        self.max_context = context_limit(model)
         # SentencePiece byte-fallback tokens (<0xE2>) decode as a group: "!" followed by a stray
         # continuation byte turns into two U+FFFD. Text is held back while such a run is open.
         self._byte_tokens = {
@@ -230,6 +234,8 @@ class Engine:
                             self._finish(row, "error", error=f"generation failed: {type(e).__name__}")
                     self._running = []
                     self._state = None
+            if self.on_step is not None:
+                self.on_step()
 
     def _drop_cancelled(self) -> None:
         """Under the lock: remove cancelled rows from the queue and the batch."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.engine import Engine, EngineStoppedError, QueueFullError, Row, RowEvent
+from service.engine_process import EngineFailedError, EngineProcess
 from service.metrics import ServerMetrics
 from service.protocol import (
     AttributeInfo,
@@ -130,7 +131,7 @@ class Generation:
 
 
 class ChatServing:
-    def __init__(self, policy, engine: Engine, settings: ServerSettings, metrics: ServerMetrics, apm=None):
+    def __init__(self, policy, engine: Engine | EngineProcess, settings: ServerSettings, metrics: ServerMetrics, apm=None):
         self.policy = policy
         self.engine = engine
         self.settings = settings
@@ -138,7 +139,7 @@ class ChatServing:
         self.apm = apm
         self.model_name = settings.model_name or policy.name
         self.created = int(time.time())
-        self.max_context = int(getattr(policy.model.config, "max_position_embeddings", 0) or 0) or None
+        self.max_context = engine.max_context
         self._apm_lock = threading.Lock()
         self._events: EventDispatcher | None = None
 
@@ -238,6 +239,8 @@ class ChatServing:
         except QueueFullError as e:
             raise ServingError(429, str(e), type="rate_limit_error", code="server_busy",
                                headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        except EngineFailedError as e:
+            raise ServingError(503, str(e), type="server_error", code="engine_failed") from None
         except EngineStoppedError as e:
             raise ServingError(503, str(e), type="server_error", code="shutting_down") from None
         return Generation(request=req, messages=messages, attributes=attributes, prompt_tokens=prompt_tokens,

@@ -39,6 +39,7 @@ ENV_VARS: dict[str, str] = {
     "ui": "STEER_UI",
     "ui_path": "STEER_UI_PATH",
     "retry_after_s": "STEER_RETRY_AFTER",
+    "engine_in_process": "STEER_ENGINE_IN_PROCESS",
 }
 
 
@@ -66,6 +67,9 @@ class ServerSettings:
     ui: bool = True
     ui_path: str = "/ui"
     retry_after_s: int = 1
+    # Decode in a thread of the server process instead of a child process (service.engine_process):
+    # one process less and a faster start, at about two thirds of the throughput under load.
+    engine_in_process: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_prompt_tokens",

@@ -84,7 +84,7 @@ def decode_step(model, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor
     )
     out = model(
         input_ids=tokens.view(-1, 1),
-        attention_mask=state.attention_mask,
+        attention_mask=_one_token_mask(model, state.attention_mask),
         position_ids=state.next_positions.view(-1, 1),
         past_key_values=state.past_key_values,
         use_cache=True,
@@ -92,6 +92,24 @@ def decode_step(model, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor
     state.past_key_values = out.past_key_values
     state.next_positions = state.next_positions + 1
     return out.logits[:, -1, :]
+
+
+def _one_token_mask(model, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mask for a step that feeds one token per row. That token may attend to every real token
+    before it, so under SDPA the finished [batch, 1, 1, length] boolean mask is just the padding
+    mask; handing it over skips transformers' general mask builder, a sixteenth of a batch-16 step
+    on a CPU. A single row has no padding, and transformers then needs no mask at all."""
+    if attention_mask.shape[0] > 1 and getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa":
+        return attention_mask[:, None, None, :].bool()
+    return attention_mask
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every token that ends a reply: the tokenizer's EOS and the model's generation config's."""
+    ids: set[int] = set()
+    for eos in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids |= set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
+    return {int(t) for t in ids if t is not None}
 
 
 def context_limit(model) -> int | None:
@@ -163,8 +181,7 @@ class SteerGenerator:
         self.device = torch.device(device)
         self.name = name
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        eos = tokenizer.eos_token_id
-        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = context_limit(model)
 
     @classmethod

@@ -52,11 +52,32 @@ def load_policy(
     dtype: str | None = None,
     use_merged: bool | None = None,
     trust_remote_code: bool = False,
+    load_model: bool = True,
 ) -> Policy:
-    """Load a policy directory for inference. ``use_merged=None`` uses ``merged/`` when present."""
+    """Load a policy directory for inference. ``use_merged=None`` uses ``merged/`` when present.
+
+    ``load_model=False`` loads everything but the weights (``model`` is None): what a process that
+    only renders prompts and tokenizes them needs, such as the server's HTTP side."""
     policy_dir = Path(path)
     config, schema = load_steer_config(policy_dir, kind="policy")
     dev = resolve_device(device)
+    model = _load_policy_model(policy_dir, config, dev, dtype, use_merged, trust_remote_code) if load_model else None
+    tokenizer = load_tokenizer(policy_dir, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    template = build_template(config.get("template"), schema, tokenizer)
+    return Policy(
+        model=model,
+        tokenizer=tokenizer,
+        schema=schema,
+        template=template,
+        name=config.get("name") or policy_dir.resolve().name,
+        device=dev,
+        config=config,
+    )
+
+
+def _load_policy_model(policy_dir: Path, config: dict[str, Any], dev: torch.device, dtype: str | None,
+                       use_merged: bool | None, trust_remote_code: bool):
     merged = config.get("merged")
     if use_merged is None:
         use_merged = bool(merged) and (policy_dir / merged).is_dir()
@@ -73,16 +94,4 @@ def load_policy(
             model = PeftModel.from_pretrained(model, str(policy_dir / config["adapter"]))
             # Folding LoRA into the weights makes every decode step as cheap as the base model's.
             model = model.merge_and_unload()
-    model.eval()
-    tokenizer = load_tokenizer(policy_dir, trust_remote_code=trust_remote_code)
-    tokenizer.padding_side = "left"
-    template = build_template(config.get("template"), schema, tokenizer)
-    return Policy(
-        model=model,
-        tokenizer=tokenizer,
-        schema=schema,
-        template=template,
-        name=config.get("name") or policy_dir.resolve().name,
-        device=dev,
-        config=config,
-    )
+    return model.eval()

@@ -82,3 +82,24 @@ def test_generation_primitives_use_it(tiny_llama):
     assert isinstance(state.past_key_values.layers[0], PreallocatedLayer)
     decode_step(tiny_llama, logits.argmax(-1), state)
     assert state.past_key_values.get_seq_length() == 4
+
+
+def test_one_token_steps_match_transformers_own_masking(tiny_llama):
+    """decode_step hands SDPA a ready [batch, 1, 1, length] mask for padded batches; the logits must
+    be what transformers computes from the 2D padding mask itself."""
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]], pad_token_id=0)
+    logits, state = prefill(tiny_llama, ids, mask)
+    reference = DynamicCache(config=tiny_llama.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        tiny_llama(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=reference)
+        next_positions = positions[:, -1:] + 1
+        for _ in range(6):
+            tokens = logits.argmax(-1)
+            logits = decode_step(tiny_llama, tokens, state)
+            mask = torch.cat([mask, mask.new_ones(3, 1)], dim=1)
+            expected = tiny_llama(input_ids=tokens.view(-1, 1), attention_mask=mask, position_ids=next_positions,
+                                  past_key_values=reference).logits[:, -1]
+            next_positions = next_positions + 1
+            assert torch.allclose(logits, expected, atol=1e-6)

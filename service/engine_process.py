@@ -1,0 +1,275 @@
+"""The engine in its own process.
+
+The decode loop and the HTTP side (parsing requests, rendering chunks, writing sockets) are both
+Python. In one process they take turns on one interpreter lock, so with 16 streaming clients the
+server used about one core of two and delivered two thirds of what the engine alone could. As in
+vLLM (an engine core process behind the API server), :class:`EngineProcess` runs the
+:class:`~service.engine.Engine` in a child process: the server tokenizes prompts and sends rows
+down one pipe; after every decode step the child sends that step's events back up another, in
+one message.
+
+``EngineProcess`` has the engine's client interface (``start``, ``stop``, ``submit``, ``cancel``,
+``stats``, ``max_context``), so :class:`~service.serving.ChatServing` drives either. The queue
+limit is enforced here, on the server's side, so a full server answers 429 without a round trip.
+
+If the child dies (killed, out of memory), every request in flight ends with an error, ``error``
+says why, ``/health`` turns 503 and new requests are refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from service.engine import Engine, EngineStats, EngineStoppedError, QueueFullError, Row, RowEvent
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFailedError(EngineStoppedError):
+    """The engine process exited or could not start."""
+
+
+@dataclass(frozen=True)
+class EngineProcessConfig:
+    """What the child needs to load the policy and build its engine (it is pickled across)."""
+
+    policy: str
+    device: str | None = None
+    dtype: str | None = None
+    threads: int = 0
+    max_batch_size: int = 16
+    log_level: int = logging.INFO
+
+
+class EngineProcess:
+    def __init__(self, config: EngineProcessConfig, *, max_queue: int = 64,
+                 on_token: Callable[[int], None] | None = None, start_timeout: float = 600.0):
+        self.config = config
+        self.max_batch_size = config.max_batch_size
+        self.max_queue = max_queue
+        self.on_token = on_token
+        self.start_timeout = start_timeout
+        self.max_context: int | None = None
+        self.error: str | None = None  # why the engine process is gone, once it is
+        self._lock = threading.Lock()
+        self._rows: dict[int, Row] = {}
+        self._row_ids: dict[int, int] = {}  # id(row) -> the id the child knows it by
+        self._next_id = itertools.count()
+        self._stats = EngineStats(0, 0, 0, 0, 0, 0, 0)
+        self._tokens_seen = 0
+        self._stopping = False
+        self._process = None
+        self._commands = None
+        self._events = None
+        self._reader: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the child and wait until its model is loaded; raises ``EngineFailedError``."""
+        ctx = mp.get_context("spawn")  # fork would copy the server's threads and CUDA state
+        command_reader, self._commands = ctx.Pipe(duplex=False)
+        self._events, event_writer = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=run_engine_process, args=(self.config, command_reader, event_writer),
+                                    name="steer-engine", daemon=True)
+        self._process.start()
+        command_reader.close()
+        event_writer.close()
+        deadline = time.monotonic() + self.start_timeout
+        while not self._events.poll(0.5):
+            if not self._process.is_alive() or time.monotonic() > deadline:
+                self._process.kill()
+                raise EngineFailedError(f"the engine process did not start (exit code {self._process.exitcode})")
+        try:
+            kind, payload = self._events.recv()
+        except EOFError:
+            self._process.join(5)
+            raise EngineFailedError(f"the engine process exited while loading (exit code {self._process.exitcode})")
+        if kind == "failed":
+            self._process.join(5)
+            raise EngineFailedError(payload)
+        self.max_context = payload["max_context"]
+        self._reader = threading.Thread(target=self._read_events, name="steer-engine-events", daemon=True)
+        self._reader.start()
+        logger.info("engine process %d ready", self._process.pid)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stopping = True
+        if self._process is None:
+            return
+        self._send("stop", None)
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+        self._fail_all("cancelled", None)
+
+    # --------------------------------------------------------------- client
+    def submit(self, rows: Sequence[Row]) -> None:
+        """Queue ``rows`` together (a request's ``n`` choices), or none of them."""
+        now = time.perf_counter()
+        with self._lock:
+            if self.error is not None:
+                raise EngineFailedError(f"the engine is not running ({self.error})")
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            # The engine's own rule (waiting rows beyond free batch slots), counted on this side:
+            # rows in flight here are never fewer than the child's running + waiting.
+            if len(self._rows) + len(rows) > self.max_queue + self.max_batch_size:
+                raise QueueFullError(f"the server is busy ({len(self._rows)} requests in progress); retry later")
+            items = []
+            for row in rows:
+                row.submitted_at = now
+                key = next(self._next_id)
+                self._rows[key] = row
+                self._row_ids[id(row)] = key
+                items.append((key, row.prompt_ids, row.params, row.stops, row.index))
+            self._send("submit", items)
+
+    def cancel(self, rows: Sequence[Row]) -> None:
+        keys = []
+        with self._lock:
+            for row in rows:
+                key = self._row_ids.get(id(row))
+                if key is not None and not row.done:
+                    row.cancelled = True
+                    keys.append(key)
+            if keys:
+                self._send("cancel", keys)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # ------------------------------------------------------------ internals
+    def _send(self, kind: str, payload) -> None:
+        try:
+            self._commands.send((kind, payload))
+        except (OSError, ValueError):  # the child is gone; the reader reports it
+            pass
+
+    def _read_events(self) -> None:
+        try:
+            while True:
+                kind, payload = self._events.recv()
+                if kind == "stopped":
+                    return
+                events, stats = payload
+                self._deliver(events)
+                self._stats = stats
+                new_tokens = stats.tokens_total - self._tokens_seen
+                self._tokens_seen = stats.tokens_total
+                if new_tokens and self.on_token is not None:
+                    self.on_token(new_tokens)
+        except (EOFError, OSError):
+            pass
+        finally:
+            if not self._stopping:
+                self._process.join(1)
+                self.error = f"the engine process exited (exit code {self._process.exitcode})"
+                logger.error("%s; failing %d requests in flight", self.error, len(self._rows))
+                self._fail_all("error", "generation failed: the engine process exited")
+
+    def _deliver(self, events: list[tuple[int, RowEvent]]) -> None:
+        for key, event in events:
+            row = self._rows.get(key)
+            if row is None:
+                continue
+            if event.finished:
+                with self._lock:
+                    self._rows.pop(key, None)
+                    self._row_ids.pop(id(row), None)
+                row.done = True
+                row.finished_at = time.perf_counter()
+            elif row.first_token_at is None:
+                row.first_token_at = time.perf_counter()
+            row.sink(event)
+
+    def _fail_all(self, reason: str, error: str | None) -> None:
+        with self._lock:
+            rows, self._rows, self._row_ids = list(self._rows.values()), {}, {}
+        for row in rows:
+            if not row.done:
+                row.done = True
+                row.sink(RowEvent(index=row.index, finished=True, finish_reason=reason, error=error))
+
+
+def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
+    """The child's main: load the policy, run an engine, relay rows in and events out."""
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import torch
+
+        from steer.generation import eos_token_ids
+        from steer.policy import load_policy
+
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        policy = load_policy(config.policy, device=config.device, dtype=config.dtype)
+    except Exception as e:  # reported to the server, which fails its start with this message
+        events.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+
+    outbox: list[tuple[int, RowEvent]] = []
+    outbox_lock = threading.Lock()
+    rows: dict[int, Row] = {}
+
+    def flush() -> None:
+        with outbox_lock:
+            if not outbox:
+                return
+            batch = outbox[:]
+            outbox.clear()
+        try:
+            events.send(("events", (batch, engine.stats())))
+        except (OSError, ValueError):  # the server is gone; the command loop ends too
+            pass
+
+    def sink_for(key: int) -> Callable[[RowEvent], None]:
+        def sink(event: RowEvent) -> None:
+            with outbox_lock:
+                outbox.append((key, event))
+            if event.finished:
+                rows.pop(key, None)
+
+        return sink
+
+    engine = Engine(
+        policy.model,
+        policy.tokenizer,
+        max_batch_size=config.max_batch_size,
+        max_queue=1 << 30,  # the server side enforces the queue limit
+        eos_token_ids=eos_token_ids(policy.model, policy.tokenizer),
+        device=policy.device,
+        on_step=flush,
+    )
+    engine.start()
+    events.send(("ready", {"max_context": engine.max_context}))
+    try:
+        while True:
+            kind, payload = commands.recv()
+            if kind == "submit":
+                batch = [Row(prompt_ids=list(ids), params=params, stops=list(stops), sink=sink_for(key), index=index)
+                         for key, ids, params, stops, index in payload]
+                rows.update((key, row) for (key, *_), row in zip(payload, batch))
+                engine.submit(batch)
+            elif kind == "cancel":
+                engine.cancel([rows[key] for key in payload if key in rows])
+            elif kind == "stop":
+                break
+    except (EOFError, OSError):
+        pass  # the server went away: stop decoding for nobody
+    finally:
+        engine.stop()
+        flush()
+        try:
+            events.send(("stopped", None))
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,136 @@
+"""The engine in a child process: same text as the engine in a thread, the queue limit enforced on
+the server's side, and a dead engine process turned into errors and a failing /health, not a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from service.engine import QueueFullError, Row
+from service.engine_process import EngineFailedError, EngineProcess, EngineProcessConfig
+from steer.sampling import SamplingParams
+from tests.test_service import HELLO, make_client, one_torch_thread, tiny_policy, wait_ready  # noqa: F401
+
+
+class Collector:
+    def __init__(self):
+        self.events = []
+        self.done = threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event.finished:
+            self.done.set()
+
+    @property
+    def final(self):
+        return self.events[-1]
+
+
+def _row(policy, content: str, seed: int, max_new: int = 16) -> tuple[Row, Collector]:
+    ids = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer, mode="inference",
+                                   attributes=policy.schema.validate({})).input_ids
+    sink = Collector()
+    stops = [policy.template.end_marker] + list(policy.template.stop_strings)
+    return Row(prompt_ids=list(ids), params=SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=seed),
+               stops=stops, sink=sink), sink
+
+
+@pytest.fixture(scope="module")
+def engine_process(tiny_policy):
+    engine = EngineProcess(EngineProcessConfig(policy=str(tiny_policy), device="cpu", threads=1, max_batch_size=2),
+                           max_queue=1)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def test_process_engine_gives_the_thread_engines_text(tiny_policy, engine_process):
+    from service.engine import Engine
+    from steer.generation import eos_token_ids
+    from steer.policy import load_policy
+
+    policy = load_policy(tiny_policy, device="cpu")
+    assert engine_process.max_context == policy.model.config.max_position_embeddings
+    thread_engine = Engine(policy.model, policy.tokenizer, eos_token_ids=eos_token_ids(policy.model, policy.tokenizer))
+    thread_engine.start()
+    try:
+        texts = {}
+        for name, engine in (("thread", thread_engine), ("process", engine_process)):
+            rows = [_row(policy, prompt, seed=seed) for prompt, seed in (("Once upon a time", 3), ("Hello", 4))]
+            engine.submit([r for r, _ in rows])
+            for _, sink in rows:
+                assert sink.done.wait(30)
+            texts[name] = [(sink.final.text, sink.final.finish_reason, sink.final.completion_tokens) for _, sink in rows]
+            # Deltas add up to the final text, as the server streams them.
+            assert ["".join(e.delta for e in sink.events) for _, sink in rows] == [t for t, _, _ in texts[name]]
+        assert texts["process"] == texts["thread"]
+        assert engine_process.stats().finished_total >= 2
+    finally:
+        thread_engine.stop()
+
+
+def test_queue_limit_and_cancel_on_the_server_side(tiny_policy, engine_process):
+    from steer.policy import load_policy
+
+    policy = load_policy(tiny_policy, load_model=False)
+    # Two batch slots and one waiting place: the fourth row is refused at once.
+    rows = [_row(policy, "Once upon a time", seed=i, max_new=3000) for i in range(3)]
+    engine_process.submit([r for r, _ in rows])
+    extra, extra_sink = _row(policy, "Hello", seed=9)
+    with pytest.raises(QueueFullError, match="busy"):
+        engine_process.submit([extra])
+    engine_process.cancel([r for r, _ in rows])
+    for _, sink in rows:
+        assert sink.done.wait(30)
+        assert sink.final.finish_reason == "cancelled"
+    engine_process.submit([extra])  # room again
+    assert extra_sink.done.wait(30)
+    assert extra_sink.final.finish_reason in ("stop", "length")
+
+
+def test_engine_process_that_cannot_load_fails_start_with_the_reason(tmp_path):
+    from steer.artifacts import save_steer_config
+    from steer.attributes import Attribute, AttributeSchema
+    from steer.template import PromptTemplate
+
+    schema = AttributeSchema(name="x", attributes=(Attribute("humor", 0, 4, 0, "funny"),))
+    save_steer_config(tmp_path, "policy", schema, PromptTemplate(schema).to_dict(), base_model=str(tmp_path / "gone"),
+                      adapter=None, name="broken")
+    engine = EngineProcess(EngineProcessConfig(policy=str(tmp_path), device="cpu", threads=1))
+    with pytest.raises(EngineFailedError) as e:
+        engine.start()
+    assert "gone" in str(e.value)
+
+
+def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
+    """The server keeps answering: requests in flight end with an error, /health turns 503 naming
+    the cause, and new requests get a 503 instead of hanging."""
+    with make_client(tiny_policy, engine_in_process=False, max_tokens_limit=4000) as client:
+        wait_ready(client, timeout=120)
+        engine = client.app.state.server.engine
+        assert isinstance(engine, EngineProcess)
+        assert client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}).status_code == 200
+        result = {}
+
+        def long_request():
+            result["response"] = client.post("/v1/chat/completions",
+                                             json={"messages": HELLO, "max_tokens": 3000, "stream": True})
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while engine.stats().active == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(engine._process.pid, signal.SIGKILL)
+        worker.join(60)
+        assert '"type": "server_error"' in result["response"].text
+        health = client.get("/health")
+        assert health.status_code == 503 and "engine process exited" in health.json()["status"]
+        refused = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        assert refused.status_code == 503
+        assert "engine process exited" in refused.json()["error"]["message"]
