@@ -321,6 +321,50 @@ def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy, merge_
         engine.stop()
 
 
+def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_policy):
+    """A row that ends leaves its batch slot free; the next request is written into it (no cache
+    copy) and generates exactly what it generates alone; a slot nobody takes is compacted away."""
+    from service.engine import Engine, Row
+    from steer.sampling import SamplingParams
+
+    policy, _ = _engine(tiny_policy)
+    engine = Engine(policy.model, policy.tokenizer, max_batch_size=4)  # no EOS: rows run to their budget
+
+    def row(content, seed, max_new):
+        ids = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer,
+                                       mode="inference", attributes={"humor": 2}).input_ids
+        sink = Collector()
+        return Row(prompt_ids=ids, params=SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=seed),
+                   stops=["\x00never"], sink=sink), sink
+
+    placed = []
+    place = engine._place
+    engine._place = lambda new, j, slot, r: (placed.append(slot), place(new, j, slot, r))
+    engine.start()
+    try:
+        alone, alone_sink = row("Once upon a time", 1234, 12)
+        engine.submit([alone])
+        assert alone_sink.done.wait(30)
+        long_row, long_sink = row("a much longer prompt " * 4, 1, 100_000)
+        short_row, short_sink = row("hi", 2, 2)
+        engine.submit([long_row, short_row])
+        assert short_sink.done.wait(30)
+        target, target_sink = row("Once upon a time", 1234, 12)
+        engine.submit([target])
+        assert target_sink.done.wait(30)
+        assert placed == [1]  # the short row's slot
+        assert (target_sink.text, target_sink.final.completion_tokens) == (alone_sink.text, 12)
+        # Nobody takes the slot the target left: after a few steps the batch is one row again.
+        deadline = time.monotonic() + 30
+        while len(engine._slots) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine._slots == [long_row] and not long_sink.done.is_set()
+        engine.cancel([long_row])
+        assert long_sink.done.wait(30) and long_sink.final.finish_reason == "cancelled"
+    finally:
+        engine.stop()
+
+
 def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
     """Usage counts EOS, as steer.generation does, so both report the same completion_tokens."""
     from service.engine import Engine
