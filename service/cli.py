@@ -26,7 +26,8 @@ class ServeConfig:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available). Env: STEER_DEVICE."})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: bf16 on GPU). Env: STEER_DTYPE."})
     threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: torch's choice). Env: STEER_THREADS."}
+        default=None, metadata={"help": "torch CPU threads (default: the engine process takes all cores but one, "
+                                     "left to the HTTP side). Env: STEER_THREADS."}
     )
     model_name: str | None = field(
         default=None, metadata={"help": "Model name shown by /v1/models (default: the policy's name). Env: STEER_MODEL_NAME."}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -201,6 +202,20 @@ class EngineProcess:
                 row.sink(RowEvent(index=row.index, finished=True, finish_reason=reason, error=error))
 
 
+def engine_threads(requested: int, device) -> int:
+    """torch threads for the engine process: ``requested``, or by default on a CPU every core this
+    process may use but one, which the HTTP side needs (with both on two cores, serving the demo
+    policy fell from 1,770 to 1,320 tokens/s)."""
+    if requested > 0:
+        return requested
+    import torch
+
+    if getattr(device, "type", str(device)) != "cpu":
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     """The child's main: load the policy, run an engine, relay rows in and events out."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -210,9 +225,8 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
         from steer.generation import eos_token_ids
         from steer.policy import load_policy
 
-        if config.threads > 0:
-            torch.set_num_threads(config.threads)
         policy = load_policy(config.policy, device=config.device, dtype=config.dtype)
+        torch.set_num_threads(engine_threads(config.threads, policy.device))
     except Exception as e:  # reported to the server, which fails its start with this message
         events.send(("failed", f"{type(e).__name__}: {e}"))
         return

@@ -51,8 +51,9 @@ class ServerSettings:
     port: int = 8000
     device: str | None = None
     dtype: str | None = None
-    # torch CPU threads; 0 keeps torch's default. On a busy CPU, fewer threads than cores avoid
-    # threads spinning against each other.
+    # torch CPU threads; 0: the engine process takes every core but one (left to the HTTP side),
+    # an in-process engine keeps torch's default. Threads that outnumber free cores spin against
+    # each other.
     threads: int = 0
     # Name reported by /v1/models and checked against a request's "model"; defaults to the policy's name.
     model_name: str | None = None

@@ -134,3 +134,16 @@ def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
         refused = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
         assert refused.status_code == 503
         assert "engine process exited" in refused.json()["error"]["message"]
+
+
+def test_engine_threads_leave_a_core_to_the_http_side(monkeypatch):
+    import torch
+
+    from service import engine_process
+
+    assert engine_process.engine_threads(3, torch.device("cpu")) == 3
+    monkeypatch.setattr(engine_process.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert engine_process.engine_threads(0, torch.device("cpu")) == 3
+    monkeypatch.setattr(engine_process.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert engine_process.engine_threads(0, torch.device("cpu")) == 1
+    assert engine_process.engine_threads(0, torch.device("cuda")) == torch.get_num_threads()
