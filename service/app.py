@@ -264,11 +264,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     def serving() -> ChatServing:
         failure = state.failure()
-        if state.serving is None or failure:
-            if state.load_error:
-                detail = f"the model failed to load ({state.load_error})"
-            else:
-                detail = failure or "the model is loading"
+        if state.serving is not None and failure:  # the engine process died after loading
+            raise ServingError(503, f"{failure}; the server needs a restart", type="server_error",
+                               code="engine_failed")
+        if state.serving is None:
+            detail = f"the model failed to load ({state.load_error})" if state.load_error else "the model is loading"
             raise ServingError(503, f"{detail}; retry shortly", type="server_error", code="model_not_ready",
                                headers={"Retry-After": "5"})
         return state.serving

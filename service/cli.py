@@ -92,9 +92,10 @@ def main(config: ServeConfig) -> int:
         load_steer_config(settings.apm, kind="apm")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         logger.warning("listening on %s without API keys: anyone who can reach it can use it", settings.host)
-    # The engine thread holds the GIL between torch calls; a shorter switch interval lets the event
-    # loop parse new requests and flush tokens promptly instead of waiting up to 5 ms each time
-    # (p50 time to first token with 16 concurrent clients: 0.49 s -> 0.33 s in bench/serve_throughput.py).
+    # A thread that decodes (--engine-in-process) or relays the engine process's events holds the GIL
+    # between calls; a shorter switch interval lets the event loop parse new requests and flush
+    # tokens promptly instead of waiting up to 5 ms each time (with the in-process engine, p50 time
+    # to first token with 16 concurrent clients went 0.49 s -> 0.33 s in bench/serve_throughput.py).
     sys.setswitchinterval(0.001)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=config.log_level)
     return 0

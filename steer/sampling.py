@@ -9,7 +9,7 @@ sorted from most to least likely. That needs the sorted head of the distribution
 of 32 usually holds the whole nucleus, and rows where it does not fall back to a full sort. Both
 paths give the same token for the same row, since the nucleus is the same set in the same order.
 Compared with a full sort plus ``torch.multinomial`` per row, this made sampling a batch of 16
-about ten times cheaper (a sixth of a decode step before).
+from the demo policy about seven times cheaper (1.55 ms -> 0.23 ms; a sixth of a decode step before).
 """
 
 from __future__ import annotations

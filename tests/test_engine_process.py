@@ -132,7 +132,7 @@ def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
         health = client.get("/health")
         assert health.status_code == 503 and "engine process exited" in health.json()["status"]
         refused = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
-        assert refused.status_code == 503
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_failed"
         assert "engine process exited" in refused.json()["error"]["message"]
 
 
