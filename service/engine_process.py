@@ -59,6 +59,7 @@ class EngineProcess:
         self.max_context: int | None = None
         self.error: str | None = None  # why the engine process is gone, once it is
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._rows: dict[int, Row] = {}
         self._row_ids: dict[int, int] = {}  # id(row) -> the id the child knows it by
         self._next_id = itertools.count()
@@ -152,7 +153,8 @@ class EngineProcess:
     # ------------------------------------------------------------ internals
     def _send(self, kind: str, payload) -> None:
         try:
-            self._commands.send((kind, payload))
+            with self._send_lock:  # stop() may send while the event loop sends
+                self._commands.send((kind, payload))
         except (OSError, ValueError):  # the child is gone; the reader reports it
             pass
 
@@ -163,8 +165,8 @@ class EngineProcess:
                 if kind == "stopped":
                     return
                 events, stats = payload
+                self._stats = stats  # before the events: a client that sees its text sees these counts
                 self._deliver(events)
-                self._stats = stats
                 new_tokens = stats.tokens_total - self._tokens_seen
                 self._tokens_seen = stats.tokens_total
                 if new_tokens and self.on_token is not None:
