@@ -67,14 +67,17 @@ def filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return probs
     sorted_probs, order = torch.sort(probs, descending=True)
-    keep_sorted = _in_nucleus(sorted_probs, torch.cumsum(sorted_probs, dim=-1), top_p)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    keep_sorted = torch.ones_like(cumulative, dtype=torch.bool)
+    keep_sorted[..., 1:] = cumulative[..., :-1] < top_p
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return probs * keep
 
 
-def _in_nucleus(sorted_probs: torch.Tensor, cumulative: torch.Tensor, top_p: float) -> torch.Tensor:
-    # Keep a token if the mass before it is still below top_p (so the top token always stays).
-    return (cumulative - sorted_probs) < top_p
+def _last_in_nucleus(cumulative: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row, the position of the last token kept: a token stays while the mass before it is
+    below top_p, so the most likely token always does (the rule ``filter_top_p`` applies)."""
+    return (cumulative[..., :-1] < top_p).sum(dim=-1, keepdim=True)
 
 
 def sample_next_tokens(
@@ -100,8 +103,8 @@ def sample_next_tokens(
             tokens = torch.argmax(group_logits, dim=-1)
         else:
             uniforms = torch.tensor([rngs[i].random() for i in rows], dtype=torch.float32)
-            tokens = _sample_rows(torch.softmax(group_logits / temperature, dim=-1), top_p,
-                                  uniforms.to(logits.device))
+            scaled = group_logits if temperature == 1.0 else group_logits / temperature
+            tokens = _sample_rows(torch.softmax(scaled, dim=-1), top_p, uniforms.to(logits.device))
         if whole:
             return tokens
         out[index] = tokens
@@ -119,21 +122,20 @@ def _sample_rows(probs: torch.Tensor, top_p: float, uniforms: torch.Tensor) -> t
     cumulative = torch.cumsum(head, dim=-1)
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     if k == probs.shape[-1] or float(cumulative[:, -1].min()) >= top_p:
-        return _nucleus_draw(head, order, cumulative, top_p, uniforms)
+        return _nucleus_draw(order, cumulative, top_p, uniforms)
     covered = cumulative[:, -1] >= top_p
     rest = (~covered).nonzero().squeeze(-1)
     if bool(covered.any()):
         done = covered.nonzero().squeeze(-1)
-        tokens[done] = _nucleus_draw(head[done], order[done], cumulative[done], top_p, uniforms[done])
+        tokens[done] = _nucleus_draw(order[done], cumulative[done], top_p, uniforms[done])
     sorted_probs, full_order = torch.sort(probs[rest], descending=True)
-    tokens[rest] = _nucleus_draw(sorted_probs, full_order, torch.cumsum(sorted_probs, dim=-1), top_p, uniforms[rest])
+    tokens[rest] = _nucleus_draw(full_order, torch.cumsum(sorted_probs, dim=-1), top_p, uniforms[rest])
     return tokens
 
 
-def _nucleus_draw(sorted_probs, order, cumulative, top_p: float, uniforms) -> torch.Tensor:
-    kept = _in_nucleus(sorted_probs, cumulative, top_p).sum(dim=-1, keepdim=True)  # >= 1
-    mass = cumulative.gather(-1, kept - 1)
-    return _invert(cumulative, mass, uniforms, order, last=kept - 1)
+def _nucleus_draw(order, cumulative, top_p: float, uniforms) -> torch.Tensor:
+    last = _last_in_nucleus(cumulative, top_p)
+    return _invert(cumulative, cumulative.gather(-1, last), uniforms, order, last=last)
 
 
 def _invert(cumulative, mass, uniforms, order, last=None) -> torch.Tensor:
