@@ -213,36 +213,43 @@ class Engine:
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        while True:
+        # Inference mode for the whole thread: the batch's tensors are updated in place from every
+        # path (a cancelled row's slot is released before the next step runs).
+        with torch.inference_mode():
+            while self._iterate():
+                if self.on_step is not None:
+                    self.on_step()
+
+    def _iterate(self) -> bool:
+        """One pass: drop cancelled rows, admit waiting ones, one decode step. False once stopped."""
+        with self._cv:
+            while not self._stop and not self._waiting and not self._slots:
+                self._cv.wait()
+            if self._stop:
+                return False
+        admit: list[Row] = []
+        try:
             with self._cv:
-                while not self._stop and not self._waiting and not self._slots:
-                    self._cv.wait()
-                if self._stop:
-                    return
                 self._drop_cancelled()
                 room = self.max_batch_size - len(self._live_rows())
-                admit = []
                 while self._waiting and len(admit) < room:
                     admit.append(self._waiting.popleft())
                 idle_free_slots = not self._waiting and self._free_since and \
                     self._steps_total - min(self._free_since.values()) >= self.HOLD_FREE_SLOT_STEPS
-            try:
-                with torch.inference_mode():
-                    if admit:
-                        self._admit(admit)
-                    elif idle_free_slots:
-                        self._compact()
-                    if self._slots:
-                        self._decode_step()
-            except Exception as e:  # a bug or an out-of-memory must not kill the server silently
-                logger.exception("engine step failed; failing the batch")
-                with self._cv:
-                    for row in admit + self._live_rows():
-                        if not row.done:
-                            self._finish(row, "error", error=f"generation failed: {type(e).__name__}")
-                    self._slots, self._free_since, self._state = [], {}, None
-            if self.on_step is not None:
-                self.on_step()
+            if admit:
+                self._admit(admit)
+            elif idle_free_slots:
+                self._compact()
+            if self._slots:
+                self._decode_step()
+        except Exception as e:  # a bug or an out-of-memory must not kill the server silently
+            logger.exception("engine step failed; failing the batch")
+            with self._cv:
+                for row in admit + self._live_rows():
+                    if not row.done:
+                        self._finish(row, "error", error=f"generation failed: {type(e).__name__}")
+                self._slots, self._free_since, self._state = [], {}, None
+        return True
 
     def _live_rows(self) -> list[Row]:
         return [r for r in self._slots if r is not None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -361,6 +362,39 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_pol
         assert engine._slots == [long_row] and not long_sink.done.is_set()
         engine.cancel([long_row])
         assert long_sink.done.wait(30) and long_sink.final.finish_reason == "cancelled"
+    finally:
+        engine.stop()
+
+
+def test_cancelling_one_row_between_steps_keeps_the_rest_decoding(tiny_policy):
+    """A row cancelled between two steps frees its slot before the next step (the batch's mask is
+    updated in place there); the other rows go on and the server stays up."""
+    policy, engine = _engine(tiny_policy, max_batch_size=4)
+    (first, first_sink), (second, second_sink) = [_row(policy, "hi", seed=s, max_new=3000, temperature=0)
+                                                  for s in (1, 2)]
+    cancel_first = threading.Event()
+
+    def between_steps():  # runs on the engine thread, after a step and before the next
+        if cancel_first.is_set() and not first.cancelled:
+            engine.cancel([first])
+
+    engine.on_step = between_steps
+    engine.start()
+    try:
+        engine.submit([first, second])
+        deadline = time.monotonic() + 10
+        while not (first_sink.text and second_sink.text) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        cancel_first.set()
+        assert first_sink.done.wait(10) and first_sink.final.finish_reason == "cancelled"
+        decoded = len(second.generated)
+        deadline = time.monotonic() + 10
+        while len(second.generated) < decoded + 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(second.generated) >= decoded + 5 and not second_sink.done.is_set()
+        assert engine.stats().active == 1
+        engine.cancel([second])
+        assert second_sink.done.wait(10) and second_sink.final.finish_reason == "cancelled"
     finally:
         engine.stop()
 
