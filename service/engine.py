@@ -1,27 +1,30 @@
 """Continuous batching: one background thread owns the model and decodes every running request
 together, admitting waiting requests into the running batch between decode steps.
 
-Each step:
+Each pass of the loop:
 
-1. drop rows whose client went away (their slot is free at once);
-2. admit waiting rows up to ``max_batch_size``: prefill them together (left-padded), sample their
-   first token, and merge their KV cache into the running batch's cache (left-padding the shorter
-   one, so every row's real tokens stay right-aligned);
+1. free the batch slots of rows whose client went away;
+2. admit waiting rows up to ``max_batch_size``: prefill them together (left-padded), write each
+   one's KV cache into a free slot (a batch row whose request ended), right-aligned like every
+   row, or, with no free slot or a prompt longer than the batch's cache, append it (left-padding
+   the shorter cache), and sample their first token;
 3. one batched decode step over all rows; each row samples from its own logits with its own
    random stream (``steer.sampling``), so a seeded request gives the same text alone or batched;
-4. detokenize, find stop strings, emit text deltas through each row's ``sink`` callback and retire
-   finished rows, trimming cache columns that only padding still uses.
+4. detokenize, find stop strings, emit text deltas through each row's ``sink`` callback and free
+   the slots of finished rows. Slots nobody takes over for a few steps are compacted away, and
+   leading cache columns that only padding still uses are trimmed now and then.
 
 Every row always has exactly one sampled token that is not yet in the cache (its "pending" token);
-the decode step feeds those.
+the decode step feeds those (free slots are fed padding, and their outputs are ignored).
 
-Merging caches relies on the cache (``steer.kv_cache``) storing plain ``[batch, heads, seq, dim]``
-tensors per layer (``cache.layers[i].keys/values``). Caches of other shapes (sliding-window
-layers) fall back to re-prefilling the whole batch on admission, which is correct and, for small
-models, cheap.
+Writing into and merging caches relies on the cache (``steer.kv_cache``) storing plain
+``[batch, heads, seq, dim]`` tensors per layer (``cache.layers[i].keys/values``). Caches of other
+shapes (sliding-window layers) fall back to re-prefilling the whole batch on admission and
+compacting at once, which is correct and, for small models, cheap.
 
-This module knows nothing about HTTP or asyncio: results leave through the ``sink`` callables,
-which the serving layer turns into ``loop.call_soon_threadsafe`` calls.
+This module knows nothing about HTTP or processes: results leave through the ``sink`` callables
+(the serving layer turns them into ``loop.call_soon_threadsafe`` calls, or
+``service.engine_process`` into messages to the server process).
 """
 
 from __future__ import annotations
