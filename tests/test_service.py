@@ -515,6 +515,10 @@ def test_settings_come_from_flags_over_environment():
         args=["--policy", "/flag/policy", "--no-ui", "--api-key", "k1", "--api-key", "k2", "--max-queue", "3"])
     s = config.to_settings()
     assert (s.policy, s.ui, s.api_keys, s.max_queue) == ("/flag/policy", False, ["k1", "k2"], 3)
+    assert s.engine_in_process is False  # the engine runs in its own process unless asked
+    (config,) = parser.parse_args_into_dataclasses(args=["--policy", "p", "--engine-in-process"])
+    assert config.to_settings().engine_in_process is True
+    assert ServerSettings.from_env(environ={"STEER_ENGINE_IN_PROCESS": "1"}).engine_in_process is True
 
 
 def test_serve_cli_rejects_a_missing_or_wrong_policy(tmp_path, capsys, monkeypatch):
