@@ -84,9 +84,11 @@ class EngineProcess:
         event_writer.close()
         deadline = time.monotonic() + self.start_timeout
         while not self._events.poll(0.5):
-            if not self._process.is_alive() or time.monotonic() > deadline:
+            if not self._process.is_alive():
+                raise EngineFailedError(f"the engine process exited while loading (exit code {self._process.exitcode})")
+            if time.monotonic() > deadline:
                 self._process.kill()
-                raise EngineFailedError(f"the engine process did not start (exit code {self._process.exitcode})")
+                raise EngineFailedError(f"the engine process did not load the model within {self.start_timeout:.0f} s")
         try:
             kind, payload = self._events.recv()
         except EOFError:
