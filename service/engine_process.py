@@ -167,12 +167,13 @@ class EngineProcess:
                 if kind == "stopped":
                     return
                 events, stats = payload
-                self._stats = stats  # before the events: a client that sees its text sees these counts
-                self._deliver(events)
+                # Counts before events: a client that has seen its text finds them in the stats.
+                self._stats = stats
                 new_tokens = stats.tokens_total - self._tokens_seen
                 self._tokens_seen = stats.tokens_total
                 if new_tokens and self.on_token is not None:
                     self.on_token(new_tokens)
+                self._deliver(events)
         except (EOFError, OSError):
             pass
         finally:

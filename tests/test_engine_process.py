@@ -114,7 +114,13 @@ def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
         wait_ready(client, timeout=120)
         engine = client.app.state.server.engine
         assert isinstance(engine, EngineProcess)
-        assert client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}).status_code == 200
+        reply = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        assert reply.status_code == 200
+        # Token counts cross the process boundary into /metrics.
+        metrics = client.get("/metrics").text
+        tokens = float(next(line.split()[1] for line in metrics.splitlines()
+                            if line.startswith("steer_generated_tokens_total ")))
+        assert tokens == reply.json()["usage"]["completion_tokens"]
         result = {}
 
         def long_request():
