@@ -382,22 +382,21 @@ class Engine:
             return
         state = self._state
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        mask = state.attention_mask.index_select(0, index)
-        first = int(mask.any(0).int().argmax()) if self._mergeable else 0
-        state.attention_mask = mask[:, first:]
+        state.attention_mask = state.attention_mask.index_select(0, index)
         state.next_positions = state.next_positions.index_select(0, index)
-        if self._mergeable:
-            for layer in state.past_key_values.layers:
-                layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
-                layer.values = layer.values.index_select(0, index)[:, :, first:, :]
-        else:
+        if not self._mergeable:
             state.past_key_values.batch_select_indices(index)
+            return
+        for layer in state.past_key_values.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        self._trim(min_columns=1)
 
-    def _trim(self) -> None:
-        """Cut leading cache columns no row attends to any more (slots were taken over by shorter rows)."""
+    def _trim(self, min_columns: int) -> None:
+        """Cut leading cache columns no row attends to any more, if there are ``min_columns`` of them."""
         state = self._state
         first = int(state.attention_mask.any(0).int().argmax())
-        if first >= self.TRIM_COLUMNS:
+        if first >= min_columns:
             state.attention_mask = state.attention_mask[:, first:]
             for layer in state.past_key_values.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:, :], layer.values[:, :, first:, :]
@@ -415,7 +414,7 @@ class Engine:
         tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows])
         self._accept(rows, tokens.tolist())
         if self._mergeable and self._state is not None and self._steps_total % self.TRIM_COLUMNS == 0:
-            self._trim()
+            self._trim(min_columns=self.TRIM_COLUMNS)
 
     # -------------------------------------------------------------- output
     def _accept(self, rows: list[Row], tokens: list[int]) -> None:

@@ -226,8 +226,8 @@ def stage_sft(config: DemoConfig, work: Path) -> None:
     sft(SftConfig(
         base_model=str(work / "policy" / "base"), data=str(data), output=str(work / "policy"),
         format="steer", schema=str(work / "apm"), lora_r=config.lora_r, lora_alpha=2 * config.lora_r,
-        lora_dropout=0.0, modules_to_save=["embed_tokens"], epochs=config.sft_epochs, lr=config.sft_lr, batch_size=16, max_length=256,
-        eval_fraction=0.05, save_steps=200, resume=True, logging_steps=20, limit=config.limit,
+        lora_dropout=0.0, modules_to_save=["embed_tokens"], epochs=config.sft_epochs, lr=config.sft_lr,
+        batch_size=16, max_length=256, eval_fraction=0.05, save_steps=200, resume=True, logging_steps=20, limit=config.limit,
     ))
 
 

@@ -9,7 +9,7 @@ sorted from most to least likely. That needs the sorted head of the distribution
 of 32 usually holds the whole nucleus, and rows where it does not fall back to a full sort. Both
 paths give the same token for the same row, since the nucleus is the same set in the same order.
 Compared with a full sort plus ``torch.multinomial`` per row, this made sampling a batch of 16
-from the demo policy about seven times cheaper (1.55 ms -> 0.23 ms; a sixth of a decode step before).
+from the demo policy about seven times cheaper (1.55 ms -> 0.21 ms; a sixth of a decode step before).
 """
 
 from __future__ import annotations
@@ -67,9 +67,8 @@ def filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return probs
     sorted_probs, order = torch.sort(probs, descending=True)
-    cumulative = torch.cumsum(sorted_probs, dim=-1)
-    keep_sorted = torch.ones_like(cumulative, dtype=torch.bool)
-    keep_sorted[..., 1:] = cumulative[..., :-1] < top_p
+    last = _last_in_nucleus(torch.cumsum(sorted_probs, dim=-1), top_p)
+    keep_sorted = torch.arange(probs.shape[-1], device=probs.device) <= last
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return probs * keep
 
@@ -120,9 +119,9 @@ def _sample_rows(probs: torch.Tensor, top_p: float, uniforms: torch.Tensor) -> t
     k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
     head, order = torch.topk(probs, k, dim=-1)
     cumulative = torch.cumsum(head, dim=-1)
-    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     if k == probs.shape[-1] or float(cumulative[:, -1].min()) >= top_p:
         return _nucleus_draw(order, cumulative, top_p, uniforms)
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     covered = cumulative[:, -1] >= top_p
     rest = (~covered).nonzero().squeeze(-1)
     if bool(covered.any()):
