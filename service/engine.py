@@ -4,18 +4,22 @@ together, admitting waiting requests into the running batch between decode steps
 Each pass of the loop:
 
 1. free the batch slots of rows whose client went away;
-2. admit waiting rows up to ``max_batch_size``: prefill them together (left-padded), write each
-   one's KV cache into a free slot (a batch row whose request ended), right-aligned like every
-   row, or, with no free slot or a prompt longer than the batch's cache, append it (left-padding
-   the shorter cache), and sample their first token;
+2. admit waiting rows up to ``max_batch_size``. Once a batch runs, a row whose prompt fits the
+   batch's cache claims a slot (a batch row whose request ended, or an empty row added for it) and
+   is prefilled inside the next decode step (``steer.mixed_step``), which then costs little more
+   than a plain one. The first batch, prompts longer than the cache and models that cannot take
+   that path are prefilled on their own (left-padded together); each one's KV cache is written into
+   a free slot, right-aligned like every row, or appended (left-padding the shorter cache), and
+   their first token is sampled;
 3. one batched decode step over all rows; each row samples from its own logits with its own
    random stream (``steer.sampling``), so a seeded request gives the same text alone or batched;
 4. detokenize, find stop strings, emit text deltas through each row's ``sink`` callback and free
    the slots of finished rows. Slots nobody takes over for a few steps are compacted away, and
    leading cache columns that only padding still uses are trimmed now and then.
 
-Every row always has exactly one sampled token that is not yet in the cache (its "pending" token);
-the decode step feeds those (free slots are fed padding, and their outputs are ignored).
+Every running row has exactly one sampled token that is not yet in the cache (its "pending" token);
+the decode step feeds those (free slots are fed padding, and their outputs are ignored). A row
+that claimed a slot has no token yet: the step feeds its prompt and samples its first token.
 
 Writing into and merging caches relies on the cache (``steer.kv_cache``) storing plain
 ``[batch, heads, seq, dim]`` tensors per layer (``cache.layers[i].keys/values``). Caches of other
@@ -42,6 +46,7 @@ import torch
 from steer.errors import SteerError
 from steer.generation import DecodeState, context_limit, decode_step, left_pad, prefill
 from steer.kv_cache import PreallocatedLayer
+from steer.mixed_step import fits, mixed_step, supports_mixed_step
 from steer.sampling import SamplingParams, find_stop, sample_next_tokens, streamable_length
 
 logger = logging.getLogger(__name__)
@@ -114,6 +119,7 @@ class Engine:
         device: torch.device | str | None = None,
         on_token: Callable[[int], None] | None = None,
         on_step: Callable[[], None] | None = None,
+        mixed_steps: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -148,6 +154,11 @@ class Engine:
         # The running batch's KV cache, attention mask (1 where a real token sits) and positions.
         self._state: DecodeState | None = None
         self._mergeable: bool | None = None
+        # Whether admitted rows may be prefilled inside the decode step (steer.mixed_step); decided
+        # when the first batch exists. Rows that claimed a slot and wait for that step, in slot order
+        # of claiming:
+        self._mixed: bool | None = None if mixed_steps else False
+        self._joining: list[tuple[int, Row]] = []
         self._stop = False
         self._thread: threading.Thread | None = None
         self._cancelled_total = 0
@@ -173,7 +184,7 @@ class Engine:
             for row in list(self._waiting) + self._live_rows():
                 self._finish(row, "cancelled")
             self._waiting.clear()
-            self._slots, self._free_since, self._state = [], {}, None
+            self._reset_batch()
 
     # --------------------------------------------------------------- client
     def submit(self, rows: Sequence[Row]) -> None:
@@ -251,7 +262,7 @@ class Engine:
                 for row in admit + self._live_rows():
                     if not row.done:
                         self._finish(row, "error", error=f"generation failed: {type(e).__name__}")
-                self._slots, self._free_since, self._state = [], {}, None
+                self._reset_batch()
         return True
 
     def _live_rows(self) -> list[Row]:
@@ -276,11 +287,14 @@ class Engine:
     # Leading cache columns that only padding still uses are cut once there are this many.
     TRIM_COLUMNS = 32
 
+    def _reset_batch(self) -> None:
+        self._slots, self._free_since, self._state, self._joining = [], {}, None, []
+
     def _release(self, row: Row) -> None:
         slot = next(i for i, r in enumerate(self._slots) if r is row)
         self._slots[slot] = None
         if not self._live_rows():
-            self._slots, self._free_since, self._state = [], {}, None
+            self._reset_batch()
             return
         self._free_since[slot] = self._steps_total
         # From now on the free row attends only to the padding it is fed, so it stays finite and
@@ -299,6 +313,17 @@ class Engine:
         return prefill(self.model, *left_pad(sequences, self.pad_token_id, self.device))
 
     def _admit(self, rows: list[Row]) -> None:
+        # Rows that can be prefilled inside the next decode step claim their slots; the others
+        # (the first batch, prompts longer than the batch's cache) are prefilled now, first, since
+        # appending them may compact the batch.
+        joining = [r for r in rows if self._mixed and self._state is not None and fits(self._state, len(r.prompt_ids))]
+        apart = [r for r in rows if not any(r is j for j in joining)]
+        if apart:
+            self._prefill_and_place(apart)
+        if joining and not self._claim_slots(joining):
+            self._prefill_and_place(joining)
+
+    def _prefill_and_place(self, rows: list[Row]) -> None:
         logits, new = self._prefill([r.prompt_ids for r in rows])
         if self._mergeable is None:
             layers = getattr(new.past_key_values, "layers", None)
@@ -307,6 +332,8 @@ class Engine:
                 logger.info("this model's KV cache cannot be merged; admission re-prefills the batch")
         if self._state is None:
             self._state, self._slots = new, list(rows)
+            if self._mixed is None:
+                self._mixed = self._mergeable and supports_mixed_step(self.model, new)
         elif not self._mergeable:
             # Rebuild the whole batch: running rows re-prefill everything except their pending token.
             running = self._live_rows()
@@ -336,6 +363,34 @@ class Engine:
         tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows])
         self._max_batch_seen = max(self._max_batch_seen, len(self._live_rows()))
         self._accept(rows, tokens.tolist())
+
+    def _claim_slots(self, rows: list[Row]) -> bool:
+        """Give every row a free slot to be prefilled in by the next decode step, if all of them fit."""
+        if self._state is None or not all(fits(self._state, len(r.prompt_ids)) for r in rows):
+            return False
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        if len(free) < len(rows):
+            # Empty rows cost one copy of the cache; a prefill of their own would cost a forward pass.
+            first = len(self._slots)
+            self._add_free_slots(len(rows) - len(free))
+            free += range(first, len(self._slots))
+        for slot, row in zip(free, rows):
+            self._slots[slot] = row
+            self._free_since.pop(slot, None)
+            self._joining.append((slot, row))
+        self._max_batch_seen = max(self._max_batch_seen, len(self._live_rows()))
+        return True
+
+    def _add_free_slots(self, n: int) -> None:
+        """Append ``n`` free rows to the batch (nothing in their cache columns is attended to)."""
+        state = self._state
+        for layer in state.past_key_values.layers:
+            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
+            layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
+        state.attention_mask = torch.cat(
+            [state.attention_mask, state.attention_mask.new_zeros((n, state.attention_mask.shape[1]))])
+        state.next_positions = torch.cat([state.next_positions, state.next_positions.new_zeros(n)])
+        self._slots.extend([None] * n)
 
     def _place(self, new: DecodeState, j: int, slot: int, row: Row) -> None:
         """Write prefilled row ``j`` of ``new`` into free batch row ``slot``, right-aligned like every row."""
@@ -403,9 +458,13 @@ class Engine:
 
     def _decode_step(self) -> None:
         slots = self._slots
-        pending = torch.tensor([r.generated[-1] if r is not None else self.pad_token_id for r in slots],
-                               dtype=torch.long, device=self.device)
-        logits = decode_step(self.model, pending, self._state)
+        pending = torch.tensor([r.generated[-1] if r is not None and r.generated else self.pad_token_id
+                                for r in slots], dtype=torch.long, device=self.device)
+        if self._joining:
+            joining, self._joining = self._joining, []
+            logits = mixed_step(self.model, pending, self._state, [(slot, r.prompt_ids) for slot, r in joining])
+        else:
+            logits = decode_step(self.model, pending, self._state)
         self._steps_total += 1
         live = [i for i, r in enumerate(slots) if r is not None]
         if len(live) < len(slots):

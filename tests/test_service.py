@@ -295,10 +295,10 @@ def _row(policy, content, seed, max_new=24, temperature=1.0):
     return Row(prompt_ids=prompt.input_ids, params=params, stops=policy.template.stop_strings, sink=sink), sink
 
 
-@pytest.mark.parametrize("merge_caches", [True, False], ids=["merge-kv-cache", "re-prefill"])
-def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy, merge_caches):
-    policy, engine = _engine(tiny_policy, max_batch_size=8, max_queue=16)
-    if not merge_caches:
+@pytest.mark.parametrize("admission", ["mixed-step", "merge-kv-cache", "re-prefill"])
+def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy, admission):
+    policy, engine = _engine(tiny_policy, max_batch_size=8, max_queue=16, mixed_steps=admission == "mixed-step")
+    if admission == "re-prefill":
         engine._mergeable = False  # the path models with sliding-window caches take
     engine.start()
     try:
@@ -322,14 +322,65 @@ def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy, merge_
         engine.stop()
 
 
-def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_policy):
+def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(tiny_policy):
+    """Once a batch runs, arriving requests take free or newly added rows and are prefilled by the
+    next decode step (steer.mixed_step) rather than by a forward pass of their own, and still
+    generate exactly what they generate alone. A prompt longer than the batch's cache is prefilled
+    on its own and appended."""
+    from service.engine import Engine
+
+    policy, _ = _engine(tiny_policy)
+    # No EOS: rows run to their budget, so the first one is still running when the others arrive.
+    engine = Engine(policy.model, policy.tokenizer, max_batch_size=5)
+    alone_engine = Engine(policy.model, policy.tokenizer, max_batch_size=1, mixed_steps=False)
+    specs = [("Once upon a time", 1), ("hi", 2), ("tell me a much longer story than that", 3),
+             ("a very long prompt " * 20, 4)]
+    alone_engine.start()
+    try:
+        expected = []
+        for content, seed in specs:
+            row, sink = _row(policy, content, seed=seed, max_new=12)
+            alone_engine.submit([row])
+            assert sink.done.wait(30)
+            expected.append((sink.text, sink.final.completion_tokens))
+    finally:
+        alone_engine.stop()
+
+    prefilled = []
+    prefill = engine._prefill
+    engine._prefill = lambda sequences: (prefilled.append(len(sequences)), prefill(sequences))[1]
+    engine.start()
+    try:
+        running, running_sink = _row(policy, "a story that goes on and on and on and on and on", seed=9, max_new=100_000, temperature=0)
+        engine.submit([running])
+        deadline = time.monotonic() + 30
+        while engine.stats().tokens_total < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        rows = [_row(policy, content, seed=seed, max_new=12) for content, seed in specs]
+        engine.submit([rows[0][0]])  # joins alone
+        engine.submit([r for r, _ in rows[1:3]])  # two at once: the batch grows by two rows
+        assert rows[0][1].done.wait(30) and rows[1][1].done.wait(30)
+        engine.submit([rows[3][0]])  # longer than the batch's cache
+        for _, sink in rows:
+            assert sink.done.wait(30)
+        assert [(sink.text, sink.final.completion_tokens) for _, sink in rows] == expected
+        assert prefilled == [1, 1]  # the request that started the batch and the one too long to join
+        assert engine.stats().max_batch_seen >= 3 and not running_sink.done.is_set()
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("mixed_steps", [True, False], ids=["prefilled-in-the-step", "prefilled-apart"])
+def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_policy, mixed_steps):
     """A row that ends leaves its batch slot free; the next request is written into it (no cache
-    copy) and generates exactly what it generates alone; a slot nobody takes is compacted away."""
+    copy), prefilled inside the next decode step or on its own, and generates exactly what it
+    generates alone; a slot nobody takes is compacted away."""
     from service.engine import Engine, Row
     from steer.sampling import SamplingParams
 
     policy, _ = _engine(tiny_policy)
-    engine = Engine(policy.model, policy.tokenizer, max_batch_size=4)  # no EOS: rows run to their budget
+    # No EOS: rows run to their budget.
+    engine = Engine(policy.model, policy.tokenizer, max_batch_size=4, mixed_steps=mixed_steps)
 
     def row(content, seed, max_new):
         ids = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer,
@@ -339,8 +390,15 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_pol
                    stops=["\x00never"], sink=sink), sink
 
     placed = []
-    place = engine._place
+    place, claim = engine._place, engine._claim_slots
     engine._place = lambda new, j, slot, r: (placed.append(slot), place(new, j, slot, r))
+
+    def claim_spy(rows):
+        claimed = claim(rows)
+        placed.extend(slot for slot, r in engine._joining if any(r is x for x in rows))
+        return claimed
+
+    engine._claim_slots = claim_spy
     engine.start()
     try:
         alone, alone_sink = row("Once upon a time", 1234, 12)
@@ -354,6 +412,7 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_pol
         engine.submit([target])
         assert target_sink.done.wait(30)
         assert placed == [1]  # the short row's slot
+        assert engine._mixed is mixed_steps
         assert (target_sink.text, target_sink.final.completion_tokens) == (alone_sink.text, 12)
         # Nobody takes the slot the target left: after a few steps the batch is one row again.
         deadline = time.monotonic() + 30

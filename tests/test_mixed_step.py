@@ -1,0 +1,82 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from steer.generation import decode_step, left_pad, prefill
+from steer.mixed_step import ATTENTION_NAME, fits, mixed_step, supports_mixed_step
+
+RUNNING = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
+STEP_TOKENS = [[21, 22, 23, 24], [25, 26, 27, 28], [29, 30, 31, 32]]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    # Two KV heads for four query heads: the grouped-query path of the attention is exercised too.
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+@torch.inference_mode()
+def _running_batch(model, free=(1, 2)):
+    """Four rows decoded for three steps, then ``free`` rows freed the way the server frees them."""
+    _, state = prefill(model, *left_pad(RUNNING, pad_token_id=0))
+    for tokens in STEP_TOKENS:
+        decode_step(model, torch.tensor(tokens), state)
+    for row in free:
+        state.attention_mask[row] = 0
+    return state
+
+
+@torch.inference_mode()
+def _alone(model, prompt, fed):
+    """The prompt alone: its first logits, then the logits after each token of ``fed``."""
+    logits, state = prefill(model, *left_pad([prompt], pad_token_id=0))
+    out = [logits[0]]
+    for token in fed:
+        out.append(decode_step(model, torch.tensor([token]), state)[0])
+    return out
+
+
+@pytest.mark.parametrize("joining", [{1: [40, 41, 42, 43, 44, 45]}, {1: [40, 41, 42, 43, 44, 45], 2: [50, 51, 52]},
+                                     {2: [60]}])
+def test_joining_rows_decode_as_if_alone_and_running_rows_as_if_nothing_joined(tiny_llama, joining):
+    model = tiny_llama
+    pending = torch.tensor([33, 0, 0, 34])
+    fed = [[70, 71, 72, 73], [74, 75, 76, 77], [78, 79, 80, 81]]
+
+    plain = _running_batch(model)
+    expected_running = [decode_step(model, pending, plain)]
+    for tokens in fed:
+        expected_running.append(decode_step(model, torch.tensor(tokens), plain))
+
+    state = _running_batch(model)
+    got = [mixed_step(model, pending, state, list(joining.items()))]
+    for tokens in fed:
+        got.append(decode_step(model, torch.tensor(tokens), state))
+
+    for row in (0, 3):  # untouched by what joined
+        for step, expected in enumerate(expected_running):
+            torch.testing.assert_close(got[step][row], expected[row], rtol=0, atol=1e-5)
+    for row, prompt in joining.items():
+        alone = _alone(model, prompt, [tokens[row] for tokens in fed])
+        for step, expected in enumerate(alone):
+            torch.testing.assert_close(got[step][row], expected, rtol=0, atol=1e-5)
+    assert model.config._attn_implementation != ATTENTION_NAME  # restored after the step
+
+
+def test_a_prompt_longer_than_the_batch_is_refused(tiny_llama):
+    state = _running_batch(tiny_llama)
+    width = state.attention_mask.shape[1]
+    assert fits(state, width + 1) and not fits(state, width + 2) and not fits(state, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        mixed_step(tiny_llama, torch.tensor([1, 0, 0, 1]), state, [(1, list(range(3, width + 5)))])
+
+
+def test_only_models_and_caches_it_was_checked_for_take_the_mixed_step(tiny_llama):
+    assert supports_mixed_step(tiny_llama, _running_batch(tiny_llama))
+    assert not supports_mixed_step(tiny_llama, None)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    _, state = prefill(gpt2, *left_pad([[5, 6, 7]], pad_token_id=0))
+    assert not supports_mixed_step(gpt2, state)
