@@ -10,7 +10,9 @@ linear layers see only those tokens; attention is done per part by :func:`_mixed
 
 - the per-row tokens attend over the batch's KV cache under the padding mask, exactly as in
   :func:`steer.generation.decode_step`;
-- each joining prompt attends causally to itself only (a block-diagonal mask when several join).
+- each joining prompt attends causally to itself only; several joining prompts are gathered into
+  a right-padded batch for that (a block-diagonal mask over all of them would cost the square of
+  their total length: 400 ms for 15 prompts of 117 tokens, against 8 ms padded).
 
 A joining row takes over a free batch row. Its prompt is written right-aligned, ending at the new
 column every row gets this step, over columns that row no longer uses, so the layout is the one
@@ -48,7 +50,11 @@ class _Layout:
     prefix_length: int  # joining prompts' tokens before the per-row tokens
     joins: list[tuple[int, int, int]]  # (batch row, offset in the flat sequence, prefix length)
     row_mask: torch.Tensor  # [batch, 1, 1, columns] bool: what each per-row token may attend to
-    prefix_mask: torch.Tensor | None  # [1, 1, P, P] block-diagonal causal; None: one prompt, causal
+    # Several prompts: flat prefix index of each (prompt, position) of the padded batch, the
+    # padded position of each flat prefix token, and the padded batch's causal mask. None: one prompt.
+    prefix_gather: torch.Tensor | None = None
+    prefix_scatter: torch.Tensor | None = None
+    prefix_mask: torch.Tensor | None = None
 
 
 def supports_mixed_step(model, state: DecodeState | None) -> bool:
@@ -94,23 +100,17 @@ def mixed_step(model, tokens: torch.Tensor, state: DecodeState, joining: Sequenc
         positions[row] = length - 1
         mask[row] = 0
         mask[row, end + 1 - length:] = 1
-    prefix_length = len(prefix_ids)
-    prefix_mask = None
-    if len([j for j in joins if j[2]]) > 1:
-        prefix_mask = torch.zeros((prefix_length, prefix_length), dtype=torch.bool, device=device)
-        for _, offset, length in joins:
-            prefix_mask[offset:offset + length, offset:offset + length] = torch.ones(
-                (length, length), dtype=torch.bool, device=device).tril()
-        prefix_mask = prefix_mask[None, None]
     flat_ids = torch.cat([torch.tensor(prefix_ids, dtype=torch.long, device=device), tokens])
     flat_positions = torch.cat([torch.tensor(prefix_positions, dtype=torch.long, device=device), positions])
     layout = _Layout(
         layers=list(state.past_key_values.layers),
-        prefix_length=prefix_length,
+        prefix_length=len(prefix_ids),
         joins=joins,
         row_mask=mask[:, None, None, :].bool(),
-        prefix_mask=prefix_mask,
     )
+    prefixes = [(offset, length) for _, offset, length in joins if length]
+    if len(prefixes) > 1:
+        _pad_prefixes(layout, prefixes, device)
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
@@ -122,6 +122,22 @@ def mixed_step(model, tokens: torch.Tensor, state: DecodeState, joining: Sequenc
     state.attention_mask = mask
     state.next_positions = positions + 1
     return out.logits[0]
+
+
+def _pad_prefixes(layout: _Layout, prefixes: list[tuple[int, int]], device) -> None:
+    longest = max(length for _, length in prefixes)
+    gather = torch.zeros((len(prefixes), longest), dtype=torch.long)
+    scatter = torch.empty(layout.prefix_length, dtype=torch.long)
+    valid = torch.zeros((len(prefixes), longest), dtype=torch.bool)
+    for i, (offset, length) in enumerate(prefixes):
+        gather[i, :length] = torch.arange(offset, offset + length)
+        scatter[offset:offset + length] = torch.arange(i * longest, i * longest + length)
+        valid[i, :length] = True
+    causal = torch.ones((longest, longest), dtype=torch.bool).tril()
+    # Padding queries attend to their prompt's real tokens only, so no row of the mask is empty.
+    layout.prefix_mask = (causal[None] & valid[:, None, :])[:, None].to(device)
+    layout.prefix_gather = gather.view(-1).to(device)
+    layout.prefix_scatter = scatter.to(device)
 
 
 def _mixed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -146,10 +162,20 @@ def _mixed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     rows_out = rows_out.reshape(1, rows_out.shape[0], *rows_out.shape[2:])
     if not split:
         return rows_out, None
-    prefix_out, _ = sdpa_attention_forward(
-        module, query[:, :, :split], key[:, :, :split], value[:, :, :split], layout.prefix_mask,
-        scaling=scaling, is_causal=layout.prefix_mask is None,
-    )
+    if layout.prefix_gather is None:
+        prefix_out, _ = sdpa_attention_forward(module, query[:, :, :split], key[:, :, :split],
+                                               value[:, :, :split], None, scaling=scaling, is_causal=True)
+    else:
+        prompts, longest = layout.prefix_mask.shape[0], layout.prefix_mask.shape[-1]
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # [1, heads, P, dim] -> [prompts, heads, longest, dim]
+            t = t[0, :, :split].index_select(1, layout.prefix_gather)
+            return t.view(t.shape[0], prompts, longest, t.shape[-1]).transpose(0, 1)
+
+        prefix_out, _ = sdpa_attention_forward(module, padded(query), padded(key), padded(value),
+                                               layout.prefix_mask, scaling=scaling)
+        prefix_out = prefix_out.reshape(prompts * longest, *prefix_out.shape[2:])
+        prefix_out = prefix_out.index_select(0, layout.prefix_scatter).unsqueeze(0)
     return torch.cat([prefix_out, rows_out], dim=1), None
 
 

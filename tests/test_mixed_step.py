@@ -40,7 +40,7 @@ def _alone(model, prompt, fed):
 
 
 @pytest.mark.parametrize("joining", [{1: [40, 41, 42, 43, 44, 45]}, {1: [40, 41, 42, 43, 44, 45], 2: [50, 51, 52]},
-                                     {2: [60]}])
+                                     {2: [60]}, {1: [40, 41, 42, 43, 44, 45], 2: [60]}])
 def test_joining_rows_decode_as_if_alone_and_running_rows_as_if_nothing_joined(tiny_llama, joining):
     model = tiny_llama
     pending = torch.tensor([33, 0, 0, 34])
