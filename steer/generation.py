@@ -84,7 +84,7 @@ def decode_step(model, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor
     )
     out = model(
         input_ids=tokens.view(-1, 1),
-        attention_mask=_one_token_mask(model, state.attention_mask),
+        attention_mask=_one_token_mask(model, state.attention_mask, state.past_key_values),
         position_ids=state.next_positions.view(-1, 1),
         past_key_values=state.past_key_values,
         use_cache=True,
@@ -94,12 +94,17 @@ def decode_step(model, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor
     return out.logits[:, -1, :]
 
 
-def _one_token_mask(model, attention_mask: torch.Tensor) -> torch.Tensor:
+def _one_token_mask(model, attention_mask: torch.Tensor, cache=None) -> torch.Tensor:
     """The mask for a step that feeds one token per row. That token may attend to every real token
     before it, so under SDPA the finished [batch, 1, 1, length] boolean mask is just the padding
     mask; handing it over skips transformers' general mask builder, a sixteenth of a batch-16 step
-    on a CPU. A single row has no padding, and transformers then needs no mask at all."""
-    if attention_mask.shape[0] > 1 and getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa":
+    on a CPU. A single row has no padding, and transformers then needs no mask at all. Caches with
+    sliding-window layers keep fewer columns than the mask has, so they get transformers' masks."""
+    if (
+        attention_mask.shape[0] > 1
+        and getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
+        and not any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ()))
+    ):
         return attention_mask[:, None, None, :].bool()
     return attention_mask
 

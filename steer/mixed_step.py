@@ -37,8 +37,8 @@ from steer.kv_cache import PreallocatedLayer
 
 ATTENTION_NAME = "steer_mixed_step"
 # Architectures whose attention modules project, rotate and then call the registered attention
-# function with the model's own cache untouched when none is passed; checked against a separate
-# prefill in tests/test_mixed_step.py for Llama.
+# function, leaving the cache alone when none is passed; each is checked against a separate
+# prefill in tests/test_mixed_step.py.
 MIXED_STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 

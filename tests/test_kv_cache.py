@@ -103,3 +103,24 @@ def test_one_token_steps_match_transformers_own_masking(tiny_llama):
                                   past_key_values=reference).logits[:, -1]
             next_positions = next_positions + 1
             assert torch.allclose(logits, expected, atol=1e-6)
+
+
+def test_decode_steps_of_a_sliding_window_model_match_a_full_forward():
+    """Sliding-window layers keep fewer columns than the batch's mask; decode_step must let
+    transformers build their masks (a ready full-length mask used to crash the step)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                             sliding_window=4, max_position_embeddings=256)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    fed = [[20, 21], [22, 23], [24, 25], [26, 27]]
+    with torch.inference_mode():
+        _, state = prefill(model, *left_pad(prompts, pad_token_id=0))
+        for step, tokens in enumerate(fed, start=1):
+            got = decode_step(model, torch.tensor(tokens), state)
+            for row, prompt in enumerate(prompts):
+                sequence = torch.tensor([prompt + [t[row] for t in fed[:step]]])
+                expected = model(input_ids=sequence).logits[0, -1]
+                torch.testing.assert_close(got[row], expected, rtol=0, atol=1e-5)

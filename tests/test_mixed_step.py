@@ -3,7 +3,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from steer.generation import decode_step, left_pad, prefill
-from steer.mixed_step import ATTENTION_NAME, fits, mixed_step, supports_mixed_step
+from steer.mixed_step import ATTENTION_NAME, MIXED_STEP_MODEL_TYPES, fits, mixed_step, supports_mixed_step
 
 RUNNING = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
 STEP_TOKENS = [[21, 22, 23, 24], [25, 26, 27, 28], [29, 30, 31, 32]]
@@ -42,7 +42,26 @@ def _alone(model, prompt, fed):
 @pytest.mark.parametrize("joining", [{1: [40, 41, 42, 43, 44, 45]}, {1: [40, 41, 42, 43, 44, 45], 2: [50, 51, 52]},
                                      {2: [60]}, {1: [40, 41, 42, 43, 44, 45], 2: [60]}])
 def test_joining_rows_decode_as_if_alone_and_running_rows_as_if_nothing_joined(tiny_llama, joining):
-    model = tiny_llama
+    _check_mixed_step(tiny_llama, joining)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_every_architecture_allowed_the_mixed_step_matches_a_separate_prefill(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    if family == "mistral":  # its default sliding window gives a cache the mixed step cannot write
+        windowed = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, sliding_window=4, **shape)).eval()
+        assert not supports_mixed_step(windowed, _running_batch(windowed))
+        shape["sliding_window"] = None
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **shape), attn_implementation="sdpa").eval()
+    assert family in MIXED_STEP_MODEL_TYPES and supports_mixed_step(model, _running_batch(model))
+    _check_mixed_step(model, {1: [40, 41, 42, 43, 44, 45], 2: [50, 51, 52]})
+
+
+def _check_mixed_step(model, joining):
     pending = torch.tensor([33, 0, 0, 34])
     fed = [[70, 71, 72, 73], [74, 75, 76, 77], [78, 79, 80, 81]]
 
