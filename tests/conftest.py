@@ -17,6 +17,19 @@ def shared_path(*parts: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama():
+    """A random two-layer Llama. Two KV heads for four query heads, so grouped-query attention
+    paths are exercised too."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
 def gpt2_tokenizer():
     from steer.modeling import load_tokenizer
 

@@ -1,17 +1,8 @@
-import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from steer.generation import decode_step, left_pad, prefill
 from steer.kv_cache import PreallocatedLayer, new_kv_cache
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval()
 
 
 def _decode(model, cache, steps=40):

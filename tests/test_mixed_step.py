@@ -1,21 +1,12 @@
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from steer.generation import decode_step, left_pad, prefill
 from steer.mixed_step import ATTENTION_NAME, MIXED_STEP_MODEL_TYPES, fits, mixed_step, supports_mixed_step
 
 RUNNING = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
 STEP_TOKENS = [[21, 22, 23, 24], [25, 26, 27, 28], [29, 30, 31, 32]]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    # Two KV heads for four query heads: the grouped-query path of the attention is exercised too.
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval()
 
 
 @torch.inference_mode()
