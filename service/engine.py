@@ -154,9 +154,8 @@ class Engine:
         # The running batch's KV cache, attention mask (1 where a real token sits) and positions.
         self._state: DecodeState | None = None
         self._mergeable: bool | None = None
-        # Whether admitted rows may be prefilled inside the decode step (steer.mixed_step); decided
-        # when the first batch exists. Rows that claimed a slot and wait for that step, in slot order
-        # of claiming:
+        # Whether admitted rows may be prefilled inside the decode step (steer.mixed_step), decided
+        # when the first batch exists; and the (slot, row) pairs that claimed a slot for the next step.
         self._mixed: bool | None = None if mixed_steps else False
         self._joining: list[tuple[int, Row]] = []
         self._stop = False
