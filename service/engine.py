@@ -332,7 +332,7 @@ class Engine:
         if self._state is None:
             self._state, self._slots = new, list(rows)
             if self._mixed is None:
-                self._mixed = self._mergeable and supports_mixed_step(self.model, new)
+                self._mixed = supports_mixed_step(self.model, new)  # implies a mergeable cache
         elif not self._mergeable:
             # Rebuild the whole batch: running rows re-prefill everything except their pending token.
             running = self._live_rows()
