@@ -194,7 +194,8 @@ def main() -> None:
             [sys.executable, "-m", "steer.cli", "--log-level", "WARNING", "serve", "--policy", policy, "--port",
              str(port), "--no-ui", "--device", args.device, "--max-batch-size", str(max(16, args.clients)),
              "--log-level", "warning", "--threads", str(args.threads)],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=str(REPO),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+            cwd=str(REPO),
         )
         try:
             _wait_healthy(url, server)

@@ -24,7 +24,7 @@ import torch
 from steer.artifacts import ArtifactError, load_steer_config
 from steer.attributes import AttributeSchema
 from steer.conversation import Message
-from steer.modeling import ModelLoadError, load_tokenizer, resolve_device
+from steer.modeling import ModelLoadError, inference_attention, load_tokenizer, resolve_device
 from steer.template import PromptTemplate, build_template
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class AttributePredictor:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="scoring", unit="batch")
-        with torch.inference_mode():
+        with torch.inference_mode(), inference_attention():
             for idx in batches:
                 batch = pad_batch([features[i] for i in idx], self.tokenizer.pad_token_id)
                 batch = {k: v.to(self.device) for k, v in batch.items()}

@@ -15,6 +15,7 @@ Two layers:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import random
@@ -27,6 +28,7 @@ import torch
 
 from steer.errors import SteerError
 from steer.kv_cache import new_kv_cache
+from steer.modeling import inference_attention
 from steer.sampling import SamplingParams, find_stop, sample_next_tokens
 
 logger = logging.getLogger(__name__)
@@ -65,14 +67,31 @@ def _last_logits_only(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+@functools.cache
+def _cache_argument(forward_type: type) -> str:
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is
+    # accepted, with a warning, until 5.40); wrappers that take **kwargs get the old name.
+    return "cache" if "cache" in inspect.signature(forward_type.forward).parameters else "past_key_values"
+
+
+def _with_cache(model, cache) -> dict:
+    return {_cache_argument(type(model)): cache}
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
     """Run left-padded prompts through the model once: last-position logits [batch, vocab] and
     the state to continue from. The cache appends in place (:mod:`steer.kv_cache`)."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                past_key_values=new_kv_cache(model.config), use_cache=True, **_last_logits_only(model))
-    state = DecodeState(out.past_key_values, attention_mask, positions[:, -1] + 1)
+    with inference_attention():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    use_cache=True, **_with_cache(model, new_kv_cache(model.config)), **_last_logits_only(model))
+    state = DecodeState(_returned_cache(out), attention_mask, positions[:, -1] + 1)
     return out.logits[:, -1, :], state
 
 
@@ -82,14 +101,15 @@ def decode_step(model, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor
     state.attention_mask = torch.cat(
         [state.attention_mask, state.attention_mask.new_ones((state.attention_mask.shape[0], 1))], dim=-1
     )
-    out = model(
-        input_ids=tokens.view(-1, 1),
-        attention_mask=_one_token_mask(model, state.attention_mask, state.past_key_values),
-        position_ids=state.next_positions.view(-1, 1),
-        past_key_values=state.past_key_values,
-        use_cache=True,
-    )
-    state.past_key_values = out.past_key_values
+    with inference_attention():
+        out = model(
+            input_ids=tokens.view(-1, 1),
+            attention_mask=_one_token_mask(model, state.attention_mask, state.past_key_values),
+            position_ids=state.next_positions.view(-1, 1),
+            use_cache=True,
+            **_with_cache(model, state.past_key_values),
+        )
+    state.past_key_values = _returned_cache(out)
     state.next_positions = state.next_positions + 1
     return out.logits[:, -1, :]
 

@@ -34,6 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from steer.generation import DecodeState
 from steer.kv_cache import PreallocatedLayer
+from steer.modeling import inference_attention
 
 ATTENTION_NAME = "steer_mixed_step"
 # Architectures whose attention modules project, rotate and then call the registered attention
@@ -115,8 +116,9 @@ def mixed_step(model, tokens: torch.Tensor, state: DecodeState, joining: Sequenc
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
     try:
-        out = model(input_ids=flat_ids[None], position_ids=flat_positions[None], use_cache=False,
-                    logits_to_keep=batch, steer_layout=layout)
+        with inference_attention():
+            out = model(input_ids=flat_ids[None], position_ids=flat_positions[None], use_cache=False,
+                        logits_to_keep=batch, steer_layout=layout)
     finally:
         config._attn_implementation = previous
     state.attention_mask = mask

@@ -6,9 +6,11 @@ safetensors only, ``trust_remote_code`` off unless the caller asks, 4-bit only o
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from steer.errors import SteerError
 
@@ -35,6 +37,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
                 "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+# cuDNN's fused attention compiles an execution plan per shape (pytorch/pytorch#155958), and an
+# inference loop brings new shapes all the time: the KV cache grows by a column every decode step
+# and each prompt batch has its own length. On an H200 (torch 2.11, bf16) a plain decode step of
+# the demo policy took 50-68 ms under SDPA's default backend choice, against 6.8 ms for a mixed
+# step of the same batch, whose per-row queries are a strided view. Inference leaves cuDNN out;
+# training keeps the default.
+INFERENCE_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def inference_attention() -> AbstractContextManager:
+    """Scaled-dot-product attention backends for generation and scoring (no cuDNN attention)."""
+    return sdpa_kernel(list(INFERENCE_SDPA_BACKENDS))
 
 
 def check_4bit_available() -> None:

@@ -29,6 +29,24 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture
+def sdpa_backends(monkeypatch):
+    """Records, for every scaled-dot-product attention call, which CUDA backends were enabled:
+    (cudnn, mem_efficient, flash, math)."""
+    import torch
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                     torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     from steer.modeling import load_tokenizer

@@ -171,3 +171,40 @@ def test_cli_bad_attr_is_one_line_exit_2(policy_dir, capsys, attr, named):
     assert code == 2
     lines = [line for line in err.strip().splitlines() if "error" in line]
     assert len(lines) == 1 and named in lines[0] and "Traceback" not in err
+
+
+class CacheNamedLM(ScriptedLM):
+    """A forward with transformers' newer argument name (``cache``, 5.24+) instead of ``past_key_values``."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True):
+        self.caches_seen.append(cache)
+        out = super().forward(input_ids, attention_mask, position_ids, past_key_values=cache, use_cache=use_cache)
+        return SimpleNamespace(logits=out.logits, cache=cache)
+
+
+def test_the_cache_goes_under_the_name_the_forward_takes(generator):
+    tok = generator.tokenizer
+    model = CacheNamedLM(tok("Hello there", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], len(tok))
+    model.caches_seen = []
+    res = SteerGenerator(model, tok, generator.schema, generator.template).generate(USER, {}, max_new_tokens=20)
+    assert res.text == "Hello there"
+    # One cache object, built by prefill and handed back to every decode step.
+    assert len(model.caches_seen) == res.completion_tokens and model.caches_seen[0] is not None
+    assert all(c is model.caches_seen[0] for c in model.caches_seen)
+
+
+def test_inference_leaves_cudnn_attention_out_and_restores_it(generator, sdpa_backends):
+    """cuDNN attention recompiles for every new shape, i.e. on every decode step: generation runs
+    SDPA without it, and the process-wide setting is as it was afterwards."""
+    from steer.mixed_step import mixed_step
+
+    seen = sdpa_backends
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    res = generator.generate(USER, {}, max_new_tokens=4, seed=0)
+    ids, mask = left_pad([[5, 6, 7], [8, 9]], generator.pad_token_id)
+    _, state = prefill(generator.model, ids, mask)
+    mixed_step(generator.model, torch.tensor([3, 4]), state, [(1, [10, 11, 12])])
+    layers = generator.model.config.num_hidden_layers
+    assert len(seen) >= layers * (res.completion_tokens + 2)
+    assert set(seen) == {(False, True, True, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()

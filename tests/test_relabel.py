@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from steer.cli import main as cli_main
 from steer.data import load_conversations
@@ -60,6 +61,17 @@ def test_batched_predictions_match_one_at_a_time(tiny_apm_dir):
     single = [predictor.predict([it], batch_size=1)[0] for it in items]
     assert batched.shape == (12, 5)
     assert abs(batched - single).max() < 1e-4
+
+
+def test_scoring_leaves_cudnn_attention_out(tiny_apm_dir, sdpa_backends):
+    """Each scoring batch has its own length, and cuDNN attention would recompile for each."""
+    from steer.apm import AttributePredictor
+
+    predictor = AttributePredictor.load(tiny_apm_dir, device="cpu")
+    convs, _ = load_conversations(shared_path("data", "helpsteer2", "sample.jsonl"), "helpsteer", limit=6)
+    predictor.predict([c.messages for c in convs], batch_size=3)
+    assert sdpa_backends and set(sdpa_backends) == {(False, True, True, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_keep_human_labels_and_parquet(tiny_apm_dir, tmp_path):
