@@ -156,6 +156,20 @@ def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
     torch.testing.assert_close(peft_logits, policy_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_gradient_checkpointing_trains_with_the_non_reentrant_implementation(tiny_base, tmp_path):
+    import warnings
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output=str(tmp_path / "policy"),
+                                 max_steps=3, batch_size=4, lr=1e-2, eval_fraction=0.2, gradient_checkpointing=True))
+    assert metrics["global_step"] == 3
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    # Neither torch's call for an explicit choice nor transformers' deprecation of the old name.
+    assert not [w for w in caught if "use_reentrant" in str(w.message) or "gradient_checkpointing_enable" in str(w.message)]
+
+
 def test_resume_after_kill(tiny_base, tmp_path, monkeypatch):
     from transformers import Trainer
 

@@ -46,6 +46,9 @@ PREFERRED_TARGETS = (
 )
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "sft_metrics.json"
+# torch asks for an explicit choice and recommends the non-reentrant implementation, which also
+# handles inputs that need no gradient (a frozen, 4-bit base).
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 
 class SftError(SteerError, ValueError):
@@ -256,7 +259,8 @@ def load_model_for_training(config: SftConfig):
                                trust_remote_code=config.trust_remote_code)
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
     else:
         # Loaded on the CPU; the Trainer moves it to its (per-process) device.
         dtype = config.dtype
@@ -265,7 +269,11 @@ def load_model_for_training(config: SftConfig):
         model = load_causal_lm(config.base_model, device="cpu", dtype=dtype,
                                trust_remote_code=config.trust_remote_code)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.24
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=CHECKPOINTING_KWARGS)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
             model.enable_input_require_grads()
     targets = list(config.target_modules) or default_target_modules(model)
     logger.info("LoRA r=%d alpha=%d on %s", config.lora_r, config.lora_alpha, ", ".join(targets))
