@@ -156,7 +156,7 @@ def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
     torch.testing.assert_close(peft_logits, policy_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_gradient_checkpointing_trains_with_the_non_reentrant_implementation(tiny_base, tmp_path):
+def test_gradient_checkpointing_trains_without_reentrant_or_deprecation_warnings(tiny_base, tmp_path):
     import warnings
 
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
