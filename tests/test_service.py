@@ -228,6 +228,12 @@ def test_metrics_report_requests_tokens_and_latency(client):
     tokens = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("steer_generated_tokens_total")))
     assert tokens >= 1
     assert "steer_time_to_first_token_seconds_count" in text and "steer_request_latency_seconds_bucket" in text
+    # A reply reaches its client just before the engine frees the row (and the engine's stats reach
+    # the server a moment later), so the gauges are read until the engine is idle.
+    deadline = time.monotonic() + 10
+    while not ("steer_queue_depth 0.0" in text and "steer_active_rows 0.0" in text) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = client.get("/metrics").text
     assert "steer_queue_depth 0.0" in text and "steer_active_rows 0.0" in text
 
 
