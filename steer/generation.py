@@ -61,21 +61,22 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_token_id: int, device: to
     return ids.to(device), mask.to(device)
 
 
+@functools.cache
+def _forward_parameters(model_type: type) -> frozenset[str]:
+    # Read once per model class: prefill and every decode step ask.
+    return frozenset(inspect.signature(model_type.forward).parameters)
+
+
 def _last_logits_only(model) -> dict:
     # Only the last position's logits are sampled from: the LM head over a whole prompt is wasted
     # work in every prefill. Models whose forward lacks the argument compute them all.
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-@functools.cache
-def _cache_argument(forward_type: type) -> str:
-    # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is
-    # accepted, with a warning, until 5.40); wrappers that take **kwargs get the old name.
-    return "cache" if "cache" in inspect.signature(forward_type.forward).parameters else "past_key_values"
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(type(model)) else {}
 
 
 def _with_cache(model, cache) -> dict:
-    return {_cache_argument(type(model)): cache}
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is
+    # accepted, with a warning, until 5.40); wrappers that take **kwargs get the old name.
+    return {"cache" if "cache" in _forward_parameters(type(model)) else "past_key_values": cache}
 
 
 def _returned_cache(out):

@@ -198,13 +198,12 @@ def test_inference_leaves_cudnn_attention_out_and_restores_it(generator, sdpa_ba
     SDPA without it, and the process-wide setting is as it was afterwards."""
     from steer.mixed_step import mixed_step
 
-    seen = sdpa_backends
     assert torch.backends.cuda.cudnn_sdp_enabled()
     res = generator.generate(USER, {}, max_new_tokens=4, seed=0)
     ids, mask = left_pad([[5, 6, 7], [8, 9]], generator.pad_token_id)
     _, state = prefill(generator.model, ids, mask)
     mixed_step(generator.model, torch.tensor([3, 4]), state, [(1, [10, 11, 12])])
     layers = generator.model.config.num_hidden_layers
-    assert len(seen) >= layers * (res.completion_tokens + 2)
-    assert set(seen) == {(False, True, True, True)}
+    assert len(sdpa_backends) >= layers * (res.completion_tokens + 2)
+    assert set(sdpa_backends) == {(False, True, True, True)}
     assert torch.backends.cuda.cudnn_sdp_enabled()
