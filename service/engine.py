@@ -485,7 +485,7 @@ class Engine:
                 continue
             if row.first_token_at is None:
                 row.first_token_at = now
-            if token in self.eos_token_ids:
+            if token in self.eos_token_ids and not row.params.ignore_eos:
                 # EOS counts as a completion token (as in steer.generation and OpenAI's usage) but
                 # is not text.
                 text = self._text(row)

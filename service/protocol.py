@@ -54,6 +54,8 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token until "
+                             "max_tokens or a stop string (vLLM's extension; for benchmarks and load tests).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     score: bool = Field(default=False, description="Also return the attribute prediction model's scores per reply.")

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from service.engine import Engine, EngineStoppedError, QueueFullError, Row, RowEvent
@@ -186,6 +186,7 @@ class ChatServing:
                 top_p=1.0 if req.top_p is None else req.top_p,
                 seed=req.seed,
                 stop=stops,
+                ignore_eos=req.ignore_eos,
             )
         except SteerError as e:
             raise bad_request(str(e), _param_from_steer_error(e)) from None
@@ -230,9 +231,8 @@ class ChatServing:
         rows = []
         for i in range(req.n):
             # n > 1 with a seed: each choice gets its own stream (seed + i), still reproducible.
-            row_params = params if (params.seed is None or i == 0) else SamplingParams(
-                max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                seed=(params.seed + i) % 2**63, stop=params.stop)
+            row_params = params if (params.seed is None or i == 0) else replace(
+                params, seed=(params.seed + i) % 2**63)
             rows.append(Row(prompt_ids=list(prompt.input_ids), params=row_params, stops=stops, sink=sink, index=i))
         try:
             self.engine.submit(rows)

@@ -153,6 +153,7 @@ class GenerationRequest:
     top_p: float = 0.95
     seed: int | None = None
     stop: Sequence[str] | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -227,8 +228,9 @@ class SteerGenerator:
         top_p: float = 0.95,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
-        request = GenerationRequest(messages, attributes, max_new_tokens, temperature, top_p, seed, stop)
+        request = GenerationRequest(messages, attributes, max_new_tokens, temperature, top_p, seed, stop, ignore_eos)
         return self.generate_batch([request])[0]
 
     # -- many requests, decoded together
@@ -241,6 +243,7 @@ class SteerGenerator:
             top_p=request.top_p,
             seed=request.seed,
             stop=list(request.stop or []),
+            ignore_eos=request.ignore_eos,
         )
         prompt = self.template.tokenize(request.messages, self.tokenizer, mode="inference", attributes=applied)
         budget = params.max_new_tokens
@@ -282,7 +285,7 @@ class SteerGenerator:
         return [r.result() for r in rows]
 
     def _advance(self, row: _Row, token: int) -> None:
-        if token in self.eos_ids:
+        if token in self.eos_ids and not row.params.ignore_eos:
             row.tokens.append(token)
             row.finish_reason = "stop"
             return

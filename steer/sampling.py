@@ -41,6 +41,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Keep decoding past EOS up to max_new_tokens (vLLM's name): fixed-length replies for benchmarks
+    # and load tests. The EOS token is then ordinary text.
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

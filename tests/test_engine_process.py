@@ -125,8 +125,10 @@ def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
 
         def long_request():
             result["response"] = client.post("/v1/chat/completions",
-                                             json={"messages": HELLO, "max_tokens": 3000, "stream": True})
+                                             json={"messages": HELLO, "max_tokens": 3000, "stream": True,
+                                                   "ignore_eos": True})
 
+        # ignore_eos: the reply must still be running when the engine is killed.
         worker = threading.Thread(target=long_request)
         worker.start()
         deadline = time.monotonic() + 30

@@ -125,6 +125,11 @@ def test_stops_at_template_end_marker_and_strips_it(generator):
     res = SteerGenerator(ScriptedLM(eos_script, len(tok)), tok, generator.schema, generator.template).generate(
         USER, {}, max_new_tokens=50, seed=0)
     assert (res.text, res.finish_reason) == ("Hi", "stop")
+    # ignore_eos decodes through it to the token budget.
+    res = SteerGenerator(ScriptedLM(eos_script, len(tok)), tok, generator.schema, generator.template).generate(
+        USER, {}, max_new_tokens=6, seed=0, ignore_eos=True)
+    assert (res.completion_tokens, res.finish_reason) == (6, "length")
+    assert res.text.startswith("Hi") and res.text != "Hi"
 
 
 def test_decode_primitives_match_full_forward(generator):

@@ -1,7 +1,7 @@
 import torch
 from transformers import DynamicCache
 
-from steer.generation import decode_step, left_pad, prefill
+from steer.generation import _with_cache, decode_step, left_pad, prefill
 from steer.kv_cache import PreallocatedLayer, new_kv_cache
 
 
@@ -11,14 +11,14 @@ def _decode(model, cache, steps=40):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = []
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **_with_cache(model, cache),
                        use_cache=True).logits[:, -1]
         nxt = positions[:, -1:] + 1
         for _ in range(steps):
             out.append(logits)
             mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
             logits = model(input_ids=logits.argmax(-1, keepdim=True), attention_mask=mask, position_ids=nxt,
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+                           **_with_cache(model, cache), use_cache=True).logits[:, -1]
             nxt = nxt + 1
     return torch.stack(out)
 
@@ -84,14 +84,14 @@ def test_one_token_steps_match_transformers_own_masking(tiny_llama):
     reference = DynamicCache(config=tiny_llama.config)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        tiny_llama(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=reference)
+        tiny_llama(input_ids=ids, attention_mask=mask, position_ids=positions, **_with_cache(tiny_llama, reference))
         next_positions = positions[:, -1:] + 1
         for _ in range(6):
             tokens = logits.argmax(-1)
             logits = decode_step(tiny_llama, tokens, state)
             mask = torch.cat([mask, mask.new_ones(3, 1)], dim=1)
             expected = tiny_llama(input_ids=tokens.view(-1, 1), attention_mask=mask, position_ids=next_positions,
-                                  past_key_values=reference).logits[:, -1]
+                                  **_with_cache(tiny_llama, reference)).logits[:, -1]
             next_positions = next_positions + 1
             assert torch.allclose(logits, expected, atol=1e-6)
 

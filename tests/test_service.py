@@ -493,6 +493,23 @@ def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
     assert sink.text == sink.final.text == policy.tokenizer.decode(greedy[:first])
 
 
+def test_ignore_eos_runs_every_reply_to_max_tokens(tiny_policy, monkeypatch):
+    """With every token declared EOS, a reply is one token long unless the request says ignore_eos."""
+    import steer.generation
+
+    monkeypatch.setattr(steer.generation, "eos_token_ids", lambda model, tokenizer: set(range(len(tokenizer))))
+    with make_client(tiny_policy) as c:
+        wait_ready(c)
+        body = {"messages": HELLO, "max_tokens": 7, "seed": 3, "n": 2}
+        plain = c.post("/v1/chat/completions", json=body).json()
+        assert plain["usage"]["completion_tokens"] == 2
+        assert {ch["finish_reason"] for ch in plain["choices"]} == {"stop"}
+        long = c.post("/v1/chat/completions", json={**body, "ignore_eos": True}).json()
+        assert long["usage"]["completion_tokens"] == 14
+        assert {ch["finish_reason"] for ch in long["choices"]} == {"length"}
+        assert all(ch["message"]["content"] for ch in long["choices"])
+
+
 def test_cancel_frees_the_slot(tiny_policy):
     policy, engine = _engine(tiny_policy, max_batch_size=1, max_queue=0)
     engine.start()
