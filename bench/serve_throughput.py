@@ -212,13 +212,17 @@ def main() -> None:
                 seq_tokens = sum(generator.generate(**_gen_kwargs(body)).completion_tokens for body in share)
                 seq_time, seq_cpu = time.perf_counter() - t0, time.process_time() - cpu0
                 server_cpu0, client_cpu0 = _cpu_seconds(server.pid), time.process_time()
+                counters0 = _engine_counters(url)
                 results, wall = asyncio.run(run_concurrent(url, bodies, args.clients))
                 server_cpu, client_cpu = _cpu_seconds(server.pid) - server_cpu0, time.process_time() - client_cpu0
+                counters = _engine_counters(url)
                 served_tokens = sum(r["tokens"] for r in results)
                 rounds.append({
                     "sequential_tokens": seq_tokens, "sequential_s": seq_time, "sequential_cpu_s": seq_cpu,
                     "served_tokens": served_tokens, "served_s": wall, "server_cpu_s": server_cpu,
                     "client_cpu_s": client_cpu, "results": results,
+                    "engine_tokens": counters["tokens"] - counters0["tokens"],
+                    "engine_steps": counters["steps"] - counters0["steps"],
                     "speedup": (served_tokens / wall) / (seq_tokens / seq_time),
                 })
             server_ttft = _server_mean_ttft(url)
@@ -261,6 +265,9 @@ def main() -> None:
             # shared machine these say more than wall time about where the work goes.
             "server_cpu_s": round(sum(r["server_cpu_s"] for r in rounds), 3),
             "client_cpu_s": round(sum(r["client_cpu_s"] for r in rounds), 3),
+            # From /metrics: generated tokens per decode step, the batch the engine actually ran
+            # (at most --clients; lower when rows wait on their clients' next request).
+            "rows_per_step": round(sum(r["engine_tokens"] for r in rounds) / max(1, sum(r["engine_steps"] for r in rounds)), 2),
         },
         "rounds_detail": [
             {"sequential_tokens_per_s": round(r["sequential_tokens"] / r["sequential_s"], 1),
@@ -285,6 +292,7 @@ def main() -> None:
     print(f"{'TTFT p50 / p95 (s)':<28}{statistics.median(seq_ttft):>12.3f}"
           f"{percentile(ttfts, 50):>7.3f} / {percentile(ttfts, 95):.3f}")
     print(f"{'inter-token p50 / p95 (s)':<28}{'':>12}{percentile(gaps, 50):>7.4f} / {percentile(gaps, 95):.4f}")
+    print(f"{'rows per decode step':<28}{'':>12}{report['served']['rows_per_step']:>14.2f}")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -298,6 +306,18 @@ def _cpu_seconds(pid: int) -> float:
         return float("nan")
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return own + sum(_cpu_seconds(int(child)) for child in children)
+
+
+def _engine_counters(url: str) -> dict[str, float]:
+    import httpx
+
+    names = {"steer_generated_tokens_total": "tokens", "steer_decode_steps_total": "steps"}
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            values[names[name]] = float(value)
+    return values
 
 
 def _server_mean_ttft(url: str) -> float:

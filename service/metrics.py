@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -34,10 +35,23 @@ class ServerMetrics:
         )
 
     def bind_engine(self, stats: Callable) -> None:
-        """Read queue depth, batch size and cancellations from the engine at scrape time."""
+        """Read queue depth, batch size, cancellations and decode steps from the engine at scrape time."""
         self.queue_depth.set_function(lambda: stats().waiting)
         self.active.set_function(lambda: stats().active)
         self.cancelled.set_function(lambda: stats().cancelled_total)
+        self.registry.register(_EngineSteps(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineSteps:
+    """``steer_decode_steps_total``: forward passes of the running batch. Generated tokens over
+    steps is the mean number of rows each step served, i.e. how well batching is working."""
+
+    def __init__(self, stats: Callable) -> None:
+        self._stats = stats
+
+    def collect(self):
+        yield CounterMetricFamily("steer_decode_steps", "Batched decode steps run by the engine.",
+                                  value=self._stats().steps_total)

@@ -121,6 +121,10 @@ def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
         tokens = float(next(line.split()[1] for line in metrics.splitlines()
                             if line.startswith("steer_generated_tokens_total ")))
         assert tokens == reply.json()["usage"]["completion_tokens"]
+        # So do decode steps: one request alone takes its first token from the prefill (or a step).
+        steps = float(next(line.split()[1] for line in metrics.splitlines()
+                           if line.startswith("steer_decode_steps_total ")))
+        assert tokens - 1 <= steps <= tokens
         result = {}
 
         def long_request():
