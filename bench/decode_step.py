@@ -1,0 +1,141 @@
+"""What batching can buy on this machine: one decode step at batch 1 and at batch N, timed.
+
+    python bench/decode_step.py [--policy DIR] [--device cpu] [--batch 16] [--tokens 64]
+
+A server decoding N rows together makes N tokens per step where `generate` makes one, so the
+speedup of serving over one-at-a-time generation cannot exceed N x t(1) / t(N), where t(B) is one
+decode step at batch B. On a GPU, t(N) stays close to t(1) for small models; on a CPU the batch's
+matrix products and attention over its KV cache are real work, and t(N) grows. This prints that
+bound ("batching_ceiling", the forward alone; "ceiling_with_sampling" adds drawing each row's
+token), next to the cost of a step that also prefills one joining request (the engine's mixed step).
+
+Each timing is the median over a real decode of --tokens steps (the KV cache grows as it would),
+after a warm-up; CUDA is synchronised around every step. Uses the serving benchmark's prompts and
+sampling settings. Without --policy, ../shared/models/stories260K is wrapped as a policy. Prints a
+JSON object, then a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_throughput import _gen_kwargs, requests_for, wrap_stories260k  # noqa: E402
+
+
+def time_decode(generator, prepared, tokens: int, sync) -> dict[str, float]:
+    """Median milliseconds of a decode step and of sampling, decoding ``prepared`` as one batch."""
+    from steer.generation import decode_step, left_pad, prefill
+    from steer.sampling import sample_next_tokens
+
+    params, rngs = [p.params for p in prepared], [p.params.make_rng() for p in prepared]
+    ids, mask = left_pad([p.prompt_ids for p in prepared], generator.pad_token_id, generator.device)
+    logits, state = prefill(generator.model, ids, mask)
+    steps, draws = [], []
+    for i in range(tokens + 3):  # the first three are warm-up
+        sync()
+        start = time.perf_counter()
+        next_tokens = sample_next_tokens(logits, params, rngs)
+        sync()
+        drawn = time.perf_counter()
+        logits = decode_step(generator.model, next_tokens, state)
+        sync()
+        if i >= 3:
+            draws.append(drawn - start)
+            steps.append(time.perf_counter() - drawn)
+    return {"step_ms": statistics.median(steps) * 1e3, "sample_ms": statistics.median(draws) * 1e3}
+
+
+def time_mixed(generator, prepared, joining, tokens: int, sync) -> float:
+    """Median milliseconds of a mixed step: the batch's decode step plus one joining prompt."""
+    import torch
+
+    from steer.generation import left_pad, prefill
+    from steer.mixed_step import mixed_step, supports_mixed_step
+
+    ids, mask = left_pad([p.prompt_ids for p in prepared], generator.pad_token_id, generator.device)
+    _, state = prefill(generator.model, ids, mask)
+    if not supports_mixed_step(generator.model, state):
+        return float("nan")
+    pending = torch.zeros(len(prepared), dtype=torch.long, device=generator.device)
+    times = []
+    for i in range(tokens + 3):
+        sync()
+        start = time.perf_counter()
+        mixed_step(generator.model, pending, state, [(i % len(prepared), joining.prompt_ids)])
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", default=None, help="policy directory (default: stories260K wrapped in a temp dir)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="model dtype (default: the policy's)")
+    parser.add_argument("--batch", type=int, default=16, help="the batched side's rows (the serving bench's clients)")
+    parser.add_argument("--tokens", type=int, default=64, help="decode steps timed per measurement")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default; the serving bench uses 1)")
+    args = parser.parse_args()
+
+    import torch
+
+    from steer.generation import GenerationRequest, SteerGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    tmp = tempfile.mkdtemp(prefix="steer-bench-")
+    try:
+        policy = args.policy or str(wrap_stories260k(Path(tmp) / "policy"))
+        generator = SteerGenerator.load(policy, device=args.device, dtype=args.dtype)
+        bodies = requests_for(args.batch + 1, args.tokens)
+        prepared = [generator.prepare(GenerationRequest(**_gen_kwargs(b))) for b in bodies]
+        one = time_decode(generator, prepared[:1], args.tokens, sync)
+        many = time_decode(generator, prepared[: args.batch], args.tokens, sync)
+        mixed_ms = time_mixed(generator, prepared[: args.batch], prepared[-1], args.tokens, sync)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    n = args.batch
+    report = {
+        "policy": args.policy or "stories260K (wrapped)",
+        "device": args.device,
+        "dtype": str(next(generator.model.parameters()).dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "batch": n,
+        "decode_step_ms": {"1": round(one["step_ms"], 3), str(n): round(many["step_ms"], 3)},
+        "sample_ms": {"1": round(one["sample_ms"], 3), str(n): round(many["sample_ms"], 3)},
+        "mixed_step_ms": round(mixed_ms, 3),
+        "forward_tokens_per_s": {"1": round(1e3 / one["step_ms"], 1), str(n): round(n * 1e3 / many["step_ms"], 1)},
+        # The most any batching scheduler could gain over one-at-a-time decoding, forward passes only.
+        "batching_ceiling": round(n * one["step_ms"] / many["step_ms"], 2),
+        "ceiling_with_sampling": round(n * (one["step_ms"] + one["sample_ms"])
+                                       / (many["step_ms"] + many["sample_ms"]), 2),
+    }
+    print(json.dumps(report, indent=2))
+    print()
+    print(f"{'':<26}{'batch 1':>10}{'batch ' + str(n):>10}")
+    print(f"{'decode step (ms)':<26}{one['step_ms']:>10.3f}{many['step_ms']:>10.3f}")
+    print(f"{'sampling (ms)':<26}{one['sample_ms']:>10.3f}{many['sample_ms']:>10.3f}")
+    print(f"{'mixed step, 1 joining (ms)':<26}{'':>10}{mixed_ms:>10.3f}")
+    print(f"{'forward tokens/s':<26}{1e3 / one['step_ms']:>10.1f}{n * 1e3 / many['step_ms']:>10.1f}")
+    print(f"batching ceiling: {report['batching_ceiling']:.2f}x (forward), "
+          f"{report['ceiling_with_sampling']:.2f}x (with sampling)")
+
+
+if __name__ == "__main__":
+    main()

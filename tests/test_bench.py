@@ -1,0 +1,26 @@
+"""The benchmarks run end to end on the shared tiny Llama (a few steps; numbers are not checked)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import SHARED, shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_decode_step_bench_reports_the_batching_ceiling():
+    shared_path("models", "stories260K")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "decode_step.py"), "--batch", "4", "--tokens", "3"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "STEER_SHARED": str(SHARED), "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout[: out.stdout.index("\n}\n") + 2])
+    steps = report["decode_step_ms"]
+    assert report["batch"] == 4 and steps["1"] > 0 and steps["4"] > 0 and report["mixed_step_ms"] > 0
+    assert abs(report["batching_ceiling"] - 4 * steps["1"] / steps["4"]) < 0.02
+    assert "batching ceiling:" in out.stdout
