@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import SHARED, shared_path
+from tests.conftest import SHARED, shared_path
 
 REPO = Path(__file__).resolve().parents[1]
 
