@@ -308,28 +308,24 @@ def _cpu_seconds(pid: int) -> float:
     return own + sum(_cpu_seconds(int(child)) for child in children)
 
 
-def _engine_counters(url: str) -> dict[str, float]:
+def _scrape(url: str) -> dict[str, float]:
+    """The server's unlabelled Prometheus samples, by sample name."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-    names = {"steer_generated_tokens_total": "tokens", "steer_decode_steps_total": "steps"}
-    values = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in names:
-            values[names[name]] = float(value)
-    return values
+    text = httpx.get(f"{url}/metrics").text
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if not sample.labels}
+
+
+def _engine_counters(url: str) -> dict[str, float]:
+    samples = _scrape(url)
+    return {"tokens": samples["steer_generated_tokens_total"], "steps": samples["steer_decode_steps_total"]}
 
 
 def _server_mean_ttft(url: str) -> float:
-    import httpx
-
-    values = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("steer_time_to_first_token_seconds_sum") or line.startswith(
-                "steer_time_to_first_token_seconds_count"):
-            name, value = line.split()
-            values[name.rsplit("_", 1)[-1]] = float(value)
-    return values["sum"] / max(values["count"], 1)
+    samples = _scrape(url)
+    return samples["steer_time_to_first_token_seconds_sum"] / max(samples["steer_time_to_first_token_seconds_count"], 1)
 
 
 def _gen_kwargs(body: dict) -> dict:
