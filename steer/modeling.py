@@ -6,7 +6,8 @@ safetensors only, ``trust_remote_code`` off unless the caller asks, 4-bit only o
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager
+import warnings
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -107,3 +108,22 @@ def load_causal_lm(
     if not load_in_4bit:
         model.to(device)
     return model
+
+
+def merge_adapter_into(model, adapter_dir: str | Path):
+    """``model`` with the PEFT (LoRA) adapter in ``adapter_dir`` folded into its weights, so that
+    inference runs at the base model's cost."""
+    from peft import PeftModel
+
+    with quiet_peft_deprecations():
+        adapted = PeftModel.from_pretrained(model, str(adapter_dir))
+    return adapted.merge_and_unload()
+
+
+@contextmanager
+def quiet_peft_deprecations():
+    """PEFT 0.21 reads an attribute transformers 5 renamed (``is_gradient_checkpointing``) whenever
+    it wraps a model: a deprecation between the two libraries that nobody using steer can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -24,7 +24,7 @@ import torch
 
 from steer.artifacts import ArtifactError, load_steer_config
 from steer.attributes import AttributeSchema
-from steer.modeling import load_causal_lm, load_tokenizer, resolve_device
+from steer.modeling import load_causal_lm, load_tokenizer, merge_adapter_into, resolve_device
 from steer.template import PromptTemplate, build_template
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,5 @@ def _load_policy_model(policy_dir: Path, config: dict[str, Any], dev: torch.devi
         base = resolve_base_model(policy_dir, config["base_model"])
         model = load_causal_lm(base, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
         if config.get("adapter"):
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(policy_dir / config["adapter"]))
-            # Folding LoRA into the weights makes every decode step as cheap as the base model's.
-            model = model.merge_and_unload()
+            model = merge_adapter_into(model, policy_dir / config["adapter"])
     return model.eval()

@@ -175,9 +175,12 @@ def build_random_policy(directory: str | Path, schema=None, texts: Sequence[str]
     if adapter:
         from peft import LoraConfig, get_peft_model
 
+        from steer.modeling import quiet_peft_deprecations
+
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                           task_type="CAUSAL_LM")
-        get_peft_model(model, lora).save_pretrained(str(directory))
+        with quiet_peft_deprecations():
+            get_peft_model(model, lora).save_pretrained(str(directory))
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(directory))
     save_steer_config(directory, "policy", schema, template.to_dict(), base_model="base",

@@ -156,6 +156,31 @@ def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
     torch.testing.assert_close(peft_logits, policy_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_trained_embeddings_stay_tied_to_the_output_head(tiny_base, tmp_path):
+    import warnings
+
+    from steer.modeling import load_causal_lm
+    from steer.policy import load_policy
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
+    out = tmp_path / "policy"
+    main(SftConfig(base_model=str(tiny_base), data=str(data), output=str(out), max_steps=3, batch_size=4, lr=1e-2,
+                   eval_fraction=0.2, modules_to_save=["embed_tokens"], merge=True))
+    assert json.loads((out / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_policy(out, use_merged=False).model
+    assert not [w for w in caught if "tie" in str(w.message) or "checkpointing" in str(w.message)], \
+        [str(w.message) for w in caught]
+    base_embedding = load_causal_lm(tiny_base, device="cpu").get_input_embeddings().weight
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert not torch.allclose(embedding, base_embedding), "training must move the embedding"
+    # The output head is the trained matrix too, in the adapter and in the merged copy.
+    torch.testing.assert_close(head, embedding)
+    merged = load_causal_lm(out / "merged", device="cpu")
+    torch.testing.assert_close(merged.get_output_embeddings().weight, embedding)
+
+
 def test_gradient_checkpointing_trains_without_reentrant_or_deprecation_warnings(tiny_base, tmp_path):
     import warnings
 

@@ -251,7 +251,7 @@ def build_template(config: SftConfig, schema: AttributeSchema, tokenizer) -> Pro
 def load_model_for_training(config: SftConfig):
     from peft import LoraConfig, get_peft_model
 
-    from steer.modeling import load_causal_lm
+    from steer.modeling import load_causal_lm, quiet_peft_deprecations
 
     if config.load_in_4bit:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -283,17 +283,32 @@ def load_model_for_training(config: SftConfig):
         lora_dropout=config.lora_dropout,
         target_modules=targets,
         modules_to_save=list(config.modules_to_save) or None,
+        ensure_weight_tying=trains_tied_embeddings(model, list(config.modules_to_save) + targets),
         bias="none",
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, lora)
+        with quiet_peft_deprecations():
+            model = get_peft_model(model, lora)
     except ValueError as e:
         raise SftError(f"cannot apply LoRA: {e}", "target_modules") from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     return model
+
+
+def trains_tied_embeddings(model, module_names: list[str]) -> bool:
+    """Whether the adapter trains an embedding of a model whose input and output embeddings are one
+    matrix. PEFT must then keep them tied (``ensure_weight_tying``): otherwise the trained copy of
+    ``embed_tokens`` reads the input while the output head keeps the base's matrix, so new label
+    tokens get learned input vectors but untrained output rows, and every load warns about it."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not getattr(text_config, "tie_word_embeddings", False):
+        return False
+    return any(name.split(".")[-1] in EMBEDDING_LAYER_NAMES for name in module_names)
 
 
 # ------------------------------------------------------------------ trainer
@@ -447,13 +462,11 @@ def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSch
 
 def merge_adapter(config: SftConfig, adapter_dir: Path, target: Path, tokenizer) -> None:
     """Fold the adapter into a full-precision copy of the base (never into 4-bit weights)."""
-    from peft import PeftModel
-
-    from steer.modeling import load_causal_lm
+    from steer.modeling import load_causal_lm, merge_adapter_into
 
     dtype = "float32" if config.dtype == "auto" and not torch.cuda.is_available() else config.dtype
     base = load_causal_lm(config.base_model, device="cpu", dtype=dtype if dtype != "auto" else "bfloat16",
                           trust_remote_code=config.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = merge_adapter_into(base, adapter_dir)
     merged.save_pretrained(str(target))  # safetensors is the default serialization
     tokenizer.save_pretrained(str(target))
