@@ -143,6 +143,15 @@ def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
     assert config["adapter"] == "." and config["merged"] == "merged"
     assert config["base_model"] == str(tiny_base.resolve())
     assert not (out / "checkpoints").exists()
+    # The model card says what the policy needs (schema, the exact prompt format) instead of PEFT's blank template.
+    card = (out / "README.md").read_text()
+    assert "More Information Needed" not in card
+    assert "| `quality` | 0-4 |" in card and "| `humor` | 0-4 |" in card
+    template = PromptTemplate(schema)
+    rendered = template.render_text([Message("user", "Can you fix my sword?")], mode="inference",
+                                    attributes={"quality": 4, "humor": schema["humor"].default})
+    assert f"```\n{rendered}\n```" in card
+    assert f"| eval_loss_after | {metrics['eval_loss_after']:.4g} |" in card
     # The adapter loads with plain PEFT and changes the base's outputs.
     base = load_causal_lm(tiny_base, device="cpu")
     ids = torch.tensor([[1, 5, 9, 12, 40]])

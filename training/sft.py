@@ -34,6 +34,7 @@ from steer.conversation import Conversation
 from steer.data import grouped_split, load_conversations
 from steer.errors import SteerError
 from steer.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate
+from training.policy_card import policy_card
 
 logger = logging.getLogger(__name__)
 
@@ -455,9 +456,29 @@ def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSch
     base = stored_base_model(config.base_model, output)
     save_steer_config(output, "policy", schema, template.to_dict(), base_model=base, adapter=".", merged=merged)
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    # Replaces the blank card PEFT's save_pretrained leaves.
+    card = policy_card(output.name, base, schema, template, training_summary(model, config), metrics)
+    (output / "README.md").write_text(card, encoding="utf-8")
     if not config.keep_checkpoints:
         shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
     logger.info("policy written to %s", output)
+
+
+def training_summary(model, config: SftConfig) -> dict[str, Any]:
+    """The settings a reader of the model card needs to judge or repeat the run."""
+    lora = getattr(model, "peft_config", {}).get("default")
+    return {
+        "data": f"{config.data} ({config.format})",
+        "epochs" if config.max_steps < 0 else "max steps": config.epochs if config.max_steps < 0 else config.max_steps,
+        "learning rate": config.lr,
+        "batch size": f"{config.batch_size} x {config.grad_accum} accumulation",
+        "max length": config.max_length,
+        "LoRA r / alpha / dropout": f"{config.lora_r} / {config.lora_alpha} / {config.lora_dropout}",
+        "LoRA targets": sorted(lora.target_modules) if lora is not None else list(config.target_modules),
+        "trained in full": list(config.modules_to_save),
+        "4-bit base (QLoRA)": config.load_in_4bit,
+        "seed": config.seed,
+    }
 
 
 def merge_adapter(config: SftConfig, adapter_dir: Path, target: Path, tokenizer) -> None:
