@@ -8,6 +8,7 @@ how it was trained; the front matter keeps the fields the Hugging Face hub reads
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from steer.attributes import AttributeSchema
@@ -30,8 +31,9 @@ def policy_card(name: str, base_model: str, schema: AttributeSchema, template: P
     attr_flags = " ".join(f"--attr {k}={v}" for k, v in example.items())
     settings = "\n".join(f"| {k} | {_cell(v)} |" for k, v in training.items())
     results = "\n".join(f"| {k} | {_cell(v)} |" for k, v in metrics.items())
+    # JSON strings are YAML strings: a path or id with ":" or "#" stays one value.
     return f"""---
-base_model: {base_model}
+base_model: {json.dumps(base_model)}
 library_name: peft
 pipeline_tag: text-generation
 tags:
