@@ -127,7 +127,7 @@ def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from steer.modeling import load_causal_lm
+    from steer.modeling import load_causal_lm, quiet_peft_deprecations
     from steer.policy import load_policy
 
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
@@ -157,7 +157,9 @@ def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
     ids = torch.tensor([[1, 5, 9, 12, 40]])
     with torch.no_grad():
         before = base(input_ids=ids).logits
-        peft_logits = PeftModel.from_pretrained(load_causal_lm(tiny_base, device="cpu"), str(out))(input_ids=ids).logits
+        with quiet_peft_deprecations():  # plain PEFT on purpose: the adapter must not need steer to load
+            peft_model = PeftModel.from_pretrained(load_causal_lm(tiny_base, device="cpu"), str(out))
+        peft_logits = peft_model(input_ids=ids).logits
         merged_logits = load_causal_lm(out / "merged", device="cpu")(input_ids=ids).logits
         policy_logits = load_policy(out, use_merged=False).model(input_ids=ids).logits
     assert not torch.allclose(before, peft_logits)

@@ -40,7 +40,7 @@ from steer.conversation import Conversation, Message
 from steer.data import DataError, grouped_split, load_conversations
 from steer.data.formats import DEFAULT_SCHEMA
 from steer.errors import SteerError
-from steer.modeling import ModelLoadError, load_tokenizer
+from steer.modeling import ModelLoadError, load_tokenizer, quiet_peft_deprecations
 from steer.template import PromptTemplate
 from training.model_card import apm_card
 
@@ -261,7 +261,8 @@ def build_model(config: ApmTrainConfig, backbone: str, schema: AttributeSchema, 
             lora_dropout=config.lora_dropout,
             target_modules=targets[0] if targets == ["all-linear"] else targets,
         )
-        model = get_peft_model(model, lora)
+        with quiet_peft_deprecations():
+            model = get_peft_model(model, lora)
     return model
 
 
