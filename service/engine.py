@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from steer.detokenize import IncrementalDetokenizer, TokenDecoder
 from steer.errors import SteerError
 from steer.generation import DecodeState, context_limit, decode_step, left_pad, prefill
 from steer.kv_cache import PreallocatedLayer
@@ -88,6 +89,8 @@ class Row:
     submitted_at: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
+    # The reply's text so far, settled token by token (set when the engine accepts the row).
+    detok: IncrementalDetokenizer | None = field(default=None, repr=False)
 
     # Characters some stop string contains: text ending in any other cannot end in a stop's prefix.
     stop_chars: frozenset[str] = field(init=False, repr=False)
@@ -132,19 +135,8 @@ class Engine:
         # Called after every pass of the loop, outside the lock, once that pass's events are out.
         self.on_step = on_step
         self.max_context = context_limit(model)
-        # SentencePiece byte-fallback tokens (<0xE2>) decode as a group: "!" followed by a stray
-        # continuation byte turns into two U+FFFD. Text is held back while such a run is open.
-        self._byte_tokens = {
-            i for tok, i in tokenizer.get_vocab().items() if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
-        }
-        # The Rust tokenizer's own decode is what ``tokenizer.decode`` ends up calling for fast
-        # tokenizers without space clean-up; calling it directly skips a per-row, per-step wrapper
-        # that cost as much as the decoding itself.
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=False)
-        else:
-            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+        # How ids become text (incrementally, per row: steer.detokenize), worked out once.
+        self._decoder = TokenDecoder.for_tokenizer(tokenizer)
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
         # Batch row i of the KV cache belongs to _slots[i]; None marks a free slot, which decodes
@@ -201,6 +193,7 @@ class Engine:
                 row.submitted_at = now
                 if row.rng is None:
                     row.rng = row.params.make_rng()
+                row.detok = IncrementalDetokenizer(self._decoder)
                 self._waiting.append(row)
             self._cv.notify_all()
 
@@ -488,32 +481,31 @@ class Engine:
             if token in self.eos_token_ids and not row.params.ignore_eos:
                 # EOS counts as a completion token (as in steer.generation and OpenAI's usage) but
                 # is not text.
-                text = self._text(row)
                 row.generated.append(token)
                 accepted += 1
-                self._emit_final(row, text, "stop")
+                row.detok.finish()
+                self._emit_final(row, row.detok.text, "stop")
                 finished.append(row)
                 continue
             row.generated.append(token)
             accepted += 1
-            text = self._text(row)
-            cut = find_stop(text, row.stops)
+            settled = len(row.detok.text)
+            row.detok.add(token)
+            spent = len(row.generated) >= row.params.max_new_tokens
+            if spent:
+                row.detok.finish()  # unfinished characters too, as a full decode shows them
+            text = row.detok.text
+            cut = find_stop(text, row.stops, new_from=settled) if len(text) > settled else -1
             if cut >= 0:
                 self._emit_final(row, text[:cut], "stop")
                 finished.append(row)
-            elif len(row.generated) >= row.params.max_new_tokens:
+            elif spent:
                 self._emit_final(row, text, "length")
                 finished.append(row)
             else:
-                if token in self._byte_tokens:
-                    safe = 0
-                elif text and text[-1] in row.stop_chars:
-                    safe = streamable_length(text, row.stops)
-                else:  # no stop string can be starting at the end of the text
-                    safe = len(text)
-                # A multi-byte character split across tokens decodes as U+FFFD until it completes.
-                while safe > row.emitted_chars and text[safe - 1] == "\ufffd":
-                    safe -= 1
+                # Settled text holds no half character; only a possible start of a stop string
+                # at its end waits for the next tokens.
+                safe = streamable_length(text, row.stops) if text and text[-1] in row.stop_chars else len(text)
                 if safe > row.emitted_chars:
                     row.sink(RowEvent(index=row.index, delta=text[row.emitted_chars:safe]))
                     row.emitted_chars = safe
@@ -527,9 +519,6 @@ class Engine:
                         self._finish(r, "cancelled")
                     if r.done:
                         self._release(r)
-
-    def _text(self, row: Row) -> str:
-        return self._decode(row.generated)
 
     def _emit_final(self, row: Row, text: str, reason: str) -> None:
         if len(text) > row.emitted_chars:

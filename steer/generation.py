@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from steer.detokenize import IncrementalDetokenizer, TokenDecoder
 from steer.errors import SteerError
 from steer.kv_cache import new_kv_cache
 from steer.modeling import inference_attention
@@ -179,7 +180,7 @@ class _Row:
     """Decoding bookkeeping for one request."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], end_marker: str,
-                 attributes: dict[str, int], rng: random.Random, budget: int):
+                 attributes: dict[str, int], rng: random.Random, budget: int, detok: IncrementalDetokenizer):
         self.prompt_ids = prompt_ids
         self.params = params
         self.stops = stops
@@ -188,6 +189,7 @@ class _Row:
         self.rng = rng
         self.budget = budget
         self.tokens: list[int] = []
+        self.detok = detok
         self.text = ""
         self.finish_reason: str | None = None
 
@@ -210,6 +212,7 @@ class SteerGenerator:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = context_limit(model)
+        self._decoder = TokenDecoder.for_tokenizer(tokenizer)
 
     @classmethod
     def load(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None) -> SteerGenerator:
@@ -257,7 +260,7 @@ class SteerGenerator:
             budget = min(budget, room)
         stops = list(self.template.stop_strings) + params.stop
         return _Row(prompt.input_ids, params, stops, self.template.end_marker, applied,
-                    params.make_rng(), budget)
+                    params.make_rng(), budget, IncrementalDetokenizer(self._decoder))
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Decode several requests in one left-padded batch. A seeded request gives the same text
@@ -285,21 +288,26 @@ class SteerGenerator:
         return [r.result() for r in rows]
 
     def _advance(self, row: _Row, token: int) -> None:
+        row.tokens.append(token)
         if token in self.eos_ids and not row.params.ignore_eos:
-            row.tokens.append(token)
+            row.detok.finish()
+            row.text = row.detok.text
             row.finish_reason = "stop"
             return
-        row.tokens.append(token)
-        # Decoding the whole completion each step keeps multi-byte characters and merges right.
-        text = self.tokenizer.decode([t for t in row.tokens], skip_special_tokens=False)
-        cut = find_stop(text, row.stops)
+        # Text settles a token at a time (steer.detokenize), so multi-byte characters and merges
+        # come out right without decoding the whole completion every step.
+        settled = len(row.detok.text)
+        row.detok.add(token)
+        if len(row.tokens) >= row.budget:
+            row.detok.finish()
+            row.finish_reason = "length"
+        text = row.detok.text
+        cut = find_stop(text, row.stops, new_from=settled) if len(text) > settled else -1
         if cut >= 0:
             row.text = self._strip_marker(text[:cut], row)
             row.finish_reason = "stop"
-            return
-        row.text = text
-        if len(row.tokens) >= row.budget:
-            row.finish_reason = "length"
+        else:
+            row.text = text
 
     @staticmethod
     def _strip_marker(text: str, row: _Row) -> str:

@@ -151,9 +151,10 @@ def _invert(cumulative, mass, uniforms, order, last=None) -> torch.Tensor:
     return position.view(-1)
 
 
-def find_stop(text: str, stops: Sequence[str]) -> int:
-    """Index of the earliest stop string in ``text``, or -1."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def find_stop(text: str, stops: Sequence[str], new_from: int = 0) -> int:
+    """Index of the earliest stop string in ``text``, or -1. With ``new_from``, only stops that end
+    at or after that index are looked for: the text before it was searched when it arrived."""
+    hits = [i for i in (text.find(s, max(0, new_from - len(s) + 1)) for s in stops) if i >= 0]
     return min(hits) if hits else -1
 
 

@@ -98,5 +98,9 @@ def test_non_finite_logits_are_an_error_not_a_token():
 def test_stop_helpers():
     assert find_stop("hello\n<extra_id_1>", ["<extra_id_1>", "lo"]) == 3
     assert find_stop("hello", ["x"]) == -1
+    # new_from: only stops that reach the new text, including one that straddles its start.
+    assert find_stop("ab<stop>cd<stop>", ["<stop>"], new_from=10) == 10
+    assert find_stop("ab<stop>cd<stop>", ["<stop>"], new_from=14) == 10
+    assert find_stop("ab<stop>cd", ["<stop>"], new_from=9) == -1
     assert streamable_length("hello <extra", ["<extra_id_1>"]) == len("hello ")
     assert streamable_length("hello", ["<extra_id_1>"]) == 5

@@ -290,6 +290,36 @@ class Collector:
             self.done.set()
 
 
+def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_policy, monkeypatch):
+    import torch
+
+    import service.engine
+    from service.engine import Row
+    from steer.sampling import SamplingParams
+
+    policy, engine = _engine(tiny_policy)
+    tok = policy.tokenizer
+    reply = "Tea 日 and 🙂, then <end> more"
+    script = tok(reply, add_special_tokens=False)["input_ids"]
+    assert sum(t in engine._decoder.byte_tokens for t in script) == 7  # 日 and 🙂 come as byte runs
+    drawn = iter(script)
+    monkeypatch.setattr(service.engine, "sample_next_tokens",
+                        lambda logits, params, rngs: torch.tensor([next(drawn) for _ in params]))
+    sink, deltas = Collector(), []
+    row = Row(prompt_ids=_row(policy, "hi", seed=0)[0].prompt_ids, params=SamplingParams(max_new_tokens=len(script)),
+              stops=["<end>"], sink=lambda event: (deltas.append(event.delta), sink(event)))
+    engine.start()
+    try:
+        engine.submit([row])
+        assert sink.done.wait(30)
+    finally:
+        engine.stop()
+    assert sink.final.finish_reason == "stop"
+    assert sink.final.text == sink.text == "Tea 日 and 🙂, then "
+    assert not any("\ufffd" in d for d in deltas)
+    assert len([d for d in deltas if d]) > 5  # streamed as it came, not at the end
+
+
 def _row(policy, content, seed, max_new=24, temperature=1.0):
     from service.engine import Row
     from steer.sampling import SamplingParams
