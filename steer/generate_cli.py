@@ -1,4 +1,5 @@
-"""``steer generate``: one reply from a policy, with attribute values set on the command line."""
+"""``steer generate``: a reply from a policy, with attribute values set on the command line; or,
+with ``--input``/``--output``, one reply per line of a request file (:mod:`steer.batch_generate`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list, metadata={"help": "Extra stop string, repeatable."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available)."})
     json: bool = field(default=False, metadata={"help": "Print the result as JSON (text, tokens, attributes)."})
+    input: str | None = field(
+        default=None,
+        metadata={"help": "JSONL of requests instead of --prompt, one per line: {\"id\", \"prompt\" (and \"system\") "
+                  "or \"messages\", \"attributes\", \"seed\", \"max_new_tokens\", \"temperature\", \"top_p\", "
+                  "\"stop\"}; the flags fill what a line leaves out. Needs --output."},
+    )
+    output: str | None = field(
+        default=None,
+        metadata={"help": "JSONL the --input replies are appended to, with the seed each was drawn with. "
+                  "Rerunning the command skips the ids already there."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "With --input: requests decoded together."})
 
 
 def parse_attr_flags(items: list[str], schema: AttributeSchema) -> dict[str, int]:
@@ -50,11 +63,26 @@ def main(config: GenerateConfig) -> int:
 
     if not config.policy:
         raise GenerationError("--policy is required", "policy")
-    if not config.prompt:
-        raise GenerationError("--prompt is required", "prompt")
-    # Check the flags against the saved schema before spending time loading the model.
+    if config.input and config.prompt:
+        raise GenerationError("give --prompt or --input, not both", "input")
+    if config.input and not config.output:
+        raise GenerationError("--input needs --output (the JSONL the replies go to)", "output")
+    if not config.prompt and not config.input:
+        raise GenerationError("--prompt is required (or --input with a file of requests)", "prompt")
+    # Check the flags (and the request file) against the saved schema before loading the model.
     _, schema = load_steer_config(config.policy, kind="policy")
     attributes = parse_attr_flags(config.attr, schema)
+    if config.input:
+        from steer.batch_generate import generate_file, read_requests
+
+        defaults = {"system": config.system, "attributes": attributes, "max_new_tokens": config.max_new_tokens,
+                    "temperature": config.temperature, "top_p": config.top_p, "stop": config.stop}
+        items = read_requests(config.input, defaults)
+        generator = SteerGenerator.load(config.policy, device=config.device)
+        summary = generate_file(generator, items, config.output, batch_size=config.batch_size)
+        if config.json:
+            print(json.dumps(summary))
+        return 0
     generator = SteerGenerator.load(config.policy, device=config.device)
     messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
         {"role": "user", "content": config.prompt}

@@ -178,6 +178,65 @@ def test_cli_bad_attr_is_one_line_exit_2(policy_dir, capsys, attr, named):
     assert len(lines) == 1 and named in lines[0] and "Traceback" not in err
 
 
+def _write_requests(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_batch_file_matches_single_requests_records_seeds_and_resumes(policy_dir, generator, tmp_path, capsys):
+    requests = _write_requests(tmp_path / "requests.jsonl", [
+        {"id": "smith-1", "prompt": "Tell me about item 3", "attributes": {"humour": 4}, "seed": 3},
+        {"id": "smith-2", "messages": LONGER, "attributes": {"creativity": 1}, "seed": 5, "max_new_tokens": 4},
+        {"prompt": "Tell me about item 9"},  # no id, no seed
+    ])
+    out = tmp_path / "lines" / "npc.jsonl"
+    argv = ["generate", "--policy", str(policy_dir), "--input", str(requests), "--output", str(out),
+            "--system", "Be brief.", "--attr", "creativity=3", "--max-new-tokens", "6", "--batch-size", "2"]
+    assert _cli(argv, capsys)[0] == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["smith-1", "smith-2", "line-3"]
+    # Flags fill what a line leaves out; the line wins where it speaks.
+    assert (lines[0]["attributes"]["humor"], lines[0]["attributes"]["creativity"]) == (4, 3)
+    assert lines[1]["attributes"]["creativity"] == 1 and lines[1]["completion_tokens"] <= 4
+    # Batched as generate() would do it alone, and the recorded seed of an unseeded line remakes it.
+    alone = generator.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about item 3"}],
+                               {"humor": 4, "creativity": 3}, max_new_tokens=6, seed=3)
+    assert lines[0]["text"] == alone.text and lines[0]["seed"] == 3
+    remade = generator.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about item 9"}],
+                                {"creativity": 3}, max_new_tokens=6, seed=lines[2]["seed"])
+    assert remade.text == lines[2]["text"]
+
+    # A crash mid-write: the second line cut off, the third never written. The rerun keeps the
+    # first line as it was, drops the cut-off one and makes the other two.
+    kept = out.read_text().splitlines(keepends=True)
+    out.write_text(kept[0] + kept[1][:15])
+    assert _cli(argv, capsys)[0] == 0
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in again] == ["smith-1", "smith-2", "line-3"]
+    assert again[:2] == lines[:2]
+    assert _cli(argv, capsys)[0] == 0  # all done: nothing added
+    assert len(out.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("row, named", [
+    ({"prompt": "hi", "attributes": {"humor": 9}}, "humor"),
+    ({"prompt": "hi", "colour": "red"}, "colour"),
+    ({"attributes": {"humor": 1}}, "prompt"),
+    ({"prompt": "hi", "seed": "x"}, "seed"),
+    ({"prompt": "hi", "temperature": 7}, "temperature"),
+    ("not json", "not JSON"),
+])
+def test_cli_batch_bad_line_is_one_error_naming_line_and_field(policy_dir, tmp_path, capsys, row, named):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"prompt": "fine"}) + "\n" + (row if isinstance(row, str) else json.dumps(row)) + "\n")
+    out = tmp_path / "out.jsonl"
+    code, _, err = _cli(["generate", "--policy", str(policy_dir), "--input", str(requests), "--output", str(out)], capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and named in lines[0] and "line 2" in lines[0] and "Traceback" not in err
+    assert not out.exists()  # checked before anything was generated
+
+
 class CacheNamedLM(ScriptedLM):
     """A forward with transformers' newer argument name (``cache``, 5.24+) instead of ``past_key_values``."""
 
