@@ -69,13 +69,13 @@ def read_requests(path: str | Path, defaults: Mapping[str, Any]) -> list[BatchIt
         if item_id in seen:
             raise GenerationError(f"{where}: id {item_id!r} repeats line {seen[item_id]}", "id")
         seen[item_id] = number
-        items.append(BatchItem(item_id, _request(row, defaults, where), where))
+        items.append(BatchItem(item_id, _request(row, defaults, where, number), where))
     if not items:
         raise GenerationError(f"{path} holds no requests", "input")
     return items
 
 
-def _request(row: dict[str, Any], defaults: Mapping[str, Any], where: str) -> GenerationRequest:
+def _request(row: dict[str, Any], defaults: Mapping[str, Any], where: str, number: int) -> GenerationRequest:
     if "messages" in row:
         if "prompt" in row or "system" in row:
             raise GenerationError(f"{where}: give messages, or prompt (and system), not both", "messages")
@@ -96,6 +96,8 @@ def _request(row: dict[str, Any], defaults: Mapping[str, Any], where: str) -> Ge
     seed = row.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise GenerationError(f"{where}: seed must be an integer", "seed")
+    if seed is None and defaults.get("seed") is not None:
+        seed = defaults["seed"] + number - 1  # --seed: every line its own, the same on every run
     stop = row.get("stop", defaults.get("stop") or [])
     return GenerationRequest(
         messages=messages,

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "apm eval": ("training.apm_eval", "ApmEvalConfig", "Score an APM on held-out ratings (Pearson, Spearman, MAE)."),
     "relabel": ("training.relabel", "RelabelConfig", "Annotate a dataset with an APM's attribute predictions."),
     "sft": ("training.sft", "SftConfig", "Attribute-conditioned LoRA fine-tuning of a causal LM."),
-    "generate": ("steer.generate_cli", "GenerateConfig", "Generate a reply with chosen attribute values."),
+    "generate": ("steer.generate_cli", "GenerateConfig", "Generate a reply with chosen attribute values, or one per line of a request file (--input)."),
     "demo": ("steer.demo", "DemoConfig", "Run the whole pipeline offline on the bundled game-NPC data."),
     "serve": ("service.cli", "ServeConfig", "Serve an OpenAI-compatible steerable chat API."),
     "ui": ("ui.cli", "UiConfig", "Open the Gradio chat UI against a running steer server."),

@@ -22,7 +22,11 @@ class GenerateConfig:
         metadata={"help": "Attribute value, repeatable: --attr humor=4 --attr creativity=2. Unset ones use "
                   "the schema's defaults."},
     )
-    seed: int | None = field(default=None, metadata={"help": "Sampling seed (same seed and inputs, same text)."})
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "Sampling seed (same seed and inputs, same text). With --input, lines without a seed get "
+                  "this seed plus their line number minus one."},
+    )
     max_new_tokens: int = field(default=128, metadata={"help": "Most tokens to generate."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 is greedy."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
@@ -76,7 +80,7 @@ def main(config: GenerateConfig) -> int:
         from steer.batch_generate import generate_file, read_requests
 
         defaults = {"system": config.system, "attributes": attributes, "max_new_tokens": config.max_new_tokens,
-                    "temperature": config.temperature, "top_p": config.top_p, "stop": config.stop}
+                    "temperature": config.temperature, "top_p": config.top_p, "stop": config.stop, "seed": config.seed}
         items = read_requests(config.input, defaults)
         generator = SteerGenerator.load(config.policy, device=config.device)
         summary = generate_file(generator, items, config.output, batch_size=config.batch_size)

@@ -217,6 +217,12 @@ def test_cli_batch_file_matches_single_requests_records_seeds_and_resumes(policy
     assert _cli(argv, capsys)[0] == 0  # all done: nothing added
     assert len(out.read_text().splitlines()) == 3
 
+    # --seed seeds the lines that give none, each its own: line 3 gets 100 + 2.
+    seeded = tmp_path / "seeded.jsonl"
+    assert _cli(["generate", "--policy", str(policy_dir), "--input", str(requests), "--output", str(seeded),
+                 "--max-new-tokens", "2", "--seed", "100"], capsys)[0] == 0
+    assert [json.loads(line)["seed"] for line in seeded.read_text().splitlines()] == [3, 5, 102]
+
 
 @pytest.mark.parametrize("row, named", [
     ({"prompt": "hi", "attributes": {"humor": 9}}, "humor"),
