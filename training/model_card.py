@@ -29,17 +29,7 @@ def policy_card(name: str, base_model: str, schema: AttributeSchema, template: P
     example[first.name] = first.max
     prompt = template.render_text(EXAMPLE_MESSAGES, mode="inference", attributes=example)
     attr_flags = " ".join(f"--attr {k}={v}" for k, v in example.items())
-    # JSON strings are YAML strings: a path or id with ":" or "#" stays one value.
-    return f"""---
-base_model: {json.dumps(base_model)}
-library_name: peft
-pipeline_tag: text-generation
-tags:
-- steer
-- steerlm
-- attribute-conditioned
-- lora
----
+    return f"""{_front_matter(base_model, "peft", "text-generation", ["attribute-conditioned", "lora"])}
 
 # {name}
 
@@ -94,15 +84,7 @@ def apm_card(name: str, schema: AttributeSchema, backbone: str, training: dict[s
                    + _table(("attribute", "Pearson", "Spearman", "MAE", "n"), per_attribute))
     else:
         results = "Nothing was held out, so there is no held-out accuracy; `steer apm eval` measures it on any rated data."
-    return f"""---
-base_model: {json.dumps(backbone)}
-library_name: transformers
-pipeline_tag: text-classification
-tags:
-- steer
-- steerlm
-- attribute-prediction
----
+    return f"""{_front_matter(backbone, "transformers", "text-classification", ["attribute-prediction"])}
 
 # {name}
 
@@ -136,6 +118,14 @@ print(apm.predict_dicts([[{{"role": "user", "content": "Can you fix my sword?"}}
 
 {_table(("setting", "value"), training.items())}
 """
+
+
+def _front_matter(base_model: str, library: str, pipeline: str, tags: list[str]) -> str:
+    """The YAML header the Hugging Face hub reads. JSON strings are YAML strings, so a path or an
+    id with ":" or "#" in it stays one value."""
+    lines = ["---", f"base_model: {json.dumps(base_model)}", f"library_name: {library}", f"pipeline_tag: {pipeline}",
+             "tags:", *(f"- {tag}" for tag in ["steer", "steerlm", *tags]), "---"]
+    return "\n".join(lines)
 
 
 def _attribute_table(schema: AttributeSchema) -> str:
