@@ -172,3 +172,45 @@ def test_non_streaming_client_that_gives_up_frees_its_slot(keyed_server):
         time.sleep(0.02)
     assert _cancelled(keyed_server) == before + 1
     assert keyed_server.engine.stats().active == 0
+
+
+# ------------------------------------------------------------------ docs/npc.md
+def _npc_guide_client() -> dict:
+    """The client function from docs/npc.md, run as written: the guide must stay true."""
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "npc.md").read_text(encoding="utf-8")
+    namespace: dict = {}
+    exec(guide.split("```python\n", 1)[1].split("```", 1)[0], namespace)
+    return namespace
+
+
+def test_npc_guide_client_streams_repeats_with_a_seed_and_waits_out_a_full_server(policy_dir):
+    npc = _npc_guide_client()
+    persona, ask = "You are Brom, the village blacksmith.", "Can you fix my sword?"
+    with live_steer_server(policy=str(policy_dir), max_batch_size=1, max_queue=0, max_tokens_limit=4000) as server:
+        pieces: list[str] = []
+        line = npc["npc_say"](server.url, persona, [], ask, "grumpy", on_text=pieces.append, seed=4, max_tokens=12)
+        assert line and "".join(pieces) == line and len(pieces) > 1
+        whole = httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "system", "content": persona}, {"role": "user", "content": ask}],
+            "attributes": npc["MOODS"]["grumpy"], "max_tokens": 12, "seed": 4}).json()
+        assert whole["choices"][0]["message"]["content"] == line
+        assert whole["attributes"] == {"helpfulness": 1, "humor": 0, "creativity": 1}
+
+        # The one slot busy with a long reply: the client gets a 429, waits as told, and gets its line.
+        hold = threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            "messages": HELLO, "max_tokens": 200, "ignore_eos": True}))
+        hold.start()
+        deadline = time.monotonic() + 10
+        while server.engine.stats().active == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        history = [{"role": "user", "content": ask}, {"role": "assistant", "content": line}]
+        started = time.monotonic()
+        assert npc["npc_say"](server.url, persona, history, "And my shield?", "cheerful", on_text=lambda piece: None,
+                              max_tokens=8)
+        waited = time.monotonic() - started
+        hold.join()
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'steer_requests_total{route="/v1/chat/completions",status="429"}' in metrics
+    assert waited >= 1.0  # it slept for Retry-After before the retry that was served
