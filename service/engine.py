@@ -48,7 +48,7 @@ from steer.errors import SteerError
 from steer.generation import DecodeState, context_limit, decode_step, left_pad, prefill
 from steer.kv_cache import PreallocatedLayer
 from steer.mixed_step import fits, mixed_step, supports_mixed_step
-from steer.sampling import SamplingParams, find_stop, sample_next_tokens, streamable_length
+from steer.sampling import SamplingParams, sample_next_tokens, streamable_length
 
 logger = logging.getLogger(__name__)
 
@@ -489,13 +489,9 @@ class Engine:
                 continue
             row.generated.append(token)
             accepted += 1
-            settled = len(row.detok.text)
-            row.detok.add(token)
             spent = len(row.generated) >= row.params.max_new_tokens
-            if spent:
-                row.detok.finish()  # unfinished characters too, as a full decode shows them
+            cut = row.detok.advance(token, row.stops, last=spent)
             text = row.detok.text
-            cut = find_stop(text, row.stops, new_from=settled) if len(text) > settled else -1
             if cut >= 0:
                 self._emit_final(row, text[:cut], "stop")
                 finished.append(row)

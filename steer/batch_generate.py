@@ -134,15 +134,16 @@ def generate_file(generator: SteerGenerator, items: list[BatchItem], output: str
     """Generate every item not yet in ``output``, appending results batch by batch."""
     if batch_size < 1:
         raise GenerationError("--batch-size must be at least 1", "batch_size")
-    for item in items:  # every line is checked before the first token is generated
-        try:
-            generator.prepare(item.request)
-        except SteerError as e:
-            raise type(e)(f"{item.where}: {e}", e.field) from None
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     done = finished_ids(output)
     todo = [item for item in items if item.id not in done]
+    prepared = []  # every line is checked (and tokenized, once) before the first token is generated
+    for item in todo:
+        try:
+            prepared.append(generator.prepare(item.request))
+        except SteerError as e:
+            raise type(e)(f"{item.where}: {e}", e.field) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
     if done:
         logger.info("%s already holds %d of the %d requests; generating the other %d",
                     output, len(items) - len(todo), len(items), len(todo))
@@ -150,7 +151,7 @@ def generate_file(generator: SteerGenerator, items: list[BatchItem], output: str
     with output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="generate", unit="reply") as bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            results = generator.generate_batch([item.request for item in batch])
+            results = generator.generate_prepared(prepared[i:i + batch_size])
             for item, result in zip(batch, results):
                 out.write(json.dumps({"id": item.id, **result.to_dict(), "seed": item.request.seed},
                                      ensure_ascii=False) + "\n")

@@ -13,8 +13,10 @@ is left. The text then equals decoding every token at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from steer.sampling import find_stop
 
 REPLACEMENT = "\ufffd"
 
@@ -46,7 +48,6 @@ class TokenDecoder:
 class IncrementalDetokenizer:
     def __init__(self, decoder: TokenDecoder):
         self._decoder = decoder
-        self._decode = decoder.decode
         self.tokens: list[int] = []
         self.text = ""  # the settled text: complete characters only
         self._context = 0  # the window starts here: one settled token kept for context
@@ -57,25 +58,34 @@ class IncrementalDetokenizer:
         self.tokens.append(token)
         if token in self._decoder.byte_tokens:
             return ""  # the run may go on and change how it decodes
-        window = self._decode(self.tokens[self._context:])
+        window = self._decoder.decode(self.tokens[self._context:])
         if window.endswith(REPLACEMENT):
             return ""
         return self._settle(window)
+    def advance(self, token: int, stops: Sequence[str], last: bool = False) -> int:
+        """Add ``token`` (and settle everything when it is the ``last`` one); returns where the
+        earliest stop string starts in ``text`` if the newly settled text completed one, else -1."""
+        settled = len(self.text)
+        self.add(token)
+        if last:
+            self.finish()
+        return find_stop(self.text, stops, new_from=settled) if len(self.text) > settled else -1
+
     def finish(self) -> str:
         """Settle everything, unfinished characters included (as U+FFFD, like a full decode)."""
         if self._settled == len(self.tokens):
             return ""
-        return self._settle(self._decode(self.tokens[self._context:]))
+        return self._settle(self._decoder.decode(self.tokens[self._context:]))
 
     def _settle(self, window: str) -> str:
-        before = self._decode(self.tokens[self._context:self._settled])
+        before = self._decoder.decode(self.tokens[self._context:self._settled])
         if window.startswith(before):
             delta = window[len(before):]
             self.text += delta
         else:
             # Decoding this slice is not a prefix of decoding the longer one (no tokenizer steer
             # ships does this): decode everything, which is always right.
-            full = self._decode(self.tokens)
+            full = self._decoder.decode(self.tokens)
             delta = full[len(self.text):] if full.startswith(self.text) else ""
             self.text = full
         # The next window starts at the last settled token: context for the one after it.

@@ -30,7 +30,7 @@ from steer.detokenize import IncrementalDetokenizer, TokenDecoder
 from steer.errors import SteerError
 from steer.kv_cache import new_kv_cache
 from steer.modeling import inference_attention
-from steer.sampling import SamplingParams, find_stop, sample_next_tokens
+from steer.sampling import SamplingParams, sample_next_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -265,9 +265,12 @@ class SteerGenerator:
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Decode several requests in one left-padded batch. A seeded request gives the same text
         here as through :meth:`generate`, because each row samples from its own generator."""
-        if not requests:
+        return self.generate_prepared([self.prepare(r) for r in requests])
+
+    def generate_prepared(self, rows: Sequence[_Row]) -> list[GenerationResult]:
+        """:meth:`generate_batch` for requests already through :meth:`prepare` (each row once)."""
+        if not rows:
             return []
-        rows = [self.prepare(r) for r in requests]
         input_ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_token_id, self.device)
         logits, state = prefill(self.model, input_ids, mask)
         active = list(range(len(rows)))
@@ -296,18 +299,15 @@ class SteerGenerator:
             return
         # Text settles a token at a time (steer.detokenize), so multi-byte characters and merges
         # come out right without decoding the whole completion every step.
-        settled = len(row.detok.text)
-        row.detok.add(token)
-        if len(row.tokens) >= row.budget:
-            row.detok.finish()
-            row.finish_reason = "length"
-        text = row.detok.text
-        cut = find_stop(text, row.stops, new_from=settled) if len(text) > settled else -1
+        spent = len(row.tokens) >= row.budget
+        cut = row.detok.advance(token, row.stops, last=spent)
         if cut >= 0:
-            row.text = self._strip_marker(text[:cut], row)
+            row.text = self._strip_marker(row.detok.text[:cut], row)
             row.finish_reason = "stop"
         else:
-            row.text = text
+            row.text = row.detok.text
+            if spent:
+                row.finish_reason = "length"
 
     @staticmethod
     def _strip_marker(text: str, row: _Row) -> str:
