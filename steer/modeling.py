@@ -1,4 +1,4 @@
-"""Loading models and tokenizers: hub ids or local directories, safe by default.
+"""Loading models and tokenizers: hub ids, local directories or GGUF files, safe by default.
 
 safetensors only, ``trust_remote_code`` off unless the caller asks, 4-bit only on CUDA.
 """
@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from steer.errors import SteerError
+from steer.gguf_files import (forget_gguf_origin, gguf_location, is_gguf_path, repair_config, repair_tokenizer,
+                              tolerant_gguf_reading)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,13 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        if is_gguf_path(name_or_path):
+            folder, file = gguf_location(name_or_path)
+            with tolerant_gguf_reading():
+                tok = AutoTokenizer.from_pretrained(folder, gguf_file=file, trust_remote_code=trust_remote_code)
+            repair_tokenizer(tok, name_or_path)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load a tokenizer from {name_or_path!r}: {e}") from None
     if tok.pad_token is None:
@@ -88,6 +96,13 @@ def load_causal_lm(
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    source = str(name_or_path)
+    if is_gguf_path(name_or_path):
+        # A GGUF file is one self-describing file (no pickle inside), de-quantised on load into an
+        # ordinary model: fp32 on CPU, bf16 on CUDA, like any other base.
+        source, kwargs["gguf_file"] = gguf_location(name_or_path)
+        del kwargs["use_safetensors"]
+        kwargs["config"] = _gguf_config(source, kwargs["gguf_file"], trust_remote_code)
     if load_in_4bit:
         check_4bit_available()
         from transformers import BitsAndBytesConfig
@@ -102,12 +117,25 @@ def load_causal_lm(
     else:
         kwargs["dtype"] = resolve_dtype(dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+        with tolerant_gguf_reading() if "gguf_file" in kwargs else nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}: {e}") from None
+    if "gguf_file" in kwargs:
+        forget_gguf_origin(model)
     if not load_in_4bit:
         model.to(device)
     return model
+
+
+def _gguf_config(folder: str, file: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        with tolerant_gguf_reading():
+            return repair_config(AutoConfig.from_pretrained(folder, gguf_file=file, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not read the model configuration of GGUF file {file!r}: {e}") from None
 
 
 def merge_adapter_into(model, adapter_dir: str | Path):

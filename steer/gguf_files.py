@@ -1,0 +1,137 @@
+"""GGUF files as base models: llama.cpp's single-file format, read through transformers.
+
+transformers de-quantises a GGUF checkpoint into an ordinary model (``gguf_file=``), so everything
+downstream (LoRA, merging, the decode runtime) sees a plain ``PreTrainedModel``. This module holds
+what that path needs beyond transformers: recognising a GGUF path, a clear error when the optional
+``gguf`` package is missing, and the repairs real files need (unset token ids written as 2^32-1,
+special tokens that the tokenizer conversion leaves unnamed).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+from steer.errors import SteerError
+
+logger = logging.getLogger(__name__)
+
+GGUF_SUFFIX = ".gguf"
+# The ids a GGUF file may carry for special tokens, and the tokenizer attribute each one names.
+SPECIAL_TOKEN_FIELDS = {
+    "tokenizer.ggml.bos_token_id": "bos_token",
+    "tokenizer.ggml.eos_token_id": "eos_token",
+    "tokenizer.ggml.unknown_token_id": "unk_token",
+    "tokenizer.ggml.padding_token_id": "pad_token",
+}
+
+
+class GgufError(SteerError, RuntimeError):
+    pass
+
+
+def is_gguf_path(name_or_path: str | Path) -> bool:
+    return str(name_or_path).lower().endswith(GGUF_SUFFIX)
+
+
+def gguf_location(name_or_path: str | Path) -> tuple[str, str]:
+    """(folder, file name) of a local GGUF file, the two halves ``from_pretrained(..., gguf_file=)`` takes."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise GgufError(f"GGUF file {str(name_or_path)!r} does not exist (a .gguf base must be a local file)")
+    require_gguf()
+    return str(path.resolve().parent), path.name
+
+
+def require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise GgufError("reading .gguf files needs the gguf package: pip install 'steer[gguf]'") from None
+
+
+def read_special_token_ids(path: str | Path) -> dict[str, int]:
+    """Special-token ids recorded in the file's metadata, unset ones (2^32-1 and friends) left out."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    ids = {}
+    for key, attr in SPECIAL_TOKEN_FIELDS.items():
+        field = reader.fields.get(key)
+        if field is None or not field.data:
+            continue
+        value = int(field.parts[field.data[0]][0])
+        if value < 2**31:
+            ids[attr] = value
+    return ids
+
+
+def repair_tokenizer(tokenizer, path: str | Path):
+    """Name the special tokens the GGUF metadata gives by id when the conversion left them unset
+    (stories260K's ``<s>`` and ``</s>`` come back as ``None``)."""
+    for attr, token_id in read_special_token_ids(path).items():
+        if getattr(tokenizer, attr) is None and token_id < len(tokenizer):
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
+    return tokenizer
+
+
+def repair_config(config):
+    """Token ids outside the vocabulary mean "unset" in GGUF files (llama.cpp writes 2^32-1);
+    transformers would build an embedding with an impossible padding index from them."""
+    vocab = getattr(config, "vocab_size", None)
+    for name in list(config.to_dict()):
+        value = getattr(config, name, None)
+        if name.endswith("_token_id") and isinstance(value, int) and vocab is not None and not 0 <= value < vocab:
+            setattr(config, name, None)
+    return config
+
+
+def forget_gguf_origin(model):
+    """transformers marks a model de-quantised from GGUF as quantised, so ``Trainer`` refuses to
+    fine-tune it and ``save_pretrained`` records a GGUF quantisation config. Its weights are plain
+    tensors by now: clear the marks."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if hasattr(module, "config") and getattr(module.config, "_is_quantized", False):
+            module.config._is_quantized = False
+    return model
+
+
+@contextmanager
+def tolerant_gguf_reading():
+    """Load GGUF metadata the way llama.cpp means it.
+
+    llama.cpp writes 2^32-1 for a special token the model does not have (stories260K's padding
+    token); transformers 5 indexes the vocabulary with it while converting the tokenizer and fails
+    with an IndexError. Unset ids are dropped from the metadata it reads, and its warning about the
+    same id in the model config is silenced, since :func:`repair_config` clears that id."""
+    from transformers.integrations.gguf import reader
+    from transformers.utils import logging as hf_logging
+
+    read = reader.read_gguf_metadata
+
+    def read_without_unset_ids(*args, **kwargs):
+        metadata, rest = read(*args, **kwargs)
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list):
+            for key in [k for k in metadata if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")]:
+                if not (isinstance(metadata[key], int) and 0 <= metadata[key] < len(tokens)):
+                    del metadata[key]
+        return metadata, rest
+
+    class _DropPadWarning(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "_token_id must be `None` or an integer within the vocabulary" not in record.getMessage()
+
+    hf_logger = hf_logging.get_logger("transformers.configuration_utils")
+    drop = _DropPadWarning()
+    reader.read_gguf_metadata = read_without_unset_ids
+    hf_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        reader.read_gguf_metadata = read
+        hf_logger.removeFilter(drop)

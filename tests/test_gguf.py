@@ -1,0 +1,150 @@
+"""GGUF files as base models: the real stories260K GGUF, and a tiny one written here with gguf."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import shared_path
+
+gguf = pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
+
+
+def _permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    # llama.cpp's converter stores Q and K rows interleaved for its rotary layout; transformers'
+    # GGUF loader undoes exactly this, so a faithful writer must do it.
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_tiny_llama_gguf(model, path, tokenizer_source) -> None:
+    """A Llama checkpoint as llama.cpp lays it out, with the tokenizer of ``tokenizer_source``."""
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
+    source = gguf.GGUFReader(str(tokenizer_source))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([bytes(source.fields["tokenizer.ggml.tokens"].parts[i]) for i in source.fields["tokenizer.ggml.tokens"].data])
+    writer.add_token_scores([float(source.fields["tokenizer.ggml.scores"].parts[i][0]) for i in source.fields["tokenizer.ggml.scores"].data])
+    writer.add_token_types([int(source.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in source.fields["tokenizer.ggml.token_type"].data])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2**32 - 1)  # "unset", as llama.cpp writes it
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    writer.add_tensor("output.weight", state["lm_head.weight"].numpy())
+    for layer in range(cfg.num_hidden_layers):
+        for hf, cpp in names.items():
+            weight = state[f"model.layers.{layer}.{hf}.weight"]
+            if cpp == "attn_q":
+                weight = _permute_for_llama_cpp(weight, cfg.num_attention_heads)
+            elif cpp == "attn_k":
+                weight = _permute_for_llama_cpp(weight, cfg.num_key_value_heads)
+            writer.add_tensor(f"blk.{layer}.{cpp}.weight", weight.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    write_tiny_llama_gguf(model, path, shared_path("models", "stories260K", "stories260K.gguf"))
+    return model, path
+
+
+def test_a_gguf_written_here_loads_as_the_same_model(tiny_gguf):
+    from steer.modeling import load_causal_lm
+
+    original, path = tiny_gguf
+    loaded = load_causal_lm(path, device="cpu")
+    assert loaded.dtype == torch.float32 and loaded.config.pad_token_id is None
+    ids = torch.randint(3, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_real_stories260k_gguf_matches_its_safetensors_twin(tmp_path):
+    from steer.modeling import load_causal_lm, load_tokenizer
+
+    twin_dir = shared_path("models", "stories260K")
+    # Alone in a folder, so nothing but the GGUF file can supply the tokenizer.
+    gguf_file = tmp_path / "stories260K.gguf"
+    gguf_file.symlink_to(twin_dir / "stories260K.gguf")
+    model = load_causal_lm(gguf_file, device="cpu")
+    twin = load_causal_lm(twin_dir, device="cpu")
+    # The file says pad = 2^32-1 ("unset"): loaded as no pad id rather than an impossible index.
+    assert model.config.pad_token_id is None
+    tok, twin_tok = load_tokenizer(gguf_file), load_tokenizer(twin_dir)
+    text = "Once upon a time, there was a little dog named Max."
+    assert tok(text).input_ids == twin_tok(text).input_ids
+    assert (tok.bos_token, tok.eos_token) == (twin_tok.bos_token, twin_tok.eos_token) == ("<s>", "</s>")
+    ids = torch.tensor([twin_tok(text).input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, twin(ids).logits)
+
+
+def test_missing_gguf_file_and_missing_package_are_clear_errors(tmp_path, monkeypatch):
+    from steer.errors import SteerError
+    from steer.modeling import load_causal_lm, load_tokenizer
+
+    with pytest.raises(SteerError, match="does not exist"):
+        load_causal_lm(tmp_path / "nope.gguf")
+    gguf_file = shared_path("models", "stories260K", "stories260K.gguf")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if the extra were not installed
+    with pytest.raises(SteerError, match=r"pip install 'steer\[gguf\]'"):
+        load_tokenizer(gguf_file)
+
+
+def test_sft_on_a_gguf_base_records_it_and_the_policy_reloads(tmp_path, tiny_gguf):
+    from steer.policy import load_policy
+    from training.sft import SftConfig
+    from training.sft import main as sft
+
+    _, path = tiny_gguf
+    data = tmp_path / "data.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Number {i}?"},
+                          {"role": "assistant", "content": f"It is {i}.", "labels": {"humor": i % 5, "helpfulness": 4 - i % 5}}]}
+            for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "policy"
+    sft(SftConfig(base_model=str(path), data=str(data), output=str(out), format="steer", schema="oasst",
+                  max_steps=2, batch_size=4, lora_r=4, max_length=256, eval_fraction=0.0, logging_steps=1))
+    config = json.loads((out / "steer_config.json").read_text())
+    assert config["base_model"] == str(path.resolve())
+    policy = load_policy(out, device="cpu")
+    assert policy.model is not None and policy.tokenizer.eos_token == "</s>"
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_loads_as_a_chat_model():
+    from steer.modeling import load_causal_lm, load_tokenizer
+
+    path = shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path, device="cpu")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1]:])
