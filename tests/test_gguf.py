@@ -148,3 +148,40 @@ def test_smollm2_gguf_loads_as_a_chat_model():
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from steer.modeling import load_tokenizer
+
+    return load_tokenizer(shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def test_chat_template_golden_on_the_smollm2_gguf_tokenizer(smollm2_tokenizer):
+    """SmolLM2 speaks ChatML: conditioning rides inside its own assistant turn, and what the policy
+    is trained on and prompted with agree token for token."""
+    from steer.attributes import get_schema
+    from steer.template import IGNORE_INDEX, ChatTemplatePrompt
+
+    tok = smollm2_tokenizer
+    schema = get_schema("oasst")
+    template = ChatTemplatePrompt(schema, tok)
+    conv = [{"role": "system", "content": "You are Brom, the blacksmith."},
+            {"role": "user", "content": "Can you fix my sword?"},
+            {"role": "assistant", "content": "Aye, leave it by the anvil.", "labels": {"humor": 3}}]
+    text = template.render_text(conv)
+    assert text.startswith("<|im_start|>system\nYou are Brom, the blacksmith.<|im_end|>\n<|im_start|>user\n")
+    assert "<|im_start|>assistant\n<extra_id_2>humor:3\nAye, leave it by the anvil.<|im_end|>" in text
+    train = template.tokenize(conv, tok, mode="train")
+    infer = template.tokenize(conv[:-1], tok, mode="inference", attributes={"humor": 3})
+    labels = schema.validate({"humor": 3})
+    full = template.tokenize(conv[:-1] + [{**conv[-1], "labels": labels}], tok, mode="train")
+    assert full.input_ids[: len(infer.input_ids)] == infer.input_ids
+    rest = full.input_ids[len(infer.input_ids):]
+    assert tok.decode(rest).startswith("Aye, leave it by the anvil.<|im_end|>")
+    # Loss only on the reply and the end of its turn.
+    trained = [t for t, lab in zip(train.input_ids, train.labels) if lab != IGNORE_INDEX]
+    assert tok.decode(trained).startswith("Aye, leave it by the anvil.<|im_end|>")
+    assert tok.convert_tokens_to_ids("<|im_end|>") in trained
+    # <|im_start|> and <|im_end|> are single special tokens of this vocabulary.
+    assert text.count("<|im_start|>") == sum(1 for t in train.input_ids if t == tok.convert_tokens_to_ids("<|im_start|>"))
