@@ -70,8 +70,9 @@ class ApmReward:
 
     def __init__(self, apm, weights: Mapping[str, Any] | None = None):
         self.apm = apm
-        self.weights = dict(DEFAULT_REWARD_WEIGHTS if weights is None else weights)
-        self._vector = reward_weights(apm.schema, weights)  # fail early on bad weights
+        vector = reward_weights(apm.schema, weights)  # fails early on bad weights
+        # The weight of every APM attribute, as applied (0 for those the weights leave out).
+        self.weights = {n: float(w) for n, w in zip(apm.schema.names, vector)}
 
     def score(self, conversations: Sequence[Sequence[Any]], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Each conversation ends with the assistant reply to reward; returns ``[n]`` floats."""

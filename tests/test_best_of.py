@@ -153,3 +153,19 @@ def test_rest_best_of_returns_the_candidate_the_apm_puts_closest(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["param"] == "best_of_weights"
         r = c.post("/v1/chat/completions", json={**body, "best_of": 64})
         assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+def test_generate_cli_best_of(tmp_path, capsys):
+    import json
+
+    from steer.cli import main as cli
+
+    policy = build_tiny_policy(tmp_path / "policy")
+    apm_dir = build_tiny_apm(tmp_path / "apm")
+    args = ["generate", "--policy", str(policy), "--prompt", "Tell me a story.", "--attr", "humor=4",
+            "--max-new-tokens", "6", "--seed", "2", "--best-of", "3"]
+    assert cli(args) == 2
+    assert "[best_of]" in capsys.readouterr().err
+    assert cli([*args, "--apm", str(apm_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["candidates"] == 3 and set(out["measured"]) == set(DEMO_SCHEMA.names)

@@ -124,7 +124,7 @@ def main(config: PreferenceConfig) -> int:
     pairs, info = load_pairs(config.data, config.format, config.limit)
     reward = ApmReward(AttributePredictor.load(config.apm, device=config.device), weights)
     result = {**preference_accuracy(reward, pairs, config.batch_size), **info,
-              "weights": {k: v for k, v in reward.weights.items() if k in reward.apm.schema}}
+              "weights": reward.weights}
     if config.json:
         print(json.dumps(result))
     else:
