@@ -169,3 +169,23 @@ def test_generate_cli_best_of(tmp_path, capsys):
     assert cli([*args, "--apm", str(apm_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["candidates"] == 3 and set(out["measured"]) == set(DEMO_SCHEMA.names)
+
+
+def test_best_of_bench_runs_end_to_end(tmp_path):
+    """bench/best_of.py on the tiny policy (a couple of requests; the numbers are not checked)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    policy = build_tiny_policy(tmp_path / "policy")
+    apm_dir = build_tiny_apm(tmp_path / "apm")
+    out = subprocess.run([sys.executable, str(repo / "bench" / "best_of.py"), "--policy", str(policy), "--apm",
+                          str(apm_dir), "--prompts", "2", "--repeats", "1", "--max-new-tokens", "4", "--sizes", "1,2"],
+                         capture_output=True, text=True, timeout=300, cwd=repo,
+                         env={**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout[: out.stdout.index("\n}\n") + 2])
+    assert set(report["seconds_per_request"]) == {"1", "2"} and report["cost_vs_first"]["1"] == 1.0
