@@ -137,12 +137,21 @@ def build_grid(schema, attributes: Sequence[str], values: Sequence[int] | None, 
 
 
 def fingerprint(path: str | Path) -> str:
-    """Names a model directory's current contents (path, file sizes and times) for the cache."""
+    """Names a model directory by its contents for the cache: every top-level file's name, size and
+    first and last MiB, so a copied or moved model keeps its cache and a retrained one does not."""
     p = Path(path)
     if not p.exists():  # a hub id
         return hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    stats = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir() if f.is_file())
-    return hashlib.sha1(json.dumps([str(p.resolve()), stats]).encode()).hexdigest()[:12]
+    h = hashlib.sha1()
+    for f in sorted(x for x in p.iterdir() if x.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:12]
 
 
 def request_key(model_key: str, messages, attributes: dict, seed: int, config: SteerabilityConfig) -> str:
