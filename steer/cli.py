@@ -57,7 +57,7 @@ def build_parser(config_cls, prog: str, description: str) -> argparse.ArgumentPa
 def _top_level_help() -> str:
     lines = ["usage: steer [--log-level LEVEL] COMMAND [options]", "", "commands:"]
     for name, (_, _, help_text) in COMMANDS.items():
-        lines.append(f"  {name:<12} {help_text}")
+        lines.append(f"  {name:<18} {help_text}")
     lines += ["", "Run `steer COMMAND --help` for a command's options."]
     return "\n".join(lines)
 

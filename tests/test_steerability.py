@@ -174,3 +174,7 @@ def test_bad_settings_name_the_option(tmp_path, capsys):
     assert cli(["eval", "steerability", "--policy", str(tmp_path), "--apm", "x", "--output", str(tmp_path),
                 "--best-of", "1,x"]) == 2
     assert "[best_of]" in capsys.readouterr().err
+    for command in ("steerability", "preference"):
+        with pytest.raises(SystemExit) as e:
+            cli(["eval", command, "--help"])
+        assert e.value.code == 0 and "--apm" in capsys.readouterr().out

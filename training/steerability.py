@@ -64,7 +64,7 @@ class SteerabilityConfig:
         "help": "`prompt`: also evaluate the unmodified --base-model asked for the values in its system message."})
     base_model: str | None = field(default=None, metadata={"help": "Hub id or directory of the baseline's base model."})
     batch_size: int = field(default=32, metadata={"help": "Replies decoded together."})
-    bootstrap: int = field(default=1000, metadata={"help": "Bootstrap samples for the 95% intervals."})
+    bootstrap: int = field(default=1000, metadata={"help": "Bootstrap samples for the 95%% intervals."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)."})
     json: bool = field(default=False, metadata={"help": "Print report.json to stdout instead of the summary table."})
 
