@@ -59,6 +59,15 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     score: bool = Field(default=False, description="Also return the attribute prediction model's scores per reply.")
+    best_of: int | None = Field(
+        default=None, ge=1,
+        description="APM-guided best-of-n: draw this many candidates per choice (decoded as one batch) and return "
+        "the one the server's attribute prediction model measures closest to the requested attributes (those set "
+        "in `attributes`; all of them when none is set). Needs a server started with --apm. With a seed, candidate "
+        "i of choice c is drawn with seed + c * best_of + i. Usage counts every candidate's tokens.",
+    )
+    best_of_weights: dict[str, float] | None = Field(
+        default=None, description="Weights of the attributes in the best_of distance (default 1 each).")
     user: str | None = None
 
 
@@ -73,6 +82,8 @@ class Choice(BaseModel):
     finish_reason: Literal["stop", "length"] | None
     logprobs: None = None
     scores: dict[str, float] | None = None
+    # best_of only: how many candidates were drawn for this choice (``scores`` are the winner's).
+    candidates: int | None = None
 
 
 class Usage(BaseModel):
@@ -106,6 +117,7 @@ class ChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
     logprobs: None = None
     scores: dict[str, float] | None = None
+    candidates: int | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -35,6 +35,7 @@ from service.protocol import (
     completion_id,
 )
 from service.settings import ServerSettings
+from steer.best_of import BestOfError, CandidateGroup, best_of_target, check_weights, choose_best
 from steer.errors import SteerError
 from steer.sampling import SamplingParams
 
@@ -128,6 +129,10 @@ class Generation:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     chunk_prefix: str = ""  # "data: {...,"choices":[{"index":" for content chunks (ChatServing._content_chunk)
+    # best_of: rows c * best_of .. (c + 1) * best_of - 1 are choice c's candidates (steer.best_of).
+    best_of: int = 1
+    best_of_target: dict[str, int] | None = None
+    best_of_weights: dict[str, float] | None = None
 
 
 class ChatServing:
@@ -220,6 +225,7 @@ class ChatServing:
             raise bad_request(f"the prompt has {prompt_tokens} tokens; this server allows at most "
                               f"{self.settings.max_prompt_tokens}", "messages", "context_length_exceeded")
         params = self._sampling_params(req, prompt_tokens)
+        best_of, target, weights = self._best_of(req, attributes)
         template = self.policy.template
         # The end marker ("\n<extra_id_1>") is listed before the bare stop string so the newline that
         # precedes it is cut too (and held back while streaming), as steer.generation does.
@@ -229,8 +235,9 @@ class ChatServing:
         sink = self._dispatcher().sink(events)
 
         rows = []
-        for i in range(req.n):
-            # n > 1 with a seed: each choice gets its own stream (seed + i), still reproducible.
+        for i in range(req.n * best_of):
+            # n > 1 with a seed: each choice gets its own stream (seed + i), still reproducible; with
+            # best_of, row i is candidate i % best_of of choice i // best_of (steer.best_of.candidate_seed).
             row_params = params if (params.seed is None or i == 0) else replace(
                 params, seed=(params.seed + i) % 2**63)
             rows.append(Row(prompt_ids=list(prompt.input_ids), params=row_params, stops=stops, sink=sink, index=i))
@@ -244,7 +251,43 @@ class ChatServing:
         except EngineStoppedError as e:
             raise ServingError(503, str(e), type="server_error", code="shutting_down") from None
         return Generation(request=req, messages=messages, attributes=attributes, prompt_tokens=prompt_tokens,
-                          rows=rows, events=events)
+                          rows=rows, events=events, best_of=best_of, best_of_target=target, best_of_weights=weights)
+
+    def _best_of(self, req: ChatCompletionRequest, attributes: dict[str, int]):
+        """``(best_of, target, weights)`` for the request; 400s name ``best_of``/``best_of_weights``."""
+        if req.best_of is None:
+            if req.best_of_weights is not None:
+                raise bad_request("best_of_weights needs best_of", "best_of_weights")
+            return 1, None, None
+        if self.apm is None:
+            raise bad_request("best_of needs an attribute prediction model to pick the candidates; start the server "
+                              "with --apm DIR", "best_of")
+        limit = min(self.settings.max_n, self.settings.max_batch_size)
+        if req.n * req.best_of > self.settings.max_batch_size or req.best_of > limit:
+            raise bad_request(f"best_of is {req.best_of} with n {req.n}: {req.n * req.best_of} candidates; this server "
+                              f"decodes at most {self.settings.max_batch_size} together and allows best_of up to "
+                              f"{limit}", "best_of")
+        schema = self.policy.schema
+        explicit = [schema.canonical_name(k) for k in (req.attributes or {})]
+        try:
+            target = best_of_target(attributes, explicit, self.apm.schema.names)
+            weights = check_weights(req.best_of_weights, target)
+        except BestOfError as e:
+            raise bad_request(str(e), e.field) from None
+        return req.best_of, target, weights
+
+    async def _pick_best(self, gen: Generation, texts: dict[int, str]):
+        """Each choice's winning row index and its :class:`steer.best_of.BestOfChoice`."""
+        k = gen.best_of
+        groups = [CandidateGroup(gen.messages, [texts[c * k + j] for j in range(k)], gen.best_of_target,
+                                 gen.best_of_weights) for c in range(len(gen.rows) // k)]
+
+        def run():
+            with self._apm_lock:
+                return choose_best(self.apm, groups)
+
+        picks = await asyncio.get_running_loop().run_in_executor(None, run)
+        return [(c * k + p.index, p) for c, p in enumerate(picks)]
 
     def _dispatcher(self) -> EventDispatcher:
         loop = asyncio.get_running_loop()
@@ -294,6 +337,18 @@ class ChatServing:
             # Client gone or server error: free the rows that are still decoding.
             if len(reasons) < len(gen.rows):
                 self.cancel(gen)
+        if gen.best_of_target is not None:
+            picks = await self._pick_best(gen, texts)
+            self.metrics.latency.observe(time.perf_counter() - gen.started)
+            return ChatCompletionResponse(
+                id=gen.id, created=gen.created, model=self.model_name,
+                choices=[Choice(index=c, message=ChatMessageOut(content=texts[row]), finish_reason=reasons[row],
+                                scores={n: round(v, 4) for n, v in pick.measured.items()}, candidates=gen.best_of)
+                         for c, (row, pick) in enumerate(picks)],
+                usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=tokens,
+                            total_tokens=gen.prompt_tokens + tokens),
+                attributes=gen.attributes,
+            )
         scores = await self._score(gen, [texts[i] for i in range(len(gen.rows))]) if gen.request.score else None
         self.metrics.latency.observe(time.perf_counter() - gen.started)
         return ChatCompletionResponse(
@@ -325,6 +380,10 @@ class ChatServing:
     async def stream(self, gen: Generation) -> AsyncIterator[str]:
         """Server-sent events: a role chunk per choice, content deltas, a finish chunk per choice,
         an optional usage chunk, then ``[DONE]``. Cancelled (client gone) when the caller stops iterating."""
+        if gen.best_of_target is not None:
+            async for chunk in self._stream_best_of(gen):
+                yield chunk
+            return
         done = 0
         tokens = 0
         try:
@@ -374,3 +433,24 @@ class ChatServing:
         finally:
             if done < len(gen.rows):
                 self.cancel(gen)
+
+    async def _stream_best_of(self, gen: Generation) -> AsyncIterator[str]:
+        """best_of with stream: the winner is only known once every candidate is done, so each
+        choice's text arrives as one content chunk, followed by its finish chunk (scores, candidates)."""
+        for c in range(len(gen.rows) // gen.best_of):
+            yield self._chunk(gen, [ChunkChoice(index=c, delta=DeltaMessage(role="assistant", content=""))],
+                              attributes=gen.attributes if c == 0 else None)
+        try:
+            response = await self.complete(gen)
+        except ServingError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+            return
+        for choice in response.choices:
+            yield self._content_chunk(gen, choice.index, choice.message.content)
+            yield self._chunk(gen, [ChunkChoice(index=choice.index, delta=DeltaMessage(),
+                                                finish_reason=choice.finish_reason, scores=choice.scores,
+                                                candidates=choice.candidates)])
+        opts = gen.request.stream_options
+        if opts is not None and opts.include_usage:
+            yield self._chunk(gen, [], usage=response.usage)
+        yield "data: [DONE]\n\n"

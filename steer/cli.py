@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("training.sft", "SftConfig", "Attribute-conditioned LoRA fine-tuning of a causal LM."),
     "generate": ("steer.generate_cli", "GenerateConfig", "Generate a reply with chosen attribute values, or one per line of a request file (--input)."),
     "demo": ("steer.demo", "DemoConfig", "Run the whole pipeline offline on the bundled game-NPC data."),
+    "eval steerability": ("training.steerability", "SteerabilityConfig",
+                          "Measure how well a policy follows requested attribute values (plots, best-of-n, baseline)."),
+    "eval preference": ("training.preference", "PreferenceConfig",
+                        "Accuracy of the APM as a reward model on preference pairs (hh-rlhf, HelpSteer2)."),
     "serve": ("service.cli", "ServeConfig", "Serve an OpenAI-compatible steerable chat API."),
     "ui": ("ui.cli", "UiConfig", "Open the Gradio chat UI against a running steer server."),
 }
@@ -53,7 +57,7 @@ def build_parser(config_cls, prog: str, description: str) -> argparse.ArgumentPa
 def _top_level_help() -> str:
     lines = ["usage: steer [--log-level LEVEL] COMMAND [options]", "", "commands:"]
     for name, (_, _, help_text) in COMMANDS.items():
-        lines.append(f"  {name:<12} {help_text}")
+        lines.append(f"  {name:<18} {help_text}")
     lines += ["", "Run `steer COMMAND --help` for a command's options."]
     return "\n".join(lines)
 
@@ -73,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + "\n  eval   " + COMMANDS["apm eval"][2])
             return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
         name, rest = f"apm {argv[1]}", argv[2:]
+    elif name == "eval":
+        if len(argv) < 2 or argv[1] not in ("steerability", "preference"):
+            print("usage: steer eval {steerability,preference} [options]\n\n  steerability  "
+                  + COMMANDS["eval steerability"][2] + "\n  preference    " + COMMANDS["eval preference"][2])
+            return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
+        name, rest = f"eval {argv[1]}", argv[2:]
     else:
         rest = argv[1:]
     if name not in COMMANDS:

@@ -45,6 +45,10 @@ class GenerateConfig:
                   "Rerunning the command skips the ids already there."},
     )
     batch_size: int = field(default=16, metadata={"help": "With --input: requests decoded together."})
+    best_of: int = field(default=1, metadata={
+        "help": "APM-guided best-of-n: draw N candidates in one batch and print the one --apm measures closest to "
+                "the --attr values (all attributes when no --attr is given). Needs --apm."})
+    apm: str | None = field(default=None, metadata={"help": "APM directory that picks the --best-of winner."})
 
 
 def parse_attr_flags(items: list[str], schema: AttributeSchema) -> dict[str, int]:
@@ -73,6 +77,11 @@ def main(config: GenerateConfig) -> int:
         raise GenerationError("--input needs --output (the JSONL the replies go to)", "output")
     if not config.prompt and not config.input:
         raise GenerationError("--prompt is required (or --input with a file of requests)", "prompt")
+    if config.best_of != 1:
+        if not config.apm:
+            raise GenerationError("--best-of needs --apm DIR (the model that measures the candidates)", "best_of")
+        if config.input:
+            raise GenerationError("--best-of works with --prompt, not --input", "best_of")
     # Check the flags (and the request file) against the saved schema before loading the model.
     _, schema = load_steer_config(config.policy, kind="policy")
     attributes = parse_attr_flags(config.attr, schema)
@@ -87,7 +96,7 @@ def main(config: GenerateConfig) -> int:
         if config.json:
             print(json.dumps(summary))
         return 0
-    generator = SteerGenerator.load(config.policy, device=config.device)
+    generator = SteerGenerator.load(config.policy, device=config.device, apm=config.apm if config.best_of != 1 else None)
     messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
         {"role": "user", "content": config.prompt}
     ]
@@ -99,6 +108,7 @@ def main(config: GenerateConfig) -> int:
         top_p=config.top_p,
         seed=config.seed,
         stop=config.stop or None,
+        best_of=config.best_of,
     )
     if config.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
@@ -109,4 +119,7 @@ def main(config: GenerateConfig) -> int:
             ",".join(f"{k}:{v}" for k, v in result.attributes.items()),
             result.prompt_tokens, result.completion_tokens, result.finish_reason,
         )
+        if result.measured is not None:
+            logger.info("best of %d candidates; the APM measures the winner at %s", result.candidates,
+                        ", ".join(f"{k} {v:.2f}" for k, v in result.measured.items()))
     return 0

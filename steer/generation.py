@@ -155,6 +155,10 @@ class GenerationRequest:
     seed: int | None = None
     stop: Sequence[str] | None = None
     ignore_eos: bool = False
+    # APM-guided best-of-n (steer.best_of): draw this many candidates in one batch and return the
+    # one the generator's APM measures closest to the explicitly requested values.
+    best_of: int = 1
+    best_of_weights: Mapping[str, float] | None = None
 
 
 @dataclass
@@ -165,15 +169,22 @@ class GenerationResult:
     # Every schema attribute, validated, as it was applied (defaults filled in).
     attributes: dict[str, int] = field(default_factory=dict)
     finish_reason: str = "length"  # "stop" | "length"
+    # Best-of-n only: how many candidates were drawn, and the APM's measurements of the winner.
+    candidates: int = 1
+    measured: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "text": self.text,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "attributes": dict(self.attributes),
             "finish_reason": self.finish_reason,
         }
+        if self.measured is not None:
+            out["candidates"] = self.candidates
+            out["measured"] = dict(self.measured)
+        return out
 
 
 class _Row:
@@ -202,8 +213,11 @@ class _Row:
 class SteerGenerator:
     """Generate replies from a policy with requested attribute values."""
 
-    def __init__(self, model, tokenizer, schema, template, device: torch.device | str = "cpu", name: str = "policy"):
+    def __init__(self, model, tokenizer, schema, template, device: torch.device | str = "cpu", name: str = "policy",
+                 apm=None):
         self.model = model
+        # An AttributePredictor; needed only for best_of > 1.
+        self.apm = apm
         self.tokenizer = tokenizer
         self.schema = schema
         self.template = template
@@ -215,11 +229,17 @@ class SteerGenerator:
         self._decoder = TokenDecoder.for_tokenizer(tokenizer)
 
     @classmethod
-    def load(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None) -> SteerGenerator:
+    def load(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None,
+             apm=None) -> SteerGenerator:
+        """``apm``: an APM directory or :class:`~steer.apm.AttributePredictor`, for ``best_of``."""
         from steer.policy import load_policy
 
         policy = load_policy(policy_dir, device=device, dtype=dtype)
-        return cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name)
+        if apm is not None and not hasattr(apm, "predict"):
+            from steer.apm import AttributePredictor
+
+            apm = AttributePredictor.load(apm, device=policy.device)
+        return cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name, apm=apm)
 
     # -- one request
     def generate(
@@ -232,8 +252,11 @@ class SteerGenerator:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
+        best_of: int = 1,
+        best_of_weights: Mapping[str, float] | None = None,
     ) -> GenerationResult:
-        request = GenerationRequest(messages, attributes, max_new_tokens, temperature, top_p, seed, stop, ignore_eos)
+        request = GenerationRequest(messages, attributes, max_new_tokens, temperature, top_p, seed, stop, ignore_eos,
+                                    best_of, best_of_weights)
         return self.generate_batch([request])[0]
 
     # -- many requests, decoded together
@@ -265,7 +288,46 @@ class SteerGenerator:
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Decode several requests in one left-padded batch. A seeded request gives the same text
         here as through :meth:`generate`, because each row samples from its own generator."""
+        if any(r.best_of != 1 for r in requests):
+            return self._generate_best_of(requests)
         return self.generate_prepared([self.prepare(r) for r in requests])
+
+    def _generate_best_of(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Every request's candidates (seeds ``seed + i``) decoded as one batch, then one APM call
+        scores them all and :func:`steer.best_of.choose_best` keeps each request's closest."""
+        from dataclasses import replace
+
+        from steer.best_of import BestOfError, CandidateGroup, best_of_target, candidate_seed, check_best_of, \
+            check_weights, choose_best
+
+        if self.apm is None:
+            raise GenerationError("best_of needs an attribute prediction model: SteerGenerator.load(policy, apm=DIR)",
+                                  "best_of")
+        rows, spans, groups = [], [], []
+        for r in requests:
+            first = self.prepare(replace(r, best_of=1))
+            explicit = [self.schema.canonical_name(k) for k in (r.attributes or {})]
+            try:
+                n = check_best_of(r.best_of)
+                target = best_of_target(first.attributes, explicit, self.apm.schema.names)
+                weights = check_weights(r.best_of_weights, target)
+            except BestOfError as e:
+                raise GenerationError(str(e), e.field) from None
+            spans.append((len(rows), n))
+            rows.append(first)
+            rows.extend(self.prepare(replace(r, best_of=1, seed=candidate_seed(r.seed, i))) for i in range(1, n))
+            groups.append((r, target, weights))
+        results = self.generate_prepared(rows)
+        choices = choose_best(self.apm, [
+            CandidateGroup(r.messages, [res.text for res in results[at:at + n]], target, weights)
+            for (r, target, weights), (at, n) in zip(groups, spans)])
+        out = []
+        for (at, n), choice in zip(spans, choices):
+            winner = results[at + choice.index]
+            winner.candidates = n
+            winner.measured = {k: round(v, 4) for k, v in choice.measured.items()}
+            out.append(winner)
+        return out
 
     def generate_prepared(self, rows: Sequence[_Row]) -> list[GenerationResult]:
         """:meth:`generate_batch` for requests already through :meth:`prepare` (each row once)."""

@@ -263,6 +263,16 @@ def test_send_streams_a_reply_with_the_applied_and_measured_values(gradio_client
     assert history2[:3] == history and history2[5]["metadata"]["title"].startswith("applied: ")
 
 
+def test_send_with_best_of_reports_the_candidates_drawn(gradio_client):
+    slots = [2, 4, 0, 3, 5] + [0] * 11
+    history, _ = gradio_client.predict("Hello, innkeeper!", [], "", 1.0, 8, "5", "", *slots, 3, api_name="/send")
+    title = history[2]["metadata"]["title"]
+    assert "| measured: " in title and title.endswith("| best of 3")
+    # Best-of-1 (the control's default) is an ordinary reply.
+    history, _ = gradio_client.predict("Hello, innkeeper!", [], "", 1.0, 8, "5", "", *slots, 1, api_name="/send")
+    assert "best of" not in history[2]["metadata"]["title"]
+
+
 def test_send_with_a_bad_value_shows_the_server_error(ui_server):
     from gradio_client import Client
     from gradio_client.exceptions import AppError

@@ -140,6 +140,15 @@ def format_steering(order: Sequence[AttributeSpec], result: ChatResult, requeste
     return {"role": "assistant", "content": body, "metadata": {"title": title, "status": "done"}}
 
 
+def split_best_of(slots: Sequence[Any]) -> tuple[Sequence[Any], int]:
+    """The chat handlers' trailing inputs: the slider slots, then (when sent) the best-of control.
+    Callers of the Gradio API that predate the control send only the slots and get best-of-1."""
+    if len(slots) > MAX_ATTRIBUTES:
+        value = slots[MAX_ATTRIBUTES]
+        return slots[:MAX_ATTRIBUTES], int(value) if value else 1
+    return slots, 1
+
+
 def _seed(value: Any) -> int:
     text = "" if value is None else str(value).strip()
     if not text:
@@ -257,6 +266,9 @@ def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Bl
         """Shared by send and regenerate: stream one reply onto ``history`` (which ends with the
         user's message) and finish with the steering note."""
         client, schema = schema_for(request, key)
+        slot_values, best_of = split_best_of(slot_values)
+        if best_of > 1 and not schema.can_score:
+            raise gr.Error("Best of needs an attribute prediction model: start the server with --apm DIR")
         attributes = attributes_from_slots(schema, slot_values, names)
         seed = _seed(seed)
         messages = conversation_for_server(history, system)
@@ -267,7 +279,7 @@ def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Bl
         try:
             for event in client.stream_chat(messages, attributes, temperature=temperature,
                                             max_tokens=max_tokens, seed=seed, score=schema.can_score,
-                                            api_key=key or None):
+                                            api_key=key or None, best_of=best_of):
                 if isinstance(event, ChatResult):
                     result = event
                 else:
@@ -277,6 +289,8 @@ def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Bl
             yield list(history)
             raise gr.Error(str(e)) from None
         note = format_steering(slider_order(schema), result, attributes, seed, schema.can_score)
+        if result is not None and result.candidates:
+            note["metadata"]["title"] += f" | best of {result.candidates}"
         yield [*history, reply, note]
 
     def send(request: gr.Request, message, history, system, temperature, max_tokens, seed, key, names, *slots):
@@ -370,6 +384,9 @@ def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Bl
                             # A textbox, not gr.Number: a number box cannot be blank, and blank means random.
                             seed = gr.Textbox(value="", label="Seed", placeholder="random", max_lines=1,
                                               info="Blank = a fresh random seed per reply (shown under it).")
+                            best_of = gr.Slider(1, 8, value=1, step=1, label="Best of", elem_id="steer-best-of",
+                                                info="Draw N replies and keep the one the APM measures closest to "
+                                                     "the sliders (needs a server started with --apm).")
                         with gr.Accordion("Settings", open=False):
                             api_key = gr.Textbox(label="API key", type="password", value="",
                                                  info="Only if the server was started with API keys; press Enter.")
@@ -400,7 +417,8 @@ def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Bl
         api_key.submit(configure, inputs=[api_key], outputs=config_outputs, api_visibility="private")
         persona.change(on_persona, inputs=[persona, system], outputs=[system], api_visibility="private")
 
-        settings_inputs = [system, temperature, max_tokens, seed, api_key, slot_names, *chat_slots]
+        # best_of last: the handlers take it after the slider slots (split_best_of).
+        settings_inputs = [system, temperature, max_tokens, seed, api_key, slot_names, *chat_slots, best_of]
         send_event = send_btn.click(send, inputs=[message, chatbot, *settings_inputs], outputs=[chatbot, message],
                                     api_name="send")
         submit_event = message.submit(send, inputs=[message, chatbot, *settings_inputs], outputs=[chatbot, message],

@@ -73,6 +73,7 @@ class ChatResult:
     scores: dict[str, float] | None = None  # as the server's APM measured the reply
     usage: dict[str, int] | None = None
     model: str | None = None
+    candidates: int | None = None  # best_of: how many replies the server drew to pick this one
 
 
 def _specs(items: Sequence[Mapping[str, Any]]) -> tuple[AttributeSpec, ...]:
@@ -162,6 +163,7 @@ class SteerClient:
         seed: int | None = None,
         score: bool = False,
         api_key: str | None = None,
+        best_of: int | None = None,
     ) -> Iterator[str | ChatResult]:
         """Yield the reply's text pieces as they arrive, then one ``ChatResult``.
 
@@ -177,6 +179,8 @@ class SteerClient:
             body["seed"] = int(seed)
         if score:
             body["score"] = True
+        if best_of is not None and int(best_of) > 1:
+            body["best_of"] = int(best_of)
         result = ChatResult()
         url = f"{self.base_url}/v1/chat/completions"
         try:
@@ -210,6 +214,8 @@ class SteerClient:
                             result.finish_reason = choice["finish_reason"]
                         if choice.get("scores"):
                             result.scores = {k: float(v) for k, v in choice["scores"].items()}
+                        if choice.get("candidates"):
+                            result.candidates = int(choice["candidates"])
         except httpx.HTTPError as e:
             raise ServerError(f"lost the connection to the steer server at {self.base_url}: {e}") from None
         yield result
