@@ -61,16 +61,46 @@ class DemoConfig:
     num_layers: int = field(default=4, metadata={"help": "Layers of the tiny base model."})
     pretrain_epochs: float = field(default=6.0, metadata={"help": "Pretraining epochs of the base on unlabelled text."})
     sft_epochs: float = field(default=6.0, metadata={"help": "Attribute-conditioned SFT epochs."})
-    sft_lr: float = field(default=5e-3, metadata={"help": "SFT learning rate (high: the base is tiny)."})
+    sft_lr: float | None = field(default=None, metadata={
+        "help": "SFT learning rate (default 5e-3 for the tiny base, 2e-4 with --base-model)."})
     lora_r: int = field(default=16, metadata={"help": "SFT LoRA rank."})
     seeds: int = field(default=2, metadata={"help": "Sampling seeds per prompt and value in the steerability grid."})
     eval_prompts: int | None = field(default=None, metadata={"help": "Use at most this many held-out player lines."})
-    max_new_tokens: int = field(default=96, metadata={"help": "Tokens per generated reply."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "Tokens per generated reply (default 96, 64 with --base-model)."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature for the evaluation."})
     samples: int = field(default=4, metadata={"help": "Player lines shown side by side at low and high values."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Fine-tune this pretrained chat model (hub id, directory or .gguf file) with LoRA instead of building "
+                "a tiny one, and compare it with prompt steering of the unmodified model."})
+    judge_apm: str | None = field(default=None, metadata={
+        "help": "With --base-model: an APM directory used as an independent judge (e.g. one trained on OpenAssistant)."})
+    judge_data: str | None = field(default=None, metadata={
+        "help": "With --base-model: rated data to train the independent judge on (and whose replies measure the "
+                "fine-tune's general ability), e.g. ../shared/data/oasst1-en/messages.jsonl."})
+    judge_format: str = field(default="oasst", metadata={"help": "Format of --judge-data."})
+    sft_steps: int | None = field(default=None, metadata={"help": "With --base-model: LoRA optimizer steps."})
+    sft_batch_size: int | None = field(default=None, metadata={"help": "With --base-model: sequences per step."})
+    sft_max_length: int | None = field(default=None, metadata={"help": "With --base-model: tokens per sequence."})
+    best_of: str | None = field(default=None, metadata={"help": "With --base-model: best-of sizes evaluated, e.g. 1,4."})
+    heldout_replies: int | None = field(default=None, metadata={
+        "help": "With --base-model: OpenAssistant replies whose loss is measured before and after SFT."})
 
     def __post_init__(self) -> None:
+        if self.base_model:
+            from training.demo_pretrained import PRETRAINED_DEFAULTS
+
+            # A pretrained model needs a gentler learning rate and fewer, costlier steps than the
+            # tiny model built from scratch; flags given on the command line still win.
+            for name, value in PRETRAINED_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+            if self.quick:
+                self.sft_steps, self.eval_prompts, self.best_of = 2, 2, "1,2"
+                self.max_new_tokens, self.heldout_replies, self.sft_max_length = 16, 4, 128
+        self.sft_lr = 5e-3 if self.sft_lr is None else self.sft_lr
+        self.max_new_tokens = 96 if self.max_new_tokens is None else self.max_new_tokens
         if self.quick:
             self.limit = self.limit or 64
             self.apm_limit = min(self.apm_limit or 64, 64)
@@ -351,18 +381,27 @@ def main(config: DemoConfig) -> int:
     start = time.perf_counter()
     stages.run("apm", lambda: stage_apm(config, work))
     stages.run("relabel", lambda: stage_relabel(config, work))
-    stages.run("base", lambda: stage_base(config, work))
-    stages.run("sft", lambda: stage_sft(config, work))
+    if config.base_model:
+        from training import demo_pretrained
+
+        stages.run("judge", lambda: demo_pretrained.stage_judge(config, work))
+        stages.run("sft", lambda: demo_pretrained.stage_sft(config, work))
+    else:
+        stages.run("base", lambda: stage_base(config, work))
+        stages.run("sft", lambda: stage_sft(config, work))
     report_path = work / "report.json"
 
     def run_evaluate() -> None:
-        report = evaluate(config, work)
+        if config.base_model:
+            report = demo_pretrained.evaluate(config, work)
+        else:
+            report = evaluate(config, work)
         report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
     stages.run("evaluate", run_evaluate)
     report = json.loads(report_path.read_text(encoding="utf-8"))
     report["timings"] = {**stages.timings, "total_this_run": round(time.perf_counter() - start, 2)}
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(format_report(report))
+    print(demo_pretrained.format_comparison(report) if config.base_model else format_report(report))
     print(f"\nReport: {report_path}\nServe it: steer serve --policy {work / 'policy'} --apm {work / 'apm'}")
     return 0

@@ -66,3 +66,27 @@ def test_full_demo_is_steerable(tmp_path):
     assert report["steerability"]["humor"]["spearman"] >= 0.5
     assert report["steerability"]["creativity"]["spearman"] >= 0.5
     assert elapsed < 600
+
+
+def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(tmp_path, capsys):
+    """``--base-model``: LoRA on a real pretrained model (the stories260K GGUF) instead of a tiny
+    one built here, with the policy set beside prompt steering of the unmodified base."""
+    from conftest import shared_path
+    from steer.artifacts import load_steer_config
+
+    pytest.importorskip("gguf")
+    base = shared_path("models", "stories260K", "stories260K.gguf")
+    work = tmp_path / "demo"
+    assert main(DemoConfig(workdir=str(work), quick=True, base_model=str(base))) == 0
+    config, _ = load_steer_config(work / "policy", kind="policy")
+    assert config["base_model"] == str(base.resolve())  # recorded as given, so serve reloads it offline
+    assert not (work / "policy" / "base").exists() and not (work / "stages" / "base.done").exists()
+    report = json.loads((work / "report.json").read_text())
+    assert report["mode"] == "base_model"
+    rows = {(r["judge"], r["attribute"]) for r in report["comparison"]}
+    assert rows == {("demo APM", a) for a in ("helpfulness", "humor", "creativity")}
+    assert {"prompt_baseline", "policy_best_of_1", "policy_best_of_2"} <= set(report["comparison"][0])
+    assert len(report["general_answers"]) == 3 and all("policy" in a for a in report["general_answers"])
+    assert (work / "eval" / "report.json").exists()
+    out = capsys.readouterr().out
+    assert "prompt steering of the unmodified base" in out

@@ -137,13 +137,14 @@ def build_grid(schema, attributes: Sequence[str], values: Sequence[int] | None, 
 
 
 def fingerprint(path: str | Path) -> str:
-    """Names a model directory by its contents for the cache: every top-level file's name, size and
-    first and last MiB, so a copied or moved model keeps its cache and a retrained one does not."""
+    """Names a model directory (or a single-file model such as a GGUF) by its contents for the cache:
+    every top-level file's name, size and first and last MiB, so a copied or moved model keeps its
+    cache and a retrained one does not."""
     p = Path(path)
     if not p.exists():  # a hub id
         return hashlib.sha1(str(path).encode()).hexdigest()[:12]
     h = hashlib.sha1()
-    for f in sorted(x for x in p.iterdir() if x.is_file()):
+    for f in [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file()):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
         with f.open("rb") as fh:
