@@ -65,6 +65,15 @@ class ServeConfig:
         metadata={"help": "Decode in a thread of the server process instead of a separate engine process: "
                           "faster start, lower throughput under concurrent load. Env: STEER_ENGINE_IN_PROCESS=1."},
     )
+    npcs: str | None = field(
+        default=None, metadata={"help": "Directory of NPC profile files (*.yaml) served under /v1/npcs, with "
+                                     "dialogue sessions (docs/npc.md). Env: STEER_NPCS."}
+    )
+    database_url: str | None = field(
+        default=None, metadata={"help": "Where NPC sessions are kept: sqlite:///path (default "
+                                     "sqlite:///steer-sessions.db) or postgresql://user:pass@host/db. "
+                                     "Env: STEER_DATABASE_URL."}
+    )
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 
     def to_settings(self) -> ServerSettings:
@@ -87,7 +96,15 @@ def main(config: ServeConfig) -> int:
     if not settings.policy:
         raise SettingsError("no policy: pass --policy DIR or set STEER_POLICY", "policy")
     # Fail now, with one clear line, rather than after the server is up.
-    load_steer_config(settings.policy, kind="policy")
+    _, schema = load_steer_config(settings.policy, kind="policy")
+    if settings.npcs:
+        from steer.npc import load_profiles
+
+        load_profiles(settings.npcs, schema)  # a bad profile fails here, naming its file and field
+    if settings.database_url:
+        from service.npc.db import normalize_url
+
+        normalize_url(settings.database_url)
     if settings.apm:
         load_steer_config(settings.apm, kind="apm")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:

@@ -40,6 +40,8 @@ ENV_VARS: dict[str, str] = {
     "ui_path": "STEER_UI_PATH",
     "retry_after_s": "STEER_RETRY_AFTER",
     "engine_in_process": "STEER_ENGINE_IN_PROCESS",
+    "npcs": "STEER_NPCS",
+    "database_url": "STEER_DATABASE_URL",
 }
 
 
@@ -71,6 +73,9 @@ class ServerSettings:
     # Decode in a thread of the server process instead of a child process (service.engine_process):
     # one process less and a faster start, at about two thirds of the throughput under load.
     engine_in_process: bool = False
+    # NPC profiles (a directory of YAML files) and the session database (service.npc); either turns them on.
+    npcs: str | None = None
+    database_url: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_prompt_tokens",

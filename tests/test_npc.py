@@ -1,0 +1,180 @@
+"""NPC profiles, dialogue sessions, reproducible lines and safety, on a tiny random policy (SQLite)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.test_service import DEMO_SCHEMA, build_tiny_policy, one_torch_thread, wait_ready  # noqa: F401
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "npcs"
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("npc") / "policy")
+
+
+def make_client(policy: Path, db: Path, npcs: Path | None = EXAMPLES, **overrides):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import ServerSettings
+
+    settings = ServerSettings(policy=str(policy), ui=False, threads=1, engine_in_process=True,
+                              npcs=str(npcs) if npcs else None, database_url=f"sqlite:///{db}",
+                              max_prompt_tokens=600, **overrides)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_policy, tmp_path_factory):
+    with make_client(tiny_policy, tmp_path_factory.mktemp("db") / "sessions.db") as c:
+        wait_ready(c)
+        yield c
+
+
+def sse(text: str) -> list:
+    return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+            for line in text.splitlines() if line.startswith("data: ")]
+
+
+def say(c, sid, content, **kw):
+    r = c.post(f"/v1/sessions/{sid}/messages", json={"content": content, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ------------------------------------------------------------------ profiles
+def test_profile_files_are_validated_naming_file_and_field(tmp_path):
+    from steer.npc import NpcError, load_profiles
+
+    good = (EXAMPLES / "brom.yaml").read_text()
+    (tmp_path / "brom.yaml").write_text(good.replace("id: brom", "id: Brom Smith"))
+    with pytest.raises(NpcError, match=r"brom\.yaml: id: String should match"):
+        load_profiles(tmp_path)
+    (tmp_path / "brom.yaml").write_text(good.replace("  humor: {max: 1}", "  humor: {max: 1, min: 3}"))
+    with pytest.raises(NpcError, match=r"brom\.yaml: bounds\.humor: .*min 3 is above max 1"):
+        load_profiles(tmp_path)
+    (tmp_path / "brom.yaml").write_text(good.replace("  humor: 0\n", "  charm: 2\n"))
+    with pytest.raises(NpcError, match=r"brom\.yaml: attributes\.charm: the policy has no attribute"):
+        load_profiles(tmp_path, DEMO_SCHEMA)
+    (tmp_path / "brom.yaml").write_text(good.replace("  humor: 0\n", "  humor: 3\n"))
+    with pytest.raises(NpcError, match=r"attributes\.humor: 3 is outside this NPC's range 0-1"):
+        load_profiles(tmp_path, DEMO_SCHEMA)
+    (tmp_path / "brom.yaml").write_text("id: [unclosed")
+    with pytest.raises(NpcError, match=r"brom\.yaml: not valid YAML"):
+        load_profiles(tmp_path)
+
+
+def test_serve_cli_rejects_a_bad_profile_before_starting(tiny_policy, tmp_path):
+    from service.cli import ServeConfig, main
+    from steer.npc import NpcError
+
+    (tmp_path / "x.yaml").write_text("id: x\nname: X\npersona: p\nbest_of: 0\n")
+    with pytest.raises(NpcError, match=r"x\.yaml: best_of: Input should be greater than or equal to 1"):
+        main(ServeConfig(policy=str(tiny_policy), npcs=str(tmp_path)))
+
+
+def test_list_and_get_npcs(client):
+    r = client.get("/v1/npcs")
+    assert r.status_code == 200
+    assert [n["id"] for n in r.json()["data"]] == ["brom", "captain-ardent", "lysa"]
+    brom = client.get("/v1/npcs/brom").json()
+    assert brom["bounds"]["humor"] == {"min": None, "max": 1} and brom["max_toxicity"] == 0
+    missing = client.get("/v1/npcs/nobody")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "npc_id"
+
+
+def test_creating_npcs_needs_an_api_key(client, tiny_policy, tmp_path):
+    profile = {"id": "wren", "name": "Wren", "persona": "A shy herbalist.", "attributes": {"humor": 1}}
+    r = client.post("/v1/npcs", json=profile)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "api_key_required"
+    with make_client(tiny_policy, tmp_path / "k.db", api_keys=["sekret"]) as c:
+        wait_ready(c)
+        assert c.post("/v1/npcs", json=profile).status_code == 401
+        key = {"Authorization": "Bearer sekret"}
+        r = c.post("/v1/npcs", json=profile, headers=key)
+        assert r.status_code == 201, r.text
+        assert c.post("/v1/npcs", json=profile, headers=key).status_code == 409
+        bad = c.put("/v1/npcs/wren", json={**profile, "attributes": {"charm": 1}}, headers=key)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "attributes.charm"
+        bad = c.put("/v1/npcs/wren", json={**profile, "persona": ""}, headers=key)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "persona"
+        r = c.put("/v1/npcs/wren", json={**profile, "role": "the herbalist"}, headers=key)
+        assert r.status_code == 200 and c.get("/v1/npcs/wren", headers=key).json()["role"] == "the herbalist"
+
+
+# ------------------------------------------------------------------ sessions
+def test_a_conversation_is_stored_and_clamps_are_reported(client):
+    r = client.post("/v1/npcs/brom/sessions", json={"seed": 7, "player_name": "Ana"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    first = say(client, sid, "Can you fix my sword?", attributes={"humor": 4})
+    assert first["role"] == "assistant" and first["index"] == 1 and isinstance(first["content"], str)
+    assert first["attributes"]["humor"] == 1
+    assert first["clamped"] == [{"attribute": "humor", "requested": 4, "applied": 1}]
+    second = say(client, sid, "How much?", attributes={"humor": 1})
+    assert second["index"] == 3 and second["clamped"] is None
+    history = client.get(f"/v1/sessions/{sid}/messages").json()
+    assert history["session"]["turns"] == 2 and history["session"]["player_name"] == "Ana"
+    assert [(m["role"], m["content"]) for m in history["data"]] == [
+        ("user", "Can you fix my sword?"), ("assistant", first["content"]),
+        ("user", "How much?"), ("assistant", second["content"])]
+    assert history["data"][1]["clamped"] == first["clamped"]
+
+
+def test_bad_session_requests_are_4xx_naming_the_field(client):
+    sid = client.post("/v1/npcs/brom/sessions").json()["id"]
+    for body, param in [({"content": ""}, "content"), ({"content": "hi", "attributes": {"charm": 2}}, "attributes.charm"),
+                        ({"content": "hi", "attributes": {"humor": 9}}, "attributes.humor"),
+                        ({"content": "hi", "best_of": 3}, "best_of")]:
+        r = client.post(f"/v1/sessions/{sid}/messages", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    assert client.post("/v1/sessions/nope/messages", json={"content": "hi"}).status_code == 404
+    assert client.post("/v1/npcs/nobody/sessions").status_code == 404
+    r = client.post("/v1/npcs/brom/sessions", json={"seed": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    # A refused line leaves the session free and unchanged.
+    assert client.get(f"/v1/sessions/{sid}").json() | {"updated_at": 0} == {
+        **client.get(f"/v1/sessions/{sid}").json(), "updated_at": 0, "turns": 0, "busy": False}
+
+
+def test_streaming_reply_equals_the_stored_one(client):
+    sid = client.post("/v1/npcs/lysa/sessions", json={"seed": 3}).json()["id"]
+    r = client.post(f"/v1/sessions/{sid}/messages", json={"content": "Any rooms free?", "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r.text)
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    assert final["type"] == "message"
+    assert "".join(e["content"] for e in events[:-1] if e["type"] == "delta") == final["content"]
+    stored = client.get(f"/v1/sessions/{sid}/messages").json()["data"][1]
+    assert stored["content"] == final["content"] and stored["seed"] == final["seed"]
+    # The same seed without streaming draws the same line.
+    other = client.post("/v1/npcs/lysa/sessions", json={"seed": 3}).json()["id"]
+    assert say(client, other, "Any rooms free?")["content"] == final["content"]
+
+
+def test_delete_export_and_import(client):
+    sid = client.post("/v1/npcs/captain-ardent/sessions", json={"seed": 11, "player_name": "Ana"}).json()["id"]
+    line = say(client, sid, "Any work for me?")["content"]
+    exported = client.get(f"/v1/sessions/{sid}/export").json()
+    assert exported["format"] == "steer.npc-session.v1" and exported["npc_id"] == "captain-ardent"
+    assert [m["content"] for m in exported["messages"]] == ["Any work for me?", line]
+    assert client.delete(f"/v1/sessions/{sid}").json() == {"id": sid, "object": "npc.session", "deleted": True}
+    assert client.get(f"/v1/sessions/{sid}/messages").status_code == 404
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 404
+    r = client.post("/v1/sessions/import", json=exported)
+    assert r.status_code == 201, r.text
+    restored = r.json()
+    assert restored["turns"] == 1 and restored["seed"] == 11 and restored["id"] != sid
+    history = client.get(f"/v1/sessions/{restored['id']}/messages").json()["data"]
+    assert [m["content"] for m in history] == ["Any work for me?", line]
+    bad = {**exported, "messages": exported["messages"][::-1]}
+    r = client.post("/v1/sessions/import", json=bad)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
