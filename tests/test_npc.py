@@ -178,3 +178,176 @@ def test_delete_export_and_import(client):
     bad = {**exported, "messages": exported["messages"][::-1]}
     r = client.post("/v1/sessions/import", json=bad)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+
+
+def test_a_leased_session_refuses_a_second_line_with_409(client, tmp_path_factory):
+    """The lease lives in the database row, so it holds against a request from any server process;
+    here a second engine on the same SQLite file stands in for the other process."""
+    from service.npc.db import create_db_engine
+    from service.npc.store import NpcStore
+
+    url = client.app.state.server.settings.database_url
+    sid = client.post("/v1/npcs/brom/sessions", json={"seed": 1}).json()["id"]
+    other = NpcStore(create_db_engine(url))
+    lease = other.begin_turn(sid)
+    r = client.post(f"/v1/sessions/{sid}/messages", json={"content": "Hello?"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy"
+    assert client.get(f"/v1/sessions/{sid}").json()["busy"] is True
+    other.release(lease)
+    assert say(client, sid, "Hello?")["index"] == 1
+    other.engine.dispose()
+
+
+def test_simultaneous_lines_to_one_session_never_interleave(tiny_policy, tmp_path):
+    import httpx
+
+    from service.app import create_app
+    from service.settings import ServerSettings
+    from tests.conftest import LiveServer
+
+    settings = ServerSettings(policy=str(tiny_policy), ui=False, threads=1, engine_in_process=True,
+                              npcs=str(EXAMPLES), database_url=f"sqlite:///{tmp_path / 's.db'}")
+    with LiveServer(create_app(settings)) as server:
+        sid = httpx.post(f"{server.url}/v1/npcs/lysa/sessions", json={"seed": 2}).json()["id"]
+        statuses = []
+        barrier = threading.Barrier(4)
+
+        def talk(i):
+            barrier.wait()
+            r = httpx.post(f"{server.url}/v1/sessions/{sid}/messages", json={"content": f"line {i}"}, timeout=60)
+            statuses.append(r.status_code)
+
+        for _ in range(3):
+            threads = [threading.Thread(target=talk, args=(i,)) for i in range(4)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+        assert set(statuses) <= {200, 409} and 200 in statuses
+        history = httpx.get(f"{server.url}/v1/sessions/{sid}/messages").json()
+        roles = [m["role"] for m in history["data"]]
+        assert roles == ["user", "assistant"] * statuses.count(200)
+        assert history["session"]["turns"] == statuses.count(200) and not history["session"]["busy"]
+
+
+def test_sessions_survive_a_restart(tiny_policy, tmp_path):
+    db = tmp_path / "persist.db"
+    with make_client(tiny_policy, db) as c:
+        wait_ready(c)
+        sid = c.post("/v1/npcs/brom/sessions", json={"seed": 9}).json()["id"]
+        first = say(c, sid, "Morning, Brom.")["content"]
+    with make_client(tiny_policy, db) as c:
+        wait_ready(c)
+        history = c.get(f"/v1/sessions/{sid}/messages").json()
+        assert [m["content"] for m in history["data"]] == ["Morning, Brom.", first]
+        assert say(c, sid, "Still grumpy?")["index"] == 3
+
+
+def test_seeded_sessions_replay_the_same_lines_under_load(tiny_policy, tmp_path):
+    import httpx
+
+    from service.app import create_app
+    from service.settings import ServerSettings
+    from tests.conftest import LiveServer
+
+    lines = ["Hello there.", "Do you sell swords?", "What happened to the mine?"]
+    settings = ServerSettings(policy=str(tiny_policy), ui=False, threads=1, engine_in_process=True,
+                              npcs=str(EXAMPLES), database_url=f"sqlite:///{tmp_path / 'load.db'}")
+
+    def conversation(url, seed, npc="brom"):
+        sid = httpx.post(f"{url}/v1/npcs/{npc}/sessions", json={"seed": seed}).json()["id"]
+        out = []
+        for line in lines:
+            r = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": line}, timeout=120)
+            assert r.status_code == 200, r.text
+            out.append(r.json()["content"])
+        return out
+
+    with LiveServer(create_app(settings)) as server:
+        alone = conversation(server.url, seed=42)
+        stop = threading.Event()
+        errors = []
+
+        def noise(i):
+            while not stop.is_set():
+                try:
+                    conversation(server.url, seed=1000 + i, npc=["lysa", "captain-ardent"][i % 2])
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+                    return
+
+        crowd = [threading.Thread(target=noise, args=(i,)) for i in range(8)]
+        [t.start() for t in crowd]
+        try:
+            under_load = conversation(server.url, seed=42)
+        finally:
+            stop.set()
+            [t.join() for t in crowd]
+        assert not errors
+        assert under_load == alone
+        assert conversation(server.url, seed=43) != alone  # the seed matters
+
+
+# ------------------------------------------------------------------ safety
+def build_toxicity_apm(directory: Path, toxicity_mean: float) -> Path:
+    """An untrained APM over (toxicity, humor) whose toxicity prediction sits at ``toxicity_mean``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from steer.artifacts import save_steer_config
+    from steer.attributes import Attribute, AttributeSchema
+    from steer.template import PromptTemplate
+    from tests.conftest import shared_path
+
+    schema = AttributeSchema(name="tox", attributes=(Attribute("toxicity", 0, 4, 0, "t"), Attribute("humor", 0, 4, 0, "h")))
+    tokenizer_dir = shared_path("models", "stories260K")
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         num_labels=2, problem_type="regression")
+    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    save_steer_config(directory, "apm", schema, PromptTemplate(schema).to_dict(), max_length=256,
+                      label_normalization={"mean": [toxicity_mean, 1.0], "std": [0.01, 1.0]})
+    return directory
+
+
+def test_replies_above_the_toxicity_bound_are_redrawn_then_replaced(tiny_policy, tmp_path):
+    npcs = tmp_path / "npcs"
+    shutil.copytree(EXAMPLES, npcs)
+    rude = (EXAMPLES / "brom.yaml").read_text().replace("id: brom", "id: rude-brom") + "max_toxicity: 4\n"
+    (npcs / "rude-brom.yaml").write_text(rude)
+    apm = build_toxicity_apm(tmp_path / "apm", toxicity_mean=3.0)
+    with make_client(tiny_policy, tmp_path / "t.db", npcs=npcs, apm=str(apm)) as c:
+        wait_ready(c)
+        sid = c.post("/v1/npcs/brom/sessions", json={"seed": 5}).json()["id"]
+        reply = say(c, sid, "You call that a sword?")
+        assert reply["content"] == "Hmph. Buy something or move along."
+        assert reply["safety"] == {"checked": True, "max_toxicity": 0, "toxicity": pytest.approx(3.0, abs=0.1),
+                                   "regenerations": 2, "fallback": True}
+        streamed = sse(c.post(f"/v1/sessions/{sid}/messages", json={"content": "Well?", "stream": True}).text)
+        assert streamed[-2]["safety"]["fallback"] and streamed[0] == {"type": "delta",
+                                                                       "content": "Hmph. Buy something or move along."}
+        # A profile that allows toxicity 4 keeps the first draw.
+        sid = c.post("/v1/npcs/rude-brom/sessions", json={"seed": 5}).json()["id"]
+        reply = say(c, sid, "You call that a sword?")
+        assert reply["safety"]["fallback"] is False and reply["safety"]["regenerations"] == 0
+        assert reply["content"] != "Hmph. Buy something or move along."
+
+
+def test_best_of_picks_the_candidate_closest_to_the_requested_attributes(tiny_policy, tmp_path):
+    from steer.npc import dialogue_messages, load_profile, turn_seed
+
+    apm = build_toxicity_apm(tmp_path / "apm", toxicity_mean=0.0)
+    with make_client(tiny_policy, tmp_path / "b.db", apm=str(apm)) as c:
+        wait_ready(c)
+        sid = c.post("/v1/npcs/lysa/sessions", json={"seed": 8}).json()["id"]
+        reply = say(c, sid, "Tell me a rumour.", best_of=3, attributes={"humor": 3})
+        assert reply["best_of"] == 3 and reply["safety"]["fallback"] is False
+        # The same candidates, drawn through the chat API, and the same pick.
+        profile = load_profile(EXAMPLES / "lysa.yaml")
+        body = {"messages": dialogue_messages(profile, [], "Tell me a rumour."), "n": 3, "score": True,
+                "seed": turn_seed(8, 0), "max_tokens": profile.max_tokens, "attributes": reply["attributes"]}
+        choices = c.post("/v1/chat/completions", json=body).json()["choices"]
+        best = min(choices, key=lambda ch: (ch["scores"]["humor"] - 3) ** 2)
+        assert reply["content"] == best["message"]["content"]
+        assert reply["scores"] == best["scores"]
