@@ -72,6 +72,16 @@ class NpcProfile(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="Sampling temperature (server default).")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling (server default).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for key, value in data.items():
+                values = value if isinstance(value, list) else [value]
+                if any(isinstance(v, str) and "\x00" in v for v in values):
+                    raise ValueError(f"{key} must not contain NUL characters")
+        return data
+
     @field_validator("knowledge", "sample_lines")
     @classmethod
     def _non_empty_items(cls, value: list[str]) -> list[str]:
@@ -172,6 +182,12 @@ def fit_history(messages: list[dict[str, str]], count_tokens: Callable[[list[dic
         # Exchanges go in pairs so the conversation still alternates user/assistant.
         turns = turns[2:]
         dropped += 2
+
+
+def clean_line(text: str) -> str:
+    """A generated line as stored and shown: without NUL characters, which a random or badly
+    tuned model can emit and databases (PostgreSQL text) cannot hold."""
+    return text.replace("\x00", "")
 
 
 def turn_seed(session_seed: int, turn: int, attempt: int = 0) -> int:

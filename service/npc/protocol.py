@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 from steer.npc import NpcProfile
 
@@ -20,7 +30,7 @@ class CreateSessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int | None = Field(default=None, ge=0, lt=2**63,
                              description="Same seed and same player lines: the same NPC lines, whatever else runs.")
-    player_name: str | None = Field(default=None, min_length=1, max_length=100)
+    player_name: Text | None = Field(default=None, min_length=1, max_length=100)
 
 
 class SessionObject(BaseModel):
@@ -37,7 +47,7 @@ class SessionObject(BaseModel):
 
 class MessageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    content: str = Field(min_length=1, max_length=4000, description="The player's line.")
+    content: Text = Field(min_length=1, max_length=4000, description="The player's line.")
     attributes: dict[str, Any] | None = Field(
         default=None, description="Overrides of the NPC's attribute values, clamped into its bounds.")
     stream: bool = False
@@ -90,7 +100,7 @@ class MessageList(BaseModel):
 class ExportedMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["user", "assistant"]
-    content: str
+    content: Text
     meta: dict[str, Any] | None = None
     created_at: float | None = None
 
@@ -101,7 +111,7 @@ class SessionExport(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["steer.npc-session.v1"] = SESSION_EXPORT_FORMAT
     npc_id: str
-    player_name: str | None = None
+    player_name: Text | None = Field(default=None, max_length=100)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     messages: list[ExportedMessage] = Field(default_factory=list)
 

@@ -32,7 +32,7 @@ from service.protocol import ChatCompletionRequest
 from service.serving import ChatServing, ServingError, bad_request
 from service.settings import ServerSettings
 from steer.attributes import AttributeValueError
-from steer.npc import NpcError, NpcProfile, dialogue_messages, fit_history, turn_seed
+from steer.npc import NpcError, NpcProfile, clean_line, dialogue_messages, fit_history, turn_seed
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class NpcServing:
             choice = self._pick(turn, response.choices)
             if choice is not None:
                 toxicity = choice.scores.get("toxicity") if (turn.check_toxicity and choice.scores) else None
-                return choice.message.content, self._meta(turn, attempt, regenerations, False, toxicity,
+                return clean_line(choice.message.content), self._meta(turn, attempt, regenerations, False, toxicity,
                                                           choice.scores, choice.finish_reason)
             regenerations += 1
             last_toxicity = min(c.scores["toxicity"] for c in response.choices)
@@ -334,7 +334,7 @@ class NpcServing:
                             yield _event({"type": "error", **event})
                             return
                         for choice in event.get("choices", []):
-                            piece = choice.get("delta", {}).get("content")
+                            piece = clean_line(choice.get("delta", {}).get("content") or "")
                             if piece:
                                 content += piece
                                 yield _event({"type": "delta", "content": piece})
