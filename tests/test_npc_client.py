@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -128,3 +129,25 @@ def test_unreachable_server_is_a_clear_error():
     with SteerClient("http://127.0.0.1:9", timeout=2, max_retries=0) as steer:
         with pytest.raises(SteerAPIError, match="cannot reach http://127.0.0.1:9"):
             steer.npcs()
+
+
+def test_terminal_chat_example(server, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    save = tmp_path / "save.json"
+    script = f"Hello, Brom.\n/mood humor=4\nA joke?\n/save {save}\n/quit\n"
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, str(repo / "examples" / "npc_chat.py"), "--server", server.url,
+                          "--npc", "brom", "--seed", "3"], input=script, capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Talking to Brom" in out.stdout and "[humor clamped to 1]" in out.stdout
+    saved = json.loads(save.read_text())
+    assert [m["content"] for m in saved["messages"][0::2]] == ["Hello, Brom.", "A joke?"]
+    listing = subprocess.run([sys.executable, str(repo / "examples" / "npc_chat.py"), "--server", server.url],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert "captain-ardent" in listing.stdout
