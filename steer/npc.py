@@ -140,19 +140,23 @@ class NpcProfile(BaseModel):
 
     # ------------------------------------------------------------ prompt
     def system_prompt(self, player_name: str | None = None) -> str:
-        """The NPC as a system message: persona, style, knowledge and sample lines."""
-        head = f"You are {self.name}" + (f", {self.role}" if self.role else "") + "."
-        parts = [head, self.persona.strip()]
+        """The NPC as one short system message: persona, style, knowledge and sample lines. Kept to a
+        paragraph because small policies are trained on short system prompts."""
+        parts = [f"You are {self.name}" + (f", {self.role}" if self.role else "") + ".", self.persona.strip()]
         if self.speaking_style:
-            parts.append(f"Speaking style: {self.speaking_style.strip()}")
+            parts.append(self.speaking_style.strip())
         if self.knowledge:
-            parts.append("What you know:\n" + "\n".join(f"- {k.strip()}" for k in self.knowledge))
+            parts.append("You know: " + " ".join(_sentence(k) for k in self.knowledge))
         if self.sample_lines:
-            parts.append("Things you might say:\n" + "\n".join(f"- {s.strip()}" for s in self.sample_lines))
+            parts.append("You might say: " + " ".join(f'"{s.strip()}"' for s in self.sample_lines))
         if player_name:
             parts.append(f"You are talking to {player_name}.")
-        parts.append("Stay in character and answer in one or two short sentences.")
-        return "\n".join(parts)
+        return " ".join(parts)
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text[-1:] in ".!?" else text + "."
 
 
 def dialogue_messages(profile: NpcProfile, history: Sequence[Mapping[str, str]], player_line: str,

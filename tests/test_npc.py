@@ -28,7 +28,7 @@ def make_client(policy: Path, db: Path | str, npcs: Path | None = EXAMPLES, **ov
 
     settings = ServerSettings(policy=str(policy), ui=False, threads=1, engine_in_process=True,
                               npcs=str(npcs) if npcs else None, database_url=db if isinstance(db, str) else f"sqlite:///{db}",
-                              max_prompt_tokens=600, **overrides)
+                              **{"max_prompt_tokens": 600, **overrides})
     return TestClient(create_app(settings))
 
 
@@ -352,3 +352,24 @@ def test_best_of_picks_the_candidate_closest_to_the_requested_attributes(tiny_po
         best = min(choices, key=lambda ch: (ch["scores"]["humor"] - 3) ** 2)
         assert reply["content"] == clean_line(best["message"]["content"])
         assert reply["scores"] == best["scores"]
+
+
+def test_old_turns_are_dropped_to_fit_the_context(tiny_policy, tmp_path):
+    from steer.npc import fit_history
+
+    # The helper keeps the system prompt and the new line, dropping whole exchanges from the front.
+    msgs = [{"role": "system", "content": "s"}] + [{"role": r, "content": str(i)} for i, r in
+                                                   enumerate(["user", "assistant"] * 3)] + [{"role": "user", "content": "new"}]
+    kept, dropped = fit_history(msgs, count_tokens=len, budget=4)
+    assert dropped == 4 and [m["content"] for m in kept] == ["s", "4", "5", "new"]
+
+    with make_client(tiny_policy, tmp_path / "ctx.db", max_prompt_tokens=420) as c:
+        wait_ready(c)
+        sid = c.post("/v1/npcs/lysa/sessions", json={"seed": 1}).json()["id"]
+        replies = [say(c, sid, f"Tell me more, part {i}.") for i in range(4)]
+        assert replies[0]["dropped_turns"] is None
+        assert any(r["dropped_turns"] for r in replies[1:])  # the profile alone is about 300 tokens
+        assert len(c.get(f"/v1/sessions/{sid}/messages").json()["data"]) == 8  # nothing is lost from the history
+        r = c.post(f"/v1/sessions/{sid}/messages", json={"content": "word " * 300})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert c.get(f"/v1/sessions/{sid}").json()["busy"] is False
