@@ -151,3 +151,17 @@ def test_terminal_chat_example(server, tmp_path):
     listing = subprocess.run([sys.executable, str(repo / "examples" / "npc_chat.py"), "--server", server.url],
                              capture_output=True, text=True, env=env, timeout=60)
     assert "captain-ardent" in listing.stdout
+
+
+def test_the_guide_client_example_runs(server, capsys):
+    """docs/npc.md's steer.client example, run as written against a live server."""
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "npc.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in guide.split("```python\n")[1:]]
+    code = next(b for b in blocks if "SteerClient(" in b).replace("http://127.0.0.1:8000", server.url)
+    namespace: dict = {}
+    exec(code, namespace)
+    line, save = namespace["line"], namespace["save"]
+    assert line.clamped == [{"attribute": "humor", "requested": 4, "applied": 1}] and not line.fell_back
+    assert [m["content"] for m in save["messages"][0::2]] == ["Can you fix my sword?", "How much?"]
