@@ -61,23 +61,25 @@ def npc_line(client: httpx.Client, npc: str, line: str, seed: int) -> dict:
             if event.get("type") == "message":
                 final = event
     end = time.perf_counter()
-    return {"ttft": (first or end) - start, "total": end - start, "chars": len(final["content"]),
+    return {"ttft": (first or end) - start, "total": end - start, "text": final["content"],
             "seed": final["seed"], "attributes": final["attributes"], "sid": sid}
 
 
 def chat_line(client: httpx.Client, messages: list, attributes: dict, seed: int, max_tokens: int) -> dict:
     body = {"messages": messages, "attributes": attributes, "seed": seed, "max_tokens": max_tokens, "stream": True}
     start = time.perf_counter()
-    first = None
+    first, text = None, ""
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             r.read()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
         for event in sse(r):
-            if event.get("choices") and event["choices"][0]["delta"].get("content") and first is None:
-                first = time.perf_counter()
+            piece = event["choices"][0]["delta"].get("content") if event.get("choices") else None
+            if piece:
+                first = first or time.perf_counter()
+                text += piece
     end = time.perf_counter()
-    return {"ttft": (first or end) - start, "total": end - start}
+    return {"ttft": (first or end) - start, "total": end - start, "text": text.replace("\x00", "")}
 
 
 def measure(url: str, lines: int, profiles: dict) -> dict:
@@ -166,15 +168,22 @@ def main() -> None:
               "background_lines_per_s": round(sum(counts) / elapsed, 2), "phases": {}}
     for name, phase in (("alone", alone), (f"with_{args.others}_sessions", loaded)):
         report["phases"][name] = {side: {"ttft_s": summary([r["ttft"] for r in rows]),
-                                         "total_s": summary([r["total"] for r in rows])}
+                                         "total_s": summary([r["total"] for r in rows]),
+                                         "mean_chars": round(statistics.fmean(len(r["text"]) for r in rows), 1)}
                                   for side, rows in phase.items()}
+        # Same prompt, attributes and seed on both sides: the same line, or sessions changed the output.
+        report["phases"][name]["same_text"] = sum(a["text"] == b["text"] for a, b in
+                                                  zip(phase["npc_session"], phase["chat_completion"]))
     print(json.dumps(report, indent=2))
     print()
     print(f"{'phase':<22}{'endpoint':<18}{'TTFT p50':>10}{'TTFT p90':>10}{'full p50':>10}{'full p90':>10}")
     for name, phase in report["phases"].items():
         for side, stats in phase.items():
+            if side == "same_text":
+                continue
             print(f"{name:<22}{side:<18}{stats['ttft_s']['p50']:>10.3f}{stats['ttft_s']['p90']:>10.3f}"
                   f"{stats['total_s']['p50']:>10.3f}{stats['total_s']['p90']:>10.3f}")
+        print(f"{name:<22}same line from both endpoints: {phase['same_text']} of {args.lines}")
 
 
 if __name__ == "__main__":
