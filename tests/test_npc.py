@@ -373,3 +373,44 @@ def test_old_turns_are_dropped_to_fit_the_context(tiny_policy, tmp_path):
         r = c.post(f"/v1/sessions/{sid}/messages", json={"content": "word " * 300})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert c.get(f"/v1/sessions/{sid}").json()["busy"] is False
+
+
+def test_toxicity_is_never_requested_above_the_profile_bound():
+    from steer.attributes import BUILTIN_SCHEMAS
+    from steer.npc import load_profile
+
+    oasst = BUILTIN_SCHEMAS["oasst"]
+    brom = load_profile(EXAMPLES / "brom.yaml").model_copy(update={"attributes": {}})
+    values, clamped = brom.steer(oasst, {"toxicity": 3, "humour": 2})
+    assert values["toxicity"] == 0 and values["humor"] == 1
+    assert clamped == [{"attribute": "toxicity", "requested": 3, "applied": 0},
+                       {"attribute": "humor", "requested": 2, "applied": 1}]
+    rude = brom.model_copy(update={"max_toxicity": 2})
+    assert rude.steer(oasst, {"toxicity": 3})[0]["toxicity"] == 2
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_session(tiny_policy, tmp_path):
+    import time
+
+    import httpx
+
+    from service.app import create_app
+    from service.settings import ServerSettings
+    from tests.conftest import LiveServer
+
+    settings = ServerSettings(policy=str(tiny_policy), ui=False, threads=1, engine_in_process=True,
+                              npcs=str(EXAMPLES), database_url=f"sqlite:///{tmp_path / 'gone.db'}")
+    with LiveServer(create_app(settings)) as server:
+        sid = httpx.post(f"{server.url}/v1/npcs/lysa/sessions", json={"seed": 2}).json()["id"]
+        with httpx.stream("POST", f"{server.url}/v1/sessions/{sid}/messages",
+                          json={"content": "Tell me everything.", "stream": True, "max_tokens": 500}) as r:
+            next(r.iter_lines())  # the first piece arrived; now hang up
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/v1/sessions/{sid}").json()["busy"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        session = httpx.get(f"{server.url}/v1/sessions/{sid}").json()
+        assert not session["busy"]
+        history = httpx.get(f"{server.url}/v1/sessions/{sid}/messages").json()["data"]
+        assert len(history) == 2 * session["turns"]  # the reply was stored whole or not at all
+        r = httpx.post(f"{server.url}/v1/sessions/{sid}/messages", json={"content": "Hello again."}, timeout=60)
+        assert r.status_code == 200

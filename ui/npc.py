@@ -100,7 +100,9 @@ def build_npc_tab(demo: gr.Blocks, url_for, api_key: str | None = None) -> None:
                 clients[ident] = SteerClient(ident[0], api_key=ident[1], timeout=300)
             return clients[ident]
 
-    sessions = gr.BrowserState({}, storage_key=STORAGE_KEY)
+    # A fixed secret: the stored value is only {npc id: session id}, and a per-start random one
+    # (Gradio's default) would make the browser forget its conversations whenever the server restarts.
+    sessions = gr.BrowserState({}, storage_key=STORAGE_KEY, secret=STORAGE_KEY)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=320):
             chat = gr.Chatbot(label="Conversation", elem_id="steer-npc-chatbot", height=420)
