@@ -21,6 +21,15 @@ class ServeConfig:
     apm: str | None = field(
         default=None, metadata={"help": "Attribute prediction model directory; enables \"score\": true. Env: STEER_APM."}
     )
+    npcs: str | None = field(
+        default=None, metadata={"help": "Directory of NPC profile files (*.yaml) served under /v1/npcs, with "
+                                     "dialogue sessions (docs/npc.md). Env: STEER_NPCS."}
+    )
+    database_url: str | None = field(
+        default=None, metadata={"help": "Where NPC sessions are kept: sqlite:///path (default "
+                                     "sqlite:///steer-sessions.db) or postgresql://user:pass@host/db. "
+                                     "Env: STEER_DATABASE_URL."}
+    )
     host: str | None = field(default=None, metadata={"help": "Interface to bind (default 127.0.0.1). Env: STEER_HOST."})
     port: int | None = field(default=None, metadata={"help": "TCP port (default 8000). Env: STEER_PORT."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available). Env: STEER_DEVICE."})
@@ -64,15 +73,6 @@ class ServeConfig:
         default=False,
         metadata={"help": "Decode in a thread of the server process instead of a separate engine process: "
                           "faster start, lower throughput under concurrent load. Env: STEER_ENGINE_IN_PROCESS=1."},
-    )
-    npcs: str | None = field(
-        default=None, metadata={"help": "Directory of NPC profile files (*.yaml) served under /v1/npcs, with "
-                                     "dialogue sessions (docs/npc.md). Env: STEER_NPCS."}
-    )
-    database_url: str | None = field(
-        default=None, metadata={"help": "Where NPC sessions are kept: sqlite:///path (default "
-                                     "sqlite:///steer-sessions.db) or postgresql://user:pass@host/db. "
-                                     "Env: STEER_DATABASE_URL."}
     )
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 

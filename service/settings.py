@@ -22,6 +22,8 @@ class SettingsError(SteerError, ValueError):
 ENV_VARS: dict[str, str] = {
     "policy": "STEER_POLICY",
     "apm": "STEER_APM",
+    "npcs": "STEER_NPCS",
+    "database_url": "STEER_DATABASE_URL",
     "host": "STEER_HOST",
     "port": "STEER_PORT",
     "device": "STEER_DEVICE",
@@ -40,8 +42,6 @@ ENV_VARS: dict[str, str] = {
     "ui_path": "STEER_UI_PATH",
     "retry_after_s": "STEER_RETRY_AFTER",
     "engine_in_process": "STEER_ENGINE_IN_PROCESS",
-    "npcs": "STEER_NPCS",
-    "database_url": "STEER_DATABASE_URL",
 }
 
 
@@ -49,6 +49,9 @@ ENV_VARS: dict[str, str] = {
 class ServerSettings:
     policy: str = ""
     apm: str | None = None
+    # NPC profiles (a directory of YAML files) and the session database (service.npc); either turns them on.
+    npcs: str | None = None
+    database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     device: str | None = None
@@ -73,9 +76,6 @@ class ServerSettings:
     # Decode in a thread of the server process instead of a child process (service.engine_process):
     # one process less and a faster start, at about two thirds of the throughput under load.
     engine_in_process: bool = False
-    # NPC profiles (a directory of YAML files) and the session database (service.npc); either turns them on.
-    npcs: str | None = None
-    database_url: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_prompt_tokens",
