@@ -101,10 +101,11 @@ def main(config: ServeConfig) -> int:
         from steer.npc import load_profiles
 
         load_profiles(settings.npcs, schema)  # a bad profile fails here, naming its file and field
-    if settings.database_url:
-        from service.npc.db import normalize_url
+    if settings.npcs or settings.database_url:
+        from service.npc.db import DEFAULT_DATABASE_URL, open_database
 
-        normalize_url(settings.database_url)
+        # Reachable, and migrated to the current schema, before the server starts.
+        open_database(settings.database_url or DEFAULT_DATABASE_URL).dispose()
     if settings.apm:
         load_steer_config(settings.apm, kind="apm")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:

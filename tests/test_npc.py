@@ -81,6 +81,18 @@ def test_serve_cli_rejects_a_bad_profile_before_starting(tiny_policy, tmp_path):
         main(ServeConfig(policy=str(tiny_policy), npcs=str(tmp_path)))
 
 
+def test_serve_cli_rejects_a_database_it_cannot_use(tiny_policy, tmp_path):
+    from service.cli import ServeConfig, main
+    from service.npc.db import DatabaseError
+
+    with pytest.raises(DatabaseError, match=r"only sqlite:/// and postgresql:// are supported"):
+        main(ServeConfig(policy=str(tiny_policy), npcs=str(EXAMPLES), database_url="mysql://u@h/db"))
+    with pytest.raises(DatabaseError, match=r"cannot open the session database postgresql\+psycopg://steer:\*\*\*@"
+                                            r"127\.0\.0\.1:1/x: .*"):
+        main(ServeConfig(policy=str(tiny_policy), npcs=str(EXAMPLES),
+                         database_url="postgresql://steer:hunter2@127.0.0.1:1/x"))
+
+
 def test_list_and_get_npcs(client):
     r = client.get("/v1/npcs")
     assert r.status_code == 200

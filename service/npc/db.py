@@ -102,6 +102,20 @@ def create_db_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+def open_database(url: str) -> Engine:
+    """An engine on ``url`` with the schema migrated to the latest version (blocking).
+    ``DatabaseError`` names the database (without its password) when it cannot be reached."""
+    engine = create_db_engine(url)
+    try:
+        upgrade(engine)
+    except sa.exc.SQLAlchemyError as e:
+        engine.dispose()
+        where = engine.url.render_as_string(hide_password=True)
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise DatabaseError(f"cannot open the session database {where}: {reason}", "database_url") from None
+    return engine
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Run the Alembic migrations up to ``revision`` (blocking; call it from a thread)."""
     from alembic import command

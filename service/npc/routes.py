@@ -140,7 +140,7 @@ def npc_router(state) -> APIRouter:
             try:
                 gen = service.start_stream(turn)
             except BaseException:
-                await service._release(turn.lease)
+                await service.release(turn)
                 raise
         return StreamingResponse(service.stream(turn, gen), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -158,14 +158,13 @@ def npc_router(state) -> APIRouter:
 
 def _open_database(settings):
     """Blocking: connect, migrate and load the profile files (the CLI has checked them already)."""
-    from service.npc.db import DEFAULT_DATABASE_URL, create_db_engine, upgrade
+    from service.npc.db import DEFAULT_DATABASE_URL, open_database
     from service.npc.store import NpcStore
     from steer.artifacts import load_steer_config
     from steer.npc import load_profiles
 
     url = settings.database_url or DEFAULT_DATABASE_URL
-    engine = create_db_engine(url)
-    upgrade(engine)
+    engine = open_database(url)
     if settings.npcs:
         schema = load_steer_config(settings.policy, kind="policy")[1] if settings.policy else None
         profiles = load_profiles(settings.npcs, schema)

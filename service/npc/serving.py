@@ -73,6 +73,7 @@ class Turn:
     best_of: int
     check_toxicity: bool
     index: int = field(init=False)
+    committed: bool = False
 
     def __post_init__(self):
         self.index = self.lease.session.turns
@@ -226,6 +227,11 @@ class NpcServing:
         with anyio.CancelScope(shield=True):
             await self._db(self.store.release, lease)
 
+    async def release(self, turn: Turn) -> None:
+        """Give the session back without a reply (a no-op once the reply is stored)."""
+        if not turn.committed:
+            await self._release(turn.lease)
+
     def _chat_request(self, turn: Turn, attempt: int, stream: bool = False) -> ChatCompletionRequest:
         body: dict[str, Any] = dict(
             messages=turn.messages, attributes=turn.attributes, max_tokens=turn.max_tokens,
@@ -299,6 +305,7 @@ class NpcServing:
         except SessionBusy:
             raise ServingError(409, f"session {turn.lease.session.id!r} was deleted or taken over while "
                                "replying", type="conflict_error", code="session_busy") from None
+        turn.committed = True
         msg = message_object({"index": index, "role": "assistant", "content": content, "meta": meta,
                               "created_at": turn.lease.session.updated_at})
         return NpcReply(session_id=turn.lease.session.id, npc_id=turn.profile.id, **msg.model_dump())
@@ -308,7 +315,7 @@ class NpcServing:
             content, meta = await self._generate(turn)
             return await self._commit(turn, content, meta)
         finally:
-            await self._release(turn.lease)  # a no-op once committed
+            await self.release(turn)
 
     def streams_live(self, turn: Turn) -> bool:
         """Tokens go out as they are decoded unless the reply must be judged whole first (toxicity
@@ -346,7 +353,7 @@ class NpcServing:
         except ServingError as e:  # the response has started: the error goes out as an event
             yield _event({"type": "error", **e.body()})
         finally:
-            await self._release(turn.lease)
+            await self.release(turn)
 
 
 def _event(data: dict[str, Any]) -> str:
