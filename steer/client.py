@@ -288,6 +288,9 @@ class SteerClient(_Base):
         data = profile.model_dump() if isinstance(profile, NpcProfile) else dict(profile)
         return NpcProfile.model_validate(self._request("PUT", f"/v1/npcs/{data['id']}", data))
 
+    def delete_npc(self, npc_id: str) -> None:
+        self._request("DELETE", f"/v1/npcs/{npc_id}")
+
     # ---------------------------------------------------------- sessions
     def create_session(self, npc_id: str, seed: int | None = None, player_name: str | None = None) -> Session:
         body = _drop_none({"seed": seed, "player_name": player_name})
@@ -401,6 +404,9 @@ class AsyncSteerClient(_Base):
     async def update_npc(self, profile) -> NpcProfile:
         data = profile.model_dump() if isinstance(profile, NpcProfile) else dict(profile)
         return NpcProfile.model_validate(await self._request("PUT", f"/v1/npcs/{data['id']}", data))
+
+    async def delete_npc(self, npc_id: str) -> None:
+        await self._request("DELETE", f"/v1/npcs/{npc_id}")
 
     async def create_session(self, npc_id: str, seed: int | None = None, player_name: str | None = None) -> Session:
         body = _drop_none({"seed": seed, "player_name": player_name})

@@ -107,6 +107,7 @@ def test_creating_npcs_needs_an_api_key(client, tiny_policy, tmp_path):
     profile = {"id": "wren", "name": "Wren", "persona": "A shy herbalist.", "attributes": {"humor": 1}}
     r = client.post("/v1/npcs", json=profile)
     assert r.status_code == 403 and r.json()["error"]["code"] == "api_key_required"
+    assert client.delete("/v1/npcs/brom").status_code == 403
     with make_client(tiny_policy, tmp_path / "k.db", api_keys=["sekret"]) as c:
         wait_ready(c)
         assert c.post("/v1/npcs", json=profile).status_code == 401
@@ -120,6 +121,16 @@ def test_creating_npcs_needs_an_api_key(client, tiny_policy, tmp_path):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "persona"
         r = c.put("/v1/npcs/wren", json={**profile, "role": "the herbalist"}, headers=key)
         assert r.status_code == 200 and c.get("/v1/npcs/wren", headers=key).json()["role"] == "the herbalist"
+        sid = c.post("/v1/npcs/wren/sessions", headers=key).json()["id"]
+        assert c.delete("/v1/npcs/wren").status_code == 401
+        assert c.delete("/v1/npcs/wren", headers=key).json() == {"id": "wren", "object": "npc", "deleted": True}
+        assert c.get("/v1/npcs/wren", headers=key).status_code == 404
+        assert c.delete("/v1/npcs/wren", headers=key).status_code == 404
+        # Its sessions stay readable but take no new lines.
+        assert c.get(f"/v1/sessions/{sid}/messages", headers=key).status_code == 200
+        r = c.post(f"/v1/sessions/{sid}/messages", json={"content": "hi"}, headers=key)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "npc_not_found"
+        assert c.get(f"/v1/sessions/{sid}", headers=key).json()["busy"] is False
 
 
 # ------------------------------------------------------------------ sessions

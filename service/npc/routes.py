@@ -110,6 +110,11 @@ def npc_router(state) -> APIRouter:
         response.status_code = 201 if created else 200
         return saved
 
+    @router.delete("/v1/npcs/{npc_id}", response_model=Deleted, dependencies=[Depends(require_api_key)])
+    async def delete_npc(npc_id: str):
+        await npc().delete_npc(npc_id)
+        return Deleted(id=npc_id, object="npc")
+
     # ------------------------------------------------------------ sessions
     @router.post("/v1/npcs/{npc_id}/sessions", response_model=SessionObject, status_code=201)
     async def create_session(npc_id: str, body: CreateSessionRequest | None = None):

@@ -123,6 +123,10 @@ class NpcServing:
         created = await self._db(self.store.put_profile, profile, "api")
         return profile, created
 
+    async def delete_npc(self, npc_id: str) -> None:
+        if not await self._db(self.store.delete_profile, npc_id):
+            raise not_found("npc", npc_id, "npc_id")
+
     # ---------------------------------------------------------- sessions
     async def create_session(self, npc_id: str, req: CreateSessionRequest) -> SessionObject:
         await self.get_npc(npc_id)

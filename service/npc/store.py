@@ -90,6 +90,11 @@ class NpcStore:
                               updated_at=time.time()))
             return True
 
+    def delete_profile(self, npc_id: str) -> bool:
+        """Remove a profile; its sessions stay (readable, exportable) but cannot take new lines."""
+        with self._db() as db, db.begin():
+            return db.execute(sa.delete(ProfileRow).where(ProfileRow.id == npc_id)).rowcount > 0
+
     def sync_file_profiles(self, profiles: dict[str, NpcProfile]) -> None:
         """The files win at start-up: each file profile replaces what the database holds under its id."""
         for profile in profiles.values():
