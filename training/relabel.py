@@ -119,8 +119,7 @@ class _ParquetSink:
         self.parts.mkdir(parents=True, exist_ok=True)
         final = self.parts / f"part-{len(self._part_files()):06d}.parquet"
         tmp = final.with_suffix(".tmp")
-        # Nested values are stored as JSON text so every part has the same Arrow schema.
-        pq.write_table(pa.Table.from_pylist([_flatten_for_parquet(r) for r in rows]), tmp)
+        pq.write_table(pa.Table.from_pylist([_parquet_row(r) for r in rows]), tmp)
         tmp.replace(final)
 
     def finish(self) -> None:
@@ -131,7 +130,9 @@ class _ParquetSink:
         tables = [pq.read_table(p) for p in parts]
         if tables:
             tmp = self.path.with_suffix(".tmp")
-            pq.write_table(pa.concat_tables(tables), tmp)
+            # Parts may differ in which struct fields they saw (a human label, a meta key) and in
+            # columns that were all empty (null type); permissive promotion unifies them.
+            pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
             tmp.replace(self.path)
         for p in parts:
             p.unlink()
@@ -144,8 +145,18 @@ class _ParquetSink:
         self.path.unlink(missing_ok=True)
 
 
-def _flatten_for_parquet(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v) for k, v in row.items()}
+def _parquet_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Messages, meta, predictions and provenance as nested columns (lists and structs), which
+    `datasets` and pandas read as lists and dicts. Parquet cannot store a struct with no fields,
+    so an empty mapping is written as null (it reads back as empty)."""
+    def nested(value):
+        if isinstance(value, dict):
+            return {k: nested(v) for k, v in value.items()} or None
+        if isinstance(value, list):
+            return [nested(v) for v in value]
+        return value
+
+    return {k: nested(v) for k, v in row.items()}
 
 
 def _sink(path: Path):

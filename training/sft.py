@@ -129,6 +129,11 @@ def resolve_schema(spec: str | None, conversations: Sequence[Conversation] = ())
     if not used:
         raise SftError("the data carries no attribute labels; relabel it first (steer relabel) or pass --schema",
                        "schema")
+    from steer.attributes import BUILTIN_SCHEMAS
+
+    for builtin in BUILTIN_SCHEMAS.values():
+        if set(builtin.names) == used:
+            return builtin
     union = _all_builtin_schema()
     return AttributeSchema(
         name="inferred", attributes=tuple(a for a in union.attributes if a.name in used), aliases=union.aliases
@@ -145,8 +150,19 @@ def _all_builtin_schema() -> AttributeSchema:
     return AttributeSchema(name="all", attributes=tuple(seen.values()))
 
 
+def relabel_schema(data: str) -> AttributeSchema | None:
+    """The schema of the APM that labelled ``data``, from the sidecar ``steer relabel`` writes beside it."""
+    from training.relabel import SIDECAR_SUFFIX
+
+    sidecar = Path(str(data) + SIDECAR_SUFFIX)
+    try:
+        return AttributeSchema.from_dict(json.loads(sidecar.read_text(encoding="utf-8"))["schema"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no sidecar (or an unreadable one): the labels themselves say which attributes
+
+
 def load_sft_conversations(config: SftConfig) -> tuple[list[Conversation], AttributeSchema]:
-    explicit = resolve_schema(config.schema) if config.schema else None
+    explicit = resolve_schema(config.schema) if config.schema else relabel_schema(config.data)
     if not Path(config.data).exists() and config.format not in ("hub",):
         raise SftError(f"training data {config.data!r} does not exist", "data")
     convs, _ = load_conversations(config.data, config.format, schema=explicit or _all_builtin_schema(),

@@ -264,8 +264,11 @@ def _native(records, schema, report, strict) -> Iterator[Conversation]:
             for m in conv.messages:
                 if m.labels:
                     m.labels = schema.validate(m.labels, fill_defaults=False)
-        except (KeyError, TypeError) as e:
-            report.add(line, f"not a steer conversation record (missing {e})", strict)
+        except KeyError as e:
+            report.add(line, f"not a steer conversation record (no {e} field)", strict)
+            continue
+        except TypeError as e:
+            report.add(line, f"not a steer conversation record ({e})", strict)
             continue
         except ValueError as e:
             report.add(line, str(e), strict)
@@ -335,4 +338,14 @@ def _table_row(rec, line, schema, mapping, report, strict) -> Conversation | Non
     id_col, group_col = _pick(rec, mapping, "id"), _pick(rec, mapping, "group")
     conv_id = str(rec[id_col]) if id_col else f"row-{line}"
     group = str(rec[group_col]) if group_col else _group_id(msgs[0].content if msgs[0].role != "system" else msgs[1].content)
-    return Conversation(messages=msgs, id=conv_id, group=group, source="table")
+    # A table that already carries steer's own columns (a relabeled file read as plain JSONL or
+    # Parquet) keeps its origin and metadata; otherwise the source is the file or dataset it came from.
+    source = rec.get("source") if isinstance(rec.get("source"), str) and rec.get("source") else _source_name(report.source)
+    meta = Conversation.from_dict({"messages": [], "meta": rec.get("meta")}).meta
+    return Conversation(messages=msgs, id=conv_id, group=group, source=source, meta=meta)
+
+
+def _source_name(source: str) -> str:
+    """``runs/data.jsonl`` -> ``data.jsonl``; a hub id stays as it is."""
+    path = Path(source)
+    return path.name if path.exists() else source
