@@ -100,6 +100,8 @@ def main(config: GenerateConfig) -> int:
         seed=config.seed,
         stop=config.stop or None,
     )
+    for warning in result.warnings:
+        logger.warning(warning)
     if config.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:

@@ -213,3 +213,41 @@ def test_relabel_with_default_format_keeps_meta_and_names_the_source(tiny_apm_di
     plain.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
     relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(plain), output=str(tmp_path / "p.jsonl")))
     assert read_jsonl(tmp_path / "p.jsonl")[0]["source"] == "plain.jsonl"
+
+
+def test_relabel_prints_histogram_and_sidecar_counts_rows_mid_run(tiny_apm_dir, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from training import relabel
+
+    out = tmp_path / "o.jsonl"
+    sidecar = tmp_path / "o.jsonl.relabel.json"
+    seen = []
+    write = relabel._JsonlSink.write
+
+    def recording_write(self, rows):
+        write(self, rows)
+        seen.append((len(read_jsonl(out)), json.loads(sidecar.read_text())["rows"]))
+
+    monkeypatch.setattr(relabel._JsonlSink, "write", recording_write)
+    data = shared_path("data", "helpsteer2", "sample.jsonl")
+    with caplog.at_level(logging.INFO, logger="training.relabel"):
+        relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="helpsteer", output=str(out),
+                                   limit=10, chunk_size=4))
+    # Seen from inside each durable write: the sidecar counts every row written before it (it is
+    # updated right after each write), instead of staying at 0 until the end.
+    assert seen == [(4, 0), (8, 4), (10, 8)]
+    assert json.loads(sidecar.read_text())["rows"] == 10
+    state = json.loads(sidecar.read_text())
+    assert sum(state["label_histogram"]["helpfulness"].values()) == 10
+    assert "labels written" in caplog.text and "helpfulness" in caplog.text.split("labels written")[1]
+
+
+def test_limit_stops_reading_a_parquet_file_early(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5000)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=500)
+    convs, report = load_conversations(tmp_path / "big.parquet", "parquet", limit=3)
+    assert len(convs) == 3 and report.rows <= 1024

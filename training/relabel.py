@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from steer.artifacts import load_steer_config
 from steer.conversation import Conversation
-from steer.data import load_conversations
+from steer.data import format_histogram, label_histogram, load_conversations
 from steer.errors import SteerError
 
 logger = logging.getLogger(__name__)
@@ -292,15 +292,30 @@ def main(config: RelabelConfig) -> int:
         raise RelabelError(f"{output} has more rows ({done}) than the input ({len(conversations)})", field="output")
     if done:
         logger.info("resuming: %d of %d conversations already relabeled", done, len(conversations))
+        state["rows"] = done
+        sidecar.write_text(json.dumps(state, indent=2))
     remaining = conversations[done:]
     cache: dict[str, list[float]] = {}
-    with tqdm(total=len(conversations), initial=done, desc="relabel", unit="conv") as bar:
+    # The bar moves every batch_size conversations, not every (durable) chunk, so a slow APM still
+    # shows progress every few seconds; the sidecar's row count follows each durable write.
+    with tqdm(total=len(conversations), initial=done, desc="relabel", unit="conv", mininterval=1.0) as bar:
         for chunk in _chunks(remaining, config.chunk_size):
-            rows = annotate(chunk, predictor, config.keep_human_labels, config.batch_size, cache, provenance)
+            rows = []
+            for piece in _chunks(chunk, config.batch_size):
+                rows += annotate(piece, predictor, config.keep_human_labels, config.batch_size, cache, provenance)
+                bar.update(len(piece))
             sink.write(rows)
-            bar.update(len(chunk))
+            done += len(rows)
+            state["rows"] = done
+            sidecar.write_text(json.dumps(state, indent=2))
     sink.finish()
-    state.update(complete=True, rows=len(conversations), skipped_input_rows=len(report.bad))
+    # Read back from the output, so a resumed run counts the rows of its earlier attempts too.
+    labelled, _ = load_conversations(output, "steer", schema=predictor.schema)
+    histogram = label_histogram(labelled, predictor.schema)
+    state.update(complete=True, rows=len(conversations), skipped_input_rows=len(report.bad),
+                 label_histogram=histogram)
     sidecar.write_text(json.dumps(state, indent=2))
     logger.info("wrote %d relabeled conversations to %s", len(conversations), output)
+    logger.info("labels written (value:count per attribute, '-' never):\n%s",
+                format_histogram(histogram, predictor.schema))
     return 0

@@ -31,7 +31,7 @@ import torch
 from steer.artifacts import load_steer_config, save_steer_config
 from steer.attributes import AttributeSchema, get_schema
 from steer.conversation import Conversation
-from steer.data import grouped_split, load_conversations
+from steer.data import format_histogram, grouped_split, label_histogram, load_conversations, trained_values, unseen_values
 from steer.errors import SteerError
 from steer.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate
 from training.model_card import policy_card
@@ -420,6 +420,7 @@ def main(config: SftConfig) -> dict[str, Any]:
     tokenizer.padding_side = "right"
     template = build_template(config, schema, tokenizer)
     train_convs, eval_convs = grouped_split(convs, config.eval_fraction, seed=config.seed)
+    histogram = report_label_histogram(train_convs, schema)
     train_set = SftDataset(tokenize_conversations(train_convs, template, tokenizer, config.max_length))
     eval_set = SftDataset(tokenize_conversations(eval_convs, template, tokenizer, config.max_length))
     if len(train_set) == 0:
@@ -455,12 +456,23 @@ def main(config: SftConfig) -> dict[str, Any]:
         logger.info("eval loss after training: %.4f", metrics["eval_loss_after"])
 
     if trainer.is_world_process_zero():
-        save_policy(trainer.model, tokenizer, template, schema, config, output, metrics)
+        save_policy(trainer.model, tokenizer, template, schema, config, output, metrics, histogram)
     return metrics
 
 
+def report_label_histogram(conversations: Sequence[Conversation], schema: AttributeSchema) -> dict[str, dict[int, int]]:
+    """Log how often each value occurs in the training labels, and warn about values the schema
+    allows that never occur: the policy cannot learn to follow a request for one of them."""
+    histogram = label_histogram(conversations, schema)
+    logger.info("training labels (value:count per attribute, '-' never):\n%s", format_histogram(histogram, schema))
+    for name, values in unseen_values(histogram, schema).items():
+        logger.warning("attribute %r: value(s) %s never occur in the training data; requests for them ask the policy "
+                       "for something it never saw", name, ", ".join(map(str, values)))
+    return histogram
+
+
 def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSchema, config: SftConfig,
-                output: Path, metrics: dict[str, Any]) -> None:
+                output: Path, metrics: dict[str, Any], histogram: dict[str, dict[int, int]] | None = None) -> None:
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output))
     tokenizer.padding_side = "left"
@@ -470,7 +482,10 @@ def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSch
         merged = "merged"
         merge_adapter(config, output, output / merged, tokenizer)
     base = stored_base_model(config.base_model, output)
-    save_steer_config(output, "policy", schema, template.to_dict(), base_model=base, adapter=".", merged=merged)
+    # The values each attribute took in training: generate and serve flag requests for others.
+    seen = {"trained_values": trained_values(histogram), "label_histogram": histogram} if histogram else {}
+    save_steer_config(output, "policy", schema, template.to_dict(), base_model=base, adapter=".", merged=merged,
+                      **seen)
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     # Replaces the blank card PEFT's save_pretrained leaves.
     card = policy_card(output.name, base, schema, template, training_summary(model, config), metrics)

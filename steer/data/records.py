@@ -130,10 +130,13 @@ def iter_records(
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        for i, record in enumerate(table.to_pylist(), start=1):
-            report.rows += 1
-            yield i, record
+        # Batch by batch, so a caller that stops early (--limit) does not read the whole file.
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                i += 1
+                report.rows += 1
+                yield i, record
 
 
 def _iter_hub(name: str, report: LoadReport, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
