@@ -274,7 +274,8 @@ def main(config: RelabelConfig) -> int:
         strict=config.strict, split=config.split, limit=config.limit,
     )
     if not conversations:
-        raise RelabelError(f"no conversations could be read from {config.data}", field="data")
+        cause = f": {report.summary()}" if report.bad else ""
+        raise RelabelError(f"no conversations could be read from {config.data}{cause}", field="data")
     predictor = AttributePredictor.load(config.model, device=config.device)
 
     provenance = {

@@ -270,10 +270,26 @@ def _native(records, schema, report, strict) -> Iterator[Conversation]:
         except TypeError as e:
             report.add(line, f"not a steer conversation record ({e})", strict)
             continue
+        except AttributeValueError as e:
+            report.add(line, str(e), strict, kind="schema", hint=SCHEMA_HINT)
+            continue
         except ValueError as e:
             report.add(line, str(e), strict)
             continue
         yield conv
+
+
+SCHEMA_HINT = ("the data was labelled with another attribute schema: pass the matching --schema (a built-in name, "
+               "a schema file or the APM directory that labelled it)")
+# Columns that give away a known source format read as a plain table.
+_FORMAT_SIGNS = (({"chosen", "rejected"}, "hh"), ({"message_id", "parent_id"}, "oasst"))
+
+
+def _format_hint(rec: Mapping[str, Any]) -> str:
+    for columns, name in _FORMAT_SIGNS:
+        if columns & set(rec):
+            return f"these rows look like the {name!r} format: pass --format {name}"
+    return ""
 
 
 # ----------------------------------------------------------------------- table
@@ -319,7 +335,13 @@ def _table_row(rec, line, schema, mapping, report, strict) -> Conversation | Non
         else:
             prompt_col, response_col = _pick(rec, mapping, "prompt"), _pick(rec, mapping, "response")
             if prompt_col is None or response_col is None:
-                report.add(line, "no prompt/response columns found (map them, e.g. prompt=instruction)", strict)
+                hint = _format_hint(rec)
+                if hint:
+                    report.add(line, f"no prompt/response columns (columns: {', '.join(sorted(rec))})", strict,
+                               kind="format", hint=hint)
+                else:
+                    report.add(line, "no prompt/response columns found (map them with --columns, e.g. "
+                               "--columns prompt=instruction)", strict)
                 return None
             msgs = [Message("user", str(rec[prompt_col])), Message("assistant", str(rec[response_col]))]
             system_col = _pick(rec, mapping, "system")
@@ -332,6 +354,9 @@ def _table_row(rec, line, schema, mapping, report, strict) -> Conversation | Non
             if m.labels:
                 m.labels = schema.validate(m.labels, fill_defaults=False)
         validate_messages(msgs, for_generation=False)
+    except AttributeValueError as e:
+        report.add(line, str(e), strict, kind="schema", hint=SCHEMA_HINT)
+        return None
     except (ValueError, TypeError) as e:
         report.add(line, str(e), strict)
         return None
