@@ -251,3 +251,12 @@ def test_limit_stops_reading_a_parquet_file_early(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=500)
     convs, report = load_conversations(tmp_path / "big.parquet", "parquet", limit=3)
     assert len(convs) == 3 and report.rows <= 1024
+
+
+def test_relabel_of_hh_data_without_format_hh_suggests_it(tiny_apm_dir, tmp_path, capsys):
+    data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    rc = cli_main(["relabel", "--model", str(tiny_apm_dir), "--data", str(data), "--output", str(tmp_path / "o.jsonl"),
+                   "--limit", "20"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("steer relabel: error [data]: no conversations could be read")
+    assert "pass --format hh" in err
