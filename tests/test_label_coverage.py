@@ -40,7 +40,9 @@ def test_sft_prints_histogram_warns_and_records_trained_values(tmp_path, caplog)
         hist = report_label_histogram([conv(helpfulness=3, coherence=4)], schema)
     text = caplog.text
     assert "training labels" in text and "helpfulness  0:- 1:- 2:- 3:1 4:-" in text
-    assert "attribute 'helpfulness': value(s) 0, 1, 2, 4 never occur in the training data" in text
+    assert "values that never occur in the training data" in text
+    assert "attribute 'helpfulness': value(s) 0, 1, 2, 4\n" in text and "attribute 'coherence': value(s) 0, 1, 2, 3" in text
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1  # said once, not per attribute
     assert trained_values(hist)["coherence"] == [4]
 
 

@@ -556,9 +556,11 @@ def report_label_histogram(conversations: Sequence[Conversation], schema: Attrib
     allows that never occur: the policy cannot learn to follow a request for one of them."""
     histogram = label_histogram(conversations, schema)
     logger.info("training labels (value:count per attribute, '-' never):\n%s", format_histogram(histogram, schema))
-    for name, values in unseen_values(histogram, schema).items():
-        logger.warning("attribute %r: value(s) %s never occur in the training data; requests for them ask the policy "
-                       "for something it never saw", name, ", ".join(map(str, values)))
+    unseen = unseen_values(histogram, schema)
+    if unseen:
+        logger.warning("values that never occur in the training data (requests for them ask the policy for something "
+                       "it never saw):\n%s", "\n".join(f"  attribute {name!r}: value(s) {', '.join(map(str, values))}"
+                                                       for name, values in unseen.items()))
     return histogram
 
 
