@@ -247,7 +247,9 @@ class ChatServing:
             raise ServingError(503, str(e), type="server_error", code="shutting_down") from None
         return Generation(request=req, messages=messages, attributes=attributes, prompt_tokens=prompt_tokens,
                           rows=rows, events=events,
-                          warnings=unseen_request_warnings(attributes, (getattr(self.policy, "config", None) or {}).get("trained_values")))
+                          warnings=unseen_request_warnings(
+                              schema.validate(req.attributes, fill_defaults=False) if req.attributes else {},
+                              (getattr(self.policy, "config", None) or {}).get("trained_values")))
 
     def _dispatcher(self) -> EventDispatcher:
         loop = asyncio.get_running_loop()

@@ -272,7 +272,9 @@ class SteerGenerator:
         stops = list(self.template.stop_strings) + params.stop
         row = _Row(prompt.input_ids, params, stops, self.template.end_marker, applied,
                    params.make_rng(), budget, IncrementalDetokenizer(self._decoder))
-        row.warnings = unseen_request_warnings(applied, self.trained_values)
+        # Only what the request asked for: a default it left alone is the policy's own choice.
+        asked = self.schema.validate(request.attributes, fill_defaults=False) if request.attributes else {}
+        row.warnings = unseen_request_warnings(asked, self.trained_values)
         return row
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:

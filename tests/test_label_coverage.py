@@ -59,6 +59,10 @@ def test_generate_and_serve_warn_about_values_never_trained(tmp_path):
     result = generator.generate(HELLO, attributes={"humor": 4}, max_new_tokens=3, seed=0)
     assert len(result.warnings) == 1 and "'humor'" in result.warnings[0] and result.to_dict()["warnings"]
     assert generator.generate(HELLO, attributes={"humor": 1}, max_new_tokens=3, seed=0).warnings == []
+    # helpfulness' default (3) was seen, creativity's (1) too; a default is never warned about anyway:
+    config["trained_values"]["creativity"] = [4]
+    config_path.write_text(json.dumps(config))
+    assert SteerGenerator.load(policy, device="cpu").generate(HELLO, max_new_tokens=3, seed=0).warnings == []
 
     with make_client(policy, max_tokens_limit=8) as client:
         wait_ready(client)
@@ -66,6 +70,6 @@ def test_generate_and_serve_warn_about_values_never_trained(tmp_path):
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200 and "'humor'" in r.json()["warnings"][0]
         ok = client.post("/v1/chat/completions", json={**body, "attributes": {"humor": 1}}).json()
-        assert ok.get("warnings") is None
+        assert ok.get("warnings") is None  # creativity's default (1) is unseen, but it was not asked for
         events = sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
         assert "'humor'" in events[0]["warnings"][0]
