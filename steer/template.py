@@ -250,7 +250,8 @@ class ChatTemplatePrompt(PromptTemplate):
         # place is known (a search could find the same text in the template's own).
         located = self._render(msgs, mode, requested, contents)
         if [seg.text for seg in located] != [seg.text for seg in self._render(msgs, mode, requested)]:
-            where = next(f"messages[{i}].content" for i, m in enumerate(msgs) if any(t in m.content for t in specials))
+            where = next((f"messages[{i}].content" for i, m in enumerate(msgs) if any(t in m.content for t in specials)),
+                         "default_system")
             raise ConversationError(
                 f"{where} contains the text of a special token of this model, and its chat template rewrites "
                 "message contents, so it cannot be kept as plain text; remove it", where)
