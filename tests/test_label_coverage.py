@@ -8,7 +8,6 @@ import logging
 from steer.attributes import get_schema
 from steer.conversation import Conversation, Message
 from steer.data import format_histogram, label_histogram, trained_values, unseen_request_warnings, unseen_values
-from tests.conftest import shared_path
 from tests.test_service import HELLO, build_tiny_policy, make_client, sse_events, wait_ready
 
 
