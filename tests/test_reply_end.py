@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
-
 from steer.attributes import get_schema
 from steer.template import PromptTemplate
 from tests.conftest import shared_path
