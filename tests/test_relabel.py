@@ -251,6 +251,9 @@ def test_limit_stops_reading_a_parquet_file_early(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=500)
     convs, report = load_conversations(tmp_path / "big.parquet", "parquet", limit=3)
     assert len(convs) == 3 and report.rows <= 1024
+    # JSONL (gzipped too) is read line by line: hh gives two conversations per line.
+    convs, report = load_conversations(shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz"), "hh", limit=10)
+    assert len(convs) == 10 and report.rows == 5
 
 
 def test_relabel_of_hh_data_without_format_hh_suggests_it(tiny_apm_dir, tmp_path, capsys):
