@@ -314,7 +314,10 @@ def prepare_marker_tokens(template: PromptTemplate, tokenizer, add: bool) -> lis
     only when the model writes every piece in order: after a short fine-tune it rarely does, so
     replies run to the token limit and leak fragments of the marker."""
     split = {}
+    vocab = tokenizer.get_vocab()
     for marker in template_markers(template):
+        if marker in vocab:
+            continue  # one token already (the demo's tokenizer), however a lone call splits off a space
         pieces = len(tokenizer(marker, add_special_tokens=False)["input_ids"])
         if pieces > 1:
             split[marker] = pieces
