@@ -35,6 +35,7 @@ from service.protocol import (
     completion_id,
 )
 from service.settings import ServerSettings
+from steer.data.histogram import unseen_request_warnings
 from steer.errors import SteerError
 from steer.sampling import SamplingParams
 
@@ -128,6 +129,7 @@ class Generation:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     chunk_prefix: str = ""  # "data: {...,"choices":[{"index":" for content chunks (ChatServing._content_chunk)
+    warnings: list[str] = field(default_factory=list)  # e.g. a requested value never seen in training
 
 
 class ChatServing:
@@ -244,7 +246,10 @@ class ChatServing:
         except EngineStoppedError as e:
             raise ServingError(503, str(e), type="server_error", code="shutting_down") from None
         return Generation(request=req, messages=messages, attributes=attributes, prompt_tokens=prompt_tokens,
-                          rows=rows, events=events)
+                          rows=rows, events=events,
+                          warnings=unseen_request_warnings(
+                              schema.validate(req.attributes, fill_defaults=False) if req.attributes else {},
+                              (getattr(self.policy, "config", None) or {}).get("trained_values")))
 
     def _dispatcher(self) -> EventDispatcher:
         loop = asyncio.get_running_loop()
@@ -308,6 +313,7 @@ class ChatServing:
             usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=tokens,
                         total_tokens=gen.prompt_tokens + tokens),
             attributes=gen.attributes,
+            warnings=gen.warnings or None,
         )
 
     def _chunk(self, gen: Generation, choices: list[ChunkChoice], **extra) -> str:
@@ -331,7 +337,8 @@ class ChatServing:
             for i in range(len(gen.rows)):
                 # The first chunk also reports the attribute values the reply is conditioned on.
                 yield self._chunk(gen, [ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
-                                  attributes=gen.attributes if i == 0 else None)
+                                  attributes=gen.attributes if i == 0 else None,
+                                  warnings=(gen.warnings or None) if i == 0 else None)
             while done < len(gen.rows):
                 arrived = [await gen.events.get()]
                 while not gen.events.empty():

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from steer.data.histogram import unseen_request_warnings
 from steer.detokenize import IncrementalDetokenizer, TokenDecoder
 from steer.errors import SteerError
 from steer.kv_cache import new_kv_cache
@@ -165,15 +166,20 @@ class GenerationResult:
     # Every schema attribute, validated, as it was applied (defaults filled in).
     attributes: dict[str, int] = field(default_factory=dict)
     finish_reason: str = "length"  # "stop" | "length"
+    # Not errors: e.g. a requested attribute value the policy never saw in training.
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "text": self.text,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "attributes": dict(self.attributes),
             "finish_reason": self.finish_reason,
         }
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
 
 
 class _Row:
@@ -192,18 +198,22 @@ class _Row:
         self.detok = detok
         self.text = ""
         self.finish_reason: str | None = None
+        self.warnings: list[str] = []
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.text, len(self.prompt_ids), len(self.tokens), self.attributes,
-                                self.finish_reason or "length")
+                                self.finish_reason or "length", list(self.warnings))
 
 
 # ----------------------------------------------------------------- generator
 class SteerGenerator:
     """Generate replies from a policy with requested attribute values."""
 
-    def __init__(self, model, tokenizer, schema, template, device: torch.device | str = "cpu", name: str = "policy"):
+    def __init__(self, model, tokenizer, schema, template, device: torch.device | str = "cpu", name: str = "policy",
+                 trained_values: Mapping[str, list[int]] | None = None):
         self.model = model
+        # Attribute values seen in training (steer_config.json); requests for others get a warning.
+        self.trained_values = trained_values
         self.tokenizer = tokenizer
         self.schema = schema
         self.template = template
@@ -219,7 +229,8 @@ class SteerGenerator:
         from steer.policy import load_policy
 
         policy = load_policy(policy_dir, device=device, dtype=dtype)
-        return cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name)
+        return cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name,
+                   trained_values=policy.config.get("trained_values"))
 
     # -- one request
     def generate(
@@ -259,8 +270,12 @@ class SteerGenerator:
                 )
             budget = min(budget, room)
         stops = list(self.template.stop_strings) + params.stop
-        return _Row(prompt.input_ids, params, stops, self.template.end_marker, applied,
-                    params.make_rng(), budget, IncrementalDetokenizer(self._decoder))
+        row = _Row(prompt.input_ids, params, stops, self.template.end_marker, applied,
+                   params.make_rng(), budget, IncrementalDetokenizer(self._decoder))
+        # Only what the request asked for: a default it left alone is the policy's own choice.
+        asked = self.schema.validate(request.attributes, fill_defaults=False) if request.attributes else {}
+        row.warnings = unseen_request_warnings(asked, self.trained_values)
+        return row
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Decode several requests in one left-padded batch. A seeded request gives the same text
