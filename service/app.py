@@ -314,6 +314,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 return Response(status_code=499)
         return task.result()
 
+    from service.npc.routes import npc_router
+
+    app.include_router(npc_router(state))
     if settings.ui:
         _mount_ui(app, settings)
     return app

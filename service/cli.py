@@ -21,6 +21,15 @@ class ServeConfig:
     apm: str | None = field(
         default=None, metadata={"help": "Attribute prediction model directory; enables \"score\": true. Env: STEER_APM."}
     )
+    npcs: str | None = field(
+        default=None, metadata={"help": "Directory of NPC profile files (*.yaml) served under /v1/npcs, with "
+                                     "dialogue sessions (docs/npc.md). Env: STEER_NPCS."}
+    )
+    database_url: str | None = field(
+        default=None, metadata={"help": "Where NPC sessions are kept: sqlite:///path (default "
+                                     "sqlite:///steer-sessions.db) or postgresql://user:pass@host/db. "
+                                     "Env: STEER_DATABASE_URL."}
+    )
     host: str | None = field(default=None, metadata={"help": "Interface to bind (default 127.0.0.1). Env: STEER_HOST."})
     port: int | None = field(default=None, metadata={"help": "TCP port (default 8000). Env: STEER_PORT."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available). Env: STEER_DEVICE."})
@@ -87,7 +96,16 @@ def main(config: ServeConfig) -> int:
     if not settings.policy:
         raise SettingsError("no policy: pass --policy DIR or set STEER_POLICY", "policy")
     # Fail now, with one clear line, rather than after the server is up.
-    load_steer_config(settings.policy, kind="policy")
+    _, schema = load_steer_config(settings.policy, kind="policy")
+    if settings.npcs:
+        from steer.npc import load_profiles
+
+        load_profiles(settings.npcs, schema)  # a bad profile fails here, naming its file and field
+    if settings.npcs or settings.database_url:
+        from service.npc.db import DEFAULT_DATABASE_URL, open_database
+
+        # Reachable, and migrated to the current schema, before the server starts.
+        open_database(settings.database_url or DEFAULT_DATABASE_URL).dispose()
     if settings.apm:
         load_steer_config(settings.apm, kind="apm")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:

@@ -104,6 +104,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[Choice]
     usage: Usage
     attributes: dict[str, int]
+    # Not errors: e.g. a requested attribute value the policy never saw in training.
+    warnings: list[str] | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -128,6 +130,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     attributes: dict[str, int] | None = None
+    warnings: list[str] | None = None
 
 
 class ModelCard(BaseModel):

@@ -36,6 +36,7 @@ from service.protocol import (
 )
 from service.settings import ServerSettings
 from steer.best_of import BestOfError, CandidateGroup, best_of_target, check_weights, choose_best
+from steer.data.histogram import unseen_request_warnings
 from steer.errors import SteerError
 from steer.sampling import SamplingParams
 
@@ -133,6 +134,7 @@ class Generation:
     best_of: int = 1
     best_of_target: dict[str, int] | None = None
     best_of_weights: dict[str, float] | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. a requested value never seen in training
 
 
 class ChatServing:
@@ -251,7 +253,10 @@ class ChatServing:
         except EngineStoppedError as e:
             raise ServingError(503, str(e), type="server_error", code="shutting_down") from None
         return Generation(request=req, messages=messages, attributes=attributes, prompt_tokens=prompt_tokens,
-                          rows=rows, events=events, best_of=best_of, best_of_target=target, best_of_weights=weights)
+                          rows=rows, events=events, best_of=best_of, best_of_target=target, best_of_weights=weights,
+                          warnings=unseen_request_warnings(
+                              schema.validate(req.attributes, fill_defaults=False) if req.attributes else {},
+                              (getattr(self.policy, "config", None) or {}).get("trained_values")))
 
     def _best_of(self, req: ChatCompletionRequest, attributes: dict[str, int]):
         """``(best_of, target, weights)`` for the request; 400s name ``best_of``/``best_of_weights``."""
@@ -363,6 +368,7 @@ class ChatServing:
             usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=tokens,
                         total_tokens=gen.prompt_tokens + tokens),
             attributes=gen.attributes,
+            warnings=gen.warnings or None,
         )
 
     def _chunk(self, gen: Generation, choices: list[ChunkChoice], **extra) -> str:
@@ -390,7 +396,8 @@ class ChatServing:
             for i in range(len(gen.rows)):
                 # The first chunk also reports the attribute values the reply is conditioned on.
                 yield self._chunk(gen, [ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
-                                  attributes=gen.attributes if i == 0 else None)
+                                  attributes=gen.attributes if i == 0 else None,
+                                  warnings=(gen.warnings or None) if i == 0 else None)
             while done < len(gen.rows):
                 arrived = [await gen.events.get()]
                 while not gen.events.empty():

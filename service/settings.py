@@ -22,6 +22,8 @@ class SettingsError(SteerError, ValueError):
 ENV_VARS: dict[str, str] = {
     "policy": "STEER_POLICY",
     "apm": "STEER_APM",
+    "npcs": "STEER_NPCS",
+    "database_url": "STEER_DATABASE_URL",
     "host": "STEER_HOST",
     "port": "STEER_PORT",
     "device": "STEER_DEVICE",
@@ -47,6 +49,9 @@ ENV_VARS: dict[str, str] = {
 class ServerSettings:
     policy: str = ""
     apm: str | None = None
+    # NPC profiles (a directory of YAML files) and the session database (service.npc); either turns them on.
+    npcs: str | None = None
+    database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     device: str | None = None

@@ -42,10 +42,31 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where it tells something: not where the help already speaks of its
+    default, not for an unset value (None, empty list) and not for an off switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default in (None, False, "", [], argparse.SUPPRESS)
+                or action.required or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(config_cls, prog: str, description: str) -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(config_cls, prog=prog, description=description)
+    parser = HfArgumentParser(config_cls, prog=prog, description=description, formatter_class=HelpFormatter)
+    # argparse lists required options under "options" with the rest; give them their own group.
+    required = parser.add_argument_group("required arguments")
+    for action in parser._actions:
+        if action.required and action.option_strings:
+            parser._optionals._group_actions.remove(action)
+            required._group_actions.append(action)
+    parser._action_groups.remove(required)
+    parser._action_groups.insert(1, required)  # before the optional ones
     for action in parser._actions:
         # HfArgumentParser gives list fields nargs="+" with the "store" action, so a repeated
         # flag (--attr humor=4 --attr creativity=2) would silently keep only the last one.
@@ -54,8 +75,18 @@ def build_parser(config_cls, prog: str, description: str) -> argparse.ArgumentPa
     return parser
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("steer")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _top_level_help() -> str:
-    lines = ["usage: steer [--log-level LEVEL] COMMAND [options]", "", "commands:"]
+    lines = ["usage: steer [--log-level LEVEL] [--version] COMMAND [options]", "", "commands:"]
     for name, (_, _, help_text) in COMMANDS.items():
         lines.append(f"  {name:<18} {help_text}")
     lines += ["", "Run `steer COMMAND --help` for a command's options."]
@@ -69,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level, argv = argv[1], argv[2:]
     if not argv or argv[0] in ("-h", "--help"):
         print(_top_level_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"steer {version()}")
         return 0
     name = argv[0]
     if name == "apm":

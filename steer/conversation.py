@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +43,8 @@ class Message:
         return cls(
             role=data["role"],
             content=data["content"],
-            labels=dict(data.get("labels") or {}),
-            scores={k: float(v) for k, v in (data.get("scores") or {}).items()},
+            labels=present(data.get("labels")),
+            scores={k: float(v) for k, v in present(data.get("scores")).items()},
             id=data.get("id"),
         )
 
@@ -76,13 +77,39 @@ class Conversation:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Conversation:
+        """Also reads rows from Parquet files: nested columns arrive as lists and structs (a struct
+        field a row lacks is None), and files written before those columns were nested hold JSON text."""
+        messages = _maybe_json(data["messages"])
+        if not isinstance(messages, list):
+            raise ConversationError(f"'messages' must be a list of messages, got {type(messages).__name__}", "messages")
+        meta = _maybe_json(data.get("meta"))
         return cls(
-            messages=[Message.from_dict(m) for m in data["messages"]],
-            id=str(data.get("id", "")),
-            group=str(data.get("group", "") or data.get("id", "")),
-            source=str(data.get("source", "")),
-            meta=dict(data.get("meta") or {}),
+            messages=[Message.from_dict(m) for m in messages],
+            id=str(data.get("id") or ""),
+            group=str(data.get("group") or data.get("id") or ""),
+            source=str(data.get("source") or ""),
+            meta={k: v for k, v in meta.items() if v is not None} if isinstance(meta, Mapping) else {},
         )
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def present(values: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """A label/score mapping without its missing entries. Parquet stores a mapping as a struct
+    with one field per key seen anywhere in the file, so a key a row lacks reads back as None."""
+    values = _maybe_json(values)
+    if not values:
+        return {}
+    if not isinstance(values, Mapping):
+        raise ConversationError(f"labels must be a mapping of attribute to value, got {type(values).__name__}", "labels")
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def as_messages(messages: Sequence[Message | Mapping[str, Any]]) -> list[Message]:
@@ -96,7 +123,7 @@ def as_messages(messages: Sequence[Message | Mapping[str, Any]]) -> list[Message
             raise ConversationError(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
         if "role" not in m or "content" not in m:
             raise ConversationError(f"messages[{i}] needs 'role' and 'content'", f"messages[{i}]")
-        out.append(Message(role=m["role"], content=m["content"], labels=dict(m.get("labels") or {})))
+        out.append(Message(role=m["role"], content=m["content"], labels=present(m.get("labels"))))
     return out
 
 

@@ -37,12 +37,22 @@ class TokenDecoder:
         wrapper around it cost as much as the decoding itself."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-            decode = lambda ids: backend.decode(ids, skip_special_tokens=False)  # noqa: E731
+            raw = lambda ids: backend.decode(ids, skip_special_tokens=False)  # noqa: E731
         else:
-            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+            raw = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        # Byte-fallback tokens can spell control characters (<0x1C>) that no reply should carry.
+        decode = lambda ids: _without_controls(raw(ids))  # noqa: E731
         byte_tokens = frozenset(i for tok, i in tokenizer.get_vocab().items()
                                 if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"))
         return cls(decode, byte_tokens)
+
+
+# C0 controls and DEL, except tab, newline and carriage return.
+_CONTROLS = str.maketrans("", "", "".join(chr(c) for c in (*range(0, 9), 11, 12, *range(14, 32), 127)))
+
+
+def _without_controls(text: str) -> str:
+    return text.translate(_CONTROLS)
 
 
 class IncrementalDetokenizer:

@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GenerateConfig:
-    policy: str = field(default=None, metadata={"help": "Policy directory (written by `steer sft` or `steer demo`)."})
+    policy: str = field(metadata={"help": "Policy directory (written by `steer sft` or `steer demo`)."})
     prompt: str = field(default=None, metadata={"help": "The user's message."})
     system: str | None = field(default=None, metadata={"help": "System prompt (default: the policy's own)."})
     attr: list[str] = field(
@@ -110,6 +110,8 @@ def main(config: GenerateConfig) -> int:
         stop=config.stop or None,
         best_of=config.best_of,
     )
+    for warning in result.warnings:
+        logger.warning(warning)
     if config.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:

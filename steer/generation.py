@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from steer.data.histogram import unseen_request_warnings
 from steer.detokenize import IncrementalDetokenizer, TokenDecoder
 from steer.errors import SteerError
 from steer.kv_cache import new_kv_cache
@@ -172,6 +173,8 @@ class GenerationResult:
     # Best-of-n only: how many candidates were drawn, and the APM's measurements of the winner.
     candidates: int = 1
     measured: dict[str, float] | None = None
+    # Not errors: e.g. a requested attribute value the policy never saw in training.
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -184,6 +187,8 @@ class GenerationResult:
         if self.measured is not None:
             out["candidates"] = self.candidates
             out["measured"] = dict(self.measured)
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
         return out
 
 
@@ -203,10 +208,11 @@ class _Row:
         self.detok = detok
         self.text = ""
         self.finish_reason: str | None = None
+        self.warnings: list[str] = []
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.text, len(self.prompt_ids), len(self.tokens), self.attributes,
-                                self.finish_reason or "length")
+                                self.finish_reason or "length", list(self.warnings))
 
 
 # ----------------------------------------------------------------- generator
@@ -214,10 +220,12 @@ class SteerGenerator:
     """Generate replies from a policy with requested attribute values."""
 
     def __init__(self, model, tokenizer, schema, template, device: torch.device | str = "cpu", name: str = "policy",
-                 apm=None):
+                 apm=None, trained_values: Mapping[str, list[int]] | None = None):
         self.model = model
         # An AttributePredictor; needed only for best_of > 1.
         self.apm = apm
+        # Attribute values seen in training (steer_config.json); requests for others get a warning.
+        self.trained_values = trained_values
         self.tokenizer = tokenizer
         self.schema = schema
         self.template = template
@@ -239,7 +247,8 @@ class SteerGenerator:
             from steer.apm import AttributePredictor
 
             apm = AttributePredictor.load(apm, device=policy.device)
-        return cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name, apm=apm)
+        return cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name, apm=apm,
+                   trained_values=policy.config.get("trained_values"))
 
     # -- one request
     def generate(
@@ -282,8 +291,12 @@ class SteerGenerator:
                 )
             budget = min(budget, room)
         stops = list(self.template.stop_strings) + params.stop
-        return _Row(prompt.input_ids, params, stops, self.template.end_marker, applied,
-                    params.make_rng(), budget, IncrementalDetokenizer(self._decoder))
+        row = _Row(prompt.input_ids, params, stops, self.template.end_marker, applied,
+                   params.make_rng(), budget, IncrementalDetokenizer(self._decoder))
+        # Only what the request asked for: a default it left alone is the policy's own choice.
+        asked = self.schema.validate(request.attributes, fill_defaults=False) if request.attributes else {}
+        row.warnings = unseen_request_warnings(asked, self.trained_values)
+        return row
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Decode several requests in one left-padded batch. A seeded request gives the same text

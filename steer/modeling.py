@@ -66,6 +66,33 @@ def check_4bit_available() -> None:
         raise ModelLoadError("--load-in-4bit needs bitsandbytes: pip install 'steer[cuda]'") from None
 
 
+SUPPORTED_MODELS = ("steer loads models in the transformers format (a directory with config.json, safetensors "
+                    "weights and tokenizer files, what save_pretrained writes, or a hub id) or a .gguf file")
+
+
+def unsupported_model_message(name_or_path: str | Path) -> str | None:
+    """What a local model path is when it is not something steer loads (a lone weights file, a
+    folder without config.json or with only pickled weights); None otherwise (GGUF files load)."""
+    path = Path(name_or_path)
+    if not path.exists() or is_gguf_path(path):
+        return None  # a hub id or a GGUF file: the loader's own message says what went wrong
+    if path.is_file():
+        return f"{path} is a single file ({path.suffix or 'no extension'}), not a model directory; {SUPPORTED_MODELS}"
+    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    ggufs = [f for f in files if f.lower().endswith(".gguf")]
+    if not (path / "config.json").exists():
+        if ggufs:
+            return (f"{path} has no config.json but holds GGUF file(s) {', '.join(ggufs)}: pass the .gguf file itself "
+                    f"(for example {path / ggufs[0]})")
+        found = f"{', '.join(files[:5])}{' ...' if len(files) > 5 else ''}" if files else "nothing"
+        return f"{path} has no config.json, so it is not a transformers model directory (it holds {found}); " \
+               f"{SUPPORTED_MODELS}"
+    if not any(f.endswith(".safetensors") for f in files) and any(f.endswith((".bin", ".pt", ".pth")) for f in files):
+        return (f"{path} holds only pickled PyTorch weights (.bin/.pt), which steer does not load (they can run "
+                f"code); {SUPPORTED_MODELS} (save_pretrained(..., safe_serialization=True) converts them)")
+    return None
+
+
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -78,7 +105,8 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
         else:
             tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load a tokenizer from {name_or_path!r}: {e}") from None
+        raise ModelLoadError(unsupported_model_message(name_or_path)
+                             or f"could not load a tokenizer from {name_or_path!r}: {e}") from None
     if tok.pad_token is None:
         # Padding positions are masked out, so reusing EOS (or UNK) as the pad token is safe.
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -120,7 +148,8 @@ def load_causal_lm(
         with tolerant_gguf_reading() if "gguf_file" in kwargs else nullcontext():
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}: {e}") from None
+        raise ModelLoadError(unsupported_model_message(name_or_path)
+                             or f"could not load a causal LM from {name_or_path!r}: {e}") from None
     if "gguf_file" in kwargs:
         forget_gguf_origin(model)
     if not load_in_4bit:
@@ -136,6 +165,13 @@ def _gguf_config(folder: str, file: str, trust_remote_code: bool):
             return repair_config(AutoConfig.from_pretrained(folder, gguf_file=file, trust_remote_code=trust_remote_code))
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not read the model configuration of GGUF file {file!r}: {e}") from None
+
+
+def fit_embeddings(model, vocab_size: int | None) -> None:
+    """Grow the embeddings to ``vocab_size`` rows when a policy added tokens (its template markers)
+    to the base's vocabulary; the adapter then loads the trained rows over them."""
+    if vocab_size and vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(int(vocab_size), mean_resizing=False)
 
 
 def merge_adapter_into(model, adapter_dir: str | Path):

@@ -24,7 +24,7 @@ import torch
 
 from steer.artifacts import ArtifactError, load_steer_config
 from steer.attributes import AttributeSchema
-from steer.modeling import load_causal_lm, load_tokenizer, merge_adapter_into, resolve_device
+from steer.modeling import fit_embeddings, load_causal_lm, load_tokenizer, merge_adapter_into, resolve_device
 from steer.template import PromptTemplate, build_template
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def _load_policy_model(policy_dir: Path, config: dict[str, Any], dev: torch.devi
     else:
         base = resolve_base_model(policy_dir, config["base_model"])
         model = load_causal_lm(base, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
+        fit_embeddings(model, config.get("vocab_size"))  # SFT added tokens: the template's markers
         if config.get("adapter"):
             model = merge_adapter_into(model, policy_dir / config["adapter"])
     return model.eval()

@@ -11,7 +11,10 @@ One template serves three callers, switched by ``mode``:
 
 Text is built from segments that are tokenized one by one and concatenated, so the inference
 prompt is a token-for-token prefix of the training sequence: BPE merges never cross a segment
-boundary. User-supplied text is escaped so it can never produce a template marker.
+boundary. User-supplied text (every message's content) is escaped so it can never produce a
+template marker, and each segment records where that text lies, so the tokenizer's special
+tokens written as text there (``</s>``, ``<|im_start|>``) are tokenized as plain text: they can
+never end a turn or open a new one.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from steer.attributes import AttributeSchema
-from steer.conversation import Message, as_messages, validate_messages
+from steer.conversation import ConversationError, Message, as_messages, validate_messages
 
 Mode = Literal["train", "inference", "apm"]
 MODES = ("train", "inference", "apm")
@@ -37,6 +40,54 @@ _ESCAPED_LT = "\u2039"
 class Segment:
     text: str
     trainable: bool = False
+    # (start, end) of user-controlled text (message contents) in ``text``: never special tokens.
+    content: tuple[tuple[int, int], ...] = ()
+
+
+def _segment(*parts: tuple[str, bool], trainable: bool = False) -> Segment:
+    """A segment from (text, is_user_content) parts."""
+    text, spans = "", []
+    for part, is_content in parts:
+        if is_content and part:
+            spans.append((len(text), len(text) + len(part)))
+        text += part
+    return Segment(text, trainable, tuple(spans))
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """The text of every special token the tokenizer would otherwise find in a string, longest first."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token))
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def encode_segment(segment: Segment, tokenizer) -> list[int]:
+    """Token ids of one segment. Special-token text inside user content stays text; the template's
+    own text keeps its special tokens (a chat template's ``<|im_start|>``)."""
+    normal = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    text = segment.text
+    specials = [t for t in special_token_strings(tokenizer) if t in text] if segment.content else []
+    if not specials:
+        return normal(text)
+    matches = list(re.finditer("|".join(map(re.escape, specials)), text))
+
+    def in_content(m) -> bool:
+        return any(m.start() < end and start < m.end() for start, end in segment.content)
+
+    if not any(in_content(m) for m in matches):
+        return normal(text)  # the common case: tokenized exactly as a plain call would
+    plain = lambda t: tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] if t else []  # noqa: E731
+    ids: list[int] = []
+    pos = 0
+    for m in matches:
+        if in_content(m):
+            continue
+        ids += plain(text[pos:m.start()])
+        ids.append(tokenizer.convert_tokens_to_ids(m.group()))
+        pos = m.end()
+    return ids + plain(text[pos:])
 
 
 @dataclass
@@ -114,15 +165,16 @@ class PromptTemplate:
         requested = self.schema.validate(attributes) if mode != "apm" else {}
 
         system = msgs[0].content if msgs[0].role == "system" else self.default_system
-        segments = [Segment(f"{self.system_marker}System\n{self.escape(system)}\n")]
+        segments = [_segment((f"{self.system_marker}System\n", False), (self.escape(system), True), ("\n", False))]
         for m in msgs[1:] if msgs[0].role == "system" else msgs:
             if m.role == "user":
-                segments.append(Segment(f"{self.turn_marker}User\n{self.escape(m.content)}\n"))
+                segments.append(_segment((f"{self.turn_marker}User\n", False), (self.escape(m.content), True),
+                                         ("\n", False)))
                 continue
             header = f"{self.turn_marker}Assistant\n"
             if mode == "apm":
                 segments.append(Segment(header))
-                segments.append(Segment(self.escape(m.content), trainable=True))
+                segments.append(_segment((self.escape(m.content), True), trainable=True))
                 continue
             # A turn's own labels condition it; partial human labels stay partial (never guessed).
             if m.labels:
@@ -130,7 +182,7 @@ class PromptTemplate:
             else:
                 header += self.label_line(requested)
             segments.append(Segment(header))
-            segments.append(Segment(self.escape(m.content) + self.end_marker, trainable=True))
+            segments.append(_segment((self.escape(m.content), True), (self.end_marker, False), trainable=True))
         if mode == "inference":
             segments.append(Segment(f"{self.turn_marker}Assistant\n" + self.label_line(requested)))
         return segments
@@ -149,7 +201,7 @@ class PromptTemplate:
             ids.append(tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
         for seg in segments:
-            seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+            seg_ids = encode_segment(seg, tokenizer)
             ids.extend(seg_ids)
             labels.extend(seg_ids if (seg.trainable and mode == "train") else [IGNORE_INDEX] * len(seg_ids))
         return TokenizedPrompt(input_ids=ids, labels=labels)
@@ -189,35 +241,81 @@ class ChatTemplatePrompt(PromptTemplate):
         msgs = as_messages(messages)
         validate_messages(msgs, for_generation=(mode == "inference"))
         requested = self.schema.validate(attributes) if mode != "apm" else {}
+        contents = ([self.escape(self.default_system)] if msgs[0].role != "system" and self.default_system else [])
+        contents += [self.escape(m.content) for m in msgs]
+        specials = special_token_strings(self.tokenizer)
+        if not any(t in c for c in contents for t in specials):
+            return self._render(msgs, mode, requested)  # nothing to keep from acting as a special token
+        # Render with a placeholder for each content, then put the contents back, so their exact
+        # place is known (a search could find the same text in the template's own).
+        located = self._render(msgs, mode, requested, contents)
+        if [seg.text for seg in located] != [seg.text for seg in self._render(msgs, mode, requested)]:
+            where = next((f"messages[{i}].content" for i, m in enumerate(msgs) if any(t in m.content for t in specials)),
+                         "default_system")
+            raise ConversationError(
+                f"{where} contains the text of a special token of this model, and its chat template rewrites "
+                "message contents, so it cannot be kept as plain text; remove it", where)
+        return located
+
+    def _render(self, msgs: list[Message], mode: Mode, requested: dict[str, int],
+                contents: list[str] | None = None) -> list[Segment]:
+        """Segments of the conversation; with ``contents``, each message content (and the default
+        system prompt) is rendered as a placeholder and put back with its span recorded."""
+        placeholders = iter(range(len(contents))) if contents is not None else None
+
+        def content(text: str) -> str:
+            return text if placeholders is None else f"{_PLACEHOLDER[0]}{next(placeholders)}{_PLACEHOLDER[1]}"
+
+        def segment(text: str, trainable: bool = False) -> Segment:
+            if contents is None:
+                return Segment(text, trainable)
+            return _fill_placeholders(text, contents, trainable)
+
         chat: list[dict] = []
         if msgs[0].role != "system" and self.default_system:
-            chat.append({"role": "system", "content": self.escape(self.default_system)})
+            chat.append({"role": "system", "content": content(self.escape(self.default_system))})
         segments: list[Segment] = []
         done = ""  # text already emitted as segments
         for m in msgs:
             if m.role != "assistant":
-                chat.append({"role": m.role, "content": self.escape(m.content)})
+                chat.append({"role": m.role, "content": content(self.escape(m.content))})
                 continue
             prefix = self._chat(chat, generation_prompt=True)
             line = "" if mode == "apm" else (
                 self.label_line(m.labels, fill_defaults=False) if m.labels else self.label_line(requested)
             )
-            chat.append({"role": "assistant", "content": line + self.escape(m.content)})
+            chat.append({"role": "assistant", "content": line + content(self.escape(m.content))})
             full = self._chat(chat, generation_prompt=False)
             if not (prefix.startswith(done) and full.startswith(prefix + line)):
                 raise ValueError("this chat template does not render conversations as growing prefixes")
-            segments.append(Segment(prefix[len(done):] + line))
-            segments.append(Segment(full[len(prefix) + len(line):], trainable=True))
+            segments.append(segment(prefix[len(done):] + line))
+            segments.append(segment(full[len(prefix) + len(line):], trainable=True))
             done = full
         if mode == "inference":
             prefix = self._chat(chat, generation_prompt=True)
-            segments.append(Segment(prefix[len(done):] + self.label_line(requested)))
+            segments.append(segment(prefix[len(done):] + self.label_line(requested)))
         else:
             # Text after the last turn (if any) is template boilerplate, not something to learn.
             tail = self._chat(chat, generation_prompt=False)[len(done):]
             if tail:
-                segments.append(Segment(tail))
+                segments.append(segment(tail))
         return segments
+
+
+# Private-use characters around a number: what no message and no template writes.
+_PLACEHOLDER = ("\ue000", "\ue001")
+_PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def _fill_placeholders(text: str, contents: list[str], trainable: bool) -> Segment:
+    out, spans, pos = "", [], 0
+    for m in _PLACEHOLDER_RE.finditer(text):
+        out += text[pos:m.start()]
+        value = contents[int(m.group(1))]
+        spans.append((len(out), len(out) + len(value)))
+        out += value
+        pos = m.end()
+    return Segment(out + text[pos:], trainable, tuple(s for s in spans if s[0] < s[1]))
 
 
 def build_template(settings: Mapping[str, Any] | None, schema: AttributeSchema, tokenizer=None) -> PromptTemplate:

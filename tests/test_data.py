@@ -143,3 +143,91 @@ def test_grouped_split_never_shares_a_group():
     assert 0.1 < len(evaluation) / len(convs) < 0.3
     again, _ = grouped_split(convs, 0.2, seed=1)
     assert [c.id for c in again] == [c.id for c in train]
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 17: each message names the real cause and the flag that fixes it.
+
+def _steer_row(i, labels):
+    return {"id": f"c{i}", "messages": [{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": "hello", "labels": labels}]}
+
+
+def test_schema_mismatch_is_named_with_the_flag(tmp_path):
+    from training.sft import SftConfig, SftError, load_sft_conversations
+
+    path = write_jsonl(tmp_path / "o.jsonl", [_steer_row(i, {"quality": 3, "humor": 1}) for i in range(4)])
+    convs, report = load_conversations(path, "steer", schema="helpsteer")
+    assert convs == [] and {b.kind for b in report.bad} == {"schema"}
+    summary = report.summary()
+    assert "skipped 4 row(s) with labels the attribute schema does not have" in summary
+    assert "unknown attribute 'quality'" in summary and "--schema" in summary and "malformed" not in summary
+    with pytest.raises(SftError, match="no usable conversations.*labels the attribute schema does not have.*--schema"):
+        load_sft_conversations(SftConfig(base_model="x", data=str(path), output="y", schema="helpsteer"))
+
+
+def test_hh_rows_read_as_a_table_suggest_format_hh(tmp_path):
+    data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    convs, report = load_conversations(data, "jsonl", limit=5)
+    assert convs == []
+    assert "another format" in report.summary() and "pass --format hh" in report.summary()
+    oasst = write_jsonl(tmp_path / "m.jsonl", [{"message_id": "a", "parent_id": None, "role": "prompter", "text": "x"}])
+    assert "pass --format oasst" in load_conversations(oasst, "jsonl")[1].summary()
+
+
+def test_malformed_counts_say_conversations_and_rows(tmp_path):
+    broken = {"chosen": "\n\nAssistant: no question", "rejected": "\n\nAssistant: none either"}
+    ok = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    path = write_jsonl(tmp_path / "hh.jsonl", [ok, broken, ok])
+    convs, report = load_conversations(path, "hh")
+    assert len(convs) == 4
+    assert report.summary().startswith("skipped 2 malformed conversation(s) from 1 input row(s): line 2")
+    helpsteer = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    assert load_conversations(helpsteer, "helpsteer")[1].summary().startswith("skipped 2 malformed row(s): line 1")
+
+
+def test_sft_reports_truncation_and_drops_once(llama_tokenizer, caplog):
+    import logging
+
+    from steer.attributes import get_schema
+    from steer.conversation import Conversation, Message
+    from steer.template import PromptTemplate
+    from training.sft import TokenizeStats, tokenize_conversations
+
+    schema = get_schema("helpsteer")
+    template = PromptTemplate(schema)
+    short = Conversation([Message("user", "hi"), Message("assistant", "hello", labels={"helpfulness": 3})])
+    long_prompt = Conversation([Message("user", "word " * 200), Message("assistant", "ok", labels={"helpfulness": 3})])
+    long_reply = Conversation([Message("user", "hi"), Message("assistant", "word " * 200, labels={"helpfulness": 3})])
+    stats = TokenizeStats()
+    with caplog.at_level(logging.WARNING, logger="training.sft"):
+        train = tokenize_conversations([short, long_prompt, long_reply], template, llama_tokenizer, 128, stats)
+        held = tokenize_conversations([long_prompt], template, llama_tokenizer, 128, stats)
+        assert caplog.records == []  # nothing said per split ...
+        stats.log(128)
+    assert len(train) == 2 and held == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "3 of 4 conversations were longer than --max-length 128 tokens and were truncated",
+        "2 of 4 conversations were dropped: no reply tokens left to train on within --max-length 128 "
+        "(raise it to keep them)",
+    ]
+
+
+def test_unsupported_model_formats_say_what_the_file_is(tmp_path, capsys):
+    from steer.cli import main as cli_main
+    from steer.modeling import unsupported_model_message
+
+    gguf_dir = shared_path("models", "smollm2-135m-instruct")
+    gguf = gguf_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert unsupported_model_message(gguf) is None  # GGUF files load (tests/test_gguf.py)
+    assert f"pass the .gguf file itself (for example {gguf})" in unsupported_model_message(gguf_dir)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text("{}")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+    assert "only pickled PyTorch weights" in unsupported_model_message(tmp_path / "bin")
+    assert unsupported_model_message(shared_path("models", "stories260K")) is None
+    data = write_jsonl(tmp_path / "d.jsonl", [_steer_row(0, {"humor": 1})])
+    rc = cli_main(["sft", "--base-model", str(gguf_dir), "--data", str(data), "--output", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("steer sft: error") and "pass the .gguf file itself" in err

@@ -84,7 +84,7 @@ def test_keep_human_labels_and_parquet(tiny_apm_dir, tmp_path):
     assert len(ds) == 10 and not (tmp_path / "hs.parquet.parts").exists()
     source, _ = load_conversations(data, "helpsteer", limit=10)
     for row, conv in zip(ds, source):
-        reply = json.loads(row["messages"])[-1]
+        reply = row["messages"][-1]
         assert reply["labels"] == conv.messages[-1].labels == reply["human_labels"]
         assert set(reply["predictions"]) == set(reply["labels"])
 
@@ -153,3 +153,113 @@ def test_sigkill_then_rerun_gives_every_row_exactly_once(tiny_apm_dir, tmp_path)
     rows = read_jsonl(out)
     expected, _ = load_conversations(data, "hh", limit=300)
     assert [r["id"] for r in rows] == [c.id for c in expected]
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 17: relabel output round trips (Parquet nested columns), messages, label histograms, progress.
+
+def test_parquet_output_is_nested_and_loads_back_with_format_steer(tiny_apm_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.sft import SftConfig, load_sft_conversations
+
+    out = tmp_path / "hh.parquet"
+    data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="hh", output=str(out), limit=12,
+                               chunk_size=5))
+    table = pq.read_table(out)
+    assert pa.types.is_list(table.schema.field("messages").type)
+    for column in ("meta", "predictions", "provenance"):
+        assert pa.types.is_struct(table.schema.field(column).type), column
+    back, report = load_conversations(out, "steer", schema="helpsteer")
+    source, _ = load_conversations(data, "hh", limit=12)
+    assert report.bad == [] and [c.id for c in back] == [c.id for c in source]
+    assert [c.meta for c in back] == [c.meta for c in source] and back[0].meta == {"preference": "chosen"}
+    assert all(set(m.labels) == set(back[0].messages[1].labels) for c in back for m in c.messages
+               if m.role == "assistant")
+    # steer sft and steer relabel read it with --format steer.
+    convs, schema = load_sft_conversations(SftConfig(base_model="x", data=str(out), output="y", format="steer"))
+    assert len(convs) == 12 and schema.name == "helpsteer"
+    again = tmp_path / "again.jsonl"
+    relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(out), format="steer", output=str(again)))
+    assert [r["id"] for r in read_jsonl(again)] == [c.id for c in source]
+
+
+def test_parquet_with_json_text_columns_still_loads(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = {"id": "a", "group": "g", "source": "hh",
+           "messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello", "labels": {"helpfulness": 3}}],
+           "meta": {"preference": "chosen"}, "predictions": {"helpfulness": 3.1}}
+    old = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()}
+    pq.write_table(pa.Table.from_pylist([old]), tmp_path / "old.parquet")
+    (conv,), report = load_conversations(tmp_path / "old.parquet", "steer", schema="helpsteer")
+    assert report.bad == [] and conv.messages[1].labels == {"helpfulness": 3} and conv.meta == {"preference": "chosen"}
+
+
+def test_relabel_with_default_format_keeps_meta_and_names_the_source(tiny_apm_dir, tmp_path):
+    first = tmp_path / "first.jsonl"
+    data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="hh", output=str(first), limit=4))
+    second = tmp_path / "second.jsonl"
+    relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(first), output=str(second)))  # --format jsonl
+    rows = read_jsonl(second)
+    assert [r["meta"] for r in rows] == [{"preference": "chosen"}, {"preference": "rejected"}] * 2
+    assert {r["source"] for r in rows} == {"hh"}
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(plain), output=str(tmp_path / "p.jsonl")))
+    assert read_jsonl(tmp_path / "p.jsonl")[0]["source"] == "plain.jsonl"
+
+
+def test_relabel_prints_histogram_and_sidecar_counts_rows_mid_run(tiny_apm_dir, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from training import relabel
+
+    out = tmp_path / "o.jsonl"
+    sidecar = tmp_path / "o.jsonl.relabel.json"
+    seen = []
+    write = relabel._JsonlSink.write
+
+    def recording_write(self, rows):
+        write(self, rows)
+        seen.append((len(read_jsonl(out)), json.loads(sidecar.read_text())["rows"]))
+
+    monkeypatch.setattr(relabel._JsonlSink, "write", recording_write)
+    data = shared_path("data", "helpsteer2", "sample.jsonl")
+    with caplog.at_level(logging.INFO, logger="training.relabel"):
+        relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="helpsteer", output=str(out),
+                                   limit=10, chunk_size=4))
+    # Seen from inside each durable write: the sidecar counts every row written before it (it is
+    # updated right after each write), instead of staying at 0 until the end.
+    assert seen == [(4, 0), (8, 4), (10, 8)]
+    assert json.loads(sidecar.read_text())["rows"] == 10
+    state = json.loads(sidecar.read_text())
+    assert sum(state["label_histogram"]["helpfulness"].values()) == 10
+    assert "labels written" in caplog.text and "helpfulness" in caplog.text.split("labels written")[1]
+
+
+def test_limit_stops_reading_a_parquet_file_early(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5000)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=500)
+    convs, report = load_conversations(tmp_path / "big.parquet", "parquet", limit=3)
+    assert len(convs) == 3 and report.rows <= 1024
+    # JSONL (gzipped too) is read line by line: hh gives two conversations per line.
+    convs, report = load_conversations(shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz"), "hh", limit=10)
+    assert len(convs) == 10 and report.rows == 5
+
+
+def test_relabel_of_hh_data_without_format_hh_suggests_it(tiny_apm_dir, tmp_path, capsys):
+    data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    rc = cli_main(["relabel", "--model", str(tiny_apm_dir), "--data", str(data), "--output", str(tmp_path / "o.jsonl"),
+                   "--limit", "20"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("steer relabel: error [data]: no conversations could be read")
+    assert "pass --format hh" in err

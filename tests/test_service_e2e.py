@@ -181,7 +181,8 @@ def _npc_guide_client() -> dict:
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "npc.md").read_text(encoding="utf-8")
     namespace: dict = {}
-    exec(guide.split("```python\n", 1)[1].split("```", 1)[0], namespace)
+    blocks = [b.split("```", 1)[0] for b in guide.split("```python\n")[1:]]
+    exec(next(b for b in blocks if "def npc_say" in b), namespace)
     return namespace
 
 

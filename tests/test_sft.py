@@ -271,7 +271,9 @@ def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(tmp_path):
                                    "inference", {"humor": 4}).input_ids
     with torch.no_grad():
         tuned = policy.model(input_ids=torch.tensor([ids])).logits
-        plain = load_causal_lm(base, device="cpu")(input_ids=torch.tensor([ids])).logits
+        plain_model = load_causal_lm(base, device="cpu")
+        plain_model.resize_token_embeddings(len(policy.tokenizer))  # sft added the template's markers
+        plain = plain_model(input_ids=torch.tensor([ids])).logits
     assert (tuned - plain).abs().max() > 0.1
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from steer.artifacts import load_steer_config
 from steer.conversation import Conversation
-from steer.data import load_conversations
+from steer.data import format_histogram, label_histogram, load_conversations
 from steer.errors import SteerError
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class _ParquetSink:
         self.parts.mkdir(parents=True, exist_ok=True)
         final = self.parts / f"part-{len(self._part_files()):06d}.parquet"
         tmp = final.with_suffix(".tmp")
-        # Nested values are stored as JSON text so every part has the same Arrow schema.
-        pq.write_table(pa.Table.from_pylist([_flatten_for_parquet(r) for r in rows]), tmp)
+        pq.write_table(pa.Table.from_pylist([_parquet_row(r) for r in rows]), tmp)
         tmp.replace(final)
 
     def finish(self) -> None:
@@ -131,7 +130,9 @@ class _ParquetSink:
         tables = [pq.read_table(p) for p in parts]
         if tables:
             tmp = self.path.with_suffix(".tmp")
-            pq.write_table(pa.concat_tables(tables), tmp)
+            # Parts may differ in which struct fields they saw (a human label, a meta key) and in
+            # columns that were all empty (null type); permissive promotion unifies them.
+            pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
             tmp.replace(self.path)
         for p in parts:
             p.unlink()
@@ -144,8 +145,18 @@ class _ParquetSink:
         self.path.unlink(missing_ok=True)
 
 
-def _flatten_for_parquet(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v) for k, v in row.items()}
+def _parquet_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Messages, meta, predictions and provenance as nested columns (lists and structs), which
+    `datasets` and pandas read as lists and dicts. Parquet cannot store a struct with no fields,
+    so an empty mapping is written as null (it reads back as empty)."""
+    def nested(value):
+        if isinstance(value, dict):
+            return {k: nested(v) for k, v in value.items()} or None
+        if isinstance(value, list):
+            return [nested(v) for v in value]
+        return value
+
+    return {k: nested(v) for k, v in row.items()}
 
 
 def _sink(path: Path):
@@ -263,7 +274,8 @@ def main(config: RelabelConfig) -> int:
         strict=config.strict, split=config.split, limit=config.limit,
     )
     if not conversations:
-        raise RelabelError(f"no conversations could be read from {config.data}", field="data")
+        cause = f": {report.summary()}" if report.bad else ""
+        raise RelabelError(f"no conversations could be read from {config.data}{cause}", field="data")
     predictor = AttributePredictor.load(config.model, device=config.device)
 
     provenance = {
@@ -281,15 +293,30 @@ def main(config: RelabelConfig) -> int:
         raise RelabelError(f"{output} has more rows ({done}) than the input ({len(conversations)})", field="output")
     if done:
         logger.info("resuming: %d of %d conversations already relabeled", done, len(conversations))
+        state["rows"] = done
+        sidecar.write_text(json.dumps(state, indent=2))
     remaining = conversations[done:]
     cache: dict[str, list[float]] = {}
-    with tqdm(total=len(conversations), initial=done, desc="relabel", unit="conv") as bar:
+    # The bar moves every batch_size conversations, not every (durable) chunk, so a slow APM still
+    # shows progress every few seconds; the sidecar's row count follows each durable write.
+    with tqdm(total=len(conversations), initial=done, desc="relabel", unit="conv", mininterval=1.0) as bar:
         for chunk in _chunks(remaining, config.chunk_size):
-            rows = annotate(chunk, predictor, config.keep_human_labels, config.batch_size, cache, provenance)
+            rows = []
+            for piece in _chunks(chunk, config.batch_size):
+                rows += annotate(piece, predictor, config.keep_human_labels, config.batch_size, cache, provenance)
+                bar.update(len(piece))
             sink.write(rows)
-            bar.update(len(chunk))
+            done += len(rows)
+            state["rows"] = done
+            sidecar.write_text(json.dumps(state, indent=2))
     sink.finish()
-    state.update(complete=True, rows=len(conversations), skipped_input_rows=len(report.bad))
+    # Read back from the output, so a resumed run counts the rows of its earlier attempts too.
+    labelled, _ = load_conversations(output, "steer", schema=predictor.schema)
+    histogram = label_histogram(labelled, predictor.schema)
+    state.update(complete=True, rows=len(conversations), skipped_input_rows=len(report.bad),
+                 label_histogram=histogram)
     sidecar.write_text(json.dumps(state, indent=2))
     logger.info("wrote %d relabeled conversations to %s", len(conversations), output)
+    logger.info("labels written (value:count per attribute, '-' never):\n%s",
+                format_histogram(histogram, predictor.schema))
     return 0

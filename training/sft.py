@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from steer.artifacts import load_steer_config, save_steer_config
 from steer.attributes import AttributeSchema, get_schema
 from steer.conversation import Conversation
-from steer.data import grouped_split, load_conversations
+from steer.data import format_histogram, grouped_split, label_histogram, load_conversations, trained_values, unseen_values
 from steer.errors import SteerError
 from steer.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate
 from training.model_card import policy_card
@@ -58,9 +59,10 @@ class SftError(SteerError, ValueError):
 
 @dataclass
 class SftConfig:
-    base_model: str = field(default=None, metadata={"help": "Base causal LM: a hub id or a local directory."})
-    data: str = field(default=None, metadata={"help": "Training conversations (what `steer relabel` writes)."})
-    output: str = field(default=None, metadata={"help": "Policy directory to write (adapter, tokenizer, config)."})
+    base_model: str = field(metadata={"help": "Base causal LM: a hub id or a local directory (transformers "
+                                       "format with safetensors weights)."})
+    data: str = field(metadata={"help": "Training conversations (what `steer relabel` writes)."})
+    output: str = field(metadata={"help": "Policy directory to write (adapter, tokenizer, config)."})
     format: str = field(default="steer", metadata={"help": "Data format (steer, oasst, helpsteer, table, ...)."})
     schema: str | None = field(
         default=None,
@@ -83,6 +85,12 @@ class SftConfig:
         default_factory=list,
         metadata={"help": "Modules trained in full and saved with the adapter (repeatable), e.g. embed_tokens when "
                   "the label tokens are new to the base model."},
+    )
+    add_marker_tokens: bool = field(
+        default=True,
+        metadata={"help": "When the base's tokenizer splits a template marker (<extra_id_1> ...) into several tokens, "
+                  "add the markers to its vocabulary as single tokens (embeddings resized, trained in full and saved "
+                  "with the policy), so replies end reliably. --no-add-marker-tokens only warns."},
     )
     epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use epochs)."})
@@ -129,6 +137,11 @@ def resolve_schema(spec: str | None, conversations: Sequence[Conversation] = ())
     if not used:
         raise SftError("the data carries no attribute labels; relabel it first (steer relabel) or pass --schema",
                        "schema")
+    from steer.attributes import BUILTIN_SCHEMAS
+
+    for builtin in BUILTIN_SCHEMAS.values():
+        if set(builtin.names) == used:
+            return builtin
     union = _all_builtin_schema()
     return AttributeSchema(
         name="inferred", attributes=tuple(a for a in union.attributes if a.name in used), aliases=union.aliases
@@ -145,14 +158,26 @@ def _all_builtin_schema() -> AttributeSchema:
     return AttributeSchema(name="all", attributes=tuple(seen.values()))
 
 
+def relabel_schema(data: str) -> AttributeSchema | None:
+    """The schema of the APM that labelled ``data``, from the sidecar ``steer relabel`` writes beside it."""
+    from training.relabel import SIDECAR_SUFFIX
+
+    sidecar = Path(str(data) + SIDECAR_SUFFIX)
+    try:
+        return AttributeSchema.from_dict(json.loads(sidecar.read_text(encoding="utf-8"))["schema"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no sidecar (or an unreadable one): the labels themselves say which attributes
+
+
 def load_sft_conversations(config: SftConfig) -> tuple[list[Conversation], AttributeSchema]:
-    explicit = resolve_schema(config.schema) if config.schema else None
+    explicit = resolve_schema(config.schema) if config.schema else relabel_schema(config.data)
     if not Path(config.data).exists() and config.format not in ("hub",):
         raise SftError(f"training data {config.data!r} does not exist", "data")
-    convs, _ = load_conversations(config.data, config.format, schema=explicit or _all_builtin_schema(),
-                                  limit=config.limit)
+    convs, report = load_conversations(config.data, config.format, schema=explicit or _all_builtin_schema(),
+                                       limit=config.limit)
     if not convs:
-        raise SftError(f"no usable conversations in {config.data!r}", "data")
+        cause = f": {report.summary()}" if report.bad else ""
+        raise SftError(f"no usable conversations in {config.data!r}{cause}", "data")
     schema = explicit or resolve_schema(None, convs)
     unlabeled = sum(1 for c in convs for m in c.messages if m.role == "assistant" and not m.labels)
     if unlabeled:
@@ -160,24 +185,46 @@ def load_sft_conversations(config: SftConfig) -> tuple[list[Conversation], Attri
     return convs, schema
 
 
+@dataclass
+class TokenizeStats:
+    """What truncation did, summed over the calls (train and eval split) and reported once."""
+
+    conversations: int = 0
+    truncated: int = 0
+    dropped: int = 0  # no reply token left to learn from (after truncation, or none to begin with)
+
+    def log(self, max_length: int) -> None:
+        if self.truncated:
+            logger.warning("%d of %d conversations were longer than --max-length %d tokens and were truncated",
+                           self.truncated, self.conversations, max_length)
+        if self.dropped:
+            logger.warning("%d of %d conversations were dropped: no reply tokens left to train on within "
+                           "--max-length %d (raise it to keep them)", self.dropped, self.conversations, max_length)
+
+
 def tokenize_conversations(
-    conversations: Sequence[Conversation], template: PromptTemplate, tokenizer, max_length: int
+    conversations: Sequence[Conversation], template: PromptTemplate, tokenizer, max_length: int,
+    stats: TokenizeStats | None = None,
 ) -> list[SftExample]:
-    """Template tokens and loss labels per conversation; truncated, and dropped if nothing is left to learn."""
+    """Template tokens and loss labels per conversation; truncated, and dropped if nothing is left to
+    learn. Pass ``stats`` to sum several calls and report them once; without it, this call reports."""
+    own = stats is None
+    stats = TokenizeStats() if own else stats
     out = []
-    truncated = 0
     for conv in conversations:
+        stats.conversations += 1
         tok = template.tokenize(conv.messages, tokenizer, mode="train")
         ids, labels = tok.input_ids, tok.labels
         if len(ids) > max_length:
-            truncated += 1
+            stats.truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
         # The model predicts token t from tokens < t, so a trainable first token teaches nothing.
         if sum(1 for x in labels[1:] if x != IGNORE_INDEX) == 0:
+            stats.dropped += 1
             continue
         out.append(SftExample(ids, labels))
-    if truncated:
-        logger.warning("%d conversations were longer than --max-length %d and were truncated", truncated, max_length)
+    if own:
+        stats.log(max_length)
     return out
 
 
@@ -249,7 +296,57 @@ def build_template(config: SftConfig, schema: AttributeSchema, tokenizer) -> Pro
     raise SftError(f"unknown template {config.template!r}; use steerlm or chat_template", "template")
 
 
-def load_model_for_training(config: SftConfig):
+# A marker longer than this many tokens is one a short fine-tune rarely learns to write whole.
+MARKER_PIECES_WARN = 2
+
+
+def template_markers(template: PromptTemplate) -> list[str]:
+    """The markers of the SteerLM format (a chat template's own turn tokens are the tokenizer's)."""
+    if isinstance(template, ChatTemplatePrompt):
+        return []
+    return [template.system_marker, template.turn_marker, template.label_marker]
+
+
+def prepare_marker_tokens(template: PromptTemplate, tokenizer, add: bool) -> list[str]:
+    """Make each template marker one token (``add``), or warn that it is not; returns those added.
+
+    A marker the tokenizer splits (stories260K writes ``<extra_id_1>`` as 11 pieces) ends a reply
+    only when the model writes every piece in order: after a short fine-tune it rarely does, so
+    replies run to the token limit and leak fragments of the marker."""
+    split = {}
+    vocab = tokenizer.get_vocab()
+    for marker in template_markers(template):
+        if marker in vocab:
+            continue  # one token already (the demo's tokenizer), however a lone call splits off a space
+        pieces = len(tokenizer(marker, add_special_tokens=False)["input_ids"])
+        if pieces > 1:
+            split[marker] = pieces
+    if not split:
+        return []
+    described = ", ".join(f"{m!r} is {n} tokens" for m, n in split.items())
+    if not add:
+        if max(split.values()) > MARKER_PIECES_WARN:
+            logger.warning("this tokenizer splits the template's markers (%s): replies may not end reliably and may "
+                           "leak pieces of them; drop --no-add-marker-tokens to add them as single tokens", described)
+        return []
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(m, special=False, normalized=False) for m in split])
+    logger.info("added the template's markers to the vocabulary as single tokens (%s before); the embeddings are "
+                "resized and trained in full", described)
+    return list(split)
+
+
+def embedding_module_names(model) -> list[str]:
+    """Names (last component) of the input embedding and, when it is a separate matrix, the output head."""
+    wanted = [model.get_input_embeddings()]
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not getattr(text_config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        wanted.append(model.get_output_embeddings())
+    return [name.rsplit(".", 1)[-1] for name, module in model.named_modules() if any(module is w for w in wanted)]
+
+
+def load_model_for_training(config: SftConfig, vocab_size: int | None = None):
     from peft import LoraConfig, get_peft_model
 
     from steer.modeling import load_causal_lm, quiet_peft_deprecations
@@ -277,14 +374,19 @@ def load_model_for_training(config: SftConfig):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
             model.enable_input_require_grads()
     targets = list(config.target_modules) or default_target_modules(model)
+    modules_to_save = list(config.modules_to_save)
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+        # New tokens (the template's markers): their rows start at the mean embedding and are trained in full.
+        model.resize_token_embeddings(vocab_size)
+        modules_to_save += [n for n in embedding_module_names(model) if n not in modules_to_save]
     logger.info("LoRA r=%d alpha=%d on %s", config.lora_r, config.lora_alpha, ", ".join(targets))
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
-        modules_to_save=list(config.modules_to_save) or None,
-        ensure_weight_tying=trains_tied_embeddings(model, list(config.modules_to_save) + targets),
+        modules_to_save=modules_to_save or None,
+        ensure_weight_tying=trains_tied_embeddings(model, modules_to_save + targets),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -403,15 +505,19 @@ def main(config: SftConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.base_model, trust_remote_code=config.trust_remote_code)
     tokenizer.padding_side = "right"
     template = build_template(config, schema, tokenizer)
+    added_tokens = prepare_marker_tokens(template, tokenizer, config.add_marker_tokens)
     train_convs, eval_convs = grouped_split(convs, config.eval_fraction, seed=config.seed)
-    train_set = SftDataset(tokenize_conversations(train_convs, template, tokenizer, config.max_length))
-    eval_set = SftDataset(tokenize_conversations(eval_convs, template, tokenizer, config.max_length))
+    histogram = report_label_histogram(train_convs, schema)
+    stats = TokenizeStats()
+    train_set = SftDataset(tokenize_conversations(train_convs, template, tokenizer, config.max_length, stats))
+    eval_set = SftDataset(tokenize_conversations(eval_convs, template, tokenizer, config.max_length, stats))
+    stats.log(config.max_length)
     if len(train_set) == 0:
         raise SftError("no training examples left after tokenization (are there assistant turns?)", "data")
     logger.info("SFT on %d conversations (%d eval), schema %s: %s", len(train_set), len(eval_set),
                 schema.name, ", ".join(schema.names))
 
-    model = load_model_for_training(config)
+    model = load_model_for_training(config, vocab_size=len(tokenizer) if added_tokens else None)
     world = int(os.environ.get("WORLD_SIZE", 1))
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum * world))
     args = training_arguments(config, output, has_eval=len(eval_set) > 0, steps_per_epoch=steps_per_epoch)
@@ -430,7 +536,11 @@ def main(config: SftConfig) -> dict[str, Any]:
     if resume_from is not None:
         logger.info("resuming from %s", resume_from)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with warnings.catch_warnings():
+        # Checkpoints of a run that added marker tokens: the resized embedding is in modules_to_save,
+        # and PEFT announces that it saves it (again) on every checkpoint.
+        warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True`")
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics["train_seconds"] = round(time.perf_counter() - start, 2)
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = result.global_step
@@ -439,14 +549,31 @@ def main(config: SftConfig) -> dict[str, Any]:
         logger.info("eval loss after training: %.4f", metrics["eval_loss_after"])
 
     if trainer.is_world_process_zero():
-        save_policy(trainer.model, tokenizer, template, schema, config, output, metrics)
+        extra = {"vocab_size": len(tokenizer), "added_tokens": added_tokens} if added_tokens else {}
+        save_policy(trainer.model, tokenizer, template, schema, config, output, metrics, histogram, **extra)
     return metrics
 
 
+def report_label_histogram(conversations: Sequence[Conversation], schema: AttributeSchema) -> dict[str, dict[int, int]]:
+    """Log how often each value occurs in the training labels, and warn about values the schema
+    allows that never occur: the policy cannot learn to follow a request for one of them."""
+    histogram = label_histogram(conversations, schema)
+    logger.info("training labels (value:count per attribute, '-' never):\n%s", format_histogram(histogram, schema))
+    unseen = unseen_values(histogram, schema)
+    if unseen:
+        logger.warning("values that never occur in the training data (requests for them ask the policy for something "
+                       "it never saw):\n%s", "\n".join(f"  attribute {name!r}: value(s) {', '.join(map(str, values))}"
+                                                       for name, values in unseen.items()))
+    return histogram
+
+
 def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSchema, config: SftConfig,
-                output: Path, metrics: dict[str, Any]) -> None:
+                output: Path, metrics: dict[str, Any], histogram: dict[str, dict[int, int]] | None = None,
+                **extra: Any) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(output))
+    # Added marker tokens: the resized embedding is saved through modules_to_save already, so PEFT
+    # need not (and need not warn that it will) save the embedding layers a second time.
+    model.save_pretrained(str(output), save_embedding_layers=False if extra.get("added_tokens") else "auto")
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(output))
     merged = None
@@ -454,7 +581,10 @@ def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSch
         merged = "merged"
         merge_adapter(config, output, output / merged, tokenizer)
     base = stored_base_model(config.base_model, output)
-    save_steer_config(output, "policy", schema, template.to_dict(), base_model=base, adapter=".", merged=merged)
+    # The values each attribute took in training: generate and serve flag requests for others.
+    seen = {"trained_values": trained_values(histogram), "label_histogram": histogram} if histogram else {}
+    save_steer_config(output, "policy", schema, template.to_dict(), base_model=base, adapter=".", merged=merged,
+                      **seen, **extra)
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     # Replaces the blank card PEFT's save_pretrained leaves.
     card = policy_card(output.name, base, schema, template, training_summary(model, config), metrics)
@@ -483,11 +613,12 @@ def training_summary(model, config: SftConfig) -> dict[str, Any]:
 
 def merge_adapter(config: SftConfig, adapter_dir: Path, target: Path, tokenizer) -> None:
     """Fold the adapter into a full-precision copy of the base (never into 4-bit weights)."""
-    from steer.modeling import load_causal_lm, merge_adapter_into
+    from steer.modeling import fit_embeddings, load_causal_lm, merge_adapter_into
 
     dtype = "float32" if config.dtype == "auto" and not torch.cuda.is_available() else config.dtype
     base = load_causal_lm(config.base_model, device="cpu", dtype=dtype if dtype != "auto" else "bfloat16",
                           trust_remote_code=config.trust_remote_code)
+    fit_embeddings(base, len(tokenizer))
     merged = merge_adapter_into(base, adapter_dir)
     merged.save_pretrained(str(target))  # safetensors is the default serialization
     tokenizer.save_pretrained(str(target))

@@ -24,6 +24,7 @@ from typing import Any
 import gradio as gr
 
 from ui.client import AttributeSpec, ChatResult, ServerError, ServerSchema, SteerClient
+from ui.npc import build_npc_tab
 
 logger = logging.getLogger(__name__)
 
@@ -390,6 +391,8 @@ def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Bl
                         with gr.Accordion("Settings", open=False):
                             api_key = gr.Textbox(label="API key", type="password", value="",
                                                  info="Only if the server was started with API keys; press Enter.")
+            with gr.Tab("NPCs", id="npcs"):
+                build_npc_tab(demo, backend.url_for, backend.api_key)
             with gr.Tab("Compare", id="compare"):
                 gr.Markdown("The same message answered at two slider settings, with the same seed, side by side. "
                             "Persona, temperature, max tokens and seed come from the Chat tab.")

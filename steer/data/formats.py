@@ -264,13 +264,32 @@ def _native(records, schema, report, strict) -> Iterator[Conversation]:
             for m in conv.messages:
                 if m.labels:
                     m.labels = schema.validate(m.labels, fill_defaults=False)
-        except (KeyError, TypeError) as e:
-            report.add(line, f"not a steer conversation record (missing {e})", strict)
+        except KeyError as e:
+            report.add(line, f"not a steer conversation record (no {e} field)", strict)
+            continue
+        except TypeError as e:
+            report.add(line, f"not a steer conversation record ({e})", strict)
+            continue
+        except AttributeValueError as e:
+            report.add(line, str(e), strict, kind="schema", hint=SCHEMA_HINT)
             continue
         except ValueError as e:
             report.add(line, str(e), strict)
             continue
         yield conv
+
+
+SCHEMA_HINT = ("the data was labelled with another attribute schema: pass the matching --schema (a built-in name, "
+               "a schema file or the APM directory that labelled it)")
+# Columns that give away a known source format read as a plain table.
+_FORMAT_SIGNS = (({"chosen", "rejected"}, "hh"), ({"message_id", "parent_id"}, "oasst"))
+
+
+def _format_hint(rec: Mapping[str, Any]) -> str:
+    for columns, name in _FORMAT_SIGNS:
+        if columns & set(rec):
+            return f"these rows look like the {name!r} format: pass --format {name}"
+    return ""
 
 
 # ----------------------------------------------------------------------- table
@@ -316,7 +335,13 @@ def _table_row(rec, line, schema, mapping, report, strict) -> Conversation | Non
         else:
             prompt_col, response_col = _pick(rec, mapping, "prompt"), _pick(rec, mapping, "response")
             if prompt_col is None or response_col is None:
-                report.add(line, "no prompt/response columns found (map them, e.g. prompt=instruction)", strict)
+                hint = _format_hint(rec)
+                if hint:
+                    report.add(line, f"no prompt/response columns (columns: {', '.join(sorted(rec))})", strict,
+                               kind="format", hint=hint)
+                else:
+                    report.add(line, "no prompt/response columns found (map them with --columns, e.g. "
+                               "--columns prompt=instruction)", strict)
                 return None
             msgs = [Message("user", str(rec[prompt_col])), Message("assistant", str(rec[response_col]))]
             system_col = _pick(rec, mapping, "system")
@@ -329,10 +354,23 @@ def _table_row(rec, line, schema, mapping, report, strict) -> Conversation | Non
             if m.labels:
                 m.labels = schema.validate(m.labels, fill_defaults=False)
         validate_messages(msgs, for_generation=False)
+    except AttributeValueError as e:
+        report.add(line, str(e), strict, kind="schema", hint=SCHEMA_HINT)
+        return None
     except (ValueError, TypeError) as e:
         report.add(line, str(e), strict)
         return None
     id_col, group_col = _pick(rec, mapping, "id"), _pick(rec, mapping, "group")
     conv_id = str(rec[id_col]) if id_col else f"row-{line}"
     group = str(rec[group_col]) if group_col else _group_id(msgs[0].content if msgs[0].role != "system" else msgs[1].content)
-    return Conversation(messages=msgs, id=conv_id, group=group, source="table")
+    # A table that already carries steer's own columns (a relabeled file read as plain JSONL or
+    # Parquet) keeps its origin and metadata; otherwise the source is the file or dataset it came from.
+    source = rec.get("source") if isinstance(rec.get("source"), str) and rec.get("source") else _source_name(report.source)
+    meta = Conversation.from_dict({"messages": [], "meta": rec.get("meta")}).meta
+    return Conversation(messages=msgs, id=conv_id, group=group, source=source, meta=meta)
+
+
+def _source_name(source: str) -> str:
+    """``runs/data.jsonl`` -> ``data.jsonl``; a hub id stays as it is."""
+    path = Path(source)
+    return path.name if path.exists() else source

@@ -34,6 +34,9 @@ class DataError(SteerError, ValueError):
 class BadRow:
     line: int
     reason: str
+    # "malformed" (the row itself is broken), "schema" (labels the schema does not have) or
+    # "format" (the row is fine but in another format than the one asked for).
+    kind: str = "malformed"
 
 
 @dataclass
@@ -43,18 +46,39 @@ class LoadReport:
     source: str
     rows: int = 0
     bad: list[BadRow] = field(default_factory=list)
+    # What fixes the "schema" and "format" kinds, named by the loader (e.g. "--format hh").
+    hints: dict[str, str] = field(default_factory=dict)
 
-    def add(self, line: int, reason: str, strict: bool) -> None:
+    def add(self, line: int, reason: str, strict: bool, kind: str = "malformed", hint: str = "") -> None:
         if strict:
-            raise DataError(reason, self.source, line)
-        self.bad.append(BadRow(line, reason))
+            raise DataError(reason + (f"; {hint}" if hint else ""), self.source, line)
+        self.bad.append(BadRow(line, reason, kind))
+        if hint:
+            self.hints.setdefault(kind, hint)
+
+    def summary(self) -> str:
+        """One sentence per kind of problem: how many conversations, from how many input lines,
+        the first few reasons, and the flag that fixes it where there is one."""
+        parts = []
+        for kind, before, after in (("format", "", " in another format than the one asked for"),
+                                    ("schema", "", " with labels the attribute schema does not have"),
+                                    ("malformed", "malformed ", "")):
+            bad = [b for b in self.bad if b.kind == kind]
+            if not bad:
+                continue
+            lines = len({b.line for b in bad})
+            # hh gives two conversations per row: say which is counted.
+            count = (f"{len(bad)} {before}row(s)" if lines == len(bad)
+                     else f"{len(bad)} {before}conversation(s) from {lines} input row(s)")
+            shown = "; ".join(f"line {b.line}: {b.reason}" for b in bad[:3])
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            hint = f" -- {self.hints[kind]}" if kind in self.hints else ""
+            parts.append(f"skipped {count}{after}: {shown}{more}{hint}")
+        return "; ".join(parts)
 
     def log_summary(self) -> None:
-        if not self.bad:
-            return
-        shown = "; ".join(f"line {b.line}: {b.reason}" for b in self.bad[:5])
-        more = f" (and {len(self.bad) - 5} more)" if len(self.bad) > 5 else ""
-        logger.warning("%s: skipped %d malformed row(s): %s%s", self.source, len(self.bad), shown, more)
+        if self.bad:
+            logger.warning("%s: %s", self.source, self.summary())
 
 
 def file_kind(path: Path) -> str:
@@ -130,10 +154,13 @@ def iter_records(
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        for i, record in enumerate(table.to_pylist(), start=1):
-            report.rows += 1
-            yield i, record
+        # Batch by batch, so a caller that stops early (--limit) does not read the whole file.
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                i += 1
+                report.rows += 1
+                yield i, record
 
 
 def _iter_hub(name: str, report: LoadReport, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
