@@ -328,7 +328,10 @@ class SteerGenerator:
                 raise GenerationError(str(e), e.field) from None
             spans.append((len(rows), n))
             rows.append(first)
-            rows.extend(self.prepare(replace(r, best_of=1, seed=candidate_seed(r.seed, i))) for i in range(1, n))
+            for i in range(1, n):  # the same prompt tokens; only the random stream differs
+                params = replace(first.params, seed=candidate_seed(r.seed, i))
+                rows.append(_Row(first.prompt_ids, params, first.stops, first.end_marker, first.attributes,
+                                 params.make_rng(), first.budget, IncrementalDetokenizer(self._decoder)))
             groups.append((r, target, weights))
         results = self.generate_prepared(rows)
         choices = choose_best(self.apm, [

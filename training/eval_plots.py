@@ -79,7 +79,9 @@ def plot_crosstalk(crosstalk: dict[str, dict[str, float | None]], path: Path, ti
     ax.set_ylabel("varied attribute")
     for i in range(len(rows)):
         for j in range(len(cols)):
-            ax.text(j, i, "n/a" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=9)
+            dark = not np.isnan(m[i, j]) and abs(m[i, j]) > 0.6  # white text on the deep colours
+            ax.text(j, i, "n/a" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")
     fig.colorbar(im, ax=ax, label="Spearman")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
