@@ -176,6 +176,18 @@ class RequestCountMiddleware:
             self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
 
 
+def key_matches(scope, keys: list[bytes]) -> bool:
+    """Whether the request's ``Authorization: Bearer KEY`` is one of ``keys``. Compared as bytes:
+    ``hmac.compare_digest`` refuses str with non-ASCII characters, and a header is bytes anyway."""
+    header = dict(scope.get("headers") or []).get(b"authorization", b"")
+    scheme, _, token = header.partition(b" ")
+    token = token.strip()
+    matched = False
+    for key in keys:  # every key is compared, so the time taken does not say which one matched
+        matched |= hmac.compare_digest(token, key)
+    return scheme.lower() == b"bearer" and matched
+
+
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|[A-Z]\w*)$")
 
 
@@ -252,12 +264,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return error_response(500, "internal server error", type="server_error")
 
     # ------------------------------------------------------- dependencies
+    api_keys = [k.encode("utf-8") for k in settings.api_keys]
+
     async def check_api_key(request: Request) -> None:
         if not settings.api_keys:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in settings.api_keys):
+        if not key_matches(request.scope, api_keys):
             raise ServingError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
                                type="authentication_error", code="invalid_api_key",
                                headers={"WWW-Authenticate": "Bearer"})
@@ -300,7 +312,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         chat = serving()
-        gen = chat.start(body)
+        gen = await chat.start_async(body)
         if body.stream:
             # Starlette cancels the stream when the client disconnects; the generator then frees its rows.
             return StreamingResponse(chat.stream(gen), media_type="text/event-stream",

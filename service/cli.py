@@ -50,6 +50,9 @@ class ServeConfig:
     max_body_bytes: int | None = field(
         default=None, metadata={"help": "Largest request body before 413 (default 1000000). Env: STEER_MAX_BODY_BYTES."}
     )
+    max_messages: int | None = field(
+        default=None, metadata={"help": "Most messages in one request (default 512). Env: STEER_MAX_MESSAGES."}
+    )
     max_n: int | None = field(default=None, metadata={"help": "Largest n (choices per request) (default 8). Env: STEER_MAX_N."})
     api_key: list[str] = field(
         default_factory=list,

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -114,6 +115,36 @@ def merge_deltas(events: list[RowEvent]) -> list[RowEvent]:
 
 
 @dataclass
+class PreparedRequest:
+    """A validated request and its tokenized prompt, ready for the engine."""
+
+    request: ChatCompletionRequest
+    messages: list[dict[str, str]]
+    attributes: dict[str, int]
+    prompt_ids: list[int]
+    params: SamplingParams
+    stops: list[str]
+
+
+def check_unicode(text: str, param: str) -> None:
+    """400 for text holding a lone UTF-16 surrogate (JSON allows "\\ud800"; no tokenizer can encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{param} holds a lone surrogate ({text[e.start]!r} at position {e.start}), "
+                          "which is not valid Unicode text", param, "invalid_unicode") from None
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` can stand for (its longest vocabulary entry;
+    byte-level entries spell a byte per character, so this is an upper bound)."""
+    try:
+        return max(1, max(len(t) for t in tokenizer.get_vocab()))
+    except Exception:  # a tokenizer without a vocabulary listing: no cheap bound
+        return 1 << 20
+
+
+@dataclass
 class Generation:
     """One accepted request: its rows in the engine and the queue their events arrive on."""
 
@@ -142,6 +173,8 @@ class ChatServing:
         self.max_context = engine.max_context
         self._apm_lock = threading.Lock()
         self._events: EventDispatcher | None = None
+        self._prompt_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-prompt")
+        self.max_chars_per_token = max_token_chars(policy.tokenizer)
 
     # ---------------------------------------------------------------- info
     def models(self) -> ModelList:
@@ -191,8 +224,10 @@ class ChatServing:
         except SteerError as e:
             raise bad_request(str(e), _param_from_steer_error(e)) from None
 
-    def start(self, req: ChatCompletionRequest) -> Generation:
-        """Validate ``req`` and queue its rows; raises ``ServingError`` (400/404/429/503)."""
+    def check(self, req: ChatCompletionRequest) -> None:
+        """The cheap checks, run on the event loop before any tokenizing: a prompt that cannot fit
+        is refused by counting messages and characters, so one huge body cannot hold up the loop
+        (24,000 one-word messages used to block every stream for about 2 s)."""
         if req.model is not None and req.model != self.model_name:
             raise ServingError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                                param="model", code="model_not_found")
@@ -204,6 +239,26 @@ class ChatServing:
                               "score")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+        if len(req.messages) > self.settings.max_messages:
+            raise bad_request(f"messages holds {len(req.messages)} messages; this server allows at most "
+                              f"{self.settings.max_messages}", "messages", "too_many_messages")
+        chars = 0
+        for i, m in enumerate(req.messages):
+            text = m.text()
+            check_unicode(text, f"messages[{i}].content")
+            if m.name is not None:
+                check_unicode(m.name, f"messages[{i}].name")
+            chars += len(text)
+        # No token covers more characters than the vocabulary's longest entry.
+        if chars > self.settings.max_prompt_tokens * self.max_chars_per_token:
+            raise bad_request(f"the messages hold {chars} characters, more than fit in this server's limit of "
+                              f"{self.settings.max_prompt_tokens} prompt tokens", "messages", "context_length_exceeded")
+        for i, s in enumerate([req.stop] if isinstance(req.stop, str) else (req.stop or [])):
+            check_unicode(s, "stop" if isinstance(req.stop, str) else f"stop[{i}]")
+
+    def prepare(self, req: ChatCompletionRequest) -> PreparedRequest:
+        """Validate ``req`` and tokenize its prompt (no engine involved; safe off the event loop)."""
+        self.check(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         schema = self.policy.schema
         try:
@@ -215,6 +270,12 @@ class ChatServing:
                                                    attributes=attributes)
         except SteerError as e:
             raise bad_request(str(e), _param_from_steer_error(e) or "messages") from None
+        except Exception as e:
+            # A template that cannot render these messages (a chat template raising, text the
+            # tokenizer refuses): the request's fault as far as the client can tell, never a 500.
+            logger.warning("could not build a prompt: %s: %s", type(e).__name__, e)
+            raise bad_request(f"could not build a prompt from these messages: {type(e).__name__}: {e}",
+                              "messages", "invalid_prompt") from None
         prompt_tokens = len(prompt.input_ids)
         if prompt_tokens > self.settings.max_prompt_tokens:
             raise bad_request(f"the prompt has {prompt_tokens} tokens; this server allows at most "
@@ -224,7 +285,12 @@ class ChatServing:
         # The end marker ("\n<extra_id_1>") is listed before the bare stop string so the newline that
         # precedes it is cut too (and held back while streaming), as steer.generation does.
         stops = list(dict.fromkeys([s for s in [template.end_marker] if s] + template.stop_strings + params.stop))
+        return PreparedRequest(request=req, messages=messages, attributes=attributes,
+                               prompt_ids=list(prompt.input_ids), params=params, stops=stops)
 
+    def submit(self, prepared: PreparedRequest) -> Generation:
+        """Queue a prepared request's rows; raises ``ServingError`` (429/503). On the event loop."""
+        req, params = prepared.request, prepared.params
         events: asyncio.Queue = asyncio.Queue()
         sink = self._dispatcher().sink(events)
 
@@ -233,18 +299,33 @@ class ChatServing:
             # n > 1 with a seed: each choice gets its own stream (seed + i), still reproducible.
             row_params = params if (params.seed is None or i == 0) else replace(
                 params, seed=(params.seed + i) % 2**63)
-            rows.append(Row(prompt_ids=list(prompt.input_ids), params=row_params, stops=stops, sink=sink, index=i))
+            rows.append(Row(prompt_ids=list(prepared.prompt_ids), params=row_params, stops=prepared.stops,
+                            sink=sink, index=i))
         try:
             self.engine.submit(rows)
         except QueueFullError as e:
             raise ServingError(429, str(e), type="rate_limit_error", code="server_busy",
                                headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except EngineFailedError as e:
-            raise ServingError(503, str(e), type="server_error", code="engine_failed") from None
+            raise ServingError(503, str(e), type="server_error", code="engine_failed",
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except EngineStoppedError as e:
-            raise ServingError(503, str(e), type="server_error", code="shutting_down") from None
-        return Generation(request=req, messages=messages, attributes=attributes, prompt_tokens=prompt_tokens,
-                          rows=rows, events=events)
+            raise ServingError(503, str(e), type="server_error", code="shutting_down",
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        return Generation(request=req, messages=prepared.messages, attributes=prepared.attributes,
+                          prompt_tokens=len(prepared.prompt_ids), rows=rows, events=events)
+
+    def start(self, req: ChatCompletionRequest) -> Generation:
+        """Validate ``req`` and queue its rows, tokenizing on the calling thread; raises ``ServingError``
+        (400/404/429/503). Routes use ``start_async``."""
+        return self.submit(self.prepare(req))
+
+    async def start_async(self, req: ChatCompletionRequest) -> Generation:
+        """``start`` with the prompt built on one worker thread, so the event loop keeps streaming
+        other replies meanwhile (and the tokenizer is never used from two threads at once)."""
+        self.check(req)
+        prepared = await asyncio.get_running_loop().run_in_executor(self._prompt_worker, self.prepare, req)
+        return self.submit(prepared)
 
     def _dispatcher(self) -> EventDispatcher:
         loop = asyncio.get_running_loop()

@@ -34,6 +34,7 @@ ENV_VARS: dict[str, str] = {
     "default_max_tokens": "STEER_DEFAULT_MAX_TOKENS",
     "max_prompt_tokens": "STEER_MAX_PROMPT_TOKENS",
     "max_body_bytes": "STEER_MAX_BODY_BYTES",
+    "max_messages": "STEER_MAX_MESSAGES",
     "max_n": "STEER_MAX_N",
     "api_keys": "STEER_API_KEYS",
     "ui": "STEER_UI",
@@ -63,6 +64,8 @@ class ServerSettings:
     default_max_tokens: int = 256
     max_prompt_tokens: int = 2048
     max_body_bytes: int = 1_000_000
+    # Messages per request; counted before anything is tokenized.
+    max_messages: int = 512
     max_n: int = 8
     api_keys: list[str] = field(default_factory=list)
     ui: bool = True
@@ -74,7 +77,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_prompt_tokens",
-                     "max_body_bytes", "max_n", "retry_after_s"):
+                     "max_body_bytes", "max_n", "retry_after_s", "max_messages"):
             if int(getattr(self, name)) < 1:
                 raise SettingsError(f"{name} must be at least 1", name)
         if self.max_queue < 0:

@@ -25,6 +25,13 @@ import torch
 from steer.errors import SteerError
 
 MAX_STOP_STRINGS = 4
+# Every new token's text is checked against each stop string (and a tail held back while it could
+# still become one), so their length is bounded.
+MAX_STOP_LENGTH = 256
+# Below this a temperature is greedy decoding: logits divided by 1e-38 overflow float32 to inf,
+# and the draw then lands on the last vocabulary id. At 1e-4 the softmax of any two logits that
+# differ by 0.01 already puts 1 - e^-100 on the larger one, so nothing is lost.
+GREEDY_TEMPERATURE = 1e-4
 # Candidates looked at before falling back to a full sort of the vocabulary.
 NUCLEUS_CANDIDATES = 32
 
@@ -59,6 +66,10 @@ class SamplingParams:
             raise SamplingError(f"at most {MAX_STOP_STRINGS} stop strings", "stop")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingError("stop strings must be non-empty text", "stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in self.stop):
+            raise SamplingError(f"stop strings may be at most {MAX_STOP_LENGTH} characters long", "stop")
+        if float(self.temperature) < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
 
     def make_rng(self) -> random.Random:
         """The request's random stream: seeded when ``seed`` is set, fresh otherwise."""
@@ -101,7 +112,7 @@ def sample_next_tokens(
         whole = len(rows) == logits.shape[0]
         index = None if whole else torch.tensor(rows, device=logits.device)
         group_logits = (logits if whole else logits[index]).float()
-        if temperature == 0:
+        if temperature < GREEDY_TEMPERATURE:
             tokens = torch.argmax(group_logits, dim=-1)
         else:
             uniforms = torch.tensor([rngs[i].random() for i in rows], dtype=torch.float32)

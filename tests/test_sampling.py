@@ -104,3 +104,28 @@ def test_stop_helpers():
     assert find_stop("ab<stop>cd", ["<stop>"], new_from=9) == -1
     assert streamable_length("hello <extra", ["<extra_id_1>"]) == len("hello ")
     assert streamable_length("hello", ["<extra_id_1>"]) == 5
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-6])
+def test_tiny_temperature_is_greedy_not_an_overflow(temperature):
+    import random
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 5
+    params = SamplingParams(temperature=temperature)
+    assert params.temperature == 0.0
+    tokens = sample_next_tokens(logits, [params] * 3, [random.Random(i) for i in range(3)])
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    # Params built another way (mutated after validation) still never divide by a tiny number.
+    params.temperature = temperature
+    tokens = sample_next_tokens(logits, [params] * 3, [random.Random(i) for i in range(3)])
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_stop_strings_have_a_length_limit():
+    from steer.sampling import MAX_STOP_LENGTH
+
+    SamplingParams(stop=["x" * MAX_STOP_LENGTH])
+    with pytest.raises(SamplingError, match=f"at most {MAX_STOP_LENGTH} characters") as info:
+        SamplingParams(stop=["x" * 100_000])
+    assert info.value.field == "stop"

@@ -1,0 +1,115 @@
+"""Hostile and unlucky input: nothing a client sends makes the server stall, crash or answer 5xx."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tests.test_service import HELLO, make_client, one_torch_thread, tiny_policy, wait_ready  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def client(tiny_policy):
+    with make_client(tiny_policy, max_tokens_limit=64, max_prompt_tokens=300, max_messages=50) as c:
+        wait_ready(c)
+        yield c
+
+
+def post_raw(client, body: dict, **headers):
+    # ensure_ascii keeps lone surrogates as "\ud800" escapes: valid JSON that decodes to invalid text.
+    return client.post("/v1/chat/completions", content=json.dumps(body).encode(),
+                       headers={"content-type": "application/json", **headers})
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "hi \ud800 there"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "system", "content": "ok"}, {"role": "user", "content": "a\udc80"}]}, "messages[1].content"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}, "messages[0].name"),
+    ({"messages": HELLO, "stop": ["\ud800"]}, "stop[0]"),
+    ({"messages": HELLO, "stop": "x" * 100_000}, "stop"),
+])
+def test_text_no_tokenizer_can_take_is_a_400_naming_the_field(client, body, param):
+    r = post_raw(client, {"max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_a_template_that_raises_is_a_400(client, monkeypatch):
+    template = client.app.state.server.serving.policy.template
+
+    def broken(*args, **kwargs):
+        raise ValueError("this chat template does not render conversations as growing prefixes")
+
+    monkeypatch.setattr(template, "tokenize", broken)
+    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages" and "growing prefixes" in r.json()["error"]["message"]
+
+    def type_error(*args, **kwargs):
+        raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+
+    monkeypatch.setattr(template, "tokenize", type_error)
+    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_oversized_prompts_are_refused_before_tokenizing(client, monkeypatch):
+    serving = client.app.state.server.serving
+    calls = []
+    tokenize = serving.policy.template.tokenize
+    monkeypatch.setattr(serving.policy.template, "tokenize", lambda *a, **k: calls.append(1) or tokenize(*a, **k))
+    # The issue's body: thousands of one-word messages (capped by count) ...
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word"} for i in range(24_001)]
+    r = client.post("/v1/chat/completions", json={"messages": many, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_messages"
+    # ... and a few messages with more characters than max_prompt_tokens could ever hold.
+    huge = serving.max_chars_per_token * 300 + 1
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * huge}],
+                                                  "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == []
+    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+    assert r.status_code == 200 and calls == [1]
+
+
+def test_prompts_are_tokenized_off_the_event_loop(client, monkeypatch):
+    serving = client.app.state.server.serving
+    threads = []
+    tokenize = serving.policy.template.tokenize
+    monkeypatch.setattr(serving.policy.template, "tokenize",
+                        lambda *a, **k: threads.append(threading.current_thread().name) or tokenize(*a, **k))
+    loop_thread = []
+    serving_submit = serving.submit
+    monkeypatch.setattr(serving, "submit",
+                        lambda p: loop_thread.append(threading.current_thread().name) or serving_submit(p))
+    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+    assert r.status_code == 200
+    assert len(threads) == 1 and threads[0].startswith("steer-prompt")
+    assert loop_thread and loop_thread[0] != threads[0]
+
+
+@pytest.mark.parametrize("sent, configured, status", [
+    ("é".encode(), ["sk-one"], 401),
+    ("é".encode(), ["é"], 200),
+    (b"sk-one", ["clé-secrète"], 401),
+    (b"\xff\xfe", ["sk-one"], 401),
+])
+def test_non_ascii_api_keys_compare_as_bytes(tiny_policy, sent, configured, status):
+    with make_client(tiny_policy, api_keys=configured) as c:
+        wait_ready(c)
+        r = c.get("/v1/models", headers={"Authorization": b"Bearer " + sent})
+        assert r.status_code == status, r.text
+        if status == 401:
+            assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_tiny_temperature_is_greedy(client):
+    greedy = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 12, "temperature": 0})
+    tiny = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 12, "temperature": 1e-38,
+                                                     "seed": 5})
+    assert greedy.status_code == tiny.status_code == 200
+    assert tiny.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
