@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import re
 import logging
 from contextlib import asynccontextmanager
@@ -38,10 +39,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 KNOWN_ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/attributes", "/health", "/metrics")
 
 
+class ErrorJSONResponse(JSONResponse):
+    """Error bodies escape non-ASCII: a message may quote the request's own text, which can hold a
+    lone surrogate that UTF-8 cannot encode (JSON's "\\ud800" escape is the only way to send it back)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ErrorJSONResponse(body, status_code=status, headers=headers)
 
 
 class ServerState:
@@ -234,7 +243,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     # ------------------------------------------------------------ errors
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, e: ServingError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return ErrorJSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):

@@ -352,7 +352,8 @@ class Engine:
                     new.next_positions = new.next_positions.index_select(0, index)
                 self._merge(new)
                 self._slots.extend(rows[j] for j in unplaced)
-        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows])
+        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows],
+                                    [r.generated for r in rows])
         self._max_batch_seen = max(self._max_batch_seen, len(self._live_rows()))
         self._accept(rows, tokens.tolist())
 
@@ -462,7 +463,8 @@ class Engine:
         if len(live) < len(slots):
             logits = logits.index_select(0, torch.tensor(live, dtype=torch.long, device=logits.device))
         rows = [slots[i] for i in live]
-        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows])
+        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows],
+                                    [r.generated for r in rows])
         self._accept(rows, tokens.tolist())
         if self._mergeable and self._state is not None and self._steps_total % self.TRIM_COLUMNS == 0:
             self._trim(min_columns=self.TRIM_COLUMNS)

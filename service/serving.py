@@ -135,6 +135,59 @@ def check_unicode(text: str, param: str) -> None:
                           "which is not valid Unicode text", param, "invalid_unicode") from None
 
 
+def _unsupported(param: str, what: str) -> ServingError:
+    return bad_request(f"{param} is not supported: {what}", param, "unsupported_parameter")
+
+
+def check_supported(req: ChatCompletionRequest) -> None:
+    """400 naming the first OpenAI field that asks for something steer does not do. The same fields
+    at their defaults (what client libraries send unasked) pass."""
+    if req.logprobs:
+        raise _unsupported("logprobs", "steer does not return log probabilities")
+    if req.top_logprobs:
+        raise _unsupported("top_logprobs", "steer does not return log probabilities")
+    if req.tools:
+        raise _unsupported("tools", "steer does not call tools")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", "steer does not call tools")
+    if req.functions:
+        raise _unsupported("functions", "steer does not call functions")
+    if req.function_call not in (None, "none", "auto"):
+        raise _unsupported("function_call", "steer does not call functions")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise _unsupported("response_format", f"only {{\"type\": \"text\"}}, not {req.response_format.type!r}")
+    if req.modalities is not None and any(m != "text" for m in req.modalities):
+        raise _unsupported("modalities", "steer writes text only")
+    if req.audio is not None:
+        raise _unsupported("audio", "steer writes text only")
+    if req.prediction is not None:
+        raise _unsupported("prediction", "predicted outputs are not implemented")
+    if req.web_search_options is not None:
+        raise _unsupported("web_search_options", "steer does not search the web")
+    if req.store:
+        raise _unsupported("store", "steer does not store completions")
+    if req.reasoning_effort is not None:
+        raise _unsupported("reasoning_effort", "steer's models do not reason in hidden tokens")
+    if req.verbosity is not None:
+        raise _unsupported("verbosity", "steer is steered by attributes instead")
+    if req.moderation is not None:
+        raise _unsupported("moderation", "steer does not moderate")
+    for i, m in enumerate(req.messages):
+        where = f"messages[{i}]"
+        if m.role in ("tool", "function"):
+            raise _unsupported(f"{where}.role", f"{m.role!r} messages need tool calling, which steer does not do")
+        if m.content is None:
+            raise bad_request(f"{where}.content: a message needs text content", f"{where}.content")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type != "text" or part.text is None:
+                raise _unsupported(f"{where}.content[{j}]", f"content parts of type {part.type!r}; send text parts")
+        if m.tool_calls:
+            raise _unsupported(f"{where}.tool_calls", "steer does not call tools")
+        for name in ("tool_call_id", "function_call", "audio", "refusal"):
+            if getattr(m, name) is not None:
+                raise _unsupported(f"{where}.{name}", "steer does not call tools, write audio or refuse")
+
+
 def max_token_chars(tokenizer) -> int:
     """The most characters one token of ``tokenizer`` can stand for (its longest vocabulary entry;
     byte-level entries spell a byte per character, so this is an upper bound)."""
@@ -220,9 +273,25 @@ class ChatServing:
                 seed=req.seed,
                 stop=stops,
                 ignore_eos=req.ignore_eos,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=self._logit_bias(req.logit_bias),
             )
         except SteerError as e:
             raise bad_request(str(e), _param_from_steer_error(e)) from None
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        if not bias:
+            return None
+        vocab = len(self.policy.tokenizer)
+        out = {}
+        for key, value in bias.items():
+            token = int(key) if key.strip().isdigit() else -1
+            if not 0 <= token < vocab:
+                raise bad_request(f"logit_bias keys must be token ids of this model (0 to {vocab - 1}), got {key!r}",
+                                  "logit_bias")
+            out[token] = value
+        return out
 
     def check(self, req: ChatCompletionRequest) -> None:
         """The cheap checks, run on the event loop before any tokenizing: a prompt that cannot fit
@@ -239,6 +308,7 @@ class ChatServing:
                               "score")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+        check_supported(req)
         if len(req.messages) > self.settings.max_messages:
             raise bad_request(f"messages holds {len(req.messages)} messages; this server allows at most "
                               f"{self.settings.max_messages}", "messages", "too_many_messages")
@@ -259,7 +329,9 @@ class ChatServing:
     def prepare(self, req: ChatCompletionRequest) -> PreparedRequest:
         """Validate ``req`` and tokenize its prompt (no engine involved; safe off the event loop)."""
         self.check(req)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        # "developer" is OpenAI's newer name for the system message.
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
         schema = self.policy.schema
         try:
             attributes = schema.validate(req.attributes)
