@@ -176,16 +176,16 @@ def check_supported(req: ChatCompletionRequest) -> None:
         where = f"messages[{i}]"
         if m.role in ("tool", "function"):
             raise _unsupported(f"{where}.role", f"{m.role!r} messages need tool calling, which steer does not do")
-        if m.content is None:
-            raise bad_request(f"{where}.content: a message needs text content", f"{where}.content")
-        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
-            if part.type != "text" or part.text is None:
-                raise _unsupported(f"{where}.content[{j}]", f"content parts of type {part.type!r}; send text parts")
         if m.tool_calls:
             raise _unsupported(f"{where}.tool_calls", "steer does not call tools")
         for name in ("tool_call_id", "function_call", "audio", "refusal"):
             if getattr(m, name) is not None:
                 raise _unsupported(f"{where}.{name}", "steer does not call tools, write audio or refuse")
+        if m.content is None:
+            raise bad_request(f"{where}.content: a message needs text content", f"{where}.content")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type != "text" or part.text is None:
+                raise _unsupported(f"{where}.content[{j}]", f"content parts of type {part.type!r}; send text parts")
 
 
 def max_token_chars(tokenizer) -> int:
