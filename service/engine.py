@@ -61,6 +61,10 @@ class EngineStoppedError(SteerError, RuntimeError):
     pass
 
 
+# What a request still running when the engine stops is told.
+STOPPED_MESSAGE = "the server stopped before this reply was finished; retry the request"
+
+
 @dataclass
 class RowEvent:
     """What a row reports: new text, and once, the end."""
@@ -173,7 +177,7 @@ class Engine:
             self._thread = None
         with self._cv:
             for row in list(self._waiting) + self._live_rows():
-                self._finish(row, "cancelled")
+                self._finish(row, "cancelled", error=STOPPED_MESSAGE)
             self._waiting.clear()
             self._reset_batch()
 

@@ -22,12 +22,13 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from service.engine import Engine, EngineStats, EngineStoppedError, QueueFullError, Row, RowEvent
+from service.engine import STOPPED_MESSAGE, Engine, EngineStats, EngineStoppedError, QueueFullError, Row, RowEvent
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class EngineProcess:
             self._process.join(timeout)
         if self._reader is not None:
             self._reader.join(timeout)
-        self._fail_all("cancelled", None)
+        self._fail_all("cancelled", STOPPED_MESSAGE)
 
     # --------------------------------------------------------------- client
     def submit(self, rows: Sequence[Row]) -> None:
@@ -221,9 +222,30 @@ def engine_threads(requested: int, device) -> int:
     return max(1, cores - 1)
 
 
+def handle_command(engine: Engine, rows: dict[int, Row], sink_for: Callable[[int], Callable[[RowEvent], None]],
+                   kind: str, payload) -> None:
+    """Apply one command from the server to the engine. ``rows`` is shared with the engine
+    thread, which removes a row the moment it finishes, so every lookup tolerates a key that
+    vanished in between (``key in rows`` then ``rows[key]`` once raced into a KeyError that ended
+    the command loop for good)."""
+    if kind == "submit":
+        batch = [Row(prompt_ids=list(ids), params=params, stops=list(stops), sink=sink_for(key), index=index)
+                 for key, ids, params, stops, index in payload]
+        rows.update((key, row) for (key, *_), row in zip(payload, batch))
+        engine.submit(batch)
+    elif kind == "cancel":
+        found = [rows.get(key) for key in payload]
+        engine.cancel([row for row in found if row is not None])
+    else:
+        logger.warning("engine process: unknown command %r", kind)
+
+
 def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     """The child's main: load the policy, run an engine, relay rows in and events out."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group; the server decides when the engine stops (after
+    # draining), so the child ignores it and waits for its "stop" command.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 
@@ -274,15 +296,12 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     try:
         while True:
             kind, payload = commands.recv()
-            if kind == "submit":
-                batch = [Row(prompt_ids=list(ids), params=params, stops=list(stops), sink=sink_for(key), index=index)
-                         for key, ids, params, stops, index in payload]
-                rows.update((key, row) for (key, *_), row in zip(payload, batch))
-                engine.submit(batch)
-            elif kind == "cancel":
-                engine.cancel([rows[key] for key in payload if key in rows])
-            elif kind == "stop":
+            if kind == "stop":
                 break
+            try:
+                handle_command(engine, rows, sink_for, kind, payload)
+            except Exception:  # one bad command must not end the loop (and the engine with it)
+                logger.exception("engine process: the %r command failed", kind)
     except (EOFError, OSError):
         pass  # the server went away: stop decoding for nobody
     finally:

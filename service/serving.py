@@ -424,10 +424,21 @@ class ChatServing:
 
         return await asyncio.get_running_loop().run_in_executor(None, run)
 
-    @staticmethod
-    def _check_error(event: RowEvent) -> None:
+    def _event_error(self, event: RowEvent) -> ServingError | None:
+        """The error a row's end means for its client: the engine failed it, or stopped (shutdown,
+        engine restart) before it was done. A client's own cancellation never reaches here."""
         if event.finish_reason == "error":
-            raise ServingError(500, event.error or "generation failed", type="server_error")
+            return ServingError(500, event.error or "generation failed", type="server_error", code="generation_failed")
+        if event.finish_reason == "cancelled":
+            return ServingError(503, event.error or "the request was cancelled: the server is shutting down; retry",
+                                type="server_error", code="request_cancelled",
+                                headers={"Retry-After": str(self.settings.retry_after_s)})
+        return None
+
+    def _check_error(self, event: RowEvent) -> None:
+        error = self._event_error(event)
+        if error is not None:
+            raise error
 
     async def complete(self, gen: Generation) -> ChatCompletionResponse:
         texts: dict[int, str] = {}
@@ -500,10 +511,12 @@ class ChatServing:
                         continue
                     done += 1
                     tokens += event.completion_tokens
-                    if event.finish_reason == "error":
-                        err = {"error": {"message": event.error or "generation failed", "type": "server_error",
-                                         "param": None, "code": None}}
-                        out.append(f"data: {json.dumps(err)}\n\n")
+                    error = self._event_error(event)
+                    if error is not None:
+                        # The stream has begun (200 sent): the error travels as an event, and
+                        # [DONE] still ends the stream so clients stop reading cleanly.
+                        out.append(f"data: {json.dumps(error.body())}\n\n")
+                        out.append("data: [DONE]\n\n")
                         yield "".join(out)
                         return
                     if gen.request.score:

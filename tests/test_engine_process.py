@@ -159,3 +159,28 @@ def test_engine_threads_leave_a_core_to_the_http_side(monkeypatch):
     monkeypatch.setattr(engine_process.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert engine_process.engine_threads(0, torch.device("cpu")) == 1
     assert engine_process.engine_threads(0, torch.device("cuda")) == torch.get_num_threads()
+
+
+def test_cancel_command_tolerates_a_row_that_finished_in_between():
+    """The engine thread removes a finished row from the shared dict at any moment; a cancel for it
+    arriving just then must not end the command loop with a KeyError."""
+    from service.engine_process import handle_command
+
+    class RowsPoppedMidCheck(dict):
+        def __contains__(self, key):  # the engine thread pops the row right after the check
+            present = dict.__contains__(self, key)
+            self.pop(key, None)
+            return present
+
+    class FakeEngine:
+        cancelled: list = []
+
+        def cancel(self, rows):
+            self.cancelled.extend(rows)
+
+    live, gone = object(), object()
+    rows = RowsPoppedMidCheck({1: live, 2: gone})
+    engine = FakeEngine()
+    dict.pop(rows, 2)  # finished before the command arrived
+    handle_command(engine, rows, lambda key: None, "cancel", [1, 2, 3])
+    assert engine.cancelled == [live]

@@ -113,3 +113,38 @@ def test_tiny_temperature_is_greedy(client):
                                                      "seed": 5})
     assert greedy.status_code == tiny.status_code == 200
     assert tiny.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
+
+
+def _wait_active(server_state, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while server_state.engine.stats().active == 0:
+        assert time.monotonic() < deadline, "the request never started decoding"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_requests_in_flight_when_the_engine_stops_get_a_clean_error(tiny_policy, stream):
+    from tests.test_service import sse_events
+
+    with make_client(tiny_policy, max_tokens_limit=4000) as c:
+        wait_ready(c)
+        result = {}
+        worker = threading.Thread(target=lambda: result.setdefault("r", c.post("/v1/chat/completions", json={
+            "messages": HELLO, "max_tokens": 4000, "ignore_eos": True, "stream": stream})))
+        worker.start()
+        state = c.app.state.server
+        _wait_active(state)
+        state.engine.stop()
+        worker.join(60)
+        r = result["r"]
+        if stream:
+            assert r.status_code == 200
+            events = sse_events(r.text)
+            assert events[-1] == "[DONE]"
+            error = events[-2]["error"]
+        else:
+            assert r.status_code == 503 and r.headers["Retry-After"]
+            error = r.json()["error"]
+        assert error["code"] == "request_cancelled" and "retry" in error["message"]
