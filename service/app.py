@@ -86,6 +86,7 @@ class ServerState:
 
             apm = AttributePredictor.load(s.apm, device=s.device)
         self.metrics.bind_engine(engine.stats)
+        self.metrics.bind_restarts(lambda: engine.restarts_total)
         self.engine = engine
         self.serving = ChatServing(policy, engine, s, self.metrics, apm=apm)
         logger.info("serving %s (schema %s)%s", self.serving.model_name, policy.schema.name,
@@ -105,6 +106,7 @@ class ServerState:
             device=policy.device,
             on_token=self.metrics.tokens.inc,
         )
+        engine.max_restarts, engine.restart_backoff_s = s.engine_max_restarts, s.engine_restart_backoff_s
         engine.start()
         return engine
 
@@ -114,7 +116,8 @@ class ServerState:
         s = self.settings
         config = EngineProcessConfig(policy=s.policy, device=s.device, dtype=s.dtype, threads=s.threads,
                                      max_batch_size=s.max_batch_size, log_level=logging.getLogger().level)
-        engine = EngineProcess(config, max_queue=s.max_queue, on_token=self.metrics.tokens.inc)
+        engine = EngineProcess(config, max_queue=s.max_queue, on_token=self.metrics.tokens.inc,
+                               max_restarts=s.engine_max_restarts, restart_backoff_s=s.engine_restart_backoff_s)
         engine.start()
         return engine
 
@@ -123,6 +126,17 @@ class ServerState:
         if self.load_error:
             return self.load_error
         return getattr(self.engine, "error", None)
+
+    def stall(self) -> str | None:
+        """Why the engine looks hung, or None: no decode step for ``stall_after_s`` while rows wait."""
+        if self.engine is None:
+            return None
+        stalled = self.engine.stalled_for()
+        if stalled < self.settings.stall_after_s:
+            return None
+        stats = self.engine.stats()
+        return (f"stalled: no decode step for {stalled:.0f} s while requests are in flight "
+                f"({stats.active} running, {stats.waiting} waiting)")
 
 
 class BodyLimitMiddleware:
@@ -285,9 +299,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     def serving() -> ChatServing:
         failure = state.failure()
-        if state.serving is not None and failure:  # the engine process died after loading
-            raise ServingError(503, f"{failure}; the server needs a restart", type="server_error",
-                               code="engine_failed")
+        if state.serving is not None and failure:  # the engine died after loading (and may be restarting)
+            raise ServingError(503, failure, type="server_error", code="engine_failed",
+                               headers={"Retry-After": str(max(settings.retry_after_s,
+                                                               int(settings.engine_restart_backoff_s) + 1))})
         if state.serving is None:
             detail = f"the model failed to load ({state.load_error})" if state.load_error else "the model is loading"
             raise ServingError(503, f"{detail}; retry shortly", type="server_error", code="model_not_ready",
@@ -303,6 +318,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if state.serving is None or failure:
             status = f"failed: {failure}" if failure else "loading"
             return JSONResponse({"status": status, "model": None}, status_code=503)
+        stall = state.stall()
+        if stall:
+            return JSONResponse({"status": stall, "model": state.serving.model_name}, status_code=503)
         return HealthResponse(status="ok", model=state.serving.model_name)
 
     @app.get("/metrics", response_class=Response)

@@ -68,6 +68,22 @@ class ServeConfig:
         metadata={"help": "Decode in a thread of the server process instead of a separate engine process: "
                           "faster start, lower throughput under concurrent load. Env: STEER_ENGINE_IN_PROCESS=1."},
     )
+    engine_max_restarts: int | None = field(
+        default=None, metadata={"help": "Restarts of a crashed engine in a row before giving up (default 3). "
+                                     "Env: STEER_ENGINE_MAX_RESTARTS."}
+    )
+    engine_restart_backoff_s: float | None = field(
+        default=None, metadata={"help": "Seconds before the first restart, doubled for each next one (default 1). "
+                                     "Env: STEER_ENGINE_RESTART_BACKOFF."}
+    )
+    stall_after_s: float | None = field(
+        default=None, metadata={"help": "/health reports a stall after this many seconds without a decode step "
+                                     "while requests wait (default 60). Env: STEER_STALL_AFTER."}
+    )
+    drain_timeout_s: float | None = field(
+        default=None, metadata={"help": "On SIGTERM/SIGINT, seconds requests in flight get to finish (default 30). "
+                                     "Env: STEER_DRAIN_TIMEOUT."}
+    )
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 
     def to_settings(self) -> ServerSettings:

@@ -28,13 +28,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from service.engine import STOPPED_MESSAGE, Engine, EngineStats, EngineStoppedError, QueueFullError, Row, RowEvent
+from service.engine import (  # noqa: F401  (EngineFailedError is imported from here too)
+    STOPPED_MESSAGE,
+    Engine,
+    EngineFailedError,
+    EngineStats,
+    EngineStoppedError,
+    QueueFullError,
+    Row,
+    RowEvent,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class EngineFailedError(EngineStoppedError):
-    """The engine process exited or could not start."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,13 @@ class EngineProcessConfig:
 
 
 class EngineProcess:
+    # A child that ran this long before dying starts a fresh series of restarts.
+    HEALTHY_AFTER_S = 60.0
+    MAX_BACKOFF_S = 30.0
+
     def __init__(self, config: EngineProcessConfig, *, max_queue: int = 64,
-                 on_token: Callable[[int], None] | None = None, start_timeout: float = 600.0):
+                 on_token: Callable[[int], None] | None = None, start_timeout: float = 600.0,
+                 max_restarts: int = 3, restart_backoff_s: float = 1.0):
         self.config = config
         self.max_batch_size = config.max_batch_size
         self.max_queue = max_queue
@@ -71,10 +81,22 @@ class EngineProcess:
         self._commands = None
         self._events = None
         self._reader: threading.Thread | None = None
+        # Supervision: a child that dies is restarted up to max_restarts times in a row, waiting
+        # restart_backoff_s, then twice that, ... before each attempt.
+        self.max_restarts = max_restarts
+        self.restart_backoff_s = restart_backoff_s
+        self.restarts_total = 0
+        self._failures = 0
+        self._started_at = 0.0
+        self._stopped = threading.Event()
+        self._last_progress = time.monotonic()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Start the child and wait until its model is loaded; raises ``EngineFailedError``."""
+        self._spawn()
+
+    def _spawn(self) -> None:
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and CUDA state
         command_reader, self._commands = ctx.Pipe(duplex=False)
         self._events, event_writer = ctx.Pipe(duplex=False)
@@ -99,6 +121,9 @@ class EngineProcess:
             self._process.join(5)
             raise EngineFailedError(payload)
         self.max_context = payload["max_context"]
+        self._stats = EngineStats(0, 0, 0, 0, 0, 0, 0)
+        self._tokens_seen = 0
+        self._started_at = time.monotonic()
         self._reader = threading.Thread(target=self._read_events, name="steer-engine-events", daemon=True)
         self._reader.start()
         logger.info("engine process %d ready", self._process.pid)
@@ -106,6 +131,7 @@ class EngineProcess:
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._stopping = True
+        self._stopped.set()
         if self._process is None:
             return
         self._send("stop", None)
@@ -130,6 +156,8 @@ class EngineProcess:
             # rows in flight here are never fewer than the child's running + waiting.
             if len(self._rows) + len(rows) > self.max_queue + self.max_batch_size:
                 raise QueueFullError(f"the server is busy ({len(self._rows)} requests in progress); retry later")
+            if not self._rows:
+                self._last_progress = time.monotonic()  # the stall clock starts with the first row
             items = []
             for row in rows:
                 row.submitted_at = now
@@ -153,6 +181,10 @@ class EngineProcess:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def stalled_for(self) -> float:
+        """Seconds since the engine last reported progress while rows were in flight (0 when idle)."""
+        return time.monotonic() - self._last_progress if self._rows else 0.0
+
     # ------------------------------------------------------------ internals
     def _send(self, kind: str, payload) -> None:
         try:
@@ -168,6 +200,7 @@ class EngineProcess:
                 if kind == "stopped":
                     return
                 events, stats = payload
+                self._last_progress = time.monotonic()
                 # Counts before events: a client that has seen its text finds them in the stats.
                 self._stats = stats
                 new_tokens = stats.tokens_total - self._tokens_seen
@@ -180,9 +213,44 @@ class EngineProcess:
         finally:
             if not self._stopping:
                 self._process.join(1)
-                self.error = f"the engine process exited (exit code {self._process.exitcode})"
-                logger.error("%s; failing %d requests in flight", self.error, len(self._rows))
-                self._fail_all("error", "generation failed: the engine process exited")
+                self._after_exit(f"the engine process exited (exit code {self._process.exitcode})")
+
+    def _after_exit(self, reason: str) -> None:
+        """The child is gone: fail what it held, then restart it (bounded, with backoff) or give up."""
+        if time.monotonic() - self._started_at > self.HEALTHY_AFTER_S:
+            self._failures = 0
+        with self._lock:
+            if self._failures < self.max_restarts:
+                self._failures += 1
+                delay = min(self.restart_backoff_s * 2 ** (self._failures - 1), self.MAX_BACKOFF_S)
+                self.error = f"{reason}; restarting it (attempt {self._failures} of {self.max_restarts})"
+            else:
+                delay = None
+                self.error = (f"{reason}" + (f" after {self.max_restarts} restarts" if self.max_restarts else "")
+                              + "; the server needs a restart")
+        logger.error("%s; failing %d requests in flight", self.error, len(self._rows))
+        self._fail_all("error", f"generation failed: {reason}; retry the request")
+        if delay is not None:
+            threading.Thread(target=self._restart, args=(delay, reason), name="steer-engine-restart",
+                             daemon=True).start()
+
+    def _restart(self, delay: float, reason: str) -> None:
+        if self._stopped.wait(delay):
+            return
+        try:
+            self._spawn()
+        except Exception as e:  # counts as another failure, with a longer wait
+            logger.error("restarting the engine process failed: %s", e)
+            self._started_at = 0.0
+            self._after_exit(f"{reason}; restarting it failed ({e})")
+            return
+        with self._lock:
+            self.restarts_total += 1
+            self.error = None
+            if self._stopping:  # stop() came while the child was loading
+                self._send("stop", None)
+        logger.warning("the engine process was restarted (%d restart(s) since the server started)",
+                       self.restarts_total)
 
     def _deliver(self, events: list[tuple[int, RowEvent]]) -> None:
         for key, event in events:

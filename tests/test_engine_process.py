@@ -110,7 +110,7 @@ def test_engine_process_that_cannot_load_fails_start_with_the_reason(tmp_path):
 def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
     """The server keeps answering: requests in flight end with an error, /health turns 503 naming
     the cause, and new requests get a 503 instead of hanging."""
-    with make_client(tiny_policy, engine_in_process=False, max_tokens_limit=4000) as client:
+    with make_client(tiny_policy, engine_in_process=False, max_tokens_limit=4000, engine_max_restarts=0) as client:
         wait_ready(client, timeout=120)
         engine = client.app.state.server.engine
         assert isinstance(engine, EngineProcess)
@@ -184,3 +184,37 @@ def test_cancel_command_tolerates_a_row_that_finished_in_between():
     dict.pop(rows, 2)  # finished before the command arrived
     handle_command(engine, rows, lambda key: None, "cancel", [1, 2, 3])
     assert engine.cancelled == [live]
+
+
+def _stream_until_killed(client, engine):
+    result = {}
+
+    def long_request():
+        result["response"] = client.post("/v1/chat/completions", json={
+            "messages": HELLO, "max_tokens": 3000, "stream": True, "ignore_eos": True})
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while engine.stats().active == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(engine._process.pid, signal.SIGKILL)
+    worker.join(60)
+    return result["response"]
+
+
+def test_a_crashed_engine_process_is_restarted_and_counted(tiny_policy):
+    from tests.test_service import sse_events
+
+    with make_client(tiny_policy, engine_in_process=False, max_tokens_limit=4000, engine_restart_backoff_s=0.1) as client:
+        wait_ready(client, timeout=120)
+        engine = client.app.state.server.engine
+        first_pid = engine._process.pid
+        response = _stream_until_killed(client, engine)
+        events = sse_events(response.text)
+        assert events[-1] == "[DONE]" and "engine process exited" in events[-2]["error"]["message"]
+        wait_ready(client, timeout=120)  # the supervisor brings a new engine process up
+        assert engine._process.pid != first_pid and engine.restarts_total == 1
+        assert "steer_engine_restarts_total 1.0" in client.get("/metrics").text
+        again = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1

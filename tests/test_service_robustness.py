@@ -148,3 +148,61 @@ def test_requests_in_flight_when_the_engine_stops_get_a_clean_error(tiny_policy,
             assert r.status_code == 503 and r.headers["Retry-After"]
             error = r.json()["error"]
         assert error["code"] == "request_cancelled" and "retry" in error["message"]
+
+
+def test_a_failing_engine_loop_fails_its_rows_and_starts_over(tiny_policy):
+    with make_client(tiny_policy, engine_restart_backoff_s=0.01) as c:
+        wait_ready(c)
+        engine = c.app.state.server.engine
+        calls = []
+
+        def crash_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected loop failure")
+
+        engine.on_step = crash_once
+        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 30, "ignore_eos": True})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+        assert "retry" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        assert r.status_code == 200
+        assert engine.restarts_total == 1 and "steer_engine_restarts_total 1.0" in c.get("/metrics").text
+
+        engine.max_restarts = 1
+        engine.on_step = lambda: (_ for _ in ()).throw(RuntimeError("again"))  # now fails for good
+        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        assert r.status_code == 500
+        health = c.get("/health")
+        assert health.status_code == 503 and "engine failed" in health.json()["status"]
+        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
+
+
+def test_a_hung_engine_is_reported_by_health(tiny_policy):
+    import time
+
+    with make_client(tiny_policy, stall_after_s=0.2) as c:
+        wait_ready(c)
+        engine = c.app.state.server.engine
+        release, entered = threading.Event(), threading.Event()
+        prefill = engine._prefill
+
+        def hang(sequences):
+            entered.set()
+            release.wait(60)
+            return prefill(sequences)
+
+        engine._prefill = hang
+        worker = threading.Thread(target=lambda: c.post("/v1/chat/completions",
+                                                        json={"messages": HELLO, "max_tokens": 4}))
+        worker.start()
+        assert entered.wait(30)
+        deadline = time.monotonic() + 30
+        while (health := c.get("/health")).status_code == 200:
+            assert time.monotonic() < deadline, "the stall was never reported"
+            time.sleep(0.05)
+        assert health.status_code == 503 and health.json()["status"].startswith("stalled")
+        release.set()
+        worker.join(60)
+        assert c.get("/health").status_code == 200
