@@ -62,6 +62,10 @@ class ServerState:
         self.serving: ChatServing | None = None
         self.engine = None
         self.load_error: str | None = None
+        # Graceful shutdown: once draining, new requests get 503 + Retry-After while the ones in
+        # flight (counted by AdmissionMiddleware) finish.
+        self.draining = False
+        self.in_flight = 0
 
     def load(self) -> None:
         """Blocking: load the policy (and APM) and start the engine, in a child process unless
@@ -115,7 +119,8 @@ class ServerState:
 
         s = self.settings
         config = EngineProcessConfig(policy=s.policy, device=s.device, dtype=s.dtype, threads=s.threads,
-                                     max_batch_size=s.max_batch_size, log_level=logging.getLogger().level)
+                                     max_batch_size=s.max_batch_size, log_level=logging.getLogger().level,
+                                     sigterm_grace_s=s.drain_timeout_s + 30)
         engine = EngineProcess(config, max_queue=s.max_queue, on_token=self.metrics.tokens.inc,
                                max_restarts=s.engine_max_restarts, restart_backoff_s=s.engine_restart_backoff_s)
         engine.start()
@@ -126,6 +131,24 @@ class ServerState:
         if self.load_error:
             return self.load_error
         return getattr(self.engine, "error", None)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting, give the requests in flight ``timeout`` seconds to finish, then stop the
+        engine: whatever still runs ends with a clean error (a stream: an error event and [DONE])."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        logger.info("shutting down: new requests get 503; waiting up to %.0f s for %d request(s) in flight",
+                    timeout, self.in_flight)
+        deadline = loop.time() + timeout
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight:
+            logger.warning("%d request(s) still running after %.0f s; ending them", self.in_flight, timeout)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+        deadline = loop.time() + 5.0  # their error events go out
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     def stall(self) -> str | None:
         """Why the engine looks hung, or None: no decode step for ``stall_after_s`` while rows wait."""
@@ -175,6 +198,32 @@ class BodyLimitMiddleware:
             return await receive()  # later calls wait for http.disconnect, as streaming needs
 
         await self.app(scope, replay, send)
+
+
+class AdmissionMiddleware:
+    """Counts the requests in flight and, once the server drains for shutdown, answers new ones
+    with 503 + Retry-After. ``/health`` and ``/metrics`` stay open (probes see the drain), and the
+    UI's long-lived streams (its heartbeat) are not counted, so an open tab never holds a shutdown."""
+
+    def __init__(self, app, state: ServerState, exempt_prefixes: tuple[str, ...]):
+        self.app = app
+        self.state = state
+        self.exempt_prefixes = exempt_prefixes
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in ("/health", "/metrics") or path.startswith(self.exempt_prefixes):
+            return await self.app(scope, receive, send)
+        if self.state.draining:
+            retry = str(self.state.settings.retry_after_s)
+            return await error_response(503, "the server is shutting down; retry on another instance or later",
+                                        type="server_error", code="shutting_down",
+                                        headers={"Retry-After": retry})(scope, receive, send)
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
 
 
 class RequestCountMiddleware:
@@ -252,6 +301,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.server = state
     # Outermost last: count every request, including the ones the body limit rejects.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AdmissionMiddleware, state=state, exempt_prefixes=(settings.ui_path.rstrip("/") + "/",))
     app.add_middleware(RequestCountMiddleware, metrics=state.metrics)
 
     # ------------------------------------------------------------ errors
@@ -314,6 +364,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     # ------------------------------------------------------------ routes
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health():
+        if state.draining:
+            return JSONResponse({"status": "draining: the server is shutting down", "model": None},
+                                status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
         failure = state.failure()
         if state.serving is None or failure:
             status = f"failed: {failure}" if failure else "loading"

@@ -97,8 +97,6 @@ class ServeConfig:
 
 
 def main(config: ServeConfig) -> int:
-    import uvicorn
-
     from service.app import create_app
     from steer.artifacts import load_steer_config
 
@@ -116,5 +114,8 @@ def main(config: ServeConfig) -> int:
     # tokens promptly instead of waiting up to 5 ms each time (with the in-process engine, p50 time
     # to first token with 16 concurrent clients went 0.49 s -> 0.33 s in bench/serve_throughput.py).
     sys.setswitchinterval(0.001)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=config.log_level)
+    from service.shutdown import build_server
+
+    app = create_app(settings)
+    build_server(app, settings.host, settings.port, config.log_level, settings.drain_timeout_s).run()
     return 0

@@ -52,6 +52,8 @@ class EngineProcessConfig:
     threads: int = 0
     max_batch_size: int = 16
     log_level: int = logging.INFO
+    # After a SIGTERM, how long the child waits for the server's "stop" before leaving on its own.
+    sigterm_grace_s: float = 60.0
 
 
 class EngineProcess:
@@ -311,9 +313,17 @@ def handle_command(engine: Engine, rows: dict[int, Row], sink_for: Callable[[int
 def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     """The child's main: load the policy, run an engine, relay rows in and events out."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Ctrl-C reaches the whole process group; the server decides when the engine stops (after
-    # draining), so the child ignores it and waits for its "stop" command.
+    # Ctrl-C reaches the whole process group, and systemd's SIGTERM the whole cgroup; the server
+    # decides when the engine stops (after draining its requests), so the child waits for its
+    # "stop" command. A SIGTERM that no "stop" follows (the server died) still ends it, later.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_sigterm(signum, frame):
+        timer = threading.Timer(config.sigterm_grace_s, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         import torch
 
