@@ -226,6 +226,34 @@ class AdmissionMiddleware:
             self.state.in_flight -= 1
 
 
+class AccessMiddleware:
+    """With API keys on, every route but ``/health`` needs ``Authorization: Bearer KEY``:
+    ``/metrics``, ``/docs``, ``/openapi.json`` and routes added by other routers included. The UI
+    (``ui_prefix``) is left to Gradio's login, which asks for a key as the password. Gradio's file
+    upload route is closed whether or not keys are on: the UI takes no files, and the route stores
+    any number of them."""
+
+    def __init__(self, app, keys: list[bytes], ui_prefix: str):
+        self.app = app
+        self.keys = keys
+        self.ui_prefix = ui_prefix
+        self.upload_path = f"{ui_prefix}gradio_api/upload"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path.rstrip("/") == self.upload_path:
+            return await error_response(403, "file uploads are disabled on this server", code="uploads_disabled")(
+                scope, receive, send)
+        if self.keys and path != "/health" and not path.startswith(self.ui_prefix) \
+                and not key_matches(scope, self.keys):
+            return await error_response(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                                        type="authentication_error", code="invalid_api_key",
+                                        headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class RequestCountMiddleware:
     def __init__(self, app, metrics: ServerMetrics):
         self.app = app
@@ -301,7 +329,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.server = state
     # Outermost last: count every request, including the ones the body limit rejects.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AdmissionMiddleware, state=state, exempt_prefixes=(settings.ui_path.rstrip("/") + "/",))
+    ui_prefix = settings.ui_path.rstrip("/") + "/"
+    app.add_middleware(AdmissionMiddleware, state=state, exempt_prefixes=(ui_prefix,))
+    app.add_middleware(AccessMiddleware, keys=[k.encode("utf-8") for k in settings.api_keys], ui_prefix=ui_prefix)
     app.add_middleware(RequestCountMiddleware, metrics=state.metrics)
 
     # ------------------------------------------------------------ errors
@@ -420,7 +450,19 @@ def _mount_ui(app: FastAPI, settings: ServerSettings) -> None:
     try:
         from ui.app import mount_ui
 
-        mount_ui(app, path=settings.ui_path, server_url=None)
+        extra = {}
+        if settings.api_keys:
+            keys = [k.encode("utf-8") for k in settings.api_keys]
+
+            def key_login(username: str, password: str) -> bool:
+                matched = False
+                for key in keys:
+                    matched |= hmac.compare_digest(password.encode("utf-8", "surrogatepass"), key)
+                return matched
+
+            extra = {"auth": key_login,
+                     "auth_message": "This server requires an API key: enter it as the password (any user name)."}
+        mount_ui(app, path=settings.ui_path, server_url=None, **extra)
         logger.info("UI mounted at %s", settings.ui_path)
     except Exception as e:  # the API must come up even when the UI cannot
         logger.warning("could not mount the UI at %s: %s", settings.ui_path, e)

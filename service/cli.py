@@ -84,6 +84,10 @@ class ServeConfig:
         default=None, metadata={"help": "On SIGTERM/SIGINT, seconds requests in flight get to finish (default 30). "
                                      "Env: STEER_DRAIN_TIMEOUT."}
     )
+    allow_no_auth: bool = field(
+        default=False, metadata={"help": "Allow listening on a non-loopback --host without --api-key. "
+                                         "Env: STEER_ALLOW_NO_AUTH=1."}
+    )
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 
     def to_settings(self) -> ServerSettings:
@@ -93,6 +97,7 @@ class ServeConfig:
             raise SettingsError("give --ui or --no-ui, not both", "ui")
         overrides["ui"] = True if self.ui else (False if self.no_ui else None)
         overrides["engine_in_process"] = True if self.engine_in_process else None  # else the environment decides
+        overrides["allow_no_auth"] = True if self.allow_no_auth else None
         return ServerSettings.from_env(overrides)
 
 
@@ -107,8 +112,10 @@ def main(config: ServeConfig) -> int:
     load_steer_config(settings.policy, kind="policy")
     if settings.apm:
         load_steer_config(settings.apm, kind="apm")
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
-        logger.warning("listening on %s without API keys: anyone who can reach it can use it", settings.host)
+    settings.check_exposure()
+    if settings.host not in settings.LOOPBACK_HOSTS and not settings.api_keys:
+        logger.warning("listening on %s without API keys (--allow-no-auth): anyone who can reach it can use it",
+                       settings.host)
     # A thread that decodes (--engine-in-process) or relays the engine process's events holds the GIL
     # between calls; a shorter switch interval lets the event loop parse new requests and flush
     # tokens promptly instead of waiting up to 5 ms each time (with the in-process engine, p50 time

@@ -45,6 +45,7 @@ ENV_VARS: dict[str, str] = {
     "engine_restart_backoff_s": "STEER_ENGINE_RESTART_BACKOFF",
     "stall_after_s": "STEER_STALL_AFTER",
     "drain_timeout_s": "STEER_DRAIN_TIMEOUT",
+    "allow_no_auth": "STEER_ALLOW_NO_AUTH",
 }
 
 
@@ -88,6 +89,18 @@ class ServerSettings:
     # On SIGTERM/SIGINT: new requests get 503 + Retry-After, requests in flight get this long to
     # finish, then whatever still runs ends with an error and the engine stops.
     drain_timeout_s: float = 30.0
+    # Serve on a non-loopback interface without API keys (refused unless this is set).
+    allow_no_auth: bool = False
+
+    LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+    def check_exposure(self) -> None:
+        """Refuse to listen on a reachable interface with no key unless told to explicitly."""
+        if self.host not in self.LOOPBACK_HOSTS and not self.api_keys and not self.allow_no_auth:
+            raise SettingsError(
+                f"listening on {self.host} without an API key would let anyone who can reach it use the model: "
+                "pass --api-key KEY (STEER_API_KEYS), or --allow-no-auth (STEER_ALLOW_NO_AUTH=1) if that is meant",
+                "api_keys")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_prompt_tokens",

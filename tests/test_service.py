@@ -77,7 +77,7 @@ def make_client(policy: Path, **overrides):
 
     # The engine runs in a thread here: these tests exercise the API, and a child process per app
     # would only add start-up time (tests/test_engine_process.py covers the process engine).
-    settings = ServerSettings(policy=str(policy), ui=False, **{"threads": 1, "engine_in_process": True, **overrides})
+    settings = ServerSettings(policy=str(policy), **{"ui": False, "threads": 1, "engine_in_process": True, **overrides})
     return TestClient(create_app(settings))
 
 

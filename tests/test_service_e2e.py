@@ -103,7 +103,7 @@ def test_full_server_429_and_disconnect_frees_the_slots(keyed_server):
     ok = httpx.post(f"{keyed_server.url}/v1/chat/completions", headers=headers,
                     json={"messages": HELLO, "max_tokens": 2})
     assert ok.status_code == 200
-    metrics = httpx.get(f"{keyed_server.url}/metrics").text
+    metrics = httpx.get(f"{keyed_server.url}/metrics", headers=headers).text
     assert 'steer_requests_total{route="/v1/chat/completions",status="429"} 1.0' in metrics
     assert f"steer_cancelled_rows {float(before + 2)}" in metrics
 
