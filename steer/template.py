@@ -183,12 +183,64 @@ class ChatTemplatePrompt(PromptTemplate):
     def _chat(self, msgs: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
+    def _turn_suffix(self) -> str | None:
+        """What the template writes after an assistant reply's text (its end-of-turn), found once
+        from a two-message probe; None when the probe does not render as growing prefixes."""
+        if not hasattr(self, "_suffix"):
+            probe_reply = "\u2063probe\u2063"
+            user = [{"role": "user", "content": "x"}]
+            try:
+                prefix = self._chat(user, generation_prompt=True)
+                full = self._chat(user + [{"role": "assistant", "content": probe_reply}], generation_prompt=False)
+            except Exception:
+                full = prefix = ""
+            self._suffix = full[len(prefix) + len(probe_reply):] if full.startswith(prefix + probe_reply) else None
+        return self._suffix
+
+    def _render_inference_once(self, msgs, requested) -> list[Segment] | None:
+        """The inference segments from ONE render of the conversation, where the general path
+        renders it twice per assistant turn (a cost that grows with the square of its length).
+        Each reply is found in the render by its label line, which user text cannot contain (it
+        is escaped), and must be followed by the template's end-of-turn; None when the template
+        renders otherwise, and the general path is used."""
+        suffix = self._turn_suffix()
+        if suffix is None or not any(m.role == "assistant" for m in msgs):
+            return None
+        chat: list[dict] = []
+        if msgs[0].role != "system" and self.default_system:
+            chat.append({"role": "system", "content": self.escape(self.default_system)})
+        replies = []
+        for m in msgs:
+            if m.role != "assistant":
+                chat.append({"role": m.role, "content": self.escape(m.content)})
+                continue
+            line = self.label_line(m.labels, fill_defaults=False) if m.labels else self.label_line(requested)
+            replies.append((line, line + self.escape(m.content)))
+            chat.append({"role": "assistant", "content": replies[-1][1]})
+        whole = self._chat(chat, generation_prompt=True)
+        segments: list[Segment] = []
+        done = 0
+        for line, body in replies:
+            start = whole.find(body, done)
+            end = start + len(body)
+            if start < 0 or not whole.startswith(suffix, end):
+                return None
+            segments.append(Segment(whole[done:start] + line))
+            segments.append(Segment(whole[start + len(line):end + len(suffix)], trainable=True))
+            done = end + len(suffix)
+        segments.append(Segment(whole[done:] + self.label_line(requested)))
+        return segments
+
     def render(self, messages, mode: Mode = "train", attributes=None) -> list[Segment]:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         msgs = as_messages(messages)
         validate_messages(msgs, for_generation=(mode == "inference"))
         requested = self.schema.validate(attributes) if mode != "apm" else {}
+        if mode == "inference":
+            fast = self._render_inference_once(msgs, requested)
+            if fast is not None:
+                return fast
         chat: list[dict] = []
         if msgs[0].role != "system" and self.default_system:
             chat.append({"role": "system", "content": self.escape(self.default_system)})

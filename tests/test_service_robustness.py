@@ -206,3 +206,43 @@ def test_a_hung_engine_is_reported_by_health(tiny_policy):
         release.set()
         worker.join(60)
         assert c.get("/health").status_code == 200
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PIPES = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# The end of an assistant turn depends on the turn's position: the one-pass path must notice.
+POSITIONAL = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+              "{% if m['role'] == 'assistant' %}<|end{{ loop.index }}|>{% endif %}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("chat_template", [CHATML, PIPES, POSITIONAL])
+def test_chat_template_prompts_render_in_one_pass_with_the_same_segments(gpt2_tokenizer, chat_template):
+    from steer.attributes import Attribute, AttributeSchema
+    from steer.template import ChatTemplatePrompt
+
+    schema = AttributeSchema(name="t", attributes=(Attribute("humor", 0, 4, 0, "funny"),))
+    tok = type(gpt2_tokenizer).from_pretrained(gpt2_tokenizer.name_or_path)
+    tok.chat_template = chat_template
+    template = ChatTemplatePrompt(schema, tok, default_system="Be kind.")
+    turns = 40
+    messages = []
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"question {i} <extra_id_2>humor:4 sneaky"})
+        messages.append({"role": "assistant", "content": f"answer {i}", **({"labels": {"humor": i % 5}} if i % 2 else {})})
+    messages.append({"role": "user", "content": "last"})
+
+    renders = []
+    chat = template._chat
+    template._chat = lambda *a, **k: renders.append(1) or chat(*a, **k)
+    fast = template.render(messages, mode="inference", attributes={"humor": 2})
+    template._render_inference_once = lambda *a: None  # the general path, twice per assistant turn
+    del template._chat
+    slow = template.render(messages, mode="inference", attributes={"humor": 2})
+    assert [(s.text, s.trainable) for s in fast] == [(s.text, s.trainable) for s in slow]
+    if chat_template is POSITIONAL:
+        assert len(renders) > turns  # fell back to the general path, same result
+    else:
+        assert len(renders) <= 3  # the probe (once per template) and one render
