@@ -217,9 +217,11 @@ class EngineProcess:
                 self._process.join(1)
                 self._after_exit(f"the engine process exited (exit code {self._process.exitcode})")
 
-    def _after_exit(self, reason: str) -> None:
+    def _after_exit(self, reason: str, ran_well: bool | None = None) -> None:
         """The child is gone: fail what it held, then restart it (bounded, with backoff) or give up."""
-        if time.monotonic() - self._started_at > self.HEALTHY_AFTER_S:
+        if ran_well is None:
+            ran_well = time.monotonic() - self._started_at > self.HEALTHY_AFTER_S
+        if ran_well:
             self._failures = 0
         with self._lock:
             if self._failures < self.max_restarts:
@@ -243,8 +245,7 @@ class EngineProcess:
             self._spawn()
         except Exception as e:  # counts as another failure, with a longer wait
             logger.error("restarting the engine process failed: %s", e)
-            self._started_at = 0.0
-            self._after_exit(f"{reason}; restarting it failed ({e})")
+            self._after_exit(f"{reason}; restarting it failed ({e})", ran_well=False)
             return
         with self._lock:
             self.restarts_total += 1
