@@ -410,14 +410,35 @@ def _side_paths(output: Path) -> tuple[Path, Path]:
     return output.with_name(f".{output.name}.staging"), output.with_name(f".{output.name}.previous")
 
 
+def _base_inside(config: SftConfig, output: Path) -> Path | None:
+    """The base model's path relative to ``output`` when it lives inside it (as `steer demo`
+    lays a policy out), else None. That folder is the user's, and moves with the policy."""
+    base = Path(config.base_model)
+    if not base.exists():
+        return None
+    try:
+        return base.resolve().relative_to(output.resolve())
+    except ValueError:
+        return None
+
+
+def _swap_into_place(staging: Path, output: Path, previous: Path) -> None:
+    shutil.rmtree(previous, ignore_errors=True)
+    if output.exists():
+        output.rename(previous)
+    staging.rename(output)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def recover_interrupted_swap(output: Path) -> None:
-    """Finish a rename-into-place that a kill interrupted (the old folder moved aside, the new
-    one not yet renamed): the staging folder holds the complete new policy."""
+    """Finish a rename-into-place that a kill interrupted: a staging folder whose run record says
+    "finished" holds the complete new policy (its record is the last file written into it)."""
     staging, previous = _side_paths(output)
-    if not output.exists() and staging.is_dir() and (staging / RUN_FILE).exists():
-        staging.rename(output)
+    record = read_run_record(staging) if staging.is_dir() else None
+    if record is not None and record.get("state") == "finished":
+        _swap_into_place(staging, output, previous)
         logger.warning("completed the interrupted write of %s", output)
-    if output.exists() and previous.is_dir():
+    elif output.exists() and previous.is_dir():
         shutil.rmtree(previous)
 
 
@@ -426,14 +447,15 @@ def check_output(config: SftConfig, output: Path, fingerprint: dict[str, Any]) -
     overwrite files steer did not write, continue a different run, or silently retrain."""
     recover_interrupted_swap(output)
     record = read_run_record(output)
-    holds_files = output.is_dir() and any(output.iterdir())
+    base = _base_inside(config, output)
+    holds_files = output.is_dir() and any(base is None or p.name != base.parts[0] for p in output.iterdir())
     if record is None:
         if holds_files:
             kind = "a policy written by an older steer" if (output / "steer_config.json").exists() else "files"
             raise SftError(f"{output} already holds {kind} that this run did not write; steer sft will not overwrite "
                            "them: choose another --output or move them away", "output")
         if config.resume:
-            raise SftError(f"--resume: {output} holds no run to resume", "resume")
+            logger.info("--resume: %s holds no run yet; starting one", output)
         return "fresh"
     changed = sorted(k for k in set(fingerprint) | set(record.get("fingerprint", {}))
                      if record.get("fingerprint", {}).get(k) != fingerprint.get(k))
@@ -622,13 +644,14 @@ def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSch
     (staging / "README.md").write_text(card, encoding="utf-8")
     if config.keep_checkpoints and (output / CHECKPOINT_DIR).is_dir():
         (output / CHECKPOINT_DIR).rename(staging / CHECKPOINT_DIR)
+    inside = _base_inside(config, output)
+    if inside is not None:  # the base model lives in the policy folder: it moves over, untouched
+        (staging / inside).parent.mkdir(parents=True, exist_ok=True)
+        (output / inside).rename(staging / inside)
     record = read_run_record(output) or {}
+    # Written last: a staging folder with a finished record is complete (recover_interrupted_swap).
     write_run_record(staging, {**record, "state": "finished"})
-    shutil.rmtree(previous, ignore_errors=True)
-    if output.exists():
-        output.rename(previous)
-    staging.rename(output)
-    shutil.rmtree(previous, ignore_errors=True)
+    _swap_into_place(staging, output, previous)
     logger.info("policy written to %s", output)
 
 
