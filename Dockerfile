@@ -36,7 +36,9 @@ RUN useradd --create-home --uid 1000 steer
 USER steer
 
 # Mount a policy directory (steer sft / steer demo output) at /models/policy, or set STEER_POLICY.
-# STEER_API_KEYS=key1,key2 turns on bearer-token auth; see docs/serving.md for every variable.
+# The server listens on 0.0.0.0 here, so it needs STEER_API_KEYS=key1,key2 (bearer-token auth on
+# every route but /health) and refuses to start without one, unless STEER_ALLOW_NO_AUTH=1 says
+# that an open server is meant. See docs/serving.md for every variable.
 ENV STEER_POLICY=/models/policy \
     STEER_PORT=8000
 VOLUME ["/models"]

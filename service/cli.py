@@ -59,6 +59,9 @@ class ServeConfig:
     max_body_bytes: int | None = field(
         default=None, metadata={"help": "Largest request body before 413 (default 1000000). Env: STEER_MAX_BODY_BYTES."}
     )
+    max_messages: int | None = field(
+        default=None, metadata={"help": "Most messages in one request (default 512). Env: STEER_MAX_MESSAGES."}
+    )
     max_n: int | None = field(default=None, metadata={"help": "Largest n (choices per request) (default 8). Env: STEER_MAX_N."})
     api_key: list[str] = field(
         default_factory=list,
@@ -74,6 +77,26 @@ class ServeConfig:
         metadata={"help": "Decode in a thread of the server process instead of a separate engine process: "
                           "faster start, lower throughput under concurrent load. Env: STEER_ENGINE_IN_PROCESS=1."},
     )
+    engine_max_restarts: int | None = field(
+        default=None, metadata={"help": "Restarts of a crashed engine in a row before giving up (default 3). "
+                                     "Env: STEER_ENGINE_MAX_RESTARTS."}
+    )
+    engine_restart_backoff_s: float | None = field(
+        default=None, metadata={"help": "Seconds before the first restart, doubled for each next one (default 1). "
+                                     "Env: STEER_ENGINE_RESTART_BACKOFF."}
+    )
+    stall_after_s: float | None = field(
+        default=None, metadata={"help": "/health reports a stall after this many seconds without a decode step "
+                                     "while requests wait (default 60). Env: STEER_STALL_AFTER."}
+    )
+    drain_timeout_s: float | None = field(
+        default=None, metadata={"help": "On SIGTERM/SIGINT, seconds requests in flight get to finish (default 30). "
+                                     "Env: STEER_DRAIN_TIMEOUT."}
+    )
+    allow_no_auth: bool = field(
+        default=False, metadata={"help": "Allow listening on a non-loopback --host without --api-key. "
+                                         "Env: STEER_ALLOW_NO_AUTH=1."}
+    )
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 
     def to_settings(self) -> ServerSettings:
@@ -83,12 +106,11 @@ class ServeConfig:
             raise SettingsError("give --ui or --no-ui, not both", "ui")
         overrides["ui"] = True if self.ui else (False if self.no_ui else None)
         overrides["engine_in_process"] = True if self.engine_in_process else None  # else the environment decides
+        overrides["allow_no_auth"] = True if self.allow_no_auth else None
         return ServerSettings.from_env(overrides)
 
 
 def main(config: ServeConfig) -> int:
-    import uvicorn
-
     from service.app import create_app
     from steer.artifacts import load_steer_config
 
@@ -108,12 +130,17 @@ def main(config: ServeConfig) -> int:
         open_database(settings.database_url or DEFAULT_DATABASE_URL).dispose()
     if settings.apm:
         load_steer_config(settings.apm, kind="apm")
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
-        logger.warning("listening on %s without API keys: anyone who can reach it can use it", settings.host)
+    settings.check_exposure()
+    if settings.host not in settings.LOOPBACK_HOSTS and not settings.api_keys:
+        logger.warning("listening on %s without API keys (--allow-no-auth): anyone who can reach it can use it",
+                       settings.host)
     # A thread that decodes (--engine-in-process) or relays the engine process's events holds the GIL
     # between calls; a shorter switch interval lets the event loop parse new requests and flush
     # tokens promptly instead of waiting up to 5 ms each time (with the in-process engine, p50 time
     # to first token with 16 concurrent clients went 0.49 s -> 0.33 s in bench/serve_throughput.py).
     sys.setswitchinterval(0.001)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=config.log_level)
+    from service.shutdown import build_server
+
+    app = create_app(settings)
+    build_server(app, settings.host, settings.port, config.log_level, settings.drain_timeout_s).run()
     return 0

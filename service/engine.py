@@ -61,6 +61,14 @@ class EngineStoppedError(SteerError, RuntimeError):
     pass
 
 
+class EngineFailedError(EngineStoppedError):
+    """The engine (its thread or its process) failed and is not running."""
+
+
+# What a request still running when the engine stops is told.
+STOPPED_MESSAGE = "the server stopped before this reply was finished; retry the request"
+
+
 @dataclass
 class RowEvent:
     """What a row reports: new text, and once, the end."""
@@ -157,6 +165,17 @@ class Engine:
         self._tokens_total = 0
         self._steps_total = 0
         self._max_batch_seen = 0
+        # Supervision: a loop that dies (a step's own errors are caught below; this is for the
+        # rest) fails its rows and starts over, up to max_restarts times; then ``error`` says why.
+        self.max_restarts = 3
+        self.restart_backoff_s = 1.0
+        self.restarts_total = 0
+        self.error: str | None = None
+        self._last_progress = time.monotonic()
+        # Rows submitted and rows ended: the difference is in flight (waiting, being admitted or
+        # running). Two counters, each written by one thread, so no count is lost to a race.
+        self._submitted = 0
+        self._ended = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -173,7 +192,7 @@ class Engine:
             self._thread = None
         with self._cv:
             for row in list(self._waiting) + self._live_rows():
-                self._finish(row, "cancelled")
+                self._finish(row, "cancelled", error=STOPPED_MESSAGE)
             self._waiting.clear()
             self._reset_batch()
 
@@ -184,7 +203,11 @@ class Engine:
         with self._cv:
             if self._stop:
                 raise EngineStoppedError("the server is shutting down")
+            if self.error is not None:
+                raise EngineFailedError(f"the engine is not running ({self.error})")
             running = len(self._live_rows())
+            if self._submitted == self._ended:
+                self._last_progress = time.monotonic()  # the stall clock starts with the first row
             if len(self._waiting) + len(rows) > self.max_queue + max(0, self.max_batch_size - running):
                 raise QueueFullError(
                     f"the server is busy ({running} running, {len(self._waiting)} waiting); retry later"
@@ -195,6 +218,7 @@ class Engine:
                     row.rng = row.params.make_rng()
                 row.detok = IncrementalDetokenizer(self._decoder)
                 self._waiting.append(row)
+                self._submitted += 1
             self._cv.notify_all()
 
     def cancel(self, rows: Sequence[Row]) -> None:
@@ -222,9 +246,37 @@ class Engine:
         # Inference mode for the whole thread: the batch's tensors are updated in place from every
         # path (a cancelled row's slot is released before the next step runs).
         with torch.inference_mode():
-            while self._iterate():
-                if self.on_step is not None:
-                    self.on_step()
+            while True:
+                try:
+                    while self._iterate():
+                        self._last_progress = time.monotonic()
+                        if self.on_step is not None:
+                            self.on_step()
+                    return
+                except Exception as e:
+                    if not self._recover(e):
+                        return
+
+    def _recover(self, e: Exception) -> bool:
+        """The loop died: fail every row it held and say whether to run it again (bounded, with backoff)."""
+        logger.exception("the engine loop failed")
+        with self._cv:
+            for row in list(self._waiting) + self._live_rows():
+                self._finish(row, "error", error=f"generation failed: the engine failed ({type(e).__name__}); "
+                                                 "retry the request")
+            self._waiting.clear()
+            self._reset_batch()
+            if self.restarts_total >= self.max_restarts:
+                self.error = f"the engine failed {self.restarts_total + 1} times (last: {type(e).__name__}: {e})"
+                return False
+            self.restarts_total += 1
+            delay = self.restart_backoff_s * 2 ** (self.restarts_total - 1)
+            self._cv.wait_for(lambda: self._stop, timeout=delay)
+            return not self._stop
+
+    def stalled_for(self) -> float:
+        """Seconds since the last decode step while rows were waiting or running (0 when idle)."""
+        return time.monotonic() - self._last_progress if self._submitted > self._ended else 0.0
 
     def _iterate(self) -> bool:
         """One pass: drop cancelled rows, admit waiting ones, one decode step. False once stopped."""
@@ -352,7 +404,8 @@ class Engine:
                     new.next_positions = new.next_positions.index_select(0, index)
                 self._merge(new)
                 self._slots.extend(rows[j] for j in unplaced)
-        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows])
+        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows],
+                                    [r.generated for r in rows])
         self._max_batch_seen = max(self._max_batch_seen, len(self._live_rows()))
         self._accept(rows, tokens.tolist())
 
@@ -462,7 +515,8 @@ class Engine:
         if len(live) < len(slots):
             logits = logits.index_select(0, torch.tensor(live, dtype=torch.long, device=logits.device))
         rows = [slots[i] for i in live]
-        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows])
+        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows],
+                                    [r.generated for r in rows])
         self._accept(rows, tokens.tolist())
         if self._mergeable and self._state is not None and self._steps_total % self.TRIM_COLUMNS == 0:
             self._trim(min_columns=self.TRIM_COLUMNS)
@@ -527,6 +581,7 @@ class Engine:
             return
         row.done = True
         row.finished_at = time.perf_counter()
+        self._ended += 1
         if reason == "cancelled":
             self._cancelled_total += 1
         else:

@@ -22,18 +22,24 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from service.engine import Engine, EngineStats, EngineStoppedError, QueueFullError, Row, RowEvent
+from service.engine import (  # noqa: F401  (EngineFailedError is imported from here too)
+    STOPPED_MESSAGE,
+    Engine,
+    EngineFailedError,
+    EngineStats,
+    EngineStoppedError,
+    QueueFullError,
+    Row,
+    RowEvent,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class EngineFailedError(EngineStoppedError):
-    """The engine process exited or could not start."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +52,18 @@ class EngineProcessConfig:
     threads: int = 0
     max_batch_size: int = 16
     log_level: int = logging.INFO
+    # After a SIGTERM, how long the child waits for the server's "stop" before leaving on its own.
+    sigterm_grace_s: float = 60.0
 
 
 class EngineProcess:
+    # A child that ran this long before dying starts a fresh series of restarts.
+    HEALTHY_AFTER_S = 60.0
+    MAX_BACKOFF_S = 30.0
+
     def __init__(self, config: EngineProcessConfig, *, max_queue: int = 64,
-                 on_token: Callable[[int], None] | None = None, start_timeout: float = 600.0):
+                 on_token: Callable[[int], None] | None = None, start_timeout: float = 600.0,
+                 max_restarts: int = 3, restart_backoff_s: float = 1.0):
         self.config = config
         self.max_batch_size = config.max_batch_size
         self.max_queue = max_queue
@@ -70,10 +83,22 @@ class EngineProcess:
         self._commands = None
         self._events = None
         self._reader: threading.Thread | None = None
+        # Supervision: a child that dies is restarted up to max_restarts times in a row, waiting
+        # restart_backoff_s, then twice that, ... before each attempt.
+        self.max_restarts = max_restarts
+        self.restart_backoff_s = restart_backoff_s
+        self.restarts_total = 0
+        self._failures = 0
+        self._started_at = 0.0
+        self._stopped = threading.Event()
+        self._last_progress = time.monotonic()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Start the child and wait until its model is loaded; raises ``EngineFailedError``."""
+        self._spawn()
+
+    def _spawn(self) -> None:
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and CUDA state
         command_reader, self._commands = ctx.Pipe(duplex=False)
         self._events, event_writer = ctx.Pipe(duplex=False)
@@ -98,6 +123,9 @@ class EngineProcess:
             self._process.join(5)
             raise EngineFailedError(payload)
         self.max_context = payload["max_context"]
+        self._stats = EngineStats(0, 0, 0, 0, 0, 0, 0)
+        self._tokens_seen = 0
+        self._started_at = time.monotonic()
         self._reader = threading.Thread(target=self._read_events, name="steer-engine-events", daemon=True)
         self._reader.start()
         logger.info("engine process %d ready", self._process.pid)
@@ -105,6 +133,7 @@ class EngineProcess:
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._stopping = True
+        self._stopped.set()
         if self._process is None:
             return
         self._send("stop", None)
@@ -114,7 +143,7 @@ class EngineProcess:
             self._process.join(timeout)
         if self._reader is not None:
             self._reader.join(timeout)
-        self._fail_all("cancelled", None)
+        self._fail_all("cancelled", STOPPED_MESSAGE)
 
     # --------------------------------------------------------------- client
     def submit(self, rows: Sequence[Row]) -> None:
@@ -129,6 +158,8 @@ class EngineProcess:
             # rows in flight here are never fewer than the child's running + waiting.
             if len(self._rows) + len(rows) > self.max_queue + self.max_batch_size:
                 raise QueueFullError(f"the server is busy ({len(self._rows)} requests in progress); retry later")
+            if not self._rows:
+                self._last_progress = time.monotonic()  # the stall clock starts with the first row
             items = []
             for row in rows:
                 row.submitted_at = now
@@ -152,6 +183,10 @@ class EngineProcess:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def stalled_for(self) -> float:
+        """Seconds since the engine last reported progress while rows were in flight (0 when idle)."""
+        return time.monotonic() - self._last_progress if self._rows else 0.0
+
     # ------------------------------------------------------------ internals
     def _send(self, kind: str, payload) -> None:
         try:
@@ -167,6 +202,7 @@ class EngineProcess:
                 if kind == "stopped":
                     return
                 events, stats = payload
+                self._last_progress = time.monotonic()
                 # Counts before events: a client that has seen its text finds them in the stats.
                 self._stats = stats
                 new_tokens = stats.tokens_total - self._tokens_seen
@@ -179,9 +215,45 @@ class EngineProcess:
         finally:
             if not self._stopping:
                 self._process.join(1)
-                self.error = f"the engine process exited (exit code {self._process.exitcode})"
-                logger.error("%s; failing %d requests in flight", self.error, len(self._rows))
-                self._fail_all("error", "generation failed: the engine process exited")
+                self._after_exit(f"the engine process exited (exit code {self._process.exitcode})")
+
+    def _after_exit(self, reason: str, ran_well: bool | None = None) -> None:
+        """The child is gone: fail what it held, then restart it (bounded, with backoff) or give up."""
+        if ran_well is None:
+            ran_well = time.monotonic() - self._started_at > self.HEALTHY_AFTER_S
+        if ran_well:
+            self._failures = 0
+        with self._lock:
+            if self._failures < self.max_restarts:
+                self._failures += 1
+                delay = min(self.restart_backoff_s * 2 ** (self._failures - 1), self.MAX_BACKOFF_S)
+                self.error = f"{reason}; restarting it (attempt {self._failures} of {self.max_restarts})"
+            else:
+                delay = None
+                self.error = (f"{reason}" + (f" after {self.max_restarts} restarts" if self.max_restarts else "")
+                              + "; the server needs a restart")
+        logger.error("%s; failing %d requests in flight", self.error, len(self._rows))
+        self._fail_all("error", f"generation failed: {reason}; retry the request")
+        if delay is not None:
+            threading.Thread(target=self._restart, args=(delay, reason), name="steer-engine-restart",
+                             daemon=True).start()
+
+    def _restart(self, delay: float, reason: str) -> None:
+        if self._stopped.wait(delay):
+            return
+        try:
+            self._spawn()
+        except Exception as e:  # counts as another failure, with a longer wait
+            logger.error("restarting the engine process failed: %s", e)
+            self._after_exit(f"{reason}; restarting it failed ({e})", ran_well=False)
+            return
+        with self._lock:
+            self.restarts_total += 1
+            self.error = None
+            if self._stopping:  # stop() came while the child was loading
+                self._send("stop", None)
+        logger.warning("the engine process was restarted (%d restart(s) since the server started)",
+                       self.restarts_total)
 
     def _deliver(self, events: list[tuple[int, RowEvent]]) -> None:
         for key, event in events:
@@ -221,9 +293,38 @@ def engine_threads(requested: int, device) -> int:
     return max(1, cores - 1)
 
 
+def handle_command(engine: Engine, rows: dict[int, Row], sink_for: Callable[[int], Callable[[RowEvent], None]],
+                   kind: str, payload) -> None:
+    """Apply one command from the server to the engine. ``rows`` is shared with the engine
+    thread, which removes a row the moment it finishes, so every lookup tolerates a key that
+    vanished in between (``key in rows`` then ``rows[key]`` once raced into a KeyError that ended
+    the command loop for good)."""
+    if kind == "submit":
+        batch = [Row(prompt_ids=list(ids), params=params, stops=list(stops), sink=sink_for(key), index=index)
+                 for key, ids, params, stops, index in payload]
+        rows.update((key, row) for (key, *_), row in zip(payload, batch))
+        engine.submit(batch)
+    elif kind == "cancel":
+        found = [rows.get(key) for key in payload]
+        engine.cancel([row for row in found if row is not None])
+    else:
+        logger.warning("engine process: unknown command %r", kind)
+
+
 def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     """The child's main: load the policy, run an engine, relay rows in and events out."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group, and systemd's SIGTERM the whole cgroup; the server
+    # decides when the engine stops (after draining its requests), so the child waits for its
+    # "stop" command. A SIGTERM that no "stop" follows (the server died) still ends it, later.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_sigterm(signum, frame):
+        timer = threading.Timer(config.sigterm_grace_s, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         import torch
 
@@ -274,15 +375,12 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     try:
         while True:
             kind, payload = commands.recv()
-            if kind == "submit":
-                batch = [Row(prompt_ids=list(ids), params=params, stops=list(stops), sink=sink_for(key), index=index)
-                         for key, ids, params, stops, index in payload]
-                rows.update((key, row) for (key, *_), row in zip(payload, batch))
-                engine.submit(batch)
-            elif kind == "cancel":
-                engine.cancel([rows[key] for key in payload if key in rows])
-            elif kind == "stop":
+            if kind == "stop":
                 break
+            try:
+                handle_command(engine, rows, sink_for, kind, payload)
+            except Exception:  # one bad command must not end the loop (and the engine with it)
+                logger.exception("engine process: the %r command failed", kind)
     except (EOFError, OSError):
         pass  # the server went away: stop decoding for nobody
     finally:

@@ -41,6 +41,11 @@ class ServerMetrics:
         self.cancelled.set_function(lambda: stats().cancelled_total)
         self.registry.register(_EngineSteps(stats))
 
+    def bind_restarts(self, restarts: Callable[[], int]) -> None:
+        """``steer_engine_restarts_total``: times the engine was restarted after a crash."""
+        self.registry.register(_Value("steer_engine_restarts", "Engine restarts after a crash (since start).",
+                                      restarts))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -55,3 +60,11 @@ class _EngineSteps:
     def collect(self):
         yield CounterMetricFamily("steer_decode_steps", "Batched decode steps run by the engine.",
                                   value=self._stats().steps_total)
+
+
+class _Value:
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())

@@ -14,30 +14,56 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    """One part of a message's content. Only text parts are supported; other kinds (images, audio,
+    files) are accepted by the schema so the error can say so by name."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+# Kept for imports elsewhere: a text part is a content part.
+TextPart = ContentPart
 
 
 class ChatMessageIn(BaseModel):
+    # OpenAI's message fields are all accepted; the ones that ask for tools, audio or refusals
+    # are refused by name when they carry a value (service.serving).
     model_config = ConfigDict(extra="forbid")
-    role: str = Field(description="system, user or assistant")
-    content: str | list[TextPart] = Field(description="Text, or a list of text parts that are joined.")
+    role: str = Field(description="system (or developer, OpenAI's newer name for it), user or assistant")
+    content: str | list[ContentPart] | None = Field(
+        default=None, description="Text, or a list of text parts that are joined.")
     name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    refusal: str | None = None
+    audio: Any = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text or "" for p in self.content or [])
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(default=None, description="Accepted and ignored (no padding is added).")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="Only \"text\" is supported.")
 
 
 class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat request, every field of it, plus steer's ``attributes``, ``score`` and
+    ``ignore_eos``. Fields steer has no use for (``user``, ``metadata``, ``store``...) are accepted
+    and ignored; a field that asks for something steer does not do (tools, JSON mode, logprobs,
+    audio) is a 400 naming it."""
+
     model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessageIn] = Field(description="The conversation; the last message must be the user's.")
@@ -54,9 +80,15 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
+                                           description="Lowers the odds of every token already in the reply.")
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
+                                            description="Lowers a token's odds by how often it is already in the reply.")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) -> bias in [-100, 100] added to its logit.")
     ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token until "
                              "max_tokens or a stop string (vLLM's extension; for benchmarks and load tests).")
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     score: bool = Field(default=False, description="Also return the attribute prediction model's scores per reply.")
     best_of: int | None = Field(
@@ -68,7 +100,31 @@ class ChatCompletionRequest(BaseModel):
     )
     best_of_weights: dict[str, float] | None = Field(
         default=None, description="Weights of the attributes in the best_of distance (default 1 each).")
+    # Accepted and ignored: they describe the caller or the billing, not the reply.
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = Field(default=None, description="false or absent; steer stores nothing.")
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: Any = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # Accepted at their defaults only (400 naming the field otherwise).
+    logprobs: bool | None = Field(default=None, description="false or absent; log probabilities are not supported.")
+    top_logprobs: int | None = Field(default=None, description="0 or absent.")
+    tools: list[Any] | None = Field(default=None, description="[] or absent; tool calling is not supported.")
+    tool_choice: Any = Field(default=None, description="\"none\", \"auto\" (with no tools) or absent.")
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: ResponseFormat | None = None
+    modalities: list[str] | None = Field(default=None, description="[\"text\"] or absent.")
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: Any = None
+    moderation: Any = None
 
 
 class ChatMessageOut(BaseModel):

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -116,6 +117,94 @@ def merge_deltas(events: list[RowEvent]) -> list[RowEvent]:
 
 
 @dataclass
+class PreparedRequest:
+    """A validated request and its tokenized prompt, ready for the engine."""
+
+    request: ChatCompletionRequest
+    messages: list[dict[str, str]]
+    attributes: dict[str, int]
+    prompt_ids: list[int]
+    params: SamplingParams
+    stops: list[str]
+    # best_of (steer.best_of): candidates per choice, the values they are measured against, weights.
+    best_of: int = 1
+    best_of_target: dict[str, int] | None = None
+    best_of_weights: dict[str, float] | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. a requested value never seen in training
+
+
+def check_unicode(text: str, param: str) -> None:
+    """400 for text holding a lone UTF-16 surrogate (JSON allows "\\ud800"; no tokenizer can encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{param} holds a lone surrogate ({text[e.start]!r} at position {e.start}), "
+                          "which is not valid Unicode text", param, "invalid_unicode") from None
+
+
+def _unsupported(param: str, what: str) -> ServingError:
+    return bad_request(f"{param} is not supported: {what}", param, "unsupported_parameter")
+
+
+def check_supported(req: ChatCompletionRequest) -> None:
+    """400 naming the first OpenAI field that asks for something steer does not do. The same fields
+    at their defaults (what client libraries send unasked) pass."""
+    if req.logprobs:
+        raise _unsupported("logprobs", "steer does not return log probabilities")
+    if req.top_logprobs:
+        raise _unsupported("top_logprobs", "steer does not return log probabilities")
+    if req.tools:
+        raise _unsupported("tools", "steer does not call tools")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", "steer does not call tools")
+    if req.functions:
+        raise _unsupported("functions", "steer does not call functions")
+    if req.function_call not in (None, "none", "auto"):
+        raise _unsupported("function_call", "steer does not call functions")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise _unsupported("response_format", f"only {{\"type\": \"text\"}}, not {req.response_format.type!r}")
+    if req.modalities is not None and any(m != "text" for m in req.modalities):
+        raise _unsupported("modalities", "steer writes text only")
+    if req.audio is not None:
+        raise _unsupported("audio", "steer writes text only")
+    if req.prediction is not None:
+        raise _unsupported("prediction", "predicted outputs are not implemented")
+    if req.web_search_options is not None:
+        raise _unsupported("web_search_options", "steer does not search the web")
+    if req.store:
+        raise _unsupported("store", "steer does not store completions")
+    if req.reasoning_effort is not None:
+        raise _unsupported("reasoning_effort", "steer's models do not reason in hidden tokens")
+    if req.verbosity is not None:
+        raise _unsupported("verbosity", "steer is steered by attributes instead")
+    if req.moderation is not None:
+        raise _unsupported("moderation", "steer does not moderate")
+    for i, m in enumerate(req.messages):
+        where = f"messages[{i}]"
+        if m.role in ("tool", "function"):
+            raise _unsupported(f"{where}.role", f"{m.role!r} messages need tool calling, which steer does not do")
+        if m.tool_calls:
+            raise _unsupported(f"{where}.tool_calls", "steer does not call tools")
+        for name in ("tool_call_id", "function_call", "audio", "refusal"):
+            if getattr(m, name) is not None:
+                raise _unsupported(f"{where}.{name}", "steer does not call tools, write audio or refuse")
+        if m.content is None:
+            raise bad_request(f"{where}.content: a message needs text content", f"{where}.content")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type != "text" or part.text is None:
+                raise _unsupported(f"{where}.content[{j}]", f"content parts of type {part.type!r}; send text parts")
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` can stand for (its longest vocabulary entry;
+    byte-level entries spell a byte per character, so this is an upper bound)."""
+    try:
+        return max(1, max(len(t) for t in tokenizer.get_vocab()))
+    except Exception:  # a tokenizer without a vocabulary listing: no cheap bound
+        return 1 << 20
+
+
+@dataclass
 class Generation:
     """One accepted request: its rows in the engine and the queue their events arrive on."""
 
@@ -149,6 +238,8 @@ class ChatServing:
         self.max_context = engine.max_context
         self._apm_lock = threading.Lock()
         self._events: EventDispatcher | None = None
+        self._prompt_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-prompt")
+        self.max_chars_per_token = max_token_chars(policy.tokenizer)
 
     # ---------------------------------------------------------------- info
     def models(self) -> ModelList:
@@ -194,12 +285,30 @@ class ChatServing:
                 seed=req.seed,
                 stop=stops,
                 ignore_eos=req.ignore_eos,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=self._logit_bias(req.logit_bias),
             )
         except SteerError as e:
             raise bad_request(str(e), _param_from_steer_error(e)) from None
 
-    def start(self, req: ChatCompletionRequest) -> Generation:
-        """Validate ``req`` and queue its rows; raises ``ServingError`` (400/404/429/503)."""
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        if not bias:
+            return None
+        vocab = len(self.policy.tokenizer)
+        out = {}
+        for key, value in bias.items():
+            token = int(key) if key.strip().isdigit() else -1
+            if not 0 <= token < vocab:
+                raise bad_request(f"logit_bias keys must be token ids of this model (0 to {vocab - 1}), got {key!r}",
+                                  "logit_bias")
+            out[token] = value
+        return out
+
+    def check(self, req: ChatCompletionRequest) -> None:
+        """The cheap checks, run on the event loop before any tokenizing: a prompt that cannot fit
+        is refused by counting messages and characters, so one huge body cannot hold up the loop
+        (24,000 one-word messages used to block every stream for about 2 s)."""
         if req.model is not None and req.model != self.model_name:
             raise ServingError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                                param="model", code="model_not_found")
@@ -211,7 +320,30 @@ class ChatServing:
                               "score")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        check_supported(req)
+        if len(req.messages) > self.settings.max_messages:
+            raise bad_request(f"messages holds {len(req.messages)} messages; this server allows at most "
+                              f"{self.settings.max_messages}", "messages", "too_many_messages")
+        chars = 0
+        for i, m in enumerate(req.messages):
+            text = m.text()
+            check_unicode(text, f"messages[{i}].content")
+            if m.name is not None:
+                check_unicode(m.name, f"messages[{i}].name")
+            chars += len(text)
+        # No token covers more characters than the vocabulary's longest entry.
+        if chars > self.settings.max_prompt_tokens * self.max_chars_per_token:
+            raise bad_request(f"the messages hold {chars} characters, more than fit in this server's limit of "
+                              f"{self.settings.max_prompt_tokens} prompt tokens", "messages", "context_length_exceeded")
+        for i, s in enumerate([req.stop] if isinstance(req.stop, str) else (req.stop or [])):
+            check_unicode(s, "stop" if isinstance(req.stop, str) else f"stop[{i}]")
+
+    def prepare(self, req: ChatCompletionRequest) -> PreparedRequest:
+        """Validate ``req`` and tokenize its prompt (no engine involved; safe off the event loop)."""
+        self.check(req)
+        # "developer" is OpenAI's newer name for the system message.
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
         schema = self.policy.schema
         try:
             attributes = schema.validate(req.attributes)
@@ -222,6 +354,12 @@ class ChatServing:
                                                    attributes=attributes)
         except SteerError as e:
             raise bad_request(str(e), _param_from_steer_error(e) or "messages") from None
+        except Exception as e:
+            # A template that cannot render these messages (a chat template raising, text the
+            # tokenizer refuses): the request's fault as far as the client can tell, never a 500.
+            logger.warning("could not build a prompt: %s: %s", type(e).__name__, e)
+            raise bad_request(f"could not build a prompt from these messages: {type(e).__name__}: {e}",
+                              "messages", "invalid_prompt") from None
         prompt_tokens = len(prompt.input_ids)
         if prompt_tokens > self.settings.max_prompt_tokens:
             raise bad_request(f"the prompt has {prompt_tokens} tokens; this server allows at most "
@@ -232,31 +370,54 @@ class ChatServing:
         # The end marker ("\n<extra_id_1>") is listed before the bare stop string so the newline that
         # precedes it is cut too (and held back while streaming), as steer.generation does.
         stops = list(dict.fromkeys([s for s in [template.end_marker] if s] + template.stop_strings + params.stop))
+        warnings = unseen_request_warnings(
+            schema.validate(req.attributes, fill_defaults=False) if req.attributes else {},
+            (getattr(self.policy, "config", None) or {}).get("trained_values"))
+        return PreparedRequest(request=req, messages=messages, attributes=attributes,
+                               prompt_ids=list(prompt.input_ids), params=params, stops=stops, best_of=best_of,
+                               best_of_target=target, best_of_weights=weights, warnings=warnings)
 
+    def submit(self, prepared: PreparedRequest) -> Generation:
+        """Queue a prepared request's rows; raises ``ServingError`` (429/503). On the event loop."""
+        req, params = prepared.request, prepared.params
         events: asyncio.Queue = asyncio.Queue()
         sink = self._dispatcher().sink(events)
 
         rows = []
-        for i in range(req.n * best_of):
+        for i in range(req.n * prepared.best_of):
             # n > 1 with a seed: each choice gets its own stream (seed + i), still reproducible; with
             # best_of, row i is candidate i % best_of of choice i // best_of (steer.best_of.candidate_seed).
             row_params = params if (params.seed is None or i == 0) else replace(
                 params, seed=(params.seed + i) % 2**63)
-            rows.append(Row(prompt_ids=list(prompt.input_ids), params=row_params, stops=stops, sink=sink, index=i))
+            rows.append(Row(prompt_ids=list(prepared.prompt_ids), params=row_params, stops=prepared.stops,
+                            sink=sink, index=i))
         try:
             self.engine.submit(rows)
         except QueueFullError as e:
             raise ServingError(429, str(e), type="rate_limit_error", code="server_busy",
                                headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except EngineFailedError as e:
-            raise ServingError(503, str(e), type="server_error", code="engine_failed") from None
+            raise ServingError(503, str(e), type="server_error", code="engine_failed",
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except EngineStoppedError as e:
-            raise ServingError(503, str(e), type="server_error", code="shutting_down") from None
-        return Generation(request=req, messages=messages, attributes=attributes, prompt_tokens=prompt_tokens,
-                          rows=rows, events=events, best_of=best_of, best_of_target=target, best_of_weights=weights,
-                          warnings=unseen_request_warnings(
-                              schema.validate(req.attributes, fill_defaults=False) if req.attributes else {},
-                              (getattr(self.policy, "config", None) or {}).get("trained_values")))
+            raise ServingError(503, str(e), type="server_error", code="shutting_down",
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        return Generation(request=req, messages=prepared.messages, attributes=prepared.attributes,
+                          prompt_tokens=len(prepared.prompt_ids), rows=rows, events=events,
+                          best_of=prepared.best_of, best_of_target=prepared.best_of_target,
+                          best_of_weights=prepared.best_of_weights, warnings=prepared.warnings)
+
+    def start(self, req: ChatCompletionRequest) -> Generation:
+        """Validate ``req`` and queue its rows, tokenizing on the calling thread; raises ``ServingError``
+        (400/404/429/503). Routes use ``start_async``."""
+        return self.submit(self.prepare(req))
+
+    async def start_async(self, req: ChatCompletionRequest) -> Generation:
+        """``start`` with the prompt built on one worker thread, so the event loop keeps streaming
+        other replies meanwhile (and the tokenizer is never used from two threads at once)."""
+        self.check(req)
+        prepared = await asyncio.get_running_loop().run_in_executor(self._prompt_worker, self.prepare, req)
+        return self.submit(prepared)
 
     def _best_of(self, req: ChatCompletionRequest, attributes: dict[str, int]):
         """``(best_of, target, weights)`` for the request; 400s name ``best_of``/``best_of_weights``."""
@@ -319,10 +480,21 @@ class ChatServing:
 
         return await asyncio.get_running_loop().run_in_executor(None, run)
 
-    @staticmethod
-    def _check_error(event: RowEvent) -> None:
+    def _event_error(self, event: RowEvent) -> ServingError | None:
+        """The error a row's end means for its client: the engine failed it, or stopped (shutdown,
+        engine restart) before it was done. A client's own cancellation never reaches here."""
         if event.finish_reason == "error":
-            raise ServingError(500, event.error or "generation failed", type="server_error")
+            return ServingError(500, event.error or "generation failed", type="server_error", code="generation_failed")
+        if event.finish_reason == "cancelled":
+            return ServingError(503, event.error or "the request was cancelled: the server is shutting down; retry",
+                                type="server_error", code="request_cancelled",
+                                headers={"Retry-After": str(self.settings.retry_after_s)})
+        return None
+
+    def _check_error(self, event: RowEvent) -> None:
+        error = self._event_error(event)
+        if error is not None:
+            raise error
 
     async def complete(self, gen: Generation) -> ChatCompletionResponse:
         texts: dict[int, str] = {}
@@ -413,10 +585,12 @@ class ChatServing:
                         continue
                     done += 1
                     tokens += event.completion_tokens
-                    if event.finish_reason == "error":
-                        err = {"error": {"message": event.error or "generation failed", "type": "server_error",
-                                         "param": None, "code": None}}
-                        out.append(f"data: {json.dumps(err)}\n\n")
+                    error = self._event_error(event)
+                    if error is not None:
+                        # The stream has begun (200 sent): the error travels as an event, and
+                        # [DONE] still ends the stream so clients stop reading cleanly.
+                        out.append(f"data: {json.dumps(error.body())}\n\n")
+                        out.append("data: [DONE]\n\n")
                         yield "".join(out)
                         return
                     if gen.request.score:

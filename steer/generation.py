@@ -357,7 +357,8 @@ class SteerGenerator:
             # Only unfinished rows draw from their random streams, so a row's stream never
             # depends on what else is in the batch.
             sampled = sample_next_tokens(
-                logits[active], [rows[i].params for i in active], [rows[i].rng for i in active]
+                logits[active], [rows[i].params for i in active], [rows[i].rng for i in active],
+                [rows[i].tokens for i in active],
             )
             for i, token in zip(active, sampled.tolist()):
                 next_tokens[i] = token

@@ -25,6 +25,14 @@ import torch
 from steer.errors import SteerError
 
 MAX_STOP_STRINGS = 4
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
+# Every new token's text is checked against each stop string (and a tail held back while it could
+# still become one), so their length is bounded.
+MAX_STOP_LENGTH = 256
+# Below this a temperature is greedy decoding: logits divided by 1e-38 overflow float32 to inf,
+# and the draw then lands on the last vocabulary id. At 1e-4 the softmax of any two logits that
+# differ by 0.01 already puts 1 - e^-100 on the larger one, so nothing is lost.
+GREEDY_TEMPERATURE = 1e-4
 # Candidates looked at before falling back to a full sort of the vocabulary.
 NUCLEUS_CANDIDATES = 32
 
@@ -44,6 +52,16 @@ class SamplingParams:
     # Keep decoding past EOS up to max_new_tokens (vLLM's name): fixed-length replies for benchmarks
     # and load tests. The EOS token is then ordinary text.
     ignore_eos: bool = False
+    # OpenAI's penalties on tokens already generated (not the prompt's): presence subtracts once
+    # from every token that occurred, frequency once per occurrence. Both in [-2, 2].
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # token id -> value added to its logit, in [-100, 100] (-100 bans a token, 100 all but forces it).
+    logit_bias: dict[int, float] | None = None
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +77,22 @@ class SamplingParams:
             raise SamplingError(f"at most {MAX_STOP_STRINGS} stop strings", "stop")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingError("stop strings must be non-empty text", "stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in self.stop):
+            raise SamplingError(f"stop strings may be at most {MAX_STOP_LENGTH} characters long", "stop")
+        if float(self.temperature) < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= float(value) <= 2.0:
+                raise SamplingError(f"{name} must be between -2 and 2", name)
+        if self.logit_bias:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise SamplingError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens", "logit_bias")
+            for token, bias in self.logit_bias.items():
+                if not isinstance(token, int) or token < 0:
+                    raise SamplingError(f"logit_bias keys must be token ids (0 or more), got {token!r}", "logit_bias")
+                if not isinstance(bias, (int, float)) or not -100.0 <= float(bias) <= 100.0:
+                    raise SamplingError(f"logit_bias[{token}] must be between -100 and 100", "logit_bias")
 
     def make_rng(self) -> random.Random:
         """The request's random stream: seeded when ``seed`` is set, fresh otherwise."""
@@ -82,17 +116,53 @@ def _last_in_nucleus(cumulative: torch.Tensor, top_p: float) -> torch.Tensor:
     return (cumulative[..., :-1] < top_p).sum(dim=-1, keepdim=True)
 
 
+def adjust_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
+                  generated: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``logits`` ([batch, vocab]) with each row's presence and frequency penalties and logit bias
+    applied, for the rows that ask for any (one scatter and one indexed add for the whole batch)."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    vocab, device = logits.shape[-1], logits.device
+    penalised = [i for i in rows if (params[i].presence_penalty or params[i].frequency_penalty) and generated[i]]
+    if penalised:
+        width = max(len(generated[i]) for i in penalised)
+        # Token counts per row: ids padded with an extra column (vocab) that is dropped afterwards.
+        ids = torch.full((len(penalised), width), vocab, dtype=torch.long)
+        for r, i in enumerate(penalised):
+            seq = torch.tensor(generated[i], dtype=torch.long)
+            ids[r, :len(seq)] = seq.clamp(0, vocab)
+        ids = ids.to(device)
+        counts = torch.zeros((len(penalised), vocab + 1), dtype=logits.dtype, device=device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
+        counts = counts[:, :vocab]
+        presence = torch.tensor([float(params[i].presence_penalty) for i in penalised], device=device)
+        frequency = torch.tensor([float(params[i].frequency_penalty) for i in penalised], device=device)
+        index = torch.tensor(penalised, dtype=torch.long, device=device)
+        logits[index] -= presence[:, None] * (counts > 0).to(logits.dtype) + frequency[:, None] * counts
+    biased = [(i, t, float(b)) for i in rows for t, b in (params[i].logit_bias or {}).items() if t < vocab]
+    if biased:
+        row_index, token_index, values = zip(*biased)
+        logits.index_put_((torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)),
+                          torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+    return logits
+
+
 def sample_next_tokens(
-    logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[random.Random]
+    logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[random.Random],
+    generated: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """One token per row of ``logits`` ([batch, vocab]) under that row's own params and random stream.
 
-    Rows that share temperature and top_p are sampled together; each row with temperature > 0
-    takes exactly one ``rng.random()``, greedy rows take none."""
+    ``generated`` (each row's tokens so far) feeds the presence and frequency penalties; without it
+    only logit bias applies. Rows that share temperature and top_p are sampled together; each row
+    with temperature > 0 takes exactly one ``rng.random()``, greedy rows take none."""
     if not math.isfinite(float(logits.sum())):
         # A broken model or an overflow (one NaN or inf makes the sum so); any token drawn from
         # this would be noise. A sum costs a fraction of an elementwise isfinite here.
         raise SamplingError("the model produced non-finite scores; cannot sample", "logits")
+    logits = adjust_logits(logits, params, generated if generated is not None else [()] * len(params))
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     groups: dict[tuple[float, float], list[int]] = {}
     for i, p in enumerate(params):
@@ -101,7 +171,7 @@ def sample_next_tokens(
         whole = len(rows) == logits.shape[0]
         index = None if whole else torch.tensor(rows, device=logits.device)
         group_logits = (logits if whole else logits[index]).float()
-        if temperature == 0:
+        if temperature < GREEDY_TEMPERATURE:
             tokens = torch.argmax(group_logits, dim=-1)
         else:
             uniforms = torch.tensor([rngs[i].random() for i in rows], dtype=torch.float32)

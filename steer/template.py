@@ -235,6 +235,55 @@ class ChatTemplatePrompt(PromptTemplate):
     def _chat(self, msgs: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
+    def _turn_suffix(self) -> str | None:
+        """What the template writes after an assistant reply's text (its end-of-turn), found once
+        from a two-message probe; None when the probe does not render as growing prefixes."""
+        if not hasattr(self, "_suffix"):
+            probe_reply = "\u2063probe\u2063"
+            user = [{"role": "user", "content": "x"}]
+            try:
+                prefix = self._chat(user, generation_prompt=True)
+                full = self._chat(user + [{"role": "assistant", "content": probe_reply}], generation_prompt=False)
+            except Exception:
+                full = prefix = ""
+            self._suffix = full[len(prefix) + len(probe_reply):] if full.startswith(prefix + probe_reply) else None
+        return self._suffix
+
+    def _render_inference_once(self, msgs, requested, content=lambda text: text, segment=Segment) -> list[Segment] | None:
+        """The inference segments from ONE render of the conversation, where the general path
+        renders it twice per assistant turn (a cost that grows with the square of its length).
+        Each reply is found in the render by its label line, which user text cannot contain (it
+        is escaped), and must be followed by the template's end-of-turn; None when the template
+        renders otherwise, and the general path is used. ``content`` and ``segment`` are the
+        placeholder hooks of :meth:`_render` (special-token text kept as text)."""
+        suffix = self._turn_suffix()
+        if suffix is None or not any(m.role == "assistant" for m in msgs):
+            return None
+        chat: list[dict] = []
+        if msgs[0].role != "system" and self.default_system:
+            chat.append({"role": "system", "content": content(self.escape(self.default_system))})
+        replies = []
+        for m in msgs:
+            if m.role != "assistant":
+                chat.append({"role": m.role, "content": content(self.escape(m.content))})
+                continue
+            line = self.label_line(m.labels, fill_defaults=False) if m.labels else self.label_line(requested)
+            replies.append((line, line + content(self.escape(m.content))))
+            chat.append({"role": "assistant", "content": replies[-1][1]})
+        whole = self._chat(chat, generation_prompt=True)
+        segments: list[Segment] = []
+        done = 0
+        for line, body in replies:
+            start = whole.find(body, done)
+            end = start + len(body)
+            if start < 0 or not whole.startswith(suffix, end):
+                return None
+            segments.append(segment(whole[done:start] + line))
+            segments.append(segment(whole[start + len(line):end + len(suffix)], trainable=True))
+            done = end + len(suffix)
+        segments.append(segment(whole[done:] + self.label_line(requested)))
+        return segments
+
     def render(self, messages, mode: Mode = "train", attributes=None) -> list[Segment]:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -261,16 +310,24 @@ class ChatTemplatePrompt(PromptTemplate):
                 contents: list[str] | None = None) -> list[Segment]:
         """Segments of the conversation; with ``contents``, each message content (and the default
         system prompt) is rendered as a placeholder and put back with its span recorded."""
-        placeholders = iter(range(len(contents))) if contents is not None else None
+        def fresh_content():
+            # Placeholders are numbered in the order contents are rendered: each pass starts at 0.
+            placeholders = iter(range(len(contents))) if contents is not None else None
 
-        def content(text: str) -> str:
-            return text if placeholders is None else f"{_PLACEHOLDER[0]}{next(placeholders)}{_PLACEHOLDER[1]}"
+            def content(text: str) -> str:
+                return text if placeholders is None else f"{_PLACEHOLDER[0]}{next(placeholders)}{_PLACEHOLDER[1]}"
+            return content
 
         def segment(text: str, trainable: bool = False) -> Segment:
             if contents is None:
                 return Segment(text, trainable)
             return _fill_placeholders(text, contents, trainable)
 
+        if mode == "inference":
+            fast = self._render_inference_once(msgs, requested, fresh_content(), segment)
+            if fast is not None:
+                return fast
+        content = fresh_content()
         chat: list[dict] = []
         if msgs[0].role != "system" and self.default_system:
             chat.append({"role": "system", "content": content(self.escape(self.default_system))})

@@ -24,3 +24,17 @@ def test_decode_step_bench_reports_the_batching_ceiling():
     assert report["batch"] == 4 and steps["1"] > 0 and steps["4"] > 0 and report["mixed_step_ms"] > 0
     assert abs(report["batching_ceiling"] - 4 * steps["1"] / steps["4"]) < 0.02
     assert "batching ceiling:" in out.stdout
+
+
+def test_overload_bench_runs_and_reports_outcomes():
+    shared_path("models", "stories260K")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "serve_overload.py"), "--clients", "8", "--max-queue", "1",
+         "--max-batch-size", "2", "--seconds", "3", "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "STEER_SHARED": str(SHARED), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+    )
+    report = json.loads(out.stdout[: out.stdout.index("\n}\n") + 2])
+    assert report["requests"] == sum(report["outcomes"].values()) > 0
+    assert report["hung"] == 0 and report["unexpected"] == {}, report
+    assert report["outcomes"].get("429+retry-after", 0) > 0  # 8 clients, 3 places: some were refused

@@ -110,7 +110,7 @@ def test_engine_process_that_cannot_load_fails_start_with_the_reason(tmp_path):
 def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
     """The server keeps answering: requests in flight end with an error, /health turns 503 naming
     the cause, and new requests get a 503 instead of hanging."""
-    with make_client(tiny_policy, engine_in_process=False, max_tokens_limit=4000) as client:
+    with make_client(tiny_policy, engine_in_process=False, max_tokens_limit=4000, engine_max_restarts=0) as client:
         wait_ready(client, timeout=120)
         engine = client.app.state.server.engine
         assert isinstance(engine, EngineProcess)
@@ -159,3 +159,62 @@ def test_engine_threads_leave_a_core_to_the_http_side(monkeypatch):
     monkeypatch.setattr(engine_process.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert engine_process.engine_threads(0, torch.device("cpu")) == 1
     assert engine_process.engine_threads(0, torch.device("cuda")) == torch.get_num_threads()
+
+
+def test_cancel_command_tolerates_a_row_that_finished_in_between():
+    """The engine thread removes a finished row from the shared dict at any moment; a cancel for it
+    arriving just then must not end the command loop with a KeyError."""
+    from service.engine_process import handle_command
+
+    class RowsPoppedMidCheck(dict):
+        def __contains__(self, key):  # the engine thread pops the row right after the check
+            present = dict.__contains__(self, key)
+            self.pop(key, None)
+            return present
+
+    class FakeEngine:
+        cancelled: list = []
+
+        def cancel(self, rows):
+            self.cancelled.extend(rows)
+
+    live, gone = object(), object()
+    rows = RowsPoppedMidCheck({1: live, 2: gone})
+    engine = FakeEngine()
+    dict.pop(rows, 2)  # finished before the command arrived
+    handle_command(engine, rows, lambda key: None, "cancel", [1, 2, 3])
+    assert engine.cancelled == [live]
+
+
+def _stream_until_killed(client, engine):
+    result = {}
+
+    def long_request():
+        result["response"] = client.post("/v1/chat/completions", json={
+            "messages": HELLO, "max_tokens": 3000, "stream": True, "ignore_eos": True})
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while engine.stats().active == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(engine._process.pid, signal.SIGKILL)
+    worker.join(60)
+    return result["response"]
+
+
+def test_a_crashed_engine_process_is_restarted_and_counted(tiny_policy):
+    from tests.test_service import sse_events
+
+    with make_client(tiny_policy, engine_in_process=False, max_tokens_limit=4000, engine_restart_backoff_s=0.1) as client:
+        wait_ready(client, timeout=120)
+        engine = client.app.state.server.engine
+        first_pid = engine._process.pid
+        response = _stream_until_killed(client, engine)
+        events = sse_events(response.text)
+        assert events[-1] == "[DONE]" and "engine process exited" in events[-2]["error"]["message"]
+        wait_ready(client, timeout=120)  # the supervisor brings a new engine process up
+        assert engine._process.pid != first_pid and engine.restarts_total == 1
+        assert "steer_engine_restarts_total 1.0" in client.get("/metrics").text
+        again = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1

@@ -104,3 +104,83 @@ def test_stop_helpers():
     assert find_stop("ab<stop>cd", ["<stop>"], new_from=9) == -1
     assert streamable_length("hello <extra", ["<extra_id_1>"]) == len("hello ")
     assert streamable_length("hello", ["<extra_id_1>"]) == 5
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-6])
+def test_tiny_temperature_is_greedy_not_an_overflow(temperature):
+    import random
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 5
+    params = SamplingParams(temperature=temperature)
+    assert params.temperature == 0.0
+    tokens = sample_next_tokens(logits, [params] * 3, [random.Random(i) for i in range(3)])
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    # Params built another way (mutated after validation) still never divide by a tiny number.
+    params.temperature = temperature
+    tokens = sample_next_tokens(logits, [params] * 3, [random.Random(i) for i in range(3)])
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_stop_strings_have_a_length_limit():
+    from steer.sampling import MAX_STOP_LENGTH
+
+    SamplingParams(stop=["x" * MAX_STOP_LENGTH])
+    with pytest.raises(SamplingError, match=f"at most {MAX_STOP_LENGTH} characters") as info:
+        SamplingParams(stop=["x" * 100_000])
+    assert info.value.field == "stop"
+
+
+def test_logit_bias_bans_and_forces_tokens():
+    import random
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 20)
+    top = logits.argmax(-1).tolist()
+    banned = SamplingParams(temperature=0, logit_bias={top[0]: -100})
+    forced = SamplingParams(temperature=1.0, logit_bias={7: 100})
+    tokens = sample_next_tokens(logits, [banned, forced], [random.Random(0), random.Random(0)])
+    assert tokens[0] != top[0] and tokens[1] == 7
+    # Ids past the model's vocabulary (the tokenizer may list more) are ignored, not an error.
+    assert sample_next_tokens(logits[:1], [SamplingParams(temperature=0, logit_bias={10**6: 5})],
+                              [random.Random(0)]).tolist() == [top[0]]
+
+
+def test_presence_and_frequency_penalties_follow_openai_and_batch_like_single_rows():
+    from steer.sampling import adjust_logits
+
+    logits = torch.zeros(3, 6)
+    generated = [[1, 1, 2], [1, 1, 2], []]
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), SamplingParams(), 
+              SamplingParams(presence_penalty=2.0)]
+    out = adjust_logits(logits, params, generated)
+    # OpenAI: logit - count * frequency - (count > 0) * presence, over the reply's own tokens.
+    assert out[0].tolist() == [0.0, -1.0, -0.75, 0.0, 0.0, 0.0]
+    assert out[1].tolist() == [0.0] * 6 and out[2].tolist() == [0.0] * 6
+    for i in range(3):
+        assert torch.equal(adjust_logits(logits[i:i + 1], params[i:i + 1], generated[i:i + 1])[0], out[i])
+    assert logits.abs().sum() == 0  # the caller's logits are untouched
+
+
+def test_penalties_stop_a_greedy_row_repeating_itself():
+    import random
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    plain, penalised = [], []
+    for params, out in [(SamplingParams(temperature=0), plain),
+                        (SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=2.0), penalised)]:
+        for _ in range(4):
+            out.append(int(sample_next_tokens(logits, [params], [random.Random(0)], [out])[0]))
+    assert plain == [0, 0, 0, 0]
+    assert len(set(penalised)) == 4
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"logit_bias": {5: 101}}, "logit_bias"), ({"logit_bias": {-1: 1}}, "logit_bias"),
+    ({"logit_bias": {i: 1 for i in range(301)}}, "logit_bias"),
+])
+def test_penalty_and_bias_ranges(kwargs, field):
+    with pytest.raises(SamplingError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.field == field

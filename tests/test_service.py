@@ -77,7 +77,7 @@ def make_client(policy: Path, **overrides):
 
     # The engine runs in a thread here: these tests exercise the API, and a child process per app
     # would only add start-up time (tests/test_engine_process.py covers the process engine).
-    settings = ServerSettings(policy=str(policy), ui=False, **{"threads": 1, "engine_in_process": True, **overrides})
+    settings = ServerSettings(policy=str(policy), **{"ui": False, "threads": 1, "engine_in_process": True, **overrides})
     return TestClient(create_app(settings))
 
 
@@ -304,7 +304,7 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_poli
     assert sum(t in engine._decoder.byte_tokens for t in script) == 7  # 日 and 🙂 come as byte runs
     drawn = iter(script)
     monkeypatch.setattr(service.engine, "sample_next_tokens",
-                        lambda logits, params, rngs: torch.tensor([next(drawn) for _ in params]))
+                        lambda logits, params, rngs, generated=None: torch.tensor([next(drawn) for _ in params]))
     sink, deltas = Collector(), []
     row = Row(prompt_ids=_row(policy, "hi", seed=0)[0].prompt_ids, params=SamplingParams(max_new_tokens=len(script)),
               stops=["<end>"], sink=lambda event: (deltas.append(event.delta), sink(event)))

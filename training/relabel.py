@@ -12,6 +12,7 @@ restarted with the same command therefore ends with every input row exactly once
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -90,6 +91,12 @@ class _JsonlSink:
     def finish(self) -> None:
         pass
 
+    def cleanup(self) -> None:
+        pass
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
     def reset(self) -> None:
         self.path.unlink(missing_ok=True)
 
@@ -123,25 +130,35 @@ class _ParquetSink:
         tmp.replace(final)
 
     def finish(self) -> None:
+        """Join the parts into the final file (written aside, then renamed). The parts stay until
+        the progress record says the run is complete (``cleanup``): a kill before that resumes
+        from the parts, which still hold every row."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        parts = self._part_files()
-        tables = [pq.read_table(p) for p in parts]
+        tables = [pq.read_table(p) for p in self._part_files()]
         if tables:
-            tmp = self.path.with_suffix(".tmp")
+            tmp = self.path.with_name(self.path.name + ".tmp")
             # Parts may differ in which struct fields they saw (a human label, a meta key) and in
             # columns that were all empty (null type); permissive promotion unifies them.
             pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
             tmp.replace(self.path)
-        for p in parts:
-            p.unlink()
-        if self.parts.is_dir():
-            self.parts.rmdir()
 
-    def reset(self) -> None:
+    def cleanup(self) -> None:
         for p in self._part_files():
             p.unlink()
+        if self.parts.is_dir():
+            for tmp in self.parts.glob("*.tmp"):
+                tmp.unlink()
+            self.parts.rmdir()
+
+    def exists(self) -> bool:
+        return self.path.exists() or self.parts.exists()
+
+    def reset(self) -> None:
+        self.cleanup()
         self.path.unlink(missing_ok=True)
 
 
@@ -168,11 +185,55 @@ def _sink(path: Path):
 
 
 # ----------------------------------------------------------------------- logic
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a directory's files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file is not path:
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file, fsync it and rename it over ``path``: a reader (or a
+    resumed run) sees the old record or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_progress(sidecar: Path) -> dict[str, Any] | None:
+    if not sidecar.exists():
+        return None
+    try:
+        state = json.loads(sidecar.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        return state
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RelabelError(
+            f"the progress record {sidecar} is damaged ({e}), so steer cannot tell what the output beside it "
+            "holds; move both away (or pass --overwrite to start over) and run again", field="output",
+        ) from None
+
+
 def _fingerprint(config: RelabelConfig) -> dict[str, Any]:
-    """What must match for a partial output to be continued rather than started over."""
+    """What must match for a partial output to be continued rather than started over: the
+    settings, and the contents of the data file and of the APM (a file edited or an APM retrained
+    in place under the same name would otherwise be resumed as if unchanged)."""
+    data_path, model_path = Path(config.data), Path(config.model)
     return {
-        "model": str(Path(config.model).resolve()),
-        "data": str(Path(config.data).resolve()) if Path(config.data).exists() else config.data,
+        "model": str(model_path.resolve()),
+        "model_sha256": content_digest(model_path) if model_path.exists() else None,
+        "data_sha256": content_digest(data_path) if data_path.exists() else None,
+        "data": str(data_path.resolve()) if data_path.exists() else config.data,
         "format": config.format,
         "columns": list(config.columns),
         "split": config.split,
@@ -249,19 +310,30 @@ def main(config: RelabelConfig) -> int:
     output = Path(config.output)
     sink = _sink(output)
     sidecar = output.with_name(output.name + SIDECAR_SUFFIX)
+    data = Path(config.data)
+    if data.exists() and (data.resolve() == output.resolve() or (output.exists() and output.samefile(data))):
+        raise RelabelError(f"--output {output} is the input file itself; write the relabeled data to another file",
+                           field="output")
+    # Only files a relabel run wrote (recorded by the progress file beside them) are ever replaced.
+    state = read_progress(sidecar) if not (config.overwrite and sidecar.exists()) else {"overwrite": True}
+    if state is None and sink.exists():
+        raise RelabelError(
+            f"{output} already exists and was not written by steer relabel (there is no {sidecar.name} beside it); "
+            "steer will not overwrite it: choose another --output or move the file away", field="output")
     fingerprint = _fingerprint(config)
     if output.parent and not output.parent.exists():
         output.parent.mkdir(parents=True, exist_ok=True)
 
-    state = json.loads(sidecar.read_text()) if sidecar.exists() else None
     if state is not None and not config.overwrite:
         if state.get("fingerprint") != fingerprint:
+            changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
             raise RelabelError(
-                f"{output} holds output of a different relabel run ({sidecar.name} differs); "
-                "use another --output or pass --overwrite",
+                f"{output} holds output of a different relabel run ({sidecar.name} differs in: "
+                f"{', '.join(changed)}); use another --output or pass --overwrite",
                 field="output",
             )
         if state.get("complete"):
+            sink.cleanup()  # a run killed between recording completion and cleaning up
             logger.info("%s is already complete (%d rows); nothing to do", output, state.get("rows", 0))
             return 0
     if config.overwrite or state is None:
@@ -286,7 +358,7 @@ def main(config: RelabelConfig) -> int:
     }
     state = {"fingerprint": fingerprint, "schema": predictor.schema.to_dict(), "provenance": provenance,
              "complete": False, "rows": 0}
-    sidecar.write_text(json.dumps(state, indent=2))
+    write_json_atomic(sidecar, state)
 
     done = sink.count_and_repair()
     if done > len(conversations):
@@ -294,7 +366,7 @@ def main(config: RelabelConfig) -> int:
     if done:
         logger.info("resuming: %d of %d conversations already relabeled", done, len(conversations))
         state["rows"] = done
-        sidecar.write_text(json.dumps(state, indent=2))
+        write_json_atomic(sidecar, state)
     remaining = conversations[done:]
     cache: dict[str, list[float]] = {}
     # The bar moves every batch_size conversations, not every (durable) chunk, so a slow APM still
@@ -308,14 +380,17 @@ def main(config: RelabelConfig) -> int:
             sink.write(rows)
             done += len(rows)
             state["rows"] = done
-            sidecar.write_text(json.dumps(state, indent=2))
+            write_json_atomic(sidecar, state)
+    # Crash-safe order: the finished file is in place, then the record says so, then the
+    # intermediate files go. A kill at any point resumes (or finishes) with every row.
     sink.finish()
     # Read back from the output, so a resumed run counts the rows of its earlier attempts too.
     labelled, _ = load_conversations(output, "steer", schema=predictor.schema)
     histogram = label_histogram(labelled, predictor.schema)
     state.update(complete=True, rows=len(conversations), skipped_input_rows=len(report.bad),
                  label_histogram=histogram)
-    sidecar.write_text(json.dumps(state, indent=2))
+    write_json_atomic(sidecar, state)
+    sink.cleanup()
     logger.info("wrote %d relabeled conversations to %s", len(conversations), output)
     logger.info("labels written (value:count per attribute, '-' never):\n%s",
                 format_histogram(histogram, predictor.schema))

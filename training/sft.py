@@ -111,6 +111,9 @@ class SftConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     dtype: str = field(default="auto", metadata={"help": "Base weights dtype: auto, float32, bfloat16, float16."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in OUTPUT/checkpoints."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Train again into an OUTPUT that holds a policy steer sft wrote before "
+                                         "(it is replaced only once the new one is complete)."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT/checkpoints after training ends."})
     merge: bool = field(default=False, metadata={"help": "Also write base + adapter merged into OUTPUT/merged."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
@@ -415,12 +418,172 @@ def trains_tied_embeddings(model, module_names: list[str]) -> bool:
 
 
 # ------------------------------------------------------------------ trainer
-def latest_checkpoint(output: Path) -> Path | None:
+def _checkpoints(output: Path) -> list[Path]:
     root = output / CHECKPOINT_DIR
     if not root.is_dir():
-        return None
+        return []
     ckpts = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """A checkpoint the Trainer finished writing: its state (written after the weights,
+    optimizer and RNG state) parses, and its weights are there."""
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any((path / name).exists() for name in ("adapter_model.safetensors", "model.safetensors"))
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest complete checkpoint; half-written ones (a kill while saving) are skipped, with a
+    warning that names them."""
+    ckpts = _checkpoints(output)
+    for path in reversed(ckpts):
+        if checkpoint_is_complete(path):
+            return path
+        logger.warning("skipping %s: it is incomplete (the run was stopped while writing it)", path)
+    return None
+
+
+# ------------------------------------------------------------ run records
+RUN_FILE = "sft_run.json"
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sft_fingerprint(config: SftConfig) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the data (its contents), the base
+    model (its config and weight files), the LoRA and template settings, and everything that shapes
+    the optimizer's schedule."""
+    data, base = Path(config.data), Path(config.base_model)
+    if base.is_dir():
+        base_id = {"path": str(base.resolve()),
+                   "files": {p.name: (_file_digest(p) if p.suffix in (".json", ".model", ".txt") else p.stat().st_size)
+                             for p in sorted(base.iterdir()) if p.is_file()}}
+    else:
+        base_id = config.base_model
+    keys = ("format", "schema", "template", "default_system", "lora_r", "lora_alpha", "lora_dropout",
+            "target_modules", "modules_to_save", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay",
+            "batch_size", "grad_accum", "max_length", "eval_fraction", "limit", "load_in_4bit", "dtype", "seed")
+    return {
+        "data": str(data.resolve()) if data.exists() else config.data,
+        "data_sha256": _file_digest(data) if data.is_file() else None,
+        "base_model": base_id,
+        **{k: getattr(config, k) for k in keys},
+    }
+
+
+def read_run_record(output: Path) -> dict[str, Any] | None:
+    path = output / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SftError(f"{path} is damaged ({e}); move {output} away or choose another --output", "output") from None
+
+
+def write_run_record(directory: Path, record: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (RUN_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(record, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(directory / RUN_FILE)
+
+
+def _side_paths(output: Path) -> tuple[Path, Path]:
+    """Where the finished policy is assembled, and where the previous contents wait while the
+    new ones are renamed into place."""
+    return output.with_name(f".{output.name}.staging"), output.with_name(f".{output.name}.previous")
+
+
+def _base_inside(config: SftConfig, output: Path) -> Path | None:
+    """The base model's path relative to ``output`` when it lives inside it (as `steer demo`
+    lays a policy out), else None. That folder is the user's, and moves with the policy."""
+    base = Path(config.base_model)
+    if not base.exists():
+        return None
+    try:
+        return base.resolve().relative_to(output.resolve())
+    except ValueError:
+        return None
+
+
+def _swap_into_place(staging: Path, output: Path, previous: Path) -> None:
+    shutil.rmtree(previous, ignore_errors=True)
+    if output.exists():
+        output.rename(previous)
+    staging.rename(output)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_interrupted_swap(output: Path) -> None:
+    """Finish a rename-into-place that a kill interrupted: a staging folder whose run record says
+    "finished" holds the complete new policy (its record is the last file written into it)."""
+    staging, previous = _side_paths(output)
+    record = read_run_record(staging) if staging.is_dir() else None
+    if record is not None and record.get("state") == "finished":
+        _swap_into_place(staging, output, previous)
+        logger.warning("completed the interrupted write of %s", output)
+    elif output.exists() and previous.is_dir():
+        shutil.rmtree(previous)
+
+
+def check_output(config: SftConfig, output: Path, fingerprint: dict[str, Any]) -> str:
+    """What to do with ``output``: "fresh", "resume" or "finished"; raises for anything that would
+    overwrite files steer did not write, continue a different run, or silently retrain."""
+    recover_interrupted_swap(output)
+    record = read_run_record(output)
+    base = _base_inside(config, output)
+    holds_files = output.is_dir() and any(base is None or p.name != base.parts[0] for p in output.iterdir())
+    if record is None:
+        if holds_files:
+            kind = "a policy written by an older steer" if (output / "steer_config.json").exists() else "files"
+            raise SftError(f"{output} already holds {kind} that this run did not write; steer sft will not overwrite "
+                           "them: choose another --output or move them away", "output")
+        if config.resume:
+            logger.info("--resume: %s holds no run yet; starting one", output)
+        return "fresh"
+    changed = sorted(k for k in set(fingerprint) | set(record.get("fingerprint", {}))
+                     if record.get("fingerprint", {}).get(k) != fingerprint.get(k))
+    finished = record.get("state") == "finished"
+    if changed:
+        if config.resume:
+            raise SftError(f"--resume: {output} was trained with other settings (different: {', '.join(changed)}); "
+                           "resume with the same command, or choose another --output", "resume")
+        if not config.overwrite:
+            raise SftError(f"{output} holds {'a policy' if finished else 'an unfinished run'} trained with other "
+                           f"settings (different: {', '.join(changed)}); choose another --output, or pass --overwrite "
+                           "to replace it", "output")
+        return "fresh"
+    if finished:
+        if config.resume:
+            return "finished"
+        if not config.overwrite:
+            raise SftError(f"{output} already holds the finished policy of this run; pass --overwrite to train it "
+                           "again", "output")
+        return "fresh"
+    if config.resume:
+        return "resume"
+    if latest_checkpoint(output) is not None and not config.overwrite:
+        raise SftError(f"{output} holds checkpoints of an unfinished run; pass --resume to continue it "
+                       "or choose another --output", "output")
+    return "fresh"
 
 
 def training_arguments(config: SftConfig, output: Path, has_eval: bool, steps_per_epoch: int):
@@ -495,10 +658,25 @@ def main(config: SftConfig) -> dict[str, Any]:
     from steer.modeling import load_tokenizer
 
     output = Path(config.output)
-    resume_from = latest_checkpoint(output) if config.resume else None
-    if not config.resume and latest_checkpoint(output) is not None:
-        raise SftError(f"{output} holds checkpoints of an unfinished run; pass --resume to continue it "
-                       "or choose another --output", "output")
+    if not Path(config.data).exists() and config.format not in ("hub",):
+        raise SftError(f"training data {config.data!r} does not exist", "data")
+    fingerprint = sft_fingerprint(config)
+    action = check_output(config, output, fingerprint)
+    if action == "finished":
+        logger.info("%s already holds the finished policy of this run; nothing to resume", output)
+        metrics_file = output / METRICS_FILE
+        return json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
+    resume_from = None
+    if action == "resume":
+        resume_from = latest_checkpoint(output)
+        if resume_from is None:
+            logger.warning("no complete checkpoint in %s; training from the start", output / CHECKPOINT_DIR)
+    else:
+        # A fresh start: checkpoints left here are this output's own (a run record says so) and
+        # would be mistaken for this run's by the Trainer.
+        shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_run_record(output, {"fingerprint": fingerprint, "state": "training"})
     set_seed(config.seed)
 
     convs, schema = load_sft_conversations(config)
@@ -570,27 +748,40 @@ def report_label_histogram(conversations: Sequence[Conversation], schema: Attrib
 def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSchema, config: SftConfig,
                 output: Path, metrics: dict[str, Any], histogram: dict[str, dict[int, int]] | None = None,
                 **extra: Any) -> None:
-    output.mkdir(parents=True, exist_ok=True)
+    """Write the policy into a staging folder beside ``output``, then rename it into place: a kill
+    leaves the previous contents or the complete new policy, never a mix, and no file of an
+    earlier policy survives in the new one."""
+    staging, previous = _side_paths(output)
+    shutil.rmtree(staging, ignore_errors=True)  # a staging folder of an earlier, killed finish
+    staging.mkdir(parents=True)
     # Added marker tokens: the resized embedding is saved through modules_to_save already, so PEFT
     # need not (and need not warn that it will) save the embedding layers a second time.
-    model.save_pretrained(str(output), save_embedding_layers=False if extra.get("added_tokens") else "auto")
+    model.save_pretrained(str(staging), save_embedding_layers=False if extra.get("added_tokens") else "auto")
     tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(str(output))
+    tokenizer.save_pretrained(str(staging))
     merged = None
     if config.merge:
         merged = "merged"
-        merge_adapter(config, output, output / merged, tokenizer)
+        merge_adapter(config, staging, staging / merged, tokenizer)
     base = stored_base_model(config.base_model, output)
     # The values each attribute took in training: generate and serve flag requests for others.
     seen = {"trained_values": trained_values(histogram), "label_histogram": histogram} if histogram else {}
-    save_steer_config(output, "policy", schema, template.to_dict(), base_model=base, adapter=".", merged=merged,
+    save_steer_config(staging, "policy", schema, template.to_dict(), base_model=base, adapter=".", merged=merged,
                       **seen, **extra)
-    (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     # Replaces the blank card PEFT's save_pretrained leaves.
     card = policy_card(output.name, base, schema, template, training_summary(model, config), metrics)
-    (output / "README.md").write_text(card, encoding="utf-8")
-    if not config.keep_checkpoints:
-        shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    if config.keep_checkpoints and (output / CHECKPOINT_DIR).is_dir():
+        (output / CHECKPOINT_DIR).rename(staging / CHECKPOINT_DIR)
+    inside = _base_inside(config, output)
+    if inside is not None:  # the base model lives in the policy folder: it moves over, untouched
+        (staging / inside).parent.mkdir(parents=True, exist_ok=True)
+        (output / inside).rename(staging / inside)
+    record = read_run_record(output) or {}
+    # Written last: a staging folder with a finished record is complete (recover_interrupted_swap).
+    write_run_record(staging, {**record, "state": "finished"})
+    _swap_into_place(staging, output, previous)
     logger.info("policy written to %s", output)
 
 

@@ -482,13 +482,14 @@ def merge_streams(streams: Sequence[Iterator[Any]]) -> Iterator[tuple[int, Any]]
         stop.set()
 
 
-def mount_ui(app, path: str = "/ui", server_url: str | None = None, api_key: str | None = None):
+def mount_ui(app, path: str = "/ui", server_url: str | None = None, api_key: str | None = None, **gradio_kwargs):
     """Mount the UI into a FastAPI app (the steer server calls this). ``server_url`` None: the UI
     talks to the server it is mounted in. ``api_key``: sent with every request when the server
-    requires keys and the UI should not ask users for one."""
+    requires keys and the UI should not ask users for one. ``gradio_kwargs`` go to
+    ``gr.mount_gradio_app`` (the server passes ``auth`` when it requires keys)."""
     demo = build_ui(server_url=server_url, api_key=api_key)
     app = gr.mount_gradio_app(app, demo, path=path, css=CSS, ssr_mode=False, footer_links=["api", "settings"],
-                               show_error=True)
+                               show_error=True, **gradio_kwargs)
     _route_favicon(app, path)
     return app
 
