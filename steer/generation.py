@@ -212,7 +212,7 @@ class _Row:
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.text, len(self.prompt_ids), len(self.tokens), self.attributes,
-                                self.finish_reason or "length", list(self.warnings))
+                                self.finish_reason or "length", warnings=list(self.warnings))
 
 
 # ----------------------------------------------------------------- generator
