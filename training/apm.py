@@ -402,24 +402,35 @@ class FrozenBackbone:
             else torch.device(config.device or "cuda"),
         )
         self.model.to(self.predictor.device)
-        self._cache: dict[tuple, np.ndarray] = {}
+        self._cache: dict[tuple[str, int], dict[str, np.ndarray]] = {}
 
     def features(self, items: Sequence[RatedItem], pooling: str | None = None, layers: Sequence[int] | None = None,
                  length: bool | None = None) -> np.ndarray:
-        """Features of ``items`` (the recipe's by default); the backbone pass is cached per pooling
-        and layer set, so the probe and the head share it when they can."""
-        p = self.predictor
-        saved = (p.pooling, p.layers, p.length_features)
-        p.pooling = pooling or self.config.pooling
-        p.layers = list(layers if layers is not None else self.config.layers)
-        p.length_features = self.config.length_features if length is None else length
-        try:
-            key = (p.pooling, tuple(p.layers), p.length_features, tuple(it.id for it in items))
-            if key not in self._cache:
-                self._cache[key] = p.features([it.messages for it in items], batch_size=self.config.batch_size * 2)
-            return self._cache[key]
-        finally:
-            p.pooling, p.layers, p.length_features = saved
+        """Features of ``items`` (the recipe's by default), laid out as the saved head reads them:
+        the pooled layers in order, then the length features. Pooled rows are cached per item id,
+        pooling and layer, so the probe, the head and repeated cross-validations share backbone passes."""
+        from steer.apm import length_features
+
+        pooling = pooling or self.config.pooling
+        layers = list(layers if layers is not None else self.config.layers)
+        length = self.config.length_features if length is None else length
+        missing = [layer for layer in dict.fromkeys(layers)
+                   if any(it.id not in self._cache.get((pooling, layer), {}) for it in items)]
+        if missing:
+            p = self.predictor
+            saved = (p.pooling, p.layers, p.length_features)
+            p.pooling, p.layers, p.length_features = pooling, missing, False
+            try:
+                rows = p.features([it.messages for it in items], batch_size=self.config.batch_size * 2)
+            finally:
+                p.pooling, p.layers, p.length_features = saved
+            for n, layer in enumerate(missing):
+                block = np.split(rows, len(missing), axis=1)[n]
+                self._cache.setdefault((pooling, layer), {}).update(zip((it.id for it in items), block))
+        parts = [np.stack([self._cache[(pooling, layer)][it.id] for it in items]) for layer in layers]
+        if length:
+            parts.append(np.array([length_features(it.messages) for it in items]))
+        return np.concatenate(parts, axis=1)
 
 
 def train_head(config: ApmTrainConfig, frozen: FrozenBackbone, items: Sequence[RatedItem]) -> dict[str, np.ndarray]:
