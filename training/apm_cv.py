@@ -116,18 +116,28 @@ def fit_ridge_head(x: np.ndarray, targets: np.ndarray, groups: Sequence[str], in
     bias = np.zeros(k)
     chosen = choose_alphas(x, targets, groups, inner_folds, seed, alphas) if len(set(groups)) >= 2 else None
     alpha_used = np.zeros(k)
+    labelled = ~np.isnan(targets)
+    fit = []
     for j in range(k):
-        ok = ~np.isnan(targets[:, j])
-        y = targets[ok, j]
-        if chosen is None or ok.sum() < 2 or np.ptp(y) == 0 or len(set(groups[ok])) < 2:
-            bias[j] = y.mean() if ok.any() else 0.0
-            continue
-        xo = xs[ok]
+        y = targets[labelled[:, j], j]
+        if chosen is None or len(y) < 2 or np.ptp(y) == 0 or len(set(groups[labelled[:, j]])) < 2:
+            bias[j] = y.mean() if len(y) else 0.0
+        else:
+            fit.append(j)
+    # One SVD per set of labelled rows (most attributes share one): w = V diag(s / (s^2 + alpha)) U^T y,
+    # which costs O(n^2 d) even when there are more features than rows.
+    for mask in {tuple(labelled[:, j]) for j in fit}:
+        mask = np.asarray(mask)
+        cols = [j for j in fit if (labelled[:, j] == mask).all()]
+        xo = xs[mask]
         mu = xo.mean(0)
-        w = np.linalg.solve((xo - mu).T @ (xo - mu) + chosen[j] * np.eye(x.shape[1]), (xo - mu).T @ (y - y.mean()))
-        weight[:, j] = w
-        bias[j] = y.mean() - mu @ w
-        alpha_used[j] = chosen[j]
+        u, s, vt = np.linalg.svd(xo - mu, full_matrices=False)
+        for j in cols:
+            y = targets[mask, j]
+            w = vt.T @ (s / (s**2 + chosen[j]) * (u.T @ (y - y.mean())))
+            weight[:, j] = w
+            bias[j] = y.mean() - mu @ w
+            alpha_used[j] = chosen[j]
     return {"mean": scaler.mean, "scale": scaler.scale, "weight": weight, "bias": bias, "alpha": alpha_used}
 
 
