@@ -70,7 +70,9 @@ logger = logging.getLogger(__name__)
 EVAL_RESULTS = "eval_results.json"
 CV_RESULTS = "cv_results.json"
 RECIPES = ("head", "finetune")
-DEFAULT_HEAD_LAYERS = (-1,)
+# Tokens per item when --max-length is not given: the head recipe reads the backbone once, so it
+# can afford twice the fine-tuning recipe's window (and measured better with it, docs/apm.md).
+DEFAULT_MAX_LENGTH_FOR = {"head": 256, "finetune": DEFAULT_MAX_LENGTH}
 
 
 
@@ -109,8 +111,9 @@ class ApmTrainConfig:
         metadata={"help": "head recipe: how hidden states are pooled over the tokens: mean, cls or last (decoders)."},
     )
     layers: list[int] = field(
-        default_factory=lambda: list(DEFAULT_HEAD_LAYERS),
-        metadata={"help": "head recipe: hidden-state layers pooled and concatenated (0 = embeddings, -1 = last)."},
+        default_factory=list,
+        metadata={"help": "head recipe: hidden-state layers pooled and concatenated (0 = embeddings, -1 = last). "
+                          "Default: every transformer layer (on a few hundred ratings the lower layers add to the last)."},
     )
     length_features: bool = field(
         default=True,
@@ -127,9 +130,10 @@ class ApmTrainConfig:
     inner_folds: int = field(
         default=5, metadata={"help": "head recipe: grouped inner folds that choose each attribute's ridge strength."}
     )
-    max_length: int = field(
-        default=DEFAULT_MAX_LENGTH,
-        metadata={"help": "Tokens per item; the reply is kept and the context is cut from the left."},
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per item; the reply is kept and the context is cut from the left. "
+                          "Default: 256 for the head recipe, 128 for finetune."},
     )
     epochs: float = field(default=3.0, metadata={"help": "finetune recipe: training epochs."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."})
@@ -282,13 +286,13 @@ def build_model(config: ApmTrainConfig, backbone: str, schema: AttributeSchema, 
 
 
 # ------------------------------------------------------------------- checks
-def _validate(config: ApmTrainConfig) -> None:
+def validate_config(config: ApmTrainConfig) -> None:
     if config.recipe not in RECIPES:
         raise ApmTrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {config.recipe!r}", "recipe")
+    if config.max_length is None:
+        config.max_length = DEFAULT_MAX_LENGTH_FOR[config.recipe]
     if config.pooling not in ("mean", "cls", "last"):
         raise ApmTrainError(f"--pooling must be mean, cls or last, got {config.pooling!r}", "pooling")
-    if not config.layers:
-        raise ApmTrainError("--layers needs at least one layer index", "layers")
     if config.cv == 1 or config.cv < 0:
         raise ApmTrainError(f"--cv must be 0 (off) or at least 2 folds, got {config.cv}", "cv")
     if config.inner_folds < 2:
@@ -393,6 +397,15 @@ class FrozenBackbone:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         self.model = model.eval()
+        # hidden_states holds the embeddings then one entry per layer; negative indices count back.
+        self.n_states = int(getattr(model.config, "num_hidden_layers", 0)) + 1
+        if not config.layers:
+            config.layers = list(range(1, self.n_states))
+        bad = [layer for layer in config.layers if not -self.n_states <= layer < self.n_states]
+        if bad:
+            raise ApmTrainError(f"--layers {bad} out of range: {backbone} has hidden states 0-{self.n_states - 1}",
+                                "layers")
+        config.layers = [self.layer_index(layer) for layer in config.layers]
         self.config = config
         self.predictor = AttributePredictor(
             model, tokenizer, schema,
@@ -404,6 +417,9 @@ class FrozenBackbone:
         self.model.to(self.predictor.device)
         self._cache: dict[tuple[str, int], dict[str, np.ndarray]] = {}
 
+    def layer_index(self, layer: int) -> int:
+        return layer + self.n_states if layer < 0 else layer
+
     def features(self, items: Sequence[RatedItem], pooling: str | None = None, layers: Sequence[int] | None = None,
                  length: bool | None = None) -> np.ndarray:
         """Features of ``items`` (the recipe's by default), laid out as the saved head reads them:
@@ -412,7 +428,7 @@ class FrozenBackbone:
         from steer.apm import length_features
 
         pooling = pooling or self.config.pooling
-        layers = list(layers if layers is not None else self.config.layers)
+        layers = [self.layer_index(layer) for layer in (layers if layers is not None else self.config.layers)]
         length = self.config.length_features if length is None else length
         missing = [layer for layer in dict.fromkeys(layers)
                    if any(it.id not in self._cache.get((pooling, layer), {}) for it in items)]
@@ -587,7 +603,7 @@ def held_out_summary(metrics: dict, schema: AttributeSchema, n_groups: int) -> s
 
 # ------------------------------------------------------------------- main
 def main(config: ApmTrainConfig) -> dict:
-    _validate(config)
+    validate_config(config)
     schema = _resolve_schema(config)
     resume_from = _prepare_output(config) if config.recipe == "finetune" else None
     backbone = config.backbone or default_backbone()
