@@ -193,15 +193,21 @@ def quiet_model_loading():
 
     @contextmanager
     def quiet():
+        from transformers.utils import logging as hf_logging
+
         logs = [logging.getLogger(name) for name in _EXPECTED_NOISE]
         levels = [log.level for log in logs]
+        bars = hf_logging.is_progress_bar_enabled()
         for log in logs:
             log.setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars of a small model
         try:
             yield
         finally:
             for log, level in zip(logs, levels):
                 log.setLevel(level)
+            if bars:
+                hf_logging.enable_progress_bar()
 
     return quiet()
 
