@@ -494,3 +494,18 @@ def test_finetune_is_quiet_and_deletes_its_checkpoints_unless_kept(workdir, tiny
     assert not list(out.glob("checkpoint-*")) and (out / "model.safetensors").is_file()
     help_text = ApmTrainConfig.__dataclass_fields__["keep_checkpoints"].metadata["help"]
     assert "deleted" in help_text and "steer sft" in help_text
+
+
+@pytest.mark.parametrize("command", ["train", "cv", "eval"])
+def test_apm_help_renders_and_states_the_checkpoint_policy(command, capsys):
+    from steer.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["apm", command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    if command == "train":
+        assert "--keep_checkpoints" in out and "deleted once the final model is saved" in out
+        assert "--recipe" in out and "--cv" in out
+    if command == "eval":
+        assert "the format the APM was trained on" in out

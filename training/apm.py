@@ -126,7 +126,7 @@ class ApmTrainConfig:
                           "model (results in OUTPUT/cv_results.json and the model card). 0: off."},
     )
     cv_seed: int = field(default=0, metadata={"help": "Seed of the cross-validation folds and bootstrap."})
-    bootstrap: int = field(default=1000, metadata={"help": "Resamples of whole conversations for 95% intervals."})
+    bootstrap: int = field(default=1000, metadata={"help": "Resamples of whole conversations for the 95 percent intervals."})
     inner_folds: int = field(
         default=5, metadata={"help": "head recipe: grouped inner folds that choose each attribute's ridge strength."}
     )
