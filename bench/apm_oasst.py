@@ -110,6 +110,8 @@ def main() -> None:
         name: apm_cv.pooled_metrics(pred, labels, groups, schema, headline, args.bootstrap, 0)
         for name, pred in (("model", model_pred), ("ridge_probe", probe_pred), ("constant", const_pred))
     }
+    results["holdout"]["model_minus_probe"] = apm_cv.paired_difference(model_pred, probe_pred, labels, groups,
+                                                                     schema, headline, args.bootstrap, 0)
     results["holdout_fit_seconds"] = round(fit_seconds, 1)
     results["all_cv"] = cross_validate(config, every, schema, backbone, tokenizer, template, frozen)
     results["peak_rss_mb"] = round(_peak_rss_mb())
@@ -128,6 +130,8 @@ def main() -> None:
         print(f"\n{title}")
         for key, name in (("model", f"APM ({config.recipe})"), ("ridge_probe", "ridge probe"), ("constant", "constant")):
             print("  " + _row(name, block[key]))
+        d = block["model_minus_probe"]
+        print(f"  {'APM minus probe (paired)':<34} {d['difference']:6.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]")
     print(f"\nbackbone pass over {len(every)} replies {embed_seconds:.0f} s; fit on the development trees "
           f"{fit_seconds:.1f} s; peak RSS {results['peak_rss_mb']} MB")
 

@@ -509,3 +509,20 @@ def test_apm_help_renders_and_states_the_checkpoint_policy(command, capsys):
         assert "--recipe" in out and "--cv" in out
     if command == "eval":
         assert "the format the APM was trained on" in out
+
+
+def test_paired_difference_is_positive_for_a_better_model_and_zero_for_the_same():
+    from training.apm_cv import paired_difference
+
+    schema = get_schema("helpsteer")
+    x, y, groups = _linear_data(r=0.9)
+    labels = np.full((len(y), len(schema)), np.nan)
+    labels[:, 0] = y
+    good = np.zeros_like(labels)
+    good[:, 0] = y + np.random.default_rng(2).normal(size=len(y)) * y.std() * 0.3
+    poor = np.zeros_like(labels)
+    poor[:, 0] = y + np.random.default_rng(3).normal(size=len(y)) * y.std() * 3
+    d = paired_difference(good, poor, labels, groups, schema, ["helpfulness"], n_boot=200)
+    assert d["difference"] > 0.3 and d["ci"][0] > 0
+    same = paired_difference(good, good, labels, groups, schema, ["helpfulness"], n_boot=50)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]

@@ -557,13 +557,14 @@ def cross_validate(config: ApmTrainConfig, items: Sequence[RatedItem], schema: A
     model_oof = apm_cv.out_of_fold(folds, fit_predict, k)
     seconds = time.perf_counter() - start
     probe_x = frozen.features(items, pooling="mean", layers=[-1], length=False)
+    probe_oof = apm_cv.ridge_probe(probe_x, targets, groups, folds, config.inner_folds, config.seed)
     reports = {
         "model": apm_cv.report(f"{config.recipe} recipe", model_oof, labels, groups, folds, schema, headline,
                                config.bootstrap, config.cv_seed),
-        "ridge_probe": apm_cv.report(
-            "ridge probe (frozen last layer, mean-pooled)",
-            apm_cv.ridge_probe(probe_x, targets, groups, folds, config.inner_folds, config.seed),
-            labels, groups, folds, schema, headline, config.bootstrap, config.cv_seed),
+        "ridge_probe": apm_cv.report("ridge probe (frozen last layer, mean-pooled)", probe_oof,
+                                     labels, groups, folds, schema, headline, config.bootstrap, config.cv_seed),
+        "model_minus_probe": apm_cv.paired_difference(model_oof, probe_oof, labels, groups, schema, headline,
+                                                      config.bootstrap, config.cv_seed),
         "constant": apm_cv.report("constant (training mean)", apm_cv.constant_baseline(targets, folds), labels,
                                   groups, folds, schema, headline, config.bootstrap, config.cv_seed),
     }
@@ -583,6 +584,10 @@ def cv_summary(cv: dict) -> str:
         lines.append(f"  {r['model']:<46} {_fmt(r['headline_pearson'])} "
                      f"[{_fmt(ci[0]) if ci else 'n/a'}, {_fmt(ci[1]) if ci else 'n/a'}]  "
                      f"folds {_fmt(folds['mean'])} +- {_fmt(folds['std'])}")
+    d = cv.get("model_minus_probe")
+    if d and d.get("ci"):
+        lines.append(f"  model minus probe (paired, same resamples)     {_fmt(d['difference'])} "
+                     f"[{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]")
     return "\n".join(lines)
 
 
