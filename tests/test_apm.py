@@ -450,6 +450,9 @@ def test_default_recipe_saves_a_frozen_backbone_and_a_safetensors_head(workdir, 
     np.testing.assert_allclose(preds, apply_head({k: v.astype(np.float64) for k, v in head.items()},
                                                  apm.features(items)), atol=1e-4)
     assert np.ptp(preds[:, 0]) > 0
+    # The head recipe cross-validates by default (it reuses the backbone pass), and the card quotes it.
+    cv = json.loads((out / "cv_results.json").read_text())
+    assert cv["folds"] == 5 and "5-fold cross-validation" in (out / "README.md").read_text()
     # The backbone is saved unchanged: same weights as the one it started from.
     from safetensors.torch import load_file as load_torch
 
@@ -459,6 +462,14 @@ def test_default_recipe_saves_a_frozen_backbone_and_a_safetensors_head(workdir, 
 
 
 # ------------------------------------------------------------------ issue 17: messages and defaults
+def test_cv_on_too_few_groups_is_a_clear_error_or_skipped_by_default(workdir, tiny_bert, schema_file):
+    data = _write_data(workdir / "few.jsonl", n=6, seed=2)  # 3 groups
+    with pytest.raises(ApmTrainError, match="--cv 5 needs at least 5 conversation groups"):
+        train_main(_config(data, workdir / "apm-few", tiny_bert, schema_file, recipe="head", cv=5, eval_fraction=0.0))
+    result = train_main(_config(data, workdir / "apm-few", tiny_bert, schema_file, recipe="head", eval_fraction=0.0))
+    assert "cv" not in result and (workdir / "apm-few" / "head.safetensors").is_file()
+
+
 def test_held_out_headline_names_its_attributes_and_n_and_warns_when_small():
     from training.apm import held_out_summary
 

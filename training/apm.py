@@ -74,6 +74,7 @@ RECIPES = ("head", "finetune")
 # Tokens per item when --max-length is not given: the head recipe reads the backbone once, so it
 # can afford twice the fine-tuning recipe's window (and measured better with it, docs/apm.md).
 DEFAULT_MAX_LENGTH_FOR = {"head": 256, "finetune": DEFAULT_MAX_LENGTH}
+DEFAULT_CV_FOLDS_FOR = {"head": 5, "finetune": 0}
 
 
 
@@ -121,10 +122,11 @@ class ApmTrainConfig:
         metadata={"help": "head recipe: add the reply's length in characters and words and the number of turns "
                           "(the window is truncated; these are not)."},
     )
-    cv: int = field(
-        default=0,
+    cv: int | None = field(
+        default=None,
         metadata={"help": "Cross-validate the recipe with K folds grouped by conversation before training the final "
-                          "model (results in OUTPUT/cv_results.json and the model card). 0: off."},
+                          "model (results in OUTPUT/cv_results.json and the model card). 0: off. Default: 5 for the "
+                          "head recipe (it reuses the one backbone pass), 0 for finetune (K more trainings)."},
     )
     cv_seed: int = field(default=0, metadata={"help": "Seed of the cross-validation folds and bootstrap."})
     bootstrap: int = field(default=1000, metadata={"help": "Resamples of whole conversations for the 95 percent intervals."})
@@ -292,6 +294,9 @@ def validate_config(config: ApmTrainConfig) -> None:
         raise ApmTrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {config.recipe!r}", "recipe")
     if config.max_length is None:
         config.max_length = DEFAULT_MAX_LENGTH_FOR[config.recipe]
+    if config.cv is None:
+        config.cv = DEFAULT_CV_FOLDS_FOR[config.recipe]
+        config.__dict__["_cv_by_default"] = True  # not a field: only decides whether too little data is an error
     if config.pooling not in ("mean", "cls", "last"):
         raise ApmTrainError(f"--pooling must be mean, cls or last, got {config.pooling!r}", "pooling")
     if config.cv == 1 or config.cv < 0:
@@ -624,6 +629,13 @@ def main(config: ApmTrainConfig) -> dict:
     frozen = FrozenBackbone(config, backbone, tokenizer, template, schema) if config.recipe == "head" or config.cv else None
     result: dict = {"recipe": config.recipe}
     out = Path(config.output)
+    n_groups = len({it.group for it in all_items})
+    if config.cv and n_groups < config.cv:
+        if not config.__dict__.get("_cv_by_default"):
+            raise ApmTrainError(f"--cv {config.cv} needs at least {config.cv} conversation groups; the data has "
+                                f"{n_groups}", "cv")
+        logger.info("only %d conversation groups: skipping the default %d-fold cross-validation", n_groups, config.cv)
+        config.cv = 0
     if config.cv:
         cv = cross_validate(config, all_items, schema, backbone, tokenizer, template, frozen)
         out.mkdir(parents=True, exist_ok=True)
