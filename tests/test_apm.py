@@ -480,6 +480,7 @@ def test_held_out_headline_names_its_attributes_and_n_and_warns_when_small():
     assert "n = 95 rated replies from 14 conversation groups" in text
     assert "not meaningful" in text and "--cv" in text
     assert "not meaningful" not in held_out_summary({**metrics, "n_items": 400}, schema, 60)
+    assert "quote the cross-validated figure above" in held_out_summary(metrics, schema, 14, cross_validated=True)
 
 
 def test_eval_defaults_to_the_format_the_apm_was_trained_on(tiny_apm_dir, capsys):

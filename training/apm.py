@@ -597,7 +597,7 @@ def cv_summary(cv: dict) -> str:
     return "\n".join(lines)
 
 
-def held_out_summary(metrics: dict, schema: AttributeSchema, n_groups: int) -> str:
+def held_out_summary(metrics: dict, schema: AttributeSchema, n_groups: int, cross_validated: bool = False) -> str:
     """The held-out headline the docs quote: which attributes it averages, and n."""
     headline = headline_attributes(schema)
     values = [metrics["attributes"][a]["pearson"] for a in headline]
@@ -607,8 +607,9 @@ def held_out_summary(metrics: dict, schema: AttributeSchema, n_groups: int) -> s
             f"(n = {n} rated replies from {n_groups} conversation groups)")
     if n < MIN_MEANINGFUL_HELD_OUT:
         text += (f"; with fewer than {MIN_MEANINGFUL_HELD_OUT} held-out replies this figure is not meaningful "
-                 "(it moves by +-0.2 between splits): run `steer apm cv` or pass --cv 5 for a cross-validated "
-                 "figure with an interval")
+                 "(it moves by +-0.2 between splits): "
+                 + ("quote the cross-validated figure above" if cross_validated else
+                    "run `steer apm cv` or pass --cv 5 for a cross-validated figure with an interval"))
     return text
 
 
@@ -692,7 +693,7 @@ def main(config: ApmTrainConfig) -> dict:
         metrics["n_items"] = len(eval_items)
         n_groups = len({it.group for it in eval_items})
         metrics["n_groups"] = n_groups
-        metrics["headline"] = held_out_summary(metrics, schema, n_groups)
+        metrics["headline"] = held_out_summary(metrics, schema, n_groups, cross_validated="cv" in result)
         (out / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         print(metrics["headline"])
         logger.info("per attribute: %s", ", ".join(f"{n} {_fmt(m['pearson'])}" for n, m in metrics["attributes"].items()))
