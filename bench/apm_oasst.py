@@ -1,11 +1,18 @@
-"""APM accuracy and training time on OpenAssistant (the project's bar), with a like-for-like baseline.
+"""APM accuracy on OpenAssistant, measured so that it does not move with the split.
 
-For each split seed: train an APM with default settings (``steer apm train``), time it, score the
-held-out conversation trees (``steer apm eval``'s metrics), and fit a ridge probe on frozen
-MiniLM mean-pooled embeddings of the same inputs on the same split. Prints JSON and a short table.
+1. Whole conversation trees are held out first (``--holdout-fraction``, ``--holdout-seed``) and never
+   used for choosing anything.
+2. On the remaining (development) trees: K-fold cross-validation grouped by tree of the recipe, the
+   frozen-embedding ridge probe and the constant (training mean), all on the same folds.
+3. The recipe and the probe are fitted on all development trees and scored on the held-out trees.
+4. Cross-validation on all the data (the figure docs/apm.md and the model card quote).
 
-    python bench/apm_oasst.py --data ../shared/data/oasst1-en/messages.jsonl --seeds 0 1 --out /tmp/apm-bench
-    python bench/apm_oasst.py --baseline-only --seeds 0 1 2      # the ridge probe alone (about a minute a seed)
+Every figure is the pooled Pearson over out-of-fold (or held-out) predictions against the integer
+labels, with a 95% interval from resampling whole trees. Prints JSON and a short table, with the
+recipe's training time and the process's peak memory.
+
+    python bench/apm_oasst.py --data ../shared/data/oasst1-en/messages.jsonl --folds 5
+    python bench/apm_oasst.py --recipe finetune --folds 5      # the fine-tuning recipe (slow on CPU)
 """
 
 from __future__ import annotations
@@ -13,136 +20,120 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
-
-BAR_ATTRIBUTES = ["quality", "helpfulness", "humor", "creativity"]
 
 
-def _split_items(data: str, seed: int, fraction: float):
-    from steer.attributes import get_schema
-    from steer.data import grouped_split, load_conversations
-    from training.apm import rated_items
-
-    schema = get_schema("oasst")
-    convs, _ = load_conversations(data, "oasst", schema=schema)
-    train, held = grouped_split(convs, fraction, seed)
-    return schema, rated_items(train, schema, True), rated_items(held, schema, False), len({c.group for c in held})
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
-
-
-def _ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
-    w = np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T @ (y - y.mean()))
-    return w, float(y.mean())
-
-
-def _pick_alpha(x: np.ndarray, y: np.ndarray, folds: int = 5) -> float:
-    """The ridge strength with the best 5-fold Pearson on the training items only."""
-    fold = np.arange(len(y)) % folds
-    best, best_r = ALPHAS[0], -np.inf
-    for alpha in ALPHAS:
-        pred = np.zeros(len(y))
-        for f in range(folds):
-            w, b = _ridge_fit(x[fold != f], y[fold != f], alpha)
-            pred[fold == f] = x[fold == f] @ w + b
-        r = np.corrcoef(pred, y)[0, 1]
-        if r > best_r:
-            best, best_r = alpha, r
-    return best
-
-
-def ridge_baseline(data: str, seed: int, fraction: float, max_length: int) -> dict:
-    """Ridge regression on frozen mean-pooled MiniLM embeddings (no fine-tuning); the ridge strength
-    is chosen per attribute by cross-validation on the training items."""
-    from transformers import AutoModel
-
-    from steer.apm import default_backbone, encode_for_apm, pad_batch
-    from steer.modeling import load_tokenizer
-    from steer.template import PromptTemplate
-    from training.apm_eval import attribute_metrics, label_matrix
-
-    schema, train, held, _ = _split_items(data, seed, fraction)
-    tok = load_tokenizer(default_backbone())
-    model = AutoModel.from_pretrained(default_backbone()).eval()
-    template = PromptTemplate(schema)
-
-    def embed(items):
-        feats = [encode_for_apm(it.messages, tok, template, max_length) for it in items]
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(feats), 32):
-                batch = pad_batch(feats[i : i + 32], tok.pad_token_id)
-                hidden = model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                out.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
-        return np.concatenate(out)
-
-    x_train, x_held = embed(train), embed(held)
-    mu = x_train.mean(0)
-    x_train, x_held = x_train - mu, x_held - mu
-    y_train = np.stack([it.values for it in train])
-    preds = np.zeros((len(held), len(schema)))
-    for j in range(len(schema)):
-        ok = ~np.isnan(y_train[:, j])
-        x, y = x_train[ok], y_train[ok, j]
-        w, b = _ridge_fit(x, y, _pick_alpha(x, y))
-        preds[:, j] = x_held @ w + b
-    return attribute_metrics(preds, label_matrix(held, schema), schema)
-
-
-def bar_mean(metrics: dict) -> float | None:
-    values = [metrics["attributes"][a]["pearson"] for a in BAR_ATTRIBUTES]
-    return None if any(v is None for v in values) else float(np.mean(values))
+def _row(name: str, r: dict) -> str:
+    if r["headline_pearson"] is None:  # the constant on one split: no correlation to speak of
+        return f"{name:<34}    -  (constant predictions; MAE " + " ".join(
+            f"{r['attributes'][a]['mae']:.3f}" for a in r["headline_attributes"]) + ")"
+    ci = r.get("headline_pearson_ci") or [float("nan")] * 2
+    folds = r.get("folds") or {}
+    spread = (f"{folds['mean']:.3f} +- {folds['std']:.3f}" if folds.get("std") is not None else "-")
+    per = " ".join(f"{r['attributes'][a]['pearson']:6.3f}" if r["attributes"][a]["pearson"] is not None else "   -  "
+                   for a in r["headline_attributes"])
+    return f"{name:<34} {r['headline_pearson']:6.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  {per}  {spread}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/oasst1-en/messages.jsonl")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--eval-fraction", type=float, default=0.1)
-    parser.add_argument("--max-length", type=int, default=None, help="default: the APM's default")
-    parser.add_argument("--out", default="/tmp/apm-bench")
-    parser.add_argument("--baseline-only", action="store_true")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--recipe", default=None, help="default: steer apm train's default")
+    parser.add_argument("--holdout-fraction", type=float, default=0.2)
+    parser.add_argument("--holdout-seed", type=int, default=2026)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--out", default="/tmp/apm-bench", help="scratch directory for the fine-tuning recipe")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from steer.apm import AttributePredictor
-    from training.apm import ApmTrainConfig
-    from training.apm import main as train_main
-    from training.apm_eval import evaluate
+    from steer.apm import default_backbone
+    from steer.attributes import get_schema
+    from steer.data import grouped_split, load_conversations
+    from steer.modeling import load_tokenizer
+    from steer.template import PromptTemplate
+    from training import apm_cv
+    from training.apm import ApmTrainConfig, FrozenBackbone, cross_validate, finetune, train_head, validate_config
+    from training.apm_data import headline_attributes, label_matrix, rated_items
 
-    max_length = args.max_length or ApmTrainConfig.__dataclass_fields__["max_length"].default
-    rows = []
-    for seed in args.seeds:
-        _, train, held, n_groups = _split_items(args.data, seed, args.eval_fraction)
-        row = {"split_seed": seed, "train_items": len(train), "held_out_items": len(held), "held_out_trees": n_groups}
-        ridge = ridge_baseline(args.data, seed, args.eval_fraction, max_length)
-        row["ridge"] = {"bar_mean_pearson": bar_mean(ridge), "attributes": ridge["attributes"]}
-        if not args.baseline_only:
-            out = Path(args.out) / f"seed{seed}"
-            config = ApmTrainConfig(data=args.data, output=str(out), format="oasst", split_seed=seed,
-                                    eval_fraction=args.eval_fraction, overwrite=True,
-                                    **({"max_length": args.max_length} if args.max_length else {}))
-            start = time.perf_counter()
-            train_main(config)
-            wall = time.perf_counter() - start
-            metrics = evaluate(AttributePredictor.load(out), held)
-            row["apm"] = {"bar_mean_pearson": bar_mean(metrics), "train_wall_seconds": round(wall, 1),
-                          "mean_pearson_all": metrics["mean_pearson"], "attributes": metrics["attributes"]}
-        rows.append(row)
-    print(json.dumps(rows, indent=2))
-    print(f"\n{'seed':>4} {'trees':>5} {'items':>5} {'ridge':>7} {'apm':>7} {'train s':>8}")
-    for r in rows:
-        apm = r.get("apm", {})
-        fmt = lambda v: "   -   " if v is None else f"{v:7.3f}"  # noqa: E731
-        print(f"{r['split_seed']:>4} {r['held_out_trees']:>5} {r['held_out_items']:>5} "
-              f"{fmt(r['ridge']['bar_mean_pearson'])} {fmt(apm.get('bar_mean_pearson'))} "
-              f"{apm.get('train_wall_seconds', '-'):>8}")
+    config = ApmTrainConfig(data=args.data, output=args.out, format="oasst", cv=args.folds, bootstrap=args.bootstrap,
+                            device="cpu", **({"recipe": args.recipe} if args.recipe else {}))
+    validate_config(config)
+    schema = get_schema("oasst")
+    backbone = default_backbone()
+    tokenizer = load_tokenizer(backbone)
+    template = PromptTemplate(schema)
+    convs, _ = load_conversations(args.data, "oasst", schema=schema)
+    dev_convs, hold_convs = grouped_split(convs, args.holdout_fraction, args.holdout_seed)
+    dev, hold, every = (rated_items(c, schema, True) for c in (dev_convs, hold_convs, convs))
+    headline = headline_attributes(schema)
+
+    start = time.perf_counter()
+    frozen = FrozenBackbone(config, backbone, tokenizer, template, schema)
+    frozen.features(every)
+    frozen.features(every, pooling="mean", layers=[-1], length=False)
+    embed_seconds = time.perf_counter() - start
+
+    results: dict = {"recipe": config.recipe, "folds": args.folds, "embed_seconds": round(embed_seconds, 1),
+                     "config": {"layers": config.layers, "pooling": config.pooling,
+                                "length_features": config.length_features, "max_length": config.max_length}}
+    results["dev_cv"] = cross_validate(config, dev, schema, backbone, tokenizer, template, frozen)
+
+    # Held-out trees: fit on every development tree, score once.
+    start = time.perf_counter()
+    targets = np.stack([it.values for it in dev])
+    if config.recipe == "head":
+        head = train_head(config, frozen, dev)
+        model_pred = apm_cv.apply_head(head, frozen.features(hold))
+    else:
+        from steer.apm import AttributePredictor
+
+        model, norm, _ = finetune(config, backbone, schema, tokenizer, template, dev, args.out, quiet=True)
+        predictor = AttributePredictor(model.eval(), tokenizer, schema, {"template": template.to_dict(),
+                                       "max_length": config.max_length, "label_normalization": norm},
+                                       next(model.parameters()).device)
+        model_pred = predictor.predict([it.messages for it in hold])
+    fit_seconds = time.perf_counter() - start
+    probe = apm_cv.fit_ridge_head(frozen.features(dev, pooling="mean", layers=[-1], length=False), targets,
+                                  [it.group for it in dev], config.inner_folds, config.seed)
+    probe_pred = apm_cv.apply_head(probe, frozen.features(hold, pooling="mean", layers=[-1], length=False))
+    const_pred = np.tile(np.nanmean(targets, axis=0), (len(hold), 1))
+    labels, groups = label_matrix(hold, schema), [it.group for it in hold]
+    results["holdout"] = {
+        name: apm_cv.pooled_metrics(pred, labels, groups, schema, headline, args.bootstrap, 0)
+        for name, pred in (("model", model_pred), ("ridge_probe", probe_pred), ("constant", const_pred))
+    }
+    results["holdout"]["model_minus_probe"] = apm_cv.paired_difference(model_pred, probe_pred, labels, groups,
+                                                                     schema, headline, args.bootstrap, 0)
+    results["holdout_fit_seconds"] = round(fit_seconds, 1)
+    results["all_cv"] = cross_validate(config, every, schema, backbone, tokenizer, template, frozen)
+    results["peak_rss_mb"] = round(_peak_rss_mb())
+    print(json.dumps(results, indent=2))
+
+    print(f"\nrecipe {config.recipe}; mean Pearson over {', '.join(headline)} [95% CI], "
+          f"per attribute, mean +- sd over folds")
+    for title, block in (
+        (f"{args.folds}-fold CV, development trees ({results['dev_cv']['n_groups']} trees, "
+         f"{results['dev_cv']['n_items']} replies)", results["dev_cv"]),
+        (f"held-out trees never used for tuning ({results['holdout']['model']['n_groups']} trees, "
+         f"{results['holdout']['model']['n_items']} replies)", results["holdout"]),
+        (f"{args.folds}-fold CV, all trees ({results['all_cv']['n_groups']} trees, "
+         f"{results['all_cv']['n_items']} replies)", results["all_cv"]),
+    ):
+        print(f"\n{title}")
+        for key, name in (("model", f"APM ({config.recipe})"), ("ridge_probe", "ridge probe"), ("constant", "constant")):
+            print("  " + _row(name, block[key]))
+        d = block["model_minus_probe"]
+        print(f"  {'APM minus probe (paired)':<34} {d['difference']:6.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]")
+    print(f"\nbackbone pass over {len(every)} replies {embed_seconds:.0f} s; fit on the development trees "
+          f"{fit_seconds:.1f} s; peak RSS {results['peak_rss_mb']} MB")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,27 @@
 """The attribute prediction model (APM): scores an assistant reply, in its context, on every
 attribute of a schema.
 
-An APM directory is a plain ``AutoModelForSequenceClassification`` (``problem_type`` regression,
-one output per schema attribute, ``id2label`` = attribute names, safetensors) with its tokenizer
-and a ``steer_config.json`` (kind ``"apm"``) that records the schema, the prompt template, the
-input length and the target normalisation. The model's raw outputs are standardised targets;
-:class:`AttributePredictor` maps them back to the schema's scale.
+An APM directory holds a tokenizer, safetensors weights and a ``steer_config.json`` (kind
+``"apm"``) that records the schema, the prompt template, the input length and the target
+normalisation. It comes in two layouts, both loaded by :meth:`AttributePredictor.load`:
 
-:func:`encode_for_apm` is the single definition of the model's input. Training and prediction
-both call it, so a reply is truncated the same way in both.
+- **frozen backbone + head** (``steer_config["head"]`` present; the default recipe): the backbone as
+  a plain ``AutoModel`` (``config.json`` + ``model.safetensors``, unchanged from the pretrained one)
+  and ``head.safetensors``, a linear head on pooled hidden states (and a few length features),
+  fitted by ridge regression. Its outputs are on the schema's scale.
+- **fine-tuned** (no ``head``): a plain ``AutoModelForSequenceClassification`` (``problem_type``
+  regression, one output per attribute, ``id2label`` = attribute names) whose raw outputs are
+  standardised targets that :class:`AttributePredictor` maps back to the schema's scale.
+
+:func:`encode_for_apm` is the single definition of the model's input and :func:`pooled_features`
+the single definition of a frozen backbone's features. Training and prediction both call them, so
+a reply is truncated and pooled the same way in both.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,10 @@ DEFAULT_MAX_LENGTH = 128
 # However long the reply, keep this many context tokens (the question it answers) when the
 # context has them: a reply scored with no idea of what was asked is scored blind.
 MIN_CONTEXT_TOKENS = 48
+HEAD_FILE = "head.safetensors"
+# Features of the untruncated conversation that a truncated window cannot see (OpenAssistant raters
+# reward complete, substantial replies), appended to the pooled hidden states of a frozen head.
+LENGTH_FEATURES = ("log_reply_chars", "log_reply_words", "log_turns")
 
 
 def default_backbone() -> str:
@@ -78,7 +90,9 @@ def encode_for_apm(
     """
     segments = template.render(messages, mode="apm")
     texts = [s.text for s in segments]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # verbose=False: the "longer than the maximum sequence length" warning is about the raw
+    # segments; the window below is cut to max_length, and callers count what was cut.
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     context = [t for ids in encoded[:-1] for t in ids]
     reply = list(encoded[-1])
     prefix, middle, suffix, pair = _special_ids(tokenizer)
@@ -88,12 +102,50 @@ def encode_for_apm(
     keep_context = min(len(context), min_context_tokens, budget // 2)
     reply = reply[: budget - keep_context]
     context = context[max(0, len(context) - (budget - len(reply))):]
+    truncated = len(reply) < len(encoded[-1]) or len(context) < sum(len(ids) for ids in encoded[:-1])
     input_ids = prefix + context + middle + reply + suffix
     out = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
+    if truncated:
+        out["truncated"] = True
     if pair and "token_type_ids" in tokenizer.model_input_names:
         first = len(prefix) + len(context) + len(middle)
         out["token_type_ids"] = [0] * first + [1] * (len(input_ids) - first)
     return out
+
+
+def count_truncated(features: Sequence[Mapping[str, Any]]) -> int:
+    """How many :func:`encode_for_apm` outputs lost context or reply tokens to the window."""
+    return sum(1 for f in features if f.get("truncated"))
+
+
+def length_features(messages: Sequence[Message | Mapping[str, Any]]) -> list[float]:
+    """:data:`LENGTH_FEATURES` of a conversation ending with the reply to score."""
+    def content(m):
+        return m.content if isinstance(m, Message) else str(m.get("content", ""))
+
+    reply = content(messages[-1])
+    return [math.log1p(len(reply)), math.log1p(len(reply.split())), math.log(max(1, len(messages)))]
+
+
+def pooled_features(model, batch: Mapping[str, torch.Tensor], pooling: str, layers: Sequence[int]) -> torch.Tensor:
+    """``[batch, len(layers) * hidden]`` features of a frozen backbone: the hidden states of each of
+    ``layers`` (indices into ``hidden_states``, 0 = embeddings, -1 = last), pooled over real tokens
+    by ``"mean"``, the first token (``"cls"``) or the last real token (``"last"``, for decoders)."""
+    hidden = model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden[0].dtype)
+    last = batch["attention_mask"].sum(1) - 1
+    parts = []
+    for layer in layers:
+        h = hidden[layer]
+        if pooling == "mean":
+            parts.append((h * mask).sum(1) / mask.sum(1).clamp(min=1))
+        elif pooling == "cls":
+            parts.append(h[:, 0])
+        elif pooling == "last":
+            parts.append(h[torch.arange(h.shape[0], device=h.device), last])
+        else:
+            raise ValueError(f"unknown pooling {pooling!r} (mean, cls or last)")
+    return torch.cat(parts, dim=-1).float()
 
 
 def pad_batch(features: Sequence[Mapping[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -108,6 +160,58 @@ def pad_batch(features: Sequence[Mapping[str, list[int]]], pad_token_id: int) ->
     return batch
 
 
+def load_head(path: str | Path) -> dict[str, np.ndarray]:
+    """A frozen-backbone APM's head: ``y = ((x - mean) / scale) @ weight + bias``."""
+    from safetensors.numpy import load_file
+
+    file = Path(path) / HEAD_FILE
+    if not file.is_file():
+        raise ArtifactError(f"{path}: steer_config.json names a head but {HEAD_FILE} is missing")
+    head = {k: v.astype(np.float64) for k, v in load_file(str(file)).items()}
+    missing = {"mean", "scale", "weight", "bias"} - set(head)
+    if missing:
+        raise ArtifactError(f"{file} lacks {', '.join(sorted(missing))}")
+    return head
+
+
+def save_head(path: str | Path, head: Mapping[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(head[k], dtype=np.float32) for k in ("mean", "scale", "weight", "bias")},
+              str(Path(path) / HEAD_FILE))
+
+
+# transformers loggers whose warnings are expected on every APM command: the "LOAD REPORT" table
+# (a new regression head is missing from a pretrained backbone by design; callers say so once) and
+# "layers were not sharded" on every save of a model that was never meant to be sharded.
+_EXPECTED_NOISE = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+
+
+def quiet_model_loading():
+    """Silences transformers' expected loading/saving warnings (errors still show)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def quiet():
+        from transformers.utils import logging as hf_logging
+
+        logs = [logging.getLogger(name) for name in _EXPECTED_NOISE]
+        levels = [log.level for log in logs]
+        bars = hf_logging.is_progress_bar_enabled()
+        for log in logs:
+            log.setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars of a small model
+        try:
+            yield
+        finally:
+            for log, level in zip(logs, levels):
+                log.setLevel(level)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return quiet()
+
+
 class AttributePredictor:
     """A trained APM, ready to score replies.
 
@@ -117,12 +221,14 @@ class AttributePredictor:
     [{'quality': 2.7, 'humor': 3.1, ...}]
     """
 
-    def __init__(self, model, tokenizer, schema: AttributeSchema, config: dict, device: torch.device):
+    def __init__(self, model, tokenizer, schema: AttributeSchema, config: dict, device: torch.device,
+                 head: Mapping[str, np.ndarray] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.schema = schema
         self.config = config
         self.device = device
+        self.head = dict(head) if head is not None else None
         self.template = build_template(config.get("template"), schema, tokenizer)
         self.max_length = int(config.get("max_length", DEFAULT_MAX_LENGTH))
         self.min_context_tokens = int(config.get("min_context_tokens", MIN_CONTEXT_TOKENS))
@@ -132,26 +238,37 @@ class AttributePredictor:
         self._std = np.asarray(norm.get("std", [1.0] * k), dtype=np.float64)
         if self._mean.shape != (k,) or self._std.shape != (k,):
             raise ArtifactError("steer_config.json: label_normalization does not match the schema's attributes")
+        spec = config.get("head") or {}
+        self.pooling = spec.get("pooling", "mean")
+        self.layers = [int(x) for x in spec.get("layers", [-1])]
+        self.length_features = bool(spec.get("length_features", False))
+        if self.head is not None and self.head["weight"].shape[1] != k:
+            raise ArtifactError(f"{HEAD_FILE} has {self.head['weight'].shape[1]} outputs but the schema has {k}")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> AttributePredictor:
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModel, AutoModelForSequenceClassification
 
         config, schema = load_steer_config(path, kind=APM_KIND)
         device = device if isinstance(device, torch.device) else resolve_device(device)
         tokenizer = load_tokenizer(path)
+        head = load_head(path) if config.get("head") else None
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
+            with quiet_model_loading():
+                if head is not None:
+                    model = AutoModel.from_pretrained(str(path), use_safetensors=True)
+                else:
+                    model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
         except (OSError, ValueError) as e:
             raise ArtifactError(f"could not load the APM weights from {path}: {e}") from None
-        if model.config.num_labels != len(schema):
+        if head is None and model.config.num_labels != len(schema):
             raise ArtifactError(
                 f"{path}: the model has {model.config.num_labels} outputs but the schema has {len(schema)} attributes"
             )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         model.to(device).eval()
-        return cls(model, tokenizer, schema, config, device)
+        return cls(model, tokenizer, schema, config, device, head=head)
 
     def encode(self, messages: Sequence[Message | Mapping[str, Any]]) -> dict[str, list[int]]:
         return encode_for_apm(messages, self.tokenizer, self.template, self.max_length, self.min_context_tokens)
@@ -172,12 +289,26 @@ class AttributePredictor:
         Each item is a conversation ending with the assistant reply to score. Items are batched in
         order of token length, so a batch pads little, and the results come back in input order.
         """
+        if self.head is None:
+            return self.denormalize(self._forward(items, batch_size, sort_by_length, progress))
+        x = self.features(items, batch_size, sort_by_length, progress)
+        return self.denormalize(((x - self.head["mean"]) / self.head["scale"]) @ self.head["weight"] + self.head["bias"])
+
+    def features(self, items, batch_size: int = 32, sort_by_length: bool = True, progress: bool = False) -> np.ndarray:
+        """The frozen backbone's features of each item (pooled hidden states, then length features
+        when the head uses them): what the head reads."""
+        x = self._forward(items, batch_size, sort_by_length, progress, pooled=True)
+        if self.length_features:
+            x = np.concatenate([x, np.array([length_features(it) for it in items]).reshape(len(items), -1)], axis=1)
+        return x
+
+    def _forward(self, items, batch_size: int, sort_by_length: bool, progress: bool, pooled: bool = False) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         features = [self.encode(item) for item in items]
-        out = np.zeros((len(features), len(self.schema)), dtype=np.float64)
         if not features:
-            return out
+            width = self.model.config.hidden_size * len(self.layers) if pooled else len(self.schema)
+            return np.zeros((0, width), dtype=np.float64)
         order = (
             sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]), reverse=True)
             if sort_by_length
@@ -188,13 +319,19 @@ class AttributePredictor:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="scoring", unit="batch")
+        out = None
         with torch.inference_mode(), inference_attention():
             for idx in batches:
                 batch = pad_batch([features[i] for i in idx], self.tokenizer.pad_token_id)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                logits = self.model(**batch).logits.float().cpu().numpy()
-                out[idx] = logits
-        return self.denormalize(out)
+                if pooled:
+                    values = pooled_features(self.model, batch, self.pooling, self.layers).cpu().numpy()
+                else:
+                    values = self.model(**batch).logits.float().cpu().numpy()
+                if out is None:
+                    out = np.zeros((len(features), values.shape[1]), dtype=np.float64)
+                out[idx] = values
+        return out
 
     def predict_dicts(self, items, **kw) -> list[dict[str, float]]:
         preds = self.predict(items, **kw)

@@ -21,6 +21,7 @@ logger = logging.getLogger("steer")
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "apm train": ("training.apm", "ApmTrainConfig", "Train an attribute prediction model on rated conversations."),
     "apm eval": ("training.apm_eval", "ApmEvalConfig", "Score an APM on held-out ratings (Pearson, Spearman, MAE)."),
+    "apm cv": ("training.apm", "ApmCvConfig", "Cross-validate the APM recipe over conversations, beside two baselines."),
     "relabel": ("training.relabel", "RelabelConfig", "Annotate a dataset with an APM's attribute predictions."),
     "sft": ("training.sft", "SftConfig", "Attribute-conditioned LoRA fine-tuning of a causal LM."),
     "generate": ("steer.generate_cli", "GenerateConfig", "Generate a reply with chosen attribute values, or one per line of a request file (--input)."),
@@ -106,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name = argv[0]
     if name == "apm":
-        if len(argv) < 2 or argv[1] not in ("train", "eval"):
-            print("usage: steer apm {train,eval} [options]\n\n  train  " + COMMANDS["apm train"][2]
-                  + "\n  eval   " + COMMANDS["apm eval"][2])
+        if len(argv) < 2 or argv[1] not in ("train", "eval", "cv"):
+            print("usage: steer apm {train,eval,cv} [options]\n\n  train  " + COMMANDS["apm train"][2]
+                  + "\n  eval   " + COMMANDS["apm eval"][2] + "\n  cv     " + COMMANDS["apm cv"][2])
             return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
         name, rest = f"apm {argv[1]}", argv[2:]
     elif name == "eval":

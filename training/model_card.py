@@ -73,17 +73,22 @@ print(gen.generate([{{"role": "user", "content": "Can you fix my sword?"}}], att
 
 
 def apm_card(name: str, schema: AttributeSchema, backbone: str, training: dict[str, Any],
-             evaluation: dict[str, Any] | None) -> str:
+             evaluation: dict[str, Any] | None, cv: dict[str, Any] | None = None) -> str:
     """Markdown for an APM's ``README.md``. ``evaluation`` is what ``eval_results.json`` holds
-    (None when nothing was held out)."""
+    (None when nothing was held out), ``cv`` what ``cv_results.json`` holds (None without ``--cv``).
+    Cross-validated figures come first: one held-out split of a few trees says little."""
     if evaluation:
         per_attribute = [(f"`{n}`", m["pearson"], m["spearman"], m["mae"], m["n"])
                          for n, m in evaluation["attributes"].items()]
-        results = (f"On {evaluation['n_items']} held-out replies: mean Pearson "
-                   f"{_cell(evaluation['mean_pearson'])}, mean Spearman {_cell(evaluation['mean_spearman'])}.\n\n"
+        results = (f"{evaluation.get('headline') or ''}\n\nOn {evaluation['n_items']} held-out replies: mean Pearson "
+                   f"over all attributes {_cell(evaluation['mean_pearson'])}, mean Spearman "
+                   f"{_cell(evaluation['mean_spearman'])}.\n\n"
                    + _table(("attribute", "Pearson", "Spearman", "MAE", "n"), per_attribute))
     else:
         results = "Nothing was held out, so there is no held-out accuracy; `steer apm eval` measures it on any rated data."
+    cv_section = _cv_section(cv) if cv else (
+        "Not run for this model. `steer apm cv` (or `steer apm train --cv 5`) cross-validates the recipe over "
+        "whole conversations, with 95% intervals and two baselines on the same folds.")
     return f"""{_front_matter(backbone, "transformers", "text-classification", ["attribute-prediction"])}
 
 # {name}
@@ -93,6 +98,10 @@ conversation, it predicts how much of each attribute the last assistant reply ha
 schema's scale.
 
 {_attribute_table(schema)}
+
+## Cross-validated accuracy
+
+{cv_section}
 
 ## Held-out accuracy
 
@@ -118,6 +127,37 @@ print(apm.predict_dicts([[{{"role": "user", "content": "Can you fix my sword?"}}
 
 {_table(("setting", "value"), training.items())}
 """
+
+
+def _ci(entry: dict[str, Any], key: str) -> str:
+    value, ci = entry.get(key), entry.get(f"{key}_ci")
+    if value is None:
+        return "-"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def _cv_section(cv: dict[str, Any]) -> str:
+    """The CV figures with their intervals: the recipe beside the probe and the constant."""
+    models = [cv[k] for k in ("model", "ridge_probe", "constant") if k in cv]
+    head = models[0]
+    names = ", ".join(head["headline_attributes"])
+    summary = _table(
+        ("model", f"mean Pearson ({names}) [95% CI]", "mean over folds +- sd"),
+        [(m["model"], _ci(m, "headline_pearson"),
+          f"{m['folds']['mean']:.3f} +- {m['folds']['std']:.3f}" if m["folds"].get("std") is not None else "-")
+         for m in models],
+    )
+    per_attribute = _table(
+        ("attribute", "Pearson [95% CI]", "Spearman [95% CI]", "MAE", "probe Pearson", "constant MAE", "n"),
+        [(f"`{n}`", _ci(a, "pearson"), _ci(a, "spearman"), a["mae"],
+          _ci(cv["ridge_probe"]["attributes"][n], "pearson") if "ridge_probe" in cv else "-",
+          cv["constant"]["attributes"][n]["mae"] if "constant" in cv else "-", a["n"])
+         for n, a in head["attributes"].items()],
+    )
+    return (f"{cv['folds']}-fold cross-validation grouped by conversation ({cv['n_groups']} groups, {cv['n_items']} "
+            f"rated replies; every reply predicted once by a model that never saw its conversation). Pearson and "
+            f"Spearman are pooled over all out-of-fold predictions against the integer labels; intervals come from "
+            f"{cv['bootstrap']} resamples of whole conversations.\n\n{summary}\n\n{per_attribute}")
 
 
 def _front_matter(base_model: str, library: str, pipeline: str, tags: list[str]) -> str:
