@@ -160,7 +160,7 @@ class Stages:
         logger.info("stage %s: done in %.1f s", name, seconds)
 
 
-def _load_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+def load_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -225,7 +225,7 @@ def stage_base(config: DemoConfig, work: Path) -> None:
 
     schema = demo_schema()
     template = PromptTemplate(schema)
-    convs = [Conversation.from_dict(r) for r in _load_jsonl(unrated_path(), config.limit)]
+    convs = [Conversation.from_dict(r) for r in load_jsonl(unrated_path(), config.limit)]
     # The base sees the dialogue in the template's layout but never a label: conditioning is
     # what SFT has to teach it.
     docs = [template.render_text(c.messages, mode="apm") + template.end_marker for c in convs]
@@ -252,7 +252,7 @@ def stage_sft(config: DemoConfig, work: Path) -> None:
 
     # SteerLM trains on human-rated data with its human labels plus the APM-relabeled data.
     data = work / "sft_data.jsonl"
-    rated = [json.dumps(r) + "\n" for r in _load_jsonl(rated_path(), config.apm_limit)]
+    rated = [json.dumps(r) + "\n" for r in load_jsonl(rated_path(), config.apm_limit)]
     data.write_text("".join(rated) + (work / "relabeled.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     sft(SftConfig(
         base_model=str(work / "policy" / "base"), data=str(data), output=str(work / "policy"),
@@ -287,7 +287,7 @@ def evaluate(config: DemoConfig, work: Path) -> dict[str, Any]:
     generator = SteerGenerator.load(work / "policy", device="cpu")
     apm = AttributePredictor.load(work / "apm", device="cpu")
     schema = generator.schema
-    prompts = _load_jsonl(prompts_path(), config.eval_prompts)
+    prompts = load_jsonl(prompts_path(), config.eval_prompts)
     middle = {a.name: (a.min + a.max) // 2 for a in schema.attributes}
 
     grid, requests = [], []

@@ -62,15 +62,14 @@ def stage_sft(config, work: Path) -> None:
     from training.sft import SftConfig
     from training.sft import main as sft
 
+    from steer.demo import load_jsonl
     from steer.demo_data import rated_path
     from steer.modeling import load_tokenizer
 
+    # SteerLM trains on human-rated data with its human labels plus the APM-relabeled data.
     data = work / "sft_data.jsonl"
-    rated = (work / "rated.jsonl")
-    rated.write_text("".join(json.dumps(r) + "\n" for r in _load_jsonl(rated_path(), config.apm_limit)),
-                     encoding="utf-8")
-    data.write_text(rated.read_text(encoding="utf-8") + (work / "relabeled.jsonl").read_text(encoding="utf-8"),
-                    encoding="utf-8")
+    rated = "".join(json.dumps(r) + "\n" for r in load_jsonl(rated_path(), config.apm_limit))
+    data.write_text(rated + (work / "relabeled.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     # A chat model keeps its own turn format; the label line rides inside its assistant turn.
     template = "chat_template" if getattr(load_tokenizer(config.base_model), "chat_template", None) else "steerlm"
     sft(SftConfig(
@@ -80,17 +79,6 @@ def stage_sft(config, work: Path) -> None:
         max_length=config.sft_max_length, eval_fraction=0.05, save_steps=40, resume=True, logging_steps=10,
         limit=config.limit,
     ))
-
-
-def _load_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-                if limit is not None and len(rows) >= limit:
-                    break
-    return rows
 
 
 def heldout_replies(path: str | None, n: int) -> list[list[dict[str, str]]]:
@@ -168,11 +156,12 @@ def general_ability(config, work: Path) -> dict[str, Any]:
 
 
 def evaluate(config, work: Path) -> dict[str, Any]:
+    from steer.demo import load_jsonl
     from steer.demo_data import prompts_path
     from training.steerability import SteerabilityConfig, run
 
     prompts = work / "eval_prompts.jsonl"
-    rows = _load_jsonl(prompts_path(), config.eval_prompts)
+    rows = load_jsonl(prompts_path(), config.eval_prompts)
     prompts.write_text("".join(json.dumps({"id": r["id"], "system": r.get("system"), "prompt": r["user"]}) + "\n"
                                for r in rows), encoding="utf-8")
     judges = [str(work / "apm")] + ([j] if (j := judge_dir(config, work)) else [])
