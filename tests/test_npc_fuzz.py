@@ -43,7 +43,8 @@ def test_fuzzed_npc_requests_never_get_a_5xx(npc_server, mode):
     seen = []
 
     @given(case=schema.as_strategy(GenerationMode(mode)))
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    # Derandomized: the same cases every run, so the coverage check below cannot flake.
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
     def check(case):
         # Half of the cases aim at a real session or NPC so they get past the 404.
         if case.path_parameters and "sid" in case.path_parameters and len(seen) % 2:
