@@ -38,6 +38,14 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 
+# ``steer demo --base-model``: settings that fit a ~135M chat model on 2 CPU cores within the demo's
+# 45-minute budget. With SmolLM2-135M-Instruct a LoRA step (rank 16, attention + MLP) over 8
+# sequences of up to 192 tokens took 4.4-6.3 s, and the whole run 34 minutes (docs/sft.md).
+PRETRAINED_DEFAULTS = {
+    "sft_steps": 160, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 2e-4, "lora_r": 16,
+    "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64,
+}
+
 
 class DemoError(SteerError, RuntimeError):
     pass
@@ -89,8 +97,6 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.base_model:
-            from training.demo_pretrained import PRETRAINED_DEFAULTS
-
             # A pretrained model needs a gentler learning rate and fewer, costlier steps than the
             # tiny model built from scratch; flags given on the command line still win.
             for name, value in PRETRAINED_DEFAULTS.items():

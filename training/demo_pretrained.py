@@ -23,13 +23,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Settings that fit a ~135M chat model on 2 CPU cores within the demo's time budget. Measured for
-# SmolLM2-135M-Instruct: one LoRA step (rank 16, attention + MLP) over 8 sequences of 128 tokens
-# takes about 6.5 s there, and generation runs at about 96 tokens/s at batch 16.
-PRETRAINED_DEFAULTS = {
-    "sft_steps": 160, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 2e-4, "lora_r": 16,
-    "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64,
-}
 GENERAL_QUESTIONS = (
     "What is the capital of France?",
     "Give me two tips for sleeping better.",
