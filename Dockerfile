@@ -4,7 +4,8 @@
 #   docker run -p 8000:8000 -v /path/to/policy:/models/policy:ro steer
 #
 # GPU: build on a CUDA runtime image; the same steps install the torch build you pin:
-#   docker build -t steer:cuda --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 .
+#   docker build -t steer:cuda --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
 #   docker run --gpus all -p 8000:8000 -v /path/to/policy:/models/policy:ro steer:cuda
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
@@ -28,8 +29,10 @@ COPY training ./training
 COPY service ./service
 COPY ui ./ui
 # The README's install steps: torch first, then the package. EXTRAS="[ui]" adds the Gradio UI at /ui.
+# TORCH_INDEX_URL: PyTorch's CPU wheels by default (the public index's torch==2.13.0 is the CUDA build).
 ARG EXTRAS=""
-RUN pip install torch==2.13.0 \
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
     && pip install ".${EXTRAS}"
 
 RUN useradd --create-home --uid 1000 steer
