@@ -43,7 +43,7 @@ STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 # sequences of up to 192 tokens took 4.4-6.3 s, and the whole run 34 minutes (docs/sft.md).
 PRETRAINED_DEFAULTS = {
     "sft_steps": 160, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 2e-4, "lora_r": 16,
-    "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64,
+    "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64, "label_placement": "reply",
 }
 
 
@@ -92,6 +92,9 @@ class DemoConfig:
     sft_batch_size: int | None = field(default=None, metadata={"help": "With --base-model: sequences per step."})
     sft_max_length: int | None = field(default=None, metadata={"help": "With --base-model: tokens per sequence."})
     best_of: str | None = field(default=None, metadata={"help": "With --base-model: best-of sizes evaluated, e.g. 1,4."})
+    label_placement: str | None = field(default=None, metadata={
+        "help": "With --base-model and a chat-template base: where the attribute labels go (reply: opening the "
+                "assistant turn, as SteerLM does; system: closing the system message)."})
     heldout_replies: int | None = field(default=None, metadata={
         "help": "With --base-model: OpenAssistant replies whose loss is measured before and after SFT."})
 

@@ -217,12 +217,41 @@ class ChatTemplatePrompt(PromptTemplate):
 
     name = "chat_template"
     adds_bos = False
+    LABEL_PLACEMENTS = ("reply", "system")
 
-    def __init__(self, schema: AttributeSchema, tokenizer, default_system: str = ""):
+    def __init__(self, schema: AttributeSchema, tokenizer, default_system: str = "", label_placement: str = "reply"):
         super().__init__(schema, default_system=default_system)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; use the default SteerLM template instead")
+        if label_placement not in self.LABEL_PLACEMENTS:
+            raise ValueError(f"label_placement must be one of {self.LABEL_PLACEMENTS}, got {label_placement!r}")
         self.tokenizer = tokenizer
+        # "reply": SteerLM's place, the label line opens each assistant turn. "system": the label line
+        # closes the system message and every assistant turn is the bare reply, the base model's own
+        # format; an instruction-tuned base already reads its system message as instructions, so it
+        # learns the conditioning from less data. One system message conditions one reply: the last
+        # assistant turn is the one trained on, earlier turns are context.
+        self.label_placement = label_placement
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "label_placement": self.label_placement}
+
+    @property
+    def _labels_in_system(self) -> bool:
+        return self.label_placement == "system"
+
+    def _system_labels(self, msgs: list[Message], mode: Mode, requested: dict[str, int]) -> str:
+        """The label text that closes the system message ("" unless labels go there)."""
+        if not self._labels_in_system or mode == "apm":
+            return ""
+        last = next((m for m in reversed(msgs) if m.role == "assistant"), None) if mode == "train" else None
+        if last is not None and last.labels:
+            return self.label_line(last.labels, fill_defaults=False).rstrip("\n")
+        return self.label_line(requested).rstrip("\n")
+
+    def _system_turn(self, text: str | None, labels: str) -> dict:
+        """The system message: its (escaped or placeholder) text, then the label text if any."""
+        return {"role": "system", "content": "\n".join(t for t in (text, labels) if t)}
 
     @property
     def end_marker(self) -> str:
@@ -259,15 +288,23 @@ class ChatTemplatePrompt(PromptTemplate):
         suffix = self._turn_suffix()
         if suffix is None or not any(m.role == "assistant" for m in msgs):
             return None
+        sys_labels = self._system_labels(msgs, "inference", requested)
         chat: list[dict] = []
-        if msgs[0].role != "system" and self.default_system:
-            chat.append({"role": "system", "content": content(self.escape(self.default_system))})
+        if msgs[0].role != "system" and (self.default_system or sys_labels):
+            chat.append(self._system_turn(content(self.escape(self.default_system)) if self.default_system else None,
+                                          sys_labels))
         replies = []
         for m in msgs:
+            if m.role == "system":
+                chat.append(self._system_turn(content(self.escape(m.content)), sys_labels))
+                continue
             if m.role != "assistant":
                 chat.append({"role": m.role, "content": content(self.escape(m.content))})
                 continue
-            line = self.label_line(m.labels, fill_defaults=False) if m.labels else self.label_line(requested)
+            if self._labels_in_system:
+                line = ""
+            else:
+                line = self.label_line(m.labels, fill_defaults=False) if m.labels else self.label_line(requested)
             replies.append((line, line + content(self.escape(m.content))))
             chat.append({"role": "assistant", "content": replies[-1][1]})
         whole = self._chat(chat, generation_prompt=True)
@@ -281,7 +318,7 @@ class ChatTemplatePrompt(PromptTemplate):
             segments.append(segment(whole[done:start] + line))
             segments.append(segment(whole[start + len(line):end + len(suffix)], trainable=True))
             done = end + len(suffix)
-        segments.append(segment(whole[done:] + self.label_line(requested)))
+        segments.append(segment(whole[done:] + ("" if self._labels_in_system else self.label_line(requested))))
         return segments
 
     def render(self, messages, mode: Mode = "train", attributes=None) -> list[Segment]:
@@ -328,17 +365,23 @@ class ChatTemplatePrompt(PromptTemplate):
             if fast is not None:
                 return fast
         content = fresh_content()
+        sys_labels = self._system_labels(msgs, mode, requested)
+        last_reply = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=-1)
         chat: list[dict] = []
-        if msgs[0].role != "system" and self.default_system:
-            chat.append({"role": "system", "content": content(self.escape(self.default_system))})
+        if msgs[0].role != "system" and (self.default_system or sys_labels):
+            chat.append(self._system_turn(content(self.escape(self.default_system)) if self.default_system else None,
+                                          sys_labels))
         segments: list[Segment] = []
         done = ""  # text already emitted as segments
-        for m in msgs:
+        for i, m in enumerate(msgs):
+            if m.role == "system":
+                chat.append(self._system_turn(content(self.escape(m.content)), sys_labels))
+                continue
             if m.role != "assistant":
                 chat.append({"role": m.role, "content": content(self.escape(m.content))})
                 continue
             prefix = self._chat(chat, generation_prompt=True)
-            line = "" if mode == "apm" else (
+            line = "" if mode == "apm" or self._labels_in_system else (
                 self.label_line(m.labels, fill_defaults=False) if m.labels else self.label_line(requested)
             )
             chat.append({"role": "assistant", "content": line + content(self.escape(m.content))})
@@ -346,11 +389,13 @@ class ChatTemplatePrompt(PromptTemplate):
             if not (prefix.startswith(done) and full.startswith(prefix + line)):
                 raise ValueError("this chat template does not render conversations as growing prefixes")
             segments.append(segment(prefix[len(done):] + line))
-            segments.append(segment(full[len(prefix) + len(line):], trainable=True))
+            # With the labels in the system message they describe the last reply only.
+            trainable = not (self._labels_in_system and mode == "train" and i != last_reply)
+            segments.append(segment(full[len(prefix) + len(line):], trainable=trainable))
             done = full
         if mode == "inference":
             prefix = self._chat(chat, generation_prompt=True)
-            segments.append(segment(prefix[len(done):] + self.label_line(requested)))
+            segments.append(segment(prefix[len(done):] + ("" if self._labels_in_system else self.label_line(requested))))
         else:
             # Text after the last turn (if any) is template boilerplate, not something to learn.
             tail = self._chat(chat, generation_prompt=False)[len(done):]

@@ -218,15 +218,16 @@ POSITIONAL = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
+@pytest.mark.parametrize("placement", ["reply", "system"])
 @pytest.mark.parametrize("chat_template", [CHATML, PIPES, POSITIONAL])
-def test_chat_template_prompts_render_in_one_pass_with_the_same_segments(gpt2_tokenizer, chat_template):
+def test_chat_template_prompts_render_in_one_pass_with_the_same_segments(gpt2_tokenizer, chat_template, placement):
     from steer.attributes import Attribute, AttributeSchema
     from steer.template import ChatTemplatePrompt
 
     schema = AttributeSchema(name="t", attributes=(Attribute("humor", 0, 4, 0, "funny"),))
     tok = type(gpt2_tokenizer).from_pretrained(gpt2_tokenizer.name_or_path)
     tok.chat_template = chat_template
-    template = ChatTemplatePrompt(schema, tok, default_system="Be kind.")
+    template = ChatTemplatePrompt(schema, tok, default_system="Be kind.", label_placement=placement)
     turns = 40
     messages = []
     for i in range(turns):

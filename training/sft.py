@@ -72,6 +72,12 @@ class SftConfig:
     template: str = field(
         default="steerlm", metadata={"help": "Prompt format: steerlm, or chat_template (the tokenizer's own)."}
     )
+    label_placement: str = field(
+        default="reply",
+        metadata={"help": "With --template chat_template: where the attribute labels go. reply: SteerLM's place, "
+                  "opening the assistant turn; system: closing the system message, so the reply stays in the base "
+                  "model's own format (trains on the last reply of each conversation)."},
+    )
     default_system: str = field(default="", metadata={"help": "System prompt used when a conversation has none."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
@@ -293,9 +299,10 @@ def build_template(config: SftConfig, schema: AttributeSchema, tokenizer) -> Pro
         return PromptTemplate(schema, default_system=config.default_system)
     if config.template == "chat_template":
         try:
-            return ChatTemplatePrompt(schema, tokenizer, default_system=config.default_system)
+            return ChatTemplatePrompt(schema, tokenizer, default_system=config.default_system,
+                                      label_placement=config.label_placement)
         except ValueError as e:
-            raise SftError(str(e), "template") from None
+            raise SftError(str(e), "label_placement" if "label_placement" in str(e) else "template") from None
     raise SftError(f"unknown template {config.template!r}; use steerlm or chat_template", "template")
 
 
@@ -472,7 +479,7 @@ def sft_fingerprint(config: SftConfig) -> dict[str, Any]:
                              for p in sorted(base.iterdir()) if p.is_file()}}
     else:
         base_id = config.base_model
-    keys = ("format", "schema", "template", "default_system", "lora_r", "lora_alpha", "lora_dropout",
+    keys = ("format", "schema", "template", "label_placement", "default_system", "lora_r", "lora_alpha", "lora_dropout",
             "target_modules", "modules_to_save", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay",
             "batch_size", "grad_accum", "max_length", "eval_fraction", "limit", "load_in_4bit", "dtype", "seed")
     return {
