@@ -69,7 +69,7 @@ def stage_sft(config, work: Path) -> None:
         base_model=config.base_model, data=str(data), output=str(work / "policy"), format="steer",
         schema=str(work / "apm"), template=template, label_placement=config.label_placement, lora_r=config.lora_r, lora_alpha=2 * config.lora_r,
         lora_dropout=0.05, max_steps=config.sft_steps, batch_size=config.sft_batch_size, lr=config.sft_lr,
-        max_length=config.sft_max_length, eval_fraction=0.05, save_steps=40, resume=True, logging_steps=10,
+        max_length=config.sft_max_length, eval_fraction=0.02, save_steps=40, resume=True, logging_steps=10,
         limit=config.limit,
     ))
 
