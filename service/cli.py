@@ -19,8 +19,11 @@ logger = logging.getLogger(__name__)
 def _help(name: str) -> str:
     info = ServerSettings.model_fields[name]
     text = info.description[:1].upper() + info.description[1:]
-    if info.annotation is not bool:  # a switch's description says what it does when given
-        text += f". Default: {shown_default(name)}"
+    shown = shown_default(name)
+    if shown.startswith("("):  # "(required)"
+        text += f" {shown}"
+    elif info.annotation is not bool:  # a switch's description says what it does when given
+        text += f". Default: {shown}"
     return f"{text}. Env: {env_var(name)}."
 
 

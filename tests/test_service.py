@@ -712,3 +712,17 @@ def test_fast_content_chunk_is_the_pydantic_chunk():
         slow = serving._chunk(gen, [ChunkChoice(index=index, delta=DeltaMessage(content=text))])
         assert fast.startswith("data: ") and fast.endswith("\n\n")
         assert json.loads(fast[6:]) == json.loads(slow[6:])
+
+
+def test_every_error_body_comes_from_one_builder_with_the_documented_shape():
+    from service.errors import error_response, invalid_api_key
+    from service.protocol import ErrorResponse, error_body
+    from service.serving import ServingError
+
+    body = error_body("bad value", param="x", code="invalid_value")
+    assert ErrorResponse.model_validate(body).model_dump() == body  # what /openapi.json documents
+    assert ServingError(400, "bad value", param="x", code="invalid_value").body() == body
+    assert json.loads(error_response(400, "bad value", param="x", code="invalid_value").body) == body
+    # A message quoting a lone surrogate from the request still renders (escaped).
+    assert b"\\ud800" in error_response(400, "got '\ud800'").body
+    assert invalid_api_key().body()["error"]["type"] == "authentication_error"
