@@ -40,6 +40,8 @@ def setting(default: Any = None, description: str = "", *, shown_default: str | 
 
 
 class ServerSettings(BaseSettings):
+    # By name: Python callers and flags use field names; the aliases only keep the older, shorter
+    # variable names of four settings (STEER_RETRY_AFTER for retry_after_s ...).
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, validate_by_name=True,
                                       validate_by_alias=True, extra="forbid")
 
@@ -70,7 +72,8 @@ class ServerSettings(BaseSettings):
     max_n: int = setting(8, "the largest `n` (also at most --max-batch-size)", ge=1)
     api_keys: Annotated[list[str], NoDecode] = setting(
         [], "require `Authorization: Bearer KEY` on every route but /health (/metrics, /docs, /openapi.json "
-            "included); the UI asks for a key as its login password", shown_default="off", flag="api_key")
+            "included); the UI asks for a key as its login password", shown_default="off", flag="api_key",
+        repr=False)  # keys stay out of logs
     allow_no_auth: bool = setting(False, "allow a non-loopback --host without an API key (refused otherwise)")
     ui: bool = setting(True, "mount the Gradio UI at --ui-path when gradio is installed (the default)")
     ui_path: str = setting("/ui", "where the UI is mounted")
