@@ -1,113 +1,70 @@
 """``steer serve``: run the OpenAI-compatible API with uvicorn.
 
-Every option can also come from a ``STEER_*`` environment variable (see ``service.settings``);
-a flag given on the command line wins.
+The options are not written here: each is a field of ``service.settings.ServerSettings``, which
+also names its ``STEER_*`` environment variable. A flag given on the command line wins.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
+from typing import Any
 
-from service.settings import ServerSettings, SettingsError
+from service.settings import ServerSettings, SettingsError, env_var, flag_name, shown_default
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ServeConfig:
-    policy: str | None = field(default=None, metadata={"help": "Policy directory (steer sft / steer demo). Env: STEER_POLICY."})
-    apm: str | None = field(
-        default=None, metadata={"help": "Attribute prediction model directory; enables \"score\": true. Env: STEER_APM."}
-    )
-    npcs: str | None = field(
-        default=None, metadata={"help": "Directory of NPC profile files (*.yaml) served under /v1/npcs, with "
-                                     "dialogue sessions (docs/npc.md). Env: STEER_NPCS."}
-    )
-    database_url: str | None = field(
-        default=None, metadata={"help": "Where NPC sessions are kept: sqlite:///path (default "
-                                     "sqlite:///steer-sessions.db) or postgresql://user:pass@host/db. "
-                                     "Env: STEER_DATABASE_URL."}
-    )
-    host: str | None = field(default=None, metadata={"help": "Interface to bind (default 127.0.0.1). Env: STEER_HOST."})
-    port: int | None = field(default=None, metadata={"help": "TCP port (default 8000). Env: STEER_PORT."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available). Env: STEER_DEVICE."})
-    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: bf16 on GPU). Env: STEER_DTYPE."})
-    threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: the engine process takes all cores but one, "
-                                     "left to the HTTP side). Env: STEER_THREADS."}
-    )
-    model_name: str | None = field(
-        default=None, metadata={"help": "Model name shown by /v1/models (default: the policy's name). Env: STEER_MODEL_NAME."}
-    )
-    max_batch_size: int | None = field(
-        default=None, metadata={"help": "Rows decoded together (default 16). Env: STEER_MAX_BATCH_SIZE."}
-    )
-    max_queue: int | None = field(
-        default=None, metadata={"help": "Rows allowed to wait for a slot before 429 (default 64). Env: STEER_MAX_QUEUE."}
-    )
-    max_tokens_limit: int | None = field(
-        default=None, metadata={"help": "Largest max_tokens a request may ask for (default 1024). Env: STEER_MAX_TOKENS_LIMIT."}
-    )
-    default_max_tokens: int | None = field(
-        default=None, metadata={"help": "max_tokens when a request gives none (default 256). Env: STEER_DEFAULT_MAX_TOKENS."}
-    )
-    max_prompt_tokens: int | None = field(
-        default=None, metadata={"help": "Longest prompt accepted, in tokens (default 2048). Env: STEER_MAX_PROMPT_TOKENS."}
-    )
-    max_body_bytes: int | None = field(
-        default=None, metadata={"help": "Largest request body before 413 (default 1000000). Env: STEER_MAX_BODY_BYTES."}
-    )
-    max_messages: int | None = field(
-        default=None, metadata={"help": "Most messages in one request (default 512). Env: STEER_MAX_MESSAGES."}
-    )
-    max_n: int | None = field(default=None, metadata={"help": "Largest n (choices per request) (default 8). Env: STEER_MAX_N."})
-    api_key: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Require 'Authorization: Bearer KEY'; repeat for several keys. Off by default. "
-                          "Env: STEER_API_KEYS (comma-separated)."},
-    )
-    ui: bool = field(
-        default=False, metadata={"help": "Mount the Gradio UI at /ui when gradio is installed (the default). Env: STEER_UI=1/0."}
-    )
-    no_ui: bool = field(default=False, metadata={"help": "Do not mount the UI."})
-    engine_in_process: bool = field(
-        default=False,
-        metadata={"help": "Decode in a thread of the server process instead of a separate engine process: "
-                          "faster start, lower throughput under concurrent load. Env: STEER_ENGINE_IN_PROCESS=1."},
-    )
-    engine_max_restarts: int | None = field(
-        default=None, metadata={"help": "Restarts of a crashed engine in a row before giving up (default 3). "
-                                     "Env: STEER_ENGINE_MAX_RESTARTS."}
-    )
-    engine_restart_backoff_s: float | None = field(
-        default=None, metadata={"help": "Seconds before the first restart, doubled for each next one (default 1). "
-                                     "Env: STEER_ENGINE_RESTART_BACKOFF."}
-    )
-    stall_after_s: float | None = field(
-        default=None, metadata={"help": "/health reports a stall after this many seconds without a decode step "
-                                     "while requests wait (default 60). Env: STEER_STALL_AFTER."}
-    )
-    drain_timeout_s: float | None = field(
-        default=None, metadata={"help": "On SIGTERM/SIGINT, seconds requests in flight get to finish (default 30). "
-                                     "Env: STEER_DRAIN_TIMEOUT."}
-    )
-    allow_no_auth: bool = field(
-        default=False, metadata={"help": "Allow listening on a non-loopback --host without --api-key. "
-                                         "Env: STEER_ALLOW_NO_AUTH=1."}
-    )
-    log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
+def _help(name: str) -> str:
+    info = ServerSettings.model_fields[name]
+    text = info.description[:1].upper() + info.description[1:]
+    shown = shown_default(name)
+    if shown.startswith("("):  # "(required)"
+        text += f" {shown}"
+    elif info.annotation is not bool:  # a switch's description says what it does when given
+        text += f". Default: {shown}"
+    return f"{text}. Env: {env_var(name)}."
 
-    def to_settings(self) -> ServerSettings:
-        overrides = {k: v for k, v in vars(self).items() if k not in ("api_key", "log_level", "ui", "no_ui")}
-        overrides["api_keys"] = list(self.api_key)
-        if self.ui and self.no_ui:
-            raise SettingsError("give --ui or --no-ui, not both", "ui")
-        overrides["ui"] = True if self.ui else (False if self.no_ui else None)
-        overrides["engine_in_process"] = True if self.engine_in_process else None  # else the environment decides
-        overrides["allow_no_auth"] = True if self.allow_no_auth else None
-        return ServerSettings.from_env(overrides)
+
+def _serve_config_fields() -> list[tuple[str, Any, Any]]:
+    """One option per settings field, unset (None) unless given so the environment can decide;
+    a switch that is on by default also gets its ``--no-`` form."""
+    out: list[tuple[str, Any, Any]] = []
+    for name, info in ServerSettings.model_fields.items():
+        flag, help_text = flag_name(name), _help(name)
+        if info.annotation is bool:
+            out.append((flag, bool, field(default=False, metadata={"help": help_text})))
+            if info.default:
+                out.append((f"no_{flag}", bool, field(default=False, metadata={"help": f"Turn --{flag} off."})))
+        elif info.annotation == list[str]:
+            out.append((flag, list[str], field(default_factory=list, metadata={"help": help_text + " Repeatable."})))
+        else:
+            kind = info.annotation if info.annotation in (int, float) else str
+            out.append((flag, kind | None, field(default=None, metadata={"help": help_text})))
+    out.append(("log_level", str, field(default="info", metadata={"help": "uvicorn's log level."})))
+    return out
+
+
+def _to_settings(self) -> ServerSettings:
+    """The settings these options give: options given win over ``STEER_*`` variables."""
+    values: dict[str, Any] = {}
+    for name, info in ServerSettings.model_fields.items():
+        flag = flag_name(name)
+        value = getattr(self, flag)
+        if info.annotation is bool:
+            off = getattr(self, f"no_{flag}", False)
+            if value and off:
+                raise SettingsError(f"give --{flag} or --no-{flag}, not both", name)
+            value = True if value else (False if off else None)
+        values[name] = value
+    return ServerSettings.from_env(values)
+
+
+# The flags are derived from ServerSettings, so a new setting is a new flag with no edit here.
+ServeConfig = make_dataclass("ServeConfig", _serve_config_fields(), namespace={"to_settings": _to_settings})
+ServeConfig.__module__ = __name__
+ServeConfig.__doc__ = "``steer serve`` options: one per ``ServerSettings`` field, plus uvicorn's log level."
 
 
 def main(config: ServeConfig) -> int:

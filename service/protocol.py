@@ -228,6 +228,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body, ``ErrorResponse``'s shape: the one place every error answer (HTTP
+    responses, the error event of a stream that has begun) is built. A plain dict, not the model,
+    since the message may quote the request's own text, lone surrogates included, which pydantic
+    would refuse."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 class HealthResponse(BaseModel):
     status: str
     model: str | None = None

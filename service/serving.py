@@ -34,6 +34,7 @@ from service.protocol import (
     ModelList,
     Usage,
     completion_id,
+    error_body,
 )
 from service.settings import ServerSettings
 from steer.best_of import BestOfError, CandidateGroup, best_of_target, check_weights, choose_best
@@ -56,7 +57,7 @@ class ServingError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ServingError:

@@ -1,103 +1,126 @@
-"""Server settings: one dataclass, filled from ``steer serve`` flags or ``STEER_*`` environment variables.
+"""Server settings, declared once: ``ServerSettings`` (pydantic-settings).
 
-Flags win over the environment, the environment over the defaults. Plain ``os.environ`` reading
-keeps the server free of a settings framework.
+Each field gives its default, its bounds and its description; from that one declaration come the
+``STEER_*`` environment variables (pydantic-settings reads them), the ``steer serve`` flags
+(``service.cli`` builds its config class from the fields) and the table in docs/serving.md
+(``python -m service.settings`` prints it; a test checks the file holds it). A flag wins over the
+environment, the environment over the default. A bad value from any of them is a ``SettingsError``
+naming the field, its flag and its variable.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from steer.errors import SteerError
+
+ENV_PREFIX = "STEER_"
 
 
 class SettingsError(SteerError, ValueError):
     """Invalid server settings (flag or environment variable)."""
 
 
-# settings field -> environment variable
-ENV_VARS: dict[str, str] = {
-    "policy": "STEER_POLICY",
-    "apm": "STEER_APM",
-    "npcs": "STEER_NPCS",
-    "database_url": "STEER_DATABASE_URL",
-    "host": "STEER_HOST",
-    "port": "STEER_PORT",
-    "device": "STEER_DEVICE",
-    "dtype": "STEER_DTYPE",
-    "threads": "STEER_THREADS",
-    "model_name": "STEER_MODEL_NAME",
-    "max_batch_size": "STEER_MAX_BATCH_SIZE",
-    "max_queue": "STEER_MAX_QUEUE",
-    "max_tokens_limit": "STEER_MAX_TOKENS_LIMIT",
-    "default_max_tokens": "STEER_DEFAULT_MAX_TOKENS",
-    "max_prompt_tokens": "STEER_MAX_PROMPT_TOKENS",
-    "max_body_bytes": "STEER_MAX_BODY_BYTES",
-    "max_messages": "STEER_MAX_MESSAGES",
-    "max_n": "STEER_MAX_N",
-    "api_keys": "STEER_API_KEYS",
-    "ui": "STEER_UI",
-    "ui_path": "STEER_UI_PATH",
-    "retry_after_s": "STEER_RETRY_AFTER",
-    "engine_in_process": "STEER_ENGINE_IN_PROCESS",
-    "engine_max_restarts": "STEER_ENGINE_MAX_RESTARTS",
-    "engine_restart_backoff_s": "STEER_ENGINE_RESTART_BACKOFF",
-    "stall_after_s": "STEER_STALL_AFTER",
-    "drain_timeout_s": "STEER_DRAIN_TIMEOUT",
-    "allow_no_auth": "STEER_ALLOW_NO_AUTH",
-}
+def setting(default: Any = None, description: str = "", *, shown_default: str | None = None, flag: str | None = None,
+            env: str | None = None, **bounds: Any) -> Any:
+    """A settings field. ``shown_default`` is what docs and ``--help`` say for a default computed
+    at run time; ``flag`` and ``env`` replace the names derived from the field's name (kept for the
+    names users already have)."""
+    extra = {k: v for k, v in (("shown_default", shown_default), ("flag", flag)) if v is not None}
+    kwargs: dict[str, Any] = {"validation_alias": env} if env else {}
+    if isinstance(default, list):
+        kwargs["default_factory"] = lambda: list(default)
+    else:
+        kwargs["default"] = default
+    return Field(description=description, json_schema_extra=extra or None, **kwargs, **bounds)
 
 
-@dataclass
-class ServerSettings:
-    policy: str = ""
-    apm: str | None = None
-    # NPC profiles (a directory of YAML files) and the session database (service.npc); either turns them on.
-    npcs: str | None = None
-    database_url: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str | None = None
-    dtype: str | None = None
-    # torch CPU threads; 0: the engine process takes every core but one (left to the HTTP side),
-    # an in-process engine keeps torch's default. Threads that outnumber free cores spin against
-    # each other.
-    threads: int = 0
-    # Name reported by /v1/models and checked against a request's "model"; defaults to the policy's name.
-    model_name: str | None = None
-    max_batch_size: int = 16
-    max_queue: int = 64
-    max_tokens_limit: int = 1024
-    default_max_tokens: int = 256
-    max_prompt_tokens: int = 2048
-    max_body_bytes: int = 1_000_000
-    # Messages per request; counted before anything is tokenized.
-    max_messages: int = 512
-    max_n: int = 8
-    api_keys: list[str] = field(default_factory=list)
-    ui: bool = True
-    ui_path: str = "/ui"
-    retry_after_s: int = 1
-    # Decode in a thread of the server process instead of a child process (service.engine_process):
-    # one process less and a faster start, at about two thirds of the throughput under load.
-    engine_in_process: bool = False
-    # A crashed engine is restarted this many times in a row (waiting engine_restart_backoff_s,
-    # then twice that, ...) before the server gives up and answers 503 until restarted by hand.
-    engine_max_restarts: int = 3
-    engine_restart_backoff_s: float = 1.0
-    # /health reports the engine as stalled (503) after this long without a decode step while
-    # requests are waiting or running.
-    stall_after_s: float = 60.0
-    # On SIGTERM/SIGINT: new requests get 503 + Retry-After, requests in flight get this long to
-    # finish, then whatever still runs ends with an error and the engine stops.
-    drain_timeout_s: float = 30.0
-    # Serve on a non-loopback interface without API keys (refused unless this is set).
-    allow_no_auth: bool = False
+class ServerSettings(BaseSettings):
+    # By name: Python callers and flags use field names; the aliases only keep the older, shorter
+    # variable names of four settings (STEER_RETRY_AFTER for retry_after_s ...).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, validate_by_name=True,
+                                      validate_by_alias=True, extra="forbid")
 
-    LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+    policy: str = setting("", "policy directory (steer sft / steer demo output)", shown_default="(required)")
+    apm: str | None = setting(None, "attribute prediction model directory; enables `score: true`")
+    npcs: str | None = setting(None, "directory of NPC profile files (*.yaml) served under /v1/npcs with dialogue "
+                                     "sessions (docs/npc.md)")
+    database_url: str | None = setting(None, "where NPC sessions are kept: sqlite:///path or "
+                                             "postgresql://user:pass@host/db", shown_default="sqlite:///steer-sessions.db")
+    host: str = setting("127.0.0.1", "interface to bind (a non-loopback one needs an API key or --allow-no-auth)")
+    port: int = setting(8000, "TCP port", gt=0, lt=65536)
+    device: str | None = setting(None, "cpu, cuda, cuda:1 ...", shown_default="cuda if available")
+    dtype: str | None = setting(None, "float32, bfloat16 or float16", shown_default="bf16 on GPU, fp32 on CPU")
+    # Threads that outnumber free cores spin against each other, hence one core left to HTTP.
+    threads: int = setting(0, "torch CPU threads of the engine process (the last core serves HTTP); 1 is fastest "
+                              "for tiny models on a busy CPU", shown_default="all cores but one", ge=0)
+    model_name: str | None = setting(None, "the name /v1/models reports (and a request's `model` is checked against)",
+                                     shown_default="the policy's name")
+    max_batch_size: int = setting(16, "rows decoded together", ge=1)
+    max_queue: int = setting(64, "rows that may wait for a slot; beyond this, 429", ge=0)
+    max_tokens_limit: int = setting(1024, "the largest `max_tokens` a request may ask for", ge=1)
+    default_max_tokens: int = setting(256, "`max_tokens` when a request gives none", ge=1)
+    max_prompt_tokens: int = setting(2048, "the longest prompt accepted, in tokens; replies are also cut at the "
+                                           "model's context length", ge=1)
+    max_body_bytes: int = setting(1_000_000, "the largest request body (413 beyond)", ge=1)
+    max_messages: int = setting(512, "the most messages in one request (400 beyond, before anything is tokenized)",
+                                ge=1)
+    max_n: int = setting(8, "the largest `n` (also at most --max-batch-size)", ge=1)
+    api_keys: Annotated[list[str], NoDecode] = setting(
+        [], "require `Authorization: Bearer KEY` on every route but /health (/metrics, /docs, /openapi.json "
+            "included); the UI asks for a key as its login password", shown_default="off", flag="api_key",
+        repr=False)  # keys stay out of logs
+    allow_no_auth: bool = setting(False, "allow a non-loopback --host without an API key (refused otherwise)")
+    ui: bool = setting(True, "mount the Gradio UI at --ui-path when gradio is installed (the default)")
+    ui_path: str = setting("/ui", "where the UI is mounted")
+    retry_after_s: int = setting(1, "seconds a 429 or shutdown 503 tells the client to wait (Retry-After)", ge=1,
+                                 env="STEER_RETRY_AFTER")
+    # One process less and a faster start, at about two thirds of the throughput under load.
+    engine_in_process: bool = setting(False, "decode in a thread of the server process instead of a separate "
+                                             "engine process")
+    engine_max_restarts: int = setting(3, "restarts of a crashed engine in a row before the server gives up "
+                                          "(503 until restarted by hand)", ge=0)
+    engine_restart_backoff_s: float = setting(1.0, "seconds before the first restart, doubled for each next one "
+                                                   "(at most 30)", ge=0, env="STEER_ENGINE_RESTART_BACKOFF")
+    stall_after_s: float = setting(60.0, "/health reports a stall after this many seconds without a decode step "
+                                         "while requests wait", gt=0, env="STEER_STALL_AFTER")
+    # New requests get 503 + Retry-After meanwhile; whatever still runs afterwards ends with an error.
+    drain_timeout_s: float = setting(30.0, "on SIGTERM/SIGINT, seconds requests in flight get to finish", ge=0,
+                                     env="STEER_DRAIN_TIMEOUT")
+
+    LOOPBACK_HOSTS: ClassVar[tuple[str, ...]] = ("127.0.0.1", "localhost", "::1")
+
+    def __init__(self, **values: Any):
+        """Keyword values, then ``STEER_*`` variables, then the defaults."""
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise _settings_error(e, given=values) from None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env or secrets files: what configures a server is its flags and its environment.
+        return init_settings, env_settings
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):  # STEER_API_KEYS=key1,key2
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):  # non-strings are left for pydantic to refuse
+            return [k.strip() if isinstance(k, str) else k for k in value if not isinstance(k, str) or k.strip()]
+        return value
+
+    @classmethod
+    def from_env(cls, overrides: dict[str, Any] | None = None) -> ServerSettings:
+        """``overrides`` (flags; None values and empty key lists are left out), then the environment."""
+        given = {k: v for k, v in (overrides or {}).items() if v is not None and not (k == "api_keys" and not v)}
+        return cls(**given)
 
     def check_exposure(self) -> None:
         """Refuse to listen on a reachable interface with no key unless told to explicitly."""
@@ -107,56 +130,72 @@ class ServerSettings:
                 "pass --api-key KEY (STEER_API_KEYS), or --allow-no-auth (STEER_ALLOW_NO_AUTH=1) if that is meant",
                 "api_keys")
 
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_prompt_tokens",
-                     "max_body_bytes", "max_n", "retry_after_s", "max_messages"):
-            if int(getattr(self, name)) < 1:
-                raise SettingsError(f"{name} must be at least 1", name)
-        if self.max_queue < 0:
-            raise SettingsError("max_queue must be 0 or more", "max_queue")
-        for name in ("engine_max_restarts", "engine_restart_backoff_s", "drain_timeout_s"):
-            if float(getattr(self, name)) < 0:
-                raise SettingsError(f"{name} must be 0 or more", name)
-        if float(self.stall_after_s) <= 0:
-            raise SettingsError("stall_after_s must be more than 0", "stall_after_s")
-        if not 0 < self.port < 65536:
-            raise SettingsError(f"port {self.port} is not a valid TCP port", "port")
-        self.api_keys = [k for k in self.api_keys if k]
 
-    @classmethod
-    def from_env(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None):
-        """Defaults, then ``STEER_*`` variables, then ``overrides`` (values that are None are skipped)."""
-        environ = os.environ if environ is None else environ
-        types = {f.name: f.type for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for name, var in ENV_VARS.items():
-            if environ.get(var, "") != "":
-                values[name] = _parse(name, types[name], environ[var], var)
-        for name, value in (overrides or {}).items():
-            if value is None or (name == "api_keys" and not value):
-                continue
-            values[name] = value
-        return cls(**values)
+# ----------------------------------------------------------- names derived from the declaration
+def env_var(name: str) -> str:
+    """The environment variable of settings field ``name``."""
+    alias = ServerSettings.model_fields[name].validation_alias
+    return alias if isinstance(alias, str) else ENV_PREFIX + name.upper()
 
 
-def _parse(name: str, type_name: str, raw: str, var: str) -> Any:
-    raw = raw.strip()
-    if name == "api_keys":
-        return [k.strip() for k in raw.split(",") if k.strip()]
-    if type_name == "bool":
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SettingsError(f"{var}={raw!r} is not a boolean (use 1/0, true/false)", name)
-    if type_name == "int":
-        try:
-            return int(raw)
-        except ValueError:
-            raise SettingsError(f"{var}={raw!r} is not an integer", name) from None
-    if type_name == "float":
-        try:
-            return float(raw)
-        except ValueError:
-            raise SettingsError(f"{var}={raw!r} is not a number", name) from None
-    return raw
+def flag_name(name: str) -> str:
+    """The ``steer serve`` option (and ``ServeConfig`` field) of settings field ``name``."""
+    return _extra(ServerSettings.model_fields[name]).get("flag", name)
+
+
+def shown_default(name: str) -> str:
+    """The default as docs and ``--help`` say it."""
+    info = ServerSettings.model_fields[name]
+    extra = _extra(info)
+    if "shown_default" in extra:
+        return extra["shown_default"]
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None:
+        return "none"
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def _extra(info: FieldInfo) -> dict[str, Any]:
+    return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+
+
+def _settings_error(e: ValidationError, given: dict[str, Any]) -> SettingsError:
+    aliases = {env_var(name): name for name in ServerSettings.model_fields}
+    first = e.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else ""
+    name = aliases.get(name.upper(), name)
+    source = ""
+    if name in ServerSettings.model_fields:
+        origin = "--" + flag_name(name).replace("_", "-") if name in given else env_var(name)
+        source = f" (from {origin})"
+    got = f", got {first['input']!r}" if first.get("type") != "extra_forbidden" and "input" in first else ""
+    message = f"{name}: {first['msg'][:1].lower()}{first['msg'][1:]}{got}{source}"
+    if len(e.errors()) > 1:
+        message += f" (and {len(e.errors()) - 1} more problem(s))"
+    return SettingsError(message, name or None)
+
+
+def settings_table() -> str:
+    """The markdown table of every setting, as docs/serving.md holds it."""
+    rows = ["| Flag | Environment | Default | Meaning |", "| --- | --- | --- | --- |"]
+    for name, info in ServerSettings.model_fields.items():
+        flag = "--" + flag_name(name).replace("_", "-")
+        env = f"`{env_var(name)}`"
+        annotation = info.annotation
+        if annotation is bool:
+            flags = f"`{flag}` / `--no-{flag[2:]}`" if info.default else f"`{flag}`"
+            env += " (`1`/`0`)"
+        elif annotation == list[str]:
+            flags = f"`{flag} {flag.rsplit('-', 1)[-1].upper()}` (repeatable)"
+            env += " (comma-separated)"
+        else:
+            flags = f"`{flag}`"
+        default = shown_default(name)
+        rows.append(f"| {flags} | {env} | {default} | {info.description} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")

@@ -607,21 +607,29 @@ def test_score_returns_the_apm_measurement_of_each_reply(tiny_policy, tmp_path):
 
 
 # --------------------------------------------------------------- settings
-def test_settings_come_from_flags_over_environment():
+def test_settings_come_from_flags_over_environment(monkeypatch):
     from service.cli import ServeConfig
     from service.settings import ServerSettings, SettingsError
 
-    env = {"STEER_POLICY": "/env/policy", "STEER_MAX_BATCH_SIZE": "4", "STEER_API_KEYS": "a, b", "STEER_UI": "0"}
-    s = ServerSettings.from_env({"max_batch_size": 8}, environ=env)
+    for name, value in {"STEER_POLICY": "/env/policy", "STEER_MAX_BATCH_SIZE": "4", "STEER_API_KEYS": "a, b",
+                        "STEER_UI": "0", "STEER_RETRY_AFTER": "7", "STEER_DRAIN_TIMEOUT": ""}.items():
+        monkeypatch.setenv(name, value)
+    s = ServerSettings.from_env({"max_batch_size": 8})
     assert (s.policy, s.max_batch_size, s.api_keys, s.ui) == ("/env/policy", 8, ["a", "b"], False)
+    assert (s.retry_after_s, s.drain_timeout_s) == (7, 30.0)  # an empty variable is no value
+    monkeypatch.setenv("STEER_PORT", "eighty")
     with pytest.raises(SettingsError) as info:
-        ServerSettings.from_env(environ={"STEER_PORT": "eighty"})
-    assert info.value.field == "port"
-    with pytest.raises(SettingsError):
+        ServerSettings()
+    assert info.value.field == "port" and "STEER_PORT" in str(info.value) and "'eighty'" in str(info.value)
+    monkeypatch.delenv("STEER_PORT")
+    with pytest.raises(SettingsError) as info:
         ServerSettings(policy="p", max_batch_size=0)
+    assert info.value.field == "max_batch_size"
 
     from steer.cli import build_parser
 
+    for name in ("STEER_POLICY", "STEER_MAX_BATCH_SIZE", "STEER_API_KEYS", "STEER_UI", "STEER_RETRY_AFTER"):
+        monkeypatch.delenv(name)
     parser = build_parser(ServeConfig, prog="steer serve", description="")
     (config,) = parser.parse_args_into_dataclasses(
         args=["--policy", "/flag/policy", "--no-ui", "--api-key", "k1", "--api-key", "k2", "--max-queue", "3"])
@@ -630,7 +638,53 @@ def test_settings_come_from_flags_over_environment():
     assert s.engine_in_process is False  # the engine runs in its own process unless asked
     (config,) = parser.parse_args_into_dataclasses(args=["--policy", "p", "--engine-in-process"])
     assert config.to_settings().engine_in_process is True
-    assert ServerSettings.from_env(environ={"STEER_ENGINE_IN_PROCESS": "1"}).engine_in_process is True
+    monkeypatch.setenv("STEER_ENGINE_IN_PROCESS", "1")
+    assert ServerSettings().engine_in_process is True
+    (config,) = parser.parse_args_into_dataclasses(args=["--policy", "p", "--ui", "--no-ui"])
+    with pytest.raises(SettingsError, match="not both"):
+        config.to_settings()
+
+
+def test_every_setting_has_a_flag_a_variable_and_a_row_in_the_docs():
+    """The flags, the variables and the docs table all come from ServerSettings' fields."""
+    from service.cli import ServeConfig
+    from service.settings import ServerSettings, env_var, flag_name, settings_table
+    from steer.cli import build_parser
+
+    options = {opt for action in build_parser(ServeConfig, prog="steer serve", description="")._actions
+               for opt in action.option_strings}
+    for name in ServerSettings.model_fields:
+        assert f"--{flag_name(name).replace('_', '-')}" in options
+        assert env_var(name).startswith("STEER_")
+    assert env_var("drain_timeout_s") == "STEER_DRAIN_TIMEOUT" and flag_name("api_keys") == "api_key"
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    assert settings_table() in docs, "docs/serving.md's settings table is stale: paste `python -m service.settings`"
+    assert settings_table().count("\n| `--") == len(ServerSettings.model_fields)
+
+
+@pytest.mark.parametrize("args, env, field, source", [
+    (["--port", "-1"], {}, "port", "--port"),
+    (["--max-batch-size", "0"], {}, "max_batch_size", "--max-batch-size"),
+    ([], {"STEER_MAX_BATCH_SIZE": "four"}, "max_batch_size", "STEER_MAX_BATCH_SIZE"),
+    ([], {"STEER_ALLOW_NO_AUTH": "perhaps"}, "allow_no_auth", "STEER_ALLOW_NO_AUTH"),
+])
+def test_serve_cli_names_the_setting_a_bad_value_is_for(args, env, field, source, tmp_path, capsys, monkeypatch):
+    from steer.cli import main
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--policy", str(tmp_path), "--no-ui", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"error [{field}]" in err and source in err and "Traceback" not in err
+
+
+def test_serve_cli_rejects_a_flag_value_of_the_wrong_type(tmp_path, capsys):
+    from steer.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, before any setting is built
+        main(["serve", "--policy", str(tmp_path), "--max-batch-size", "four"])
+    assert exit_info.value.code == 2
+    assert "--max-batch-size" in capsys.readouterr().err
 
 
 def test_serve_cli_rejects_a_missing_or_wrong_policy(tmp_path, capsys, monkeypatch):
@@ -658,3 +712,17 @@ def test_fast_content_chunk_is_the_pydantic_chunk():
         slow = serving._chunk(gen, [ChunkChoice(index=index, delta=DeltaMessage(content=text))])
         assert fast.startswith("data: ") and fast.endswith("\n\n")
         assert json.loads(fast[6:]) == json.loads(slow[6:])
+
+
+def test_every_error_body_comes_from_one_builder_with_the_documented_shape():
+    from service.errors import error_response, invalid_api_key
+    from service.protocol import ErrorResponse, error_body
+    from service.serving import ServingError
+
+    body = error_body("bad value", param="x", code="invalid_value")
+    assert ErrorResponse.model_validate(body).model_dump() == body  # what /openapi.json documents
+    assert ServingError(400, "bad value", param="x", code="invalid_value").body() == body
+    assert json.loads(error_response(400, "bad value", param="x", code="invalid_value").body) == body
+    # A message quoting a lone surrogate from the request still renders (escaped).
+    assert b"\\ud800" in error_response(400, "got '\ud800'").body
+    assert invalid_api_key().body()["error"]["type"] == "authentication_error"

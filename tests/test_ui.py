@@ -205,6 +205,90 @@ def test_merge_streams_interleaves_and_closing_it_closes_every_stream():
     assert sorted(closed) == ["x", "y"]
 
 
+# --------------------------------------------------------------------------- handlers, no page
+class FakeClient:
+    """Stands in for ``SteerClient``: a fixed schema and a scripted stream, recording what it was asked."""
+
+    base_url = "http://fake:1"
+
+    def __init__(self, schema, pieces=("Hel", "lo"), error=None):
+        self._schema, self.pieces, self.error, self.calls = schema, pieces, error, []
+
+    def schema(self, api_key=None, refresh=False):
+        if self.error is not None:
+            raise self.error
+        return self._schema
+
+    def model_name(self, api_key=None):
+        return "fake-model"
+
+    def stream_chat(self, messages, attributes, **kwargs):
+        from ui.client import ChatResult
+
+        self.calls.append((messages, attributes, kwargs))
+        yield from self.pieces
+        yield ChatResult(text="".join(self.pieces), finish_reason="stop", attributes=attributes,
+                         scores={n: 1.0 for n in attributes})
+
+
+class FakeBackend:
+    api_key = None
+
+    def __init__(self, client):
+        self._client = client
+
+    def client(self, request):
+        return self._client
+
+
+def test_chat_handlers_work_without_a_page():
+    """The handlers are plain methods: called directly, with the values Gradio would pass."""
+    import gradio as gr
+
+    from ui.app import MAX_ATTRIBUTES, ChatHandlers, slider_order
+
+    schema = _schema()
+    client = FakeClient(schema)
+    handlers = ChatHandlers(FakeBackend(client))
+    names = [a.name for a in slider_order(schema)]
+    slots = [4, 0, 2, 5, 1] + [0] * (MAX_ATTRIBUTES - 5)
+    outputs = list(handlers.send(None, " Hi! ", [], "You are terse.", 0.0, 8, "7", "", names, *slots, 1))
+    history, box = outputs[-1]
+    assert box == ""
+    assert [m["role"] for m in history] == ["user", "assistant", "assistant"]
+    assert history[1]["content"] == "Hello" and "seed 7" in history[2]["content"]
+    messages, attributes, kwargs = client.calls[0]
+    assert messages == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}]
+    assert attributes == dict(zip(names, [4, 0, 2, 5, 1])) and kwargs["seed"] == 7
+    # Regenerate drops the last reply and its note, and streams a new one.
+    again = list(handlers.regenerate(None, history, "", 0.0, 8, "7", "", names, *slots))[-1]
+    assert [m["role"] for m in again] == ["user", "assistant", "assistant"]
+    with pytest.raises(gr.Error, match="nothing to regenerate"):
+        list(handlers.regenerate(None, [], "", 0.0, 8, "", "", names, *slots))
+    # A bad seed gives the message back so it can be resent.
+    sent = handlers.send(None, "again", history, "", 0.0, 8, "lucky", "", names, *slots)
+    with pytest.raises(gr.Error, match="seed"):
+        for shown in sent:
+            pass
+    assert shown == (history, "again")
+    left, right = list(handlers.compare(None, "Hi", "", 0.0, 8, "3", "", names, *slots, *slots))[-1]
+    assert left.startswith("Hello") and right.startswith("Hello")
+    assert handlers.clear() == ([], "")
+
+
+def test_chat_handlers_configure_reports_an_unreachable_server():
+    from ui.app import MAX_ATTRIBUTES, ChatHandlers
+    from ui.client import ServerError
+
+    handlers = ChatHandlers(FakeBackend(FakeClient(_schema(), error=ServerError("bad key", status=401))))
+    status, names, *rest = handlers.configure(None, "wrong")
+    assert status.startswith("**Not connected:** bad key") and "API key" in status
+    assert names == [] and len(rest) == 3 * MAX_ATTRIBUTES + 1
+    ok = ChatHandlers(FakeBackend(FakeClient(_schema())))
+    status, names, *rest = ok.configure(None, "")
+    assert "fake-model" in status and names[:3] == ["helpfulness", "humor", "creativity"]
+
+
 # --------------------------------------------------------------------------- against the server
 def test_client_streams_from_the_real_server(ui_server):
     from ui.client import ChatResult, ServerError, SteerClient

@@ -9,6 +9,9 @@ once the server answers. So the UI declares a fixed number of hidden slider slot
 group and the page-load event fills them (name, range, default, description) from the server.
 Slot ``i`` always stands for ``slider_order(schema)[i]``, which handlers recompute from the
 same cached schema, so no per-session state is needed and the Gradio API stays callable.
+
+``build_ui`` puts three parts together: ``layout`` (the components), ``ChatHandlers`` (what the
+events do, as methods) and ``connect`` (which event calls which handler).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -220,20 +224,25 @@ def _slider_slots(prefix: str, count: int, start: int = 0) -> list[gr.Slider]:
     ]
 
 
-def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Blocks:
-    """The Blocks app. ``server_url`` None: talk to the server this UI is mounted in."""
-    backend = Backend(server_url, api_key)
+class ChatHandlers:
+    """The Chat and Compare tabs' event handlers. Plain methods of plain values (and the page's
+    ``gr.Request``, which only picks the server to talk to): Gradio calls them with its
+    components' values, and tests can call them without building a page."""
 
-    def schema_for(request: gr.Request | None, key: str | None) -> tuple[SteerClient, ServerSchema]:
-        client = backend.client(request)
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    def schema_for(self, request: gr.Request | None, key: str | None) -> tuple[SteerClient, ServerSchema]:
+        client = self.backend.client(request)
         try:
             return client, client.schema(api_key=key or None)
         except ServerError as e:
             raise gr.Error(str(e)) from None
 
-    # ----------------------------------------------------------------- handlers
-    def configure(request: gr.Request, key: str | None):
-        client = backend.client(request)
+    def configure(self, request: gr.Request, key: str | None):
+        # Page load (and the API key box): the status line, the slots' attribute names, and the
+        # three groups of slider slots filled from the server's schema.
+        client = self.backend.client(request)
         deadline = time.monotonic() + LOAD_WAIT_S
         while True:
             try:
@@ -263,10 +272,10 @@ def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Bl
         more = gr.Accordion(visible=len(order) > FRONT_SLOTS)
         return [status, [a.name for a in order], *updates, more, *updates, *updates]
 
-    def stream_reply(request, history, system, temperature, max_tokens, seed, key, names, slot_values):
+    def stream_reply(self, request, history, system, temperature, max_tokens, seed, key, names, slot_values):
         """Shared by send and regenerate: stream one reply onto ``history`` (which ends with the
         user's message) and finish with the steering note."""
-        client, schema = schema_for(request, key)
+        client, schema = self.schema_for(request, key)
         slot_values, best_of = split_best_of(slot_values)
         if best_of > 1 and not schema.can_score:
             raise gr.Error("Best of needs an attribute prediction model: start the server with --apm DIR")
@@ -294,32 +303,37 @@ def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Bl
             note["metadata"]["title"] += f" | best of {result.candidates}"
         yield [*history, reply, note]
 
-    def send(request: gr.Request, message, history, system, temperature, max_tokens, seed, key, names, *slots):
+    def send(self, request: gr.Request, message, history, system, temperature, max_tokens, seed, key, names,
+             *slots):
+        # Yields (chat history, message box).
         message = (message or "").strip()
         if not message:
             yield history, ""
             return
         history = [*history, {"role": "user", "content": message}]
         try:
-            for shown in stream_reply(request, history, system, temperature, max_tokens, seed, key, names, slots):
+            for shown in self.stream_reply(request, history, system, temperature, max_tokens, seed, key, names,
+                                           slots):
                 yield shown, ""
         except gr.Error:
             # Give the message back so it can be resent once the problem is fixed.
             yield history[:-1], message
             raise
 
-    def regenerate(request: gr.Request, history, system, temperature, max_tokens, seed, key, names, *slots):
+    def regenerate(self, request: gr.Request, history, system, temperature, max_tokens, seed, key, names, *slots):
         last_user = max((i for i, m in enumerate(history) if m.get("role") == "user"), default=None)
         if last_user is None:
             raise gr.Error("nothing to regenerate yet: send a message first")
         history = list(history[: last_user + 1])
-        yield from stream_reply(request, history, system, temperature, max_tokens, seed, key, names, slots)
+        yield from self.stream_reply(request, history, system, temperature, max_tokens, seed, key, names, slots)
 
-    def compare(request: gr.Request, message, system, temperature, max_tokens, seed, key, names, *slots):
+    def compare(self, request: gr.Request, message, system, temperature, max_tokens, seed, key, names, *slots):
+        # Yields the two sides' texts (setting A's slots, then B's, in ``slots``). Comments, not
+        # docstrings, on the API handlers: Gradio shows a docstring as the endpoint's description.
         message = (message or "").strip()
         if not message:
             raise gr.Error("type a message to compare")
-        client, schema = schema_for(request, key)
+        client, schema = self.schema_for(request, key)
         order = slider_order(schema)
         settings = [attributes_from_slots(schema, slots[:MAX_ATTRIBUTES], names),
                     attributes_from_slots(schema, slots[MAX_ATTRIBUTES:], names)]
@@ -340,103 +354,156 @@ def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Bl
                 texts[side] += event
             yield texts[0] + notes[0], texts[1] + notes[1]
 
+    @staticmethod
     def on_persona(name: str, current: str):
         if name == "Custom":
             return gr.Textbox(value=current, interactive=True)
         return gr.Textbox(value=PERSONAS.get(name, ""), interactive=True)
 
-    # ----------------------------------------------------------------- layout
+    @staticmethod
+    def clear():
+        return [], ""
+
+
+@dataclass
+class ChatPage:
+    """The components the handlers read and write (``layout`` builds them)."""
+
+    status: gr.Markdown
+    slot_names: gr.State
+    chatbot: gr.Chatbot
+    message: gr.Textbox
+    send_btn: gr.Button
+    regen_btn: gr.Button
+    stop_btn: gr.Button
+    clear_btn: gr.Button
+    chat_slots: list[gr.Slider]
+    more_accordion: gr.Accordion
+    persona: gr.Dropdown
+    system: gr.Textbox
+    temperature: gr.Slider
+    max_tokens: gr.Slider
+    seed: gr.Textbox
+    best_of: gr.Slider
+    api_key: gr.Textbox
+    compare_message: gr.Textbox
+    compare_btn: gr.Button
+    compare_stop: gr.Button
+    a_slots: list[gr.Slider]
+    b_slots: list[gr.Slider]
+    out_a: gr.Markdown
+    out_b: gr.Markdown
+
+
+def layout(demo: gr.Blocks, backend: Backend) -> ChatPage:
+    """The page's components, inside ``demo``: the Chat tab, the NPC tab and the Compare tab."""
+    with gr.Row():
+        gr.Markdown("## steer: attribute-steered chat")
+    slot_names = gr.State(None)  # the attribute behind each slider slot, set when the page loads
+    status = gr.Markdown("Connecting to the steer server…", elem_classes=["steer-status"], elem_id="steer-status")
+    with gr.Tabs():
+        with gr.Tab("Chat", id="chat"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3, min_width=320):
+                    chatbot = gr.Chatbot(label="Conversation", elem_id="steer-chatbot", height=460,
+                                         buttons=["copy"], feedback_options=None,
+                                         placeholder="Pick a persona, set the sliders, and say hello.")
+                    with gr.Row():
+                        message = gr.Textbox(placeholder="Say something to the NPC…",
+                                             show_label=False, scale=5, min_width=180, elem_id="steer-message",
+                                             submit_btn=False, lines=1, max_lines=6)
+                        send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="steer-send")
+                    with gr.Row():
+                        regen_btn = gr.Button("Regenerate", size="sm", min_width=80, elem_id="steer-regenerate")
+                        stop_btn = gr.Button("Stop", size="sm", variant="stop", min_width=80, elem_id="steer-stop")
+                        clear_btn = gr.Button("Clear", size="sm", min_width=80, elem_id="steer-clear")
+                with gr.Column(scale=2, min_width=280):
+                    gr.Markdown("**Steering**: each slider sets the attribute value the reply is generated with.")
+                    chat_slots = _slider_slots("chat", FRONT_SLOTS)
+                    with gr.Accordion("More attributes", open=False, visible=False) as more_accordion:
+                        chat_slots += _slider_slots("chat", MAX_ATTRIBUTES - FRONT_SLOTS, start=FRONT_SLOTS)
+                    with gr.Accordion("Persona & sampling", open=True):
+                        persona = gr.Dropdown(list(PERSONAS), value=DEFAULT_PERSONA, label="Persona",
+                                              info="Fills the system prompt; edit it freely or pick Custom.")
+                        system = gr.Textbox(value=PERSONAS[DEFAULT_PERSONA], label="System prompt", lines=3,
+                                            max_lines=8, elem_id="steer-system")
+                        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature",
+                                                info="0 = greedy (deterministic)")
+                        max_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max tokens",
+                                               info="Longest reply; the server may cap it lower.")
+                        # A textbox, not gr.Number: a number box cannot be blank, and blank means random.
+                        seed = gr.Textbox(value="", label="Seed", placeholder="random", max_lines=1,
+                                          info="Blank = a fresh random seed per reply (shown under it).")
+                        best_of = gr.Slider(1, 8, value=1, step=1, label="Best of", elem_id="steer-best-of",
+                                            info="Draw N replies and keep the one the APM measures closest to "
+                                                 "the sliders (needs a server started with --apm).")
+                    with gr.Accordion("Settings", open=False):
+                        api_key = gr.Textbox(label="API key", type="password", value="",
+                                             info="Only if the server was started with API keys; press Enter.")
+        with gr.Tab("NPCs", id="npcs"):
+            build_npc_tab(demo, backend.url_for, backend.api_key)
+        with gr.Tab("Compare", id="compare"):
+            gr.Markdown("The same message answered at two slider settings, with the same seed, side by side. "
+                        "Persona, temperature, max tokens and seed come from the Chat tab.")
+            with gr.Row():
+                compare_message = gr.Textbox(placeholder="Message to send to both…", show_label=False, scale=5,
+                                             min_width=180, elem_id="steer-compare-message", lines=1)
+                compare_btn = gr.Button("Compare", variant="primary", scale=1, min_width=80, elem_id="steer-compare")
+                compare_stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
+            with gr.Row(equal_height=False):
+                with gr.Column(min_width=260):
+                    gr.Markdown("### Setting A")
+                    a_slots = _slider_slots("a", MAX_ATTRIBUTES)
+                    out_a = gr.Markdown(elem_classes=["steer-compare-out"], elem_id="steer-compare-a", container=True)
+                with gr.Column(min_width=260):
+                    gr.Markdown("### Setting B")
+                    b_slots = _slider_slots("b", MAX_ATTRIBUTES)
+                    out_b = gr.Markdown(elem_classes=["steer-compare-out"], elem_id="steer-compare-b", container=True)
+    return ChatPage(status=status, slot_names=slot_names, chatbot=chatbot, message=message, send_btn=send_btn,
+                    regen_btn=regen_btn, stop_btn=stop_btn, clear_btn=clear_btn, chat_slots=chat_slots,
+                    more_accordion=more_accordion, persona=persona, system=system, temperature=temperature,
+                    max_tokens=max_tokens, seed=seed, best_of=best_of, api_key=api_key,
+                    compare_message=compare_message, compare_btn=compare_btn, compare_stop=compare_stop,
+                    a_slots=a_slots, b_slots=b_slots, out_a=out_a, out_b=out_b)
+
+
+def connect(demo: gr.Blocks, page: ChatPage, handlers: ChatHandlers) -> None:
+    """The events: which handler each component triggers, with which inputs and outputs. The
+    ``api_name``s are the UI's Gradio API (``/configure``, ``/send``, ``/regenerate``, ``/clear``,
+    ``/compare``); their input order is part of it."""
+    p = page
+    config_outputs = [p.status, p.slot_names, *p.chat_slots, p.more_accordion, *p.a_slots, *p.b_slots]
+    demo.load(handlers.configure, inputs=[p.api_key], outputs=config_outputs, api_name="configure")
+    p.api_key.submit(handlers.configure, inputs=[p.api_key], outputs=config_outputs, api_visibility="private")
+    p.persona.change(handlers.on_persona, inputs=[p.persona, p.system], outputs=[p.system], api_visibility="private")
+
+    # best_of last: the handlers take it after the slider slots (split_best_of).
+    settings_inputs = [p.system, p.temperature, p.max_tokens, p.seed, p.api_key, p.slot_names, *p.chat_slots,
+                       p.best_of]
+    send_inputs, send_outputs = [p.message, p.chatbot, *settings_inputs], [p.chatbot, p.message]
+    send_event = p.send_btn.click(handlers.send, inputs=send_inputs, outputs=send_outputs, api_name="send")
+    submit_event = p.message.submit(handlers.send, inputs=send_inputs, outputs=send_outputs,
+                                    api_visibility="private")
+    regen_event = p.regen_btn.click(handlers.regenerate, inputs=[p.chatbot, *settings_inputs], outputs=[p.chatbot],
+                                    api_name="regenerate")
+    p.stop_btn.click(None, cancels=[send_event, submit_event, regen_event])
+    p.clear_btn.click(handlers.clear, outputs=[p.chatbot, p.message], api_name="clear",
+                      cancels=[send_event, submit_event, regen_event])
+
+    compare_inputs = [p.compare_message, p.system, p.temperature, p.max_tokens, p.seed, p.api_key, p.slot_names,
+                      *p.a_slots, *p.b_slots]
+    compare_event = p.compare_btn.click(handlers.compare, inputs=compare_inputs, outputs=[p.out_a, p.out_b],
+                                        api_name="compare")
+    compare_submit = p.compare_message.submit(handlers.compare, inputs=compare_inputs, outputs=[p.out_a, p.out_b],
+                                              api_visibility="private")
+    p.compare_stop.click(None, cancels=[compare_event, compare_submit])
+
+
+def build_ui(server_url: str | None = None, api_key: str | None = None) -> gr.Blocks:
+    """The Blocks app. ``server_url`` None: talk to the server this UI is mounted in."""
+    backend = Backend(server_url, api_key)
     with gr.Blocks(title="steer chat", analytics_enabled=False, fill_width=True) as demo:
-        with gr.Row():
-            gr.Markdown("## steer: attribute-steered chat")
-        slot_names = gr.State(None)  # the attribute behind each slider slot, set when the page loads
-        status = gr.Markdown("Connecting to the steer server…", elem_classes=["steer-status"], elem_id="steer-status")
-        with gr.Tabs():
-            with gr.Tab("Chat", id="chat"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=3, min_width=320):
-                        chatbot = gr.Chatbot(label="Conversation", elem_id="steer-chatbot", height=460,
-                                             buttons=["copy"], feedback_options=None,
-                                             placeholder="Pick a persona, set the sliders, and say hello.")
-                        with gr.Row():
-                            message = gr.Textbox(placeholder="Say something to the NPC…",
-                                                 show_label=False, scale=5, min_width=180, elem_id="steer-message",
-                                                 submit_btn=False, lines=1, max_lines=6)
-                            send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80,
-                                                 elem_id="steer-send")
-                        with gr.Row():
-                            regen_btn = gr.Button("Regenerate", size="sm", min_width=80, elem_id="steer-regenerate")
-                            stop_btn = gr.Button("Stop", size="sm", variant="stop", min_width=80, elem_id="steer-stop")
-                            clear_btn = gr.Button("Clear", size="sm", min_width=80, elem_id="steer-clear")
-                    with gr.Column(scale=2, min_width=280):
-                        gr.Markdown("**Steering**: each slider sets the attribute value the reply is generated with.")
-                        chat_slots = _slider_slots("chat", FRONT_SLOTS)
-                        with gr.Accordion("More attributes", open=False, visible=False) as more_accordion:
-                            chat_slots += _slider_slots("chat", MAX_ATTRIBUTES - FRONT_SLOTS, start=FRONT_SLOTS)
-                        with gr.Accordion("Persona & sampling", open=True):
-                            persona = gr.Dropdown(list(PERSONAS), value=DEFAULT_PERSONA, label="Persona",
-                                                  info="Fills the system prompt; edit it freely or pick Custom.")
-                            system = gr.Textbox(value=PERSONAS[DEFAULT_PERSONA], label="System prompt", lines=3,
-                                                max_lines=8, elem_id="steer-system")
-                            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature",
-                                                    info="0 = greedy (deterministic)")
-                            max_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max tokens",
-                                                   info="Longest reply; the server may cap it lower.")
-                            # A textbox, not gr.Number: a number box cannot be blank, and blank means random.
-                            seed = gr.Textbox(value="", label="Seed", placeholder="random", max_lines=1,
-                                              info="Blank = a fresh random seed per reply (shown under it).")
-                            best_of = gr.Slider(1, 8, value=1, step=1, label="Best of", elem_id="steer-best-of",
-                                                info="Draw N replies and keep the one the APM measures closest to "
-                                                     "the sliders (needs a server started with --apm).")
-                        with gr.Accordion("Settings", open=False):
-                            api_key = gr.Textbox(label="API key", type="password", value="",
-                                                 info="Only if the server was started with API keys; press Enter.")
-            with gr.Tab("NPCs", id="npcs"):
-                build_npc_tab(demo, backend.url_for, backend.api_key)
-            with gr.Tab("Compare", id="compare"):
-                gr.Markdown("The same message answered at two slider settings, with the same seed, side by side. "
-                            "Persona, temperature, max tokens and seed come from the Chat tab.")
-                with gr.Row():
-                    compare_message = gr.Textbox(placeholder="Message to send to both…", show_label=False, scale=5,
-                                                 min_width=180, elem_id="steer-compare-message", lines=1)
-                    compare_btn = gr.Button("Compare", variant="primary", scale=1, min_width=80,
-                                            elem_id="steer-compare")
-                    compare_stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
-                with gr.Row(equal_height=False):
-                    with gr.Column(min_width=260):
-                        gr.Markdown("### Setting A")
-                        a_slots = _slider_slots("a", MAX_ATTRIBUTES)
-                        out_a = gr.Markdown(elem_classes=["steer-compare-out"], elem_id="steer-compare-a",
-                                            container=True)
-                    with gr.Column(min_width=260):
-                        gr.Markdown("### Setting B")
-                        b_slots = _slider_slots("b", MAX_ATTRIBUTES)
-                        out_b = gr.Markdown(elem_classes=["steer-compare-out"], elem_id="steer-compare-b",
-                                            container=True)
-
-        # ----------------------------------------------------------------- events
-        config_outputs = [status, slot_names, *chat_slots, more_accordion, *a_slots, *b_slots]
-        demo.load(configure, inputs=[api_key], outputs=config_outputs, api_name="configure")
-        api_key.submit(configure, inputs=[api_key], outputs=config_outputs, api_visibility="private")
-        persona.change(on_persona, inputs=[persona, system], outputs=[system], api_visibility="private")
-
-        # best_of last: the handlers take it after the slider slots (split_best_of).
-        settings_inputs = [system, temperature, max_tokens, seed, api_key, slot_names, *chat_slots, best_of]
-        send_event = send_btn.click(send, inputs=[message, chatbot, *settings_inputs], outputs=[chatbot, message],
-                                    api_name="send")
-        submit_event = message.submit(send, inputs=[message, chatbot, *settings_inputs], outputs=[chatbot, message],
-                                      api_visibility="private")
-        regen_event = regen_btn.click(regenerate, inputs=[chatbot, *settings_inputs], outputs=[chatbot],
-                                      api_name="regenerate")
-        stop_btn.click(None, cancels=[send_event, submit_event, regen_event])
-        clear_btn.click(lambda: ([], ""), outputs=[chatbot, message], api_name="clear", cancels=[
-            send_event, submit_event, regen_event])
-
-        compare_inputs = [compare_message, system, temperature, max_tokens, seed, api_key, slot_names, *a_slots, *b_slots]
-        compare_event = compare_btn.click(compare, inputs=compare_inputs, outputs=[out_a, out_b], api_name="compare")
-        compare_submit = compare_message.submit(compare, inputs=compare_inputs, outputs=[out_a, out_b],
-                                                api_visibility="private")
-        compare_stop.click(None, cancels=[compare_event, compare_submit])
+        connect(demo, layout(demo, backend), ChatHandlers(backend))
     return demo
 
 

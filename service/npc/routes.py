@@ -7,7 +7,6 @@ lifespan then opens the database, runs its migrations and loads the profile file
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from contextlib import asynccontextmanager
 
@@ -24,7 +23,9 @@ from service.npc.protocol import (
     SessionExport,
     SessionObject,
 )
+from service.errors import model_not_ready
 from service.npc.serving import NpcServing
+from service.routes import check_api_key
 from service.serving import ChatServing, ServingError
 from steer.npc import NpcProfile
 
@@ -42,9 +43,7 @@ def npc_router(state) -> APIRouter:
     def chat() -> ChatServing:
         failure = state.failure()
         if state.serving is None or failure:
-            detail = f"the model failed to load ({failure})" if failure else "the model is loading"
-            raise ServingError(503, f"{detail}; retry shortly", type="server_error", code="model_not_ready",
-                               headers={"Retry-After": "5"})
+            raise model_not_ready(failure)
         return state.serving
 
     @asynccontextmanager
@@ -69,16 +68,6 @@ def npc_router(state) -> APIRouter:
             raise ServingError(503, "the session database is opening; retry shortly", type="server_error",
                                code="model_not_ready", headers={"Retry-After": "1"})
         return holder["npc"]
-
-    def _has_key(request: Request) -> bool:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), k) for k in settings.api_keys)
-
-    async def check_api_key(request: Request) -> None:
-        if settings.api_keys and not _has_key(request):
-            raise ServingError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
-                               type="authentication_error", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})
 
     async def require_api_key(request: Request) -> None:
         # Editing NPCs changes what every player sees: never allowed on a server without keys.
