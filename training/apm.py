@@ -69,10 +69,10 @@ from training.apm_eval import evaluate
 from training.train_args import (
     SteerTrainingArguments,
     TrainingConfigError,
+    is_main_process,
     on_main_process,
     save_training_config,
     trainer_arguments,
-    world_size,
 )
 
 logger = logging.getLogger(__name__)
@@ -209,6 +209,8 @@ class ApmTrainConfig(SteerTrainingArguments):
 
     def __post_init__(self):
         validate_config(self)
+        if self.device == "cpu":
+            self.use_cpu = True
         super().__post_init__()
 
 
@@ -348,14 +350,6 @@ def validate_config(config: ApmTrainConfig) -> None:
 
 FINETUNE_ONLY = ("num_train_epochs", "max_steps", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type",
                  "lora", "resume", "save_steps", "keep_checkpoints")
-
-
-def _is_main_process() -> bool:
-    if world_size() == 1:
-        return True
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _prepare_output(config: ApmTrainConfig) -> str | None:
@@ -523,15 +517,13 @@ def finetune(config: ApmTrainConfig, backbone: str, schema, tokenizer, template,
     train_ds = ApmDataset(train_items, tokenizer, template, config.max_length, norm)
     set_seed(config.seed)
     model = build_model(config, backbone, schema, tokenizer)
-    on_cpu = config.device == "cpu" or not torch.cuda.is_available()
     args = trainer_arguments(
         config,
         output_dir=output,
-        use_cpu=config.use_cpu or config.device == "cpu",
         remove_unused_columns=False,
         label_names=["labels", "label_mask"],
         # Pinned memory only helps host-to-GPU copies; on CPU torch warns about it every epoch.
-        dataloader_pin_memory=config.dataloader_pin_memory and not on_cpu,
+        dataloader_pin_memory=config.dataloader_pin_memory and not config.use_cpu,
         disable_tqdm=quiet or config.disable_tqdm or not logger.isEnabledFor(logging.INFO),
     )
     trainer = _transformers_trainer()(
@@ -631,9 +623,9 @@ def held_out_summary(metrics: dict, schema: AttributeSchema, n_groups: int, cros
 # ------------------------------------------------------------------- main
 def main(config: ApmTrainConfig) -> dict:
     schema = _resolve_schema(config)
-    resume_from = on_main_process(_prepare_output, config) if config.recipe == "finetune" else None
+    resume_from = on_main_process(config.use_cpu, _prepare_output, config) if config.recipe == "finetune" else None
     # Under `accelerate launch` every process runs this; only the first writes files.
-    main_process = _is_main_process()
+    main_process = is_main_process(config.use_cpu)
     backbone = config.backbone or default_backbone()
     tokenizer = load_tokenizer(backbone, trust_remote_code=config.trust_remote_code)
     template = PromptTemplate(schema)

@@ -641,7 +641,6 @@ def training_arguments(config: SftConfig, output: Path, has_eval: bool):
         eval_strategy=config.eval_strategy if has_eval else "no",
         activation_checkpointing=False,
         remove_unused_columns=False,
-        use_cpu=config.use_cpu or not torch.cuda.is_available(),
     )
 
 
@@ -676,7 +675,7 @@ def main(config: SftConfig) -> dict[str, Any]:
     if not Path(config.data).exists() and config.format not in ("hub",):
         raise SftError(f"training data {config.data!r} does not exist", "data")
     fingerprint = sft_fingerprint(config)
-    action = on_main_process(_claim_output, config, output, fingerprint)
+    action = on_main_process(config.use_cpu, _claim_output, config, output, fingerprint)
     if action == "finished":
         logger.info("%s already holds the finished policy of this run; nothing to resume", output)
         metrics_file = output / METRICS_FILE

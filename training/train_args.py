@@ -118,6 +118,12 @@ class SteerTrainingArguments(LoraArguments, TrainingArguments):
             self.eval_strategy = "steps"
         if not self.save_steps and _value(self.save_strategy) == "steps":
             raise err("--save-steps must be positive with --save-strategy steps", "save_steps")
+        if not self.use_cpu:
+            import torch
+
+            # Said outright where it is so: accelerate's process state is built from this flag, and
+            # without it, processes launched on a machine without GPUs would not see each other.
+            self.use_cpu = not torch.cuda.is_available()
         try:
             super().__post_init__()
         except (ValueError, ImportError) as e:  # TrainingArguments' own checks (a missing integration, ...)
@@ -173,7 +179,20 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def on_main_process(fn, *args, **kwargs):
+def distributed_state(cpu: bool):
+    """accelerate's process state, set up as the Trainer will set it up. It is one object per
+    process, fixed by its first creation: created without ``cpu=True`` on a machine without GPUs it
+    would not see the other processes (a plain ``PartialState()`` there is never distributed)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu)
+
+
+def is_main_process(cpu: bool) -> bool:
+    return world_size() == 1 or distributed_state(cpu).is_main_process
+
+
+def on_main_process(cpu: bool, fn, *args, **kwargs):
     """Run ``fn`` on the main process only and hand its result to every process.
 
     For what must happen once before training (checking the output directory, writing the run
@@ -181,10 +200,11 @@ def on_main_process(fn, *args, **kwargs):
     main process is raised on every process, so none waits forever for the others."""
     if world_size() == 1:
         return fn(*args, **kwargs)
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
+    state = distributed_state(cpu)
+    if state.num_processes != world_size():
+        raise RuntimeError(f"WORLD_SIZE is {world_size()} but accelerate sees {state.num_processes} processes")
     payload = [None]
     if state.is_main_process:
         try:
