@@ -238,6 +238,10 @@ def test_resume_continues_from_the_last_checkpoint(workdir, data_file, tiny_bert
     assert len(calls) == 2, "resume should run only the steps after the checkpoint"
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+    # The APM carries the whole config of the run that finished it.
+    saved = json.loads((out / "training_config.json").read_text())
+    assert saved["resume"] is True and saved["max_steps"] == 4 and saved["recipe"] == "finetune"
+    assert saved["lr_scheduler_type"] == "linear" and saved["per_device_train_batch_size"] == 4
 
 
 # ---------------------------------------------------------------------- evaluation

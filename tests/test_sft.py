@@ -241,6 +241,9 @@ def test_resume_after_kill(tiny_base, tmp_path, monkeypatch):
     assert metrics["global_step"] == 4
     assert counting["n"] == 2, "resuming must run only the steps after the checkpoint"
     assert (out / "adapter_model.safetensors").exists()
+    saved = json.loads((out / "training_config.json").read_text())  # the whole config, beside the policy
+    assert saved["resume"] is True and saved["save_steps"] == 2 and saved["lora_r"] == 16
+    assert saved["lr_scheduler_type"] == "cosine" and saved["output_dir"] == str(out)
 
 
 def test_bad_config_is_a_clear_error(tiny_base, tmp_path):
