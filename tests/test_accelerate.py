@@ -157,3 +157,29 @@ def test_accelerate_launch_cpu_flag_starts_one_process(tmp_path):
                          capture_output=True, text=True, timeout=300, env=_env(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("WORLD") == 1 and "WORLD 1" in out.stdout
+
+
+def _doc_yaml_blocks() -> dict[str, str]:
+    """The accelerate config files docs/sft.md shows, by the file name in their first comment."""
+    text = (ROOT / "docs" / "sft.md").read_text(encoding="utf-8")
+    blocks = {}
+    for block in text.split("```yaml\n")[1:]:
+        body = block.split("```")[0]
+        blocks[body.splitlines()[0].lstrip("# ").strip()] = body
+    return blocks
+
+
+def test_the_deepspeed_and_fsdp_configs_in_the_docs_are_ones_accelerate_reads(tmp_path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    blocks = _doc_yaml_blocks()
+    assert set(blocks) == {"ds_zero2.yaml", "fsdp.yaml"}
+    options = {a.dest for a in launch_command_parser()._actions}
+    for name, body in blocks.items():
+        path = tmp_path / name
+        path.write_text(body)
+        config = ClusterConfig.from_yaml_file(path)  # raises on a key accelerate does not know
+        section = config.deepspeed_config if name.startswith("ds") else config.fsdp_config
+        assert section and set(section) <= options, set(section) - options
+        assert config.distributed_type.value == ("DEEPSPEED" if name.startswith("ds") else "FSDP")

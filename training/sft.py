@@ -730,10 +730,23 @@ def main(config: SftConfig) -> dict[str, Any]:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         logger.info("eval loss after training: %.4f", metrics["eval_loss_after"])
 
+    # Weights sharded over the processes (FSDP, ZeRO-3): all of them take part in gathering the full
+    # state for the first one, which saves the adapter out of it.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if weights_are_sharded(trainer) else None
     if trainer.is_world_process_zero():
         extra = {"vocab_size": len(tokenizer), "added_tokens": added_tokens} if added_tokens else {}
-        save_policy(trainer.model, tokenizer, template, schema, config, output, metrics, histogram, **extra)
+        save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, template, schema, config, output,
+                    metrics, histogram, state_dict=state_dict, **extra)
     return metrics
+
+
+def weights_are_sharded(trainer) -> bool:
+    """Whether no single process holds all the weights (FSDP, DeepSpeed ZeRO-3). Under plain data
+    parallelism and ZeRO-1/2 every process holds them, and gathering would only copy the model."""
+    if trainer.is_fsdp_enabled:
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
 
 def report_label_histogram(conversations: Sequence[Conversation], schema: AttributeSchema) -> dict[str, dict[int, int]]:
@@ -751,7 +764,7 @@ def report_label_histogram(conversations: Sequence[Conversation], schema: Attrib
 
 def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSchema, config: SftConfig,
                 output: Path, metrics: dict[str, Any], histogram: dict[str, dict[int, int]] | None = None,
-                **extra: Any) -> None:
+                state_dict: dict[str, Any] | None = None, **extra: Any) -> None:
     """Write the policy into a staging folder beside ``output``, then rename it into place: a kill
     leaves the previous contents or the complete new policy, never a mix, and no file of an
     earlier policy survives in the new one."""
@@ -760,7 +773,8 @@ def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSch
     staging.mkdir(parents=True)
     # Added marker tokens: the resized embedding is saved through modules_to_save already, so PEFT
     # need not (and need not warn that it will) save the embedding layers a second time.
-    model.save_pretrained(str(staging), save_embedding_layers=False if extra.get("added_tokens") else "auto")
+    model.save_pretrained(str(staging), state_dict=state_dict,
+                          save_embedding_layers=False if extra.get("added_tokens") else "auto")
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(staging))
     merged = None
