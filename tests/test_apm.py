@@ -99,7 +99,8 @@ def tiny_gpt2(workdir, gpt2_tokenizer) -> Path:
 
 def _config(data, output, backbone, schema_file, **kw) -> ApmTrainConfig:
     base = dict(data=str(data), output_dir=str(output), format="steer", schema=str(schema_file), backbone=str(backbone),
-                max_length=64, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, eval_fraction=0.25, logging_steps=1,
+                max_length=64, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, eval_fraction=0.25,
+                logging_steps=1,
                 device="cpu", recipe="finetune")
     base.update(kw)
     return ApmTrainConfig(**base)

@@ -132,7 +132,8 @@ def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
 
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
     out = tmp_path / "policy"
-    metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=3, per_device_train_batch_size=4,
+    metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=3,
+                             per_device_train_batch_size=4,
                              learning_rate=1e-2, eval_fraction=0.2, logging_steps=1, merge=True))
     assert metrics["global_step"] == 3
     adapter = load_file(out / "adapter_model.safetensors")
@@ -175,7 +176,8 @@ def test_trained_embeddings_stay_tied_to_the_output_head(tiny_base, tmp_path):
 
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
     out = tmp_path / "policy"
-    main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+    main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=3,
+                   per_device_train_batch_size=4, learning_rate=1e-2,
                    eval_fraction=0.2, lora_modules_to_save=["embed_tokens"], merge=True))
     assert json.loads((out / "adapter_config.json").read_text())["ensure_weight_tying"] is True
     with warnings.catch_warnings(record=True) as caught:
@@ -199,7 +201,8 @@ def test_gradient_checkpointing_trains_without_reentrant_or_deprecation_warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(tmp_path / "policy"),
-                                 max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, eval_fraction=0.2, gradient_checkpointing=True))
+                                 max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, eval_fraction=0.2,
+                                 gradient_checkpointing=True))
     assert metrics["global_step"] == 3
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     # Neither torch's call for an explicit choice nor transformers' deprecation of the old name.
@@ -265,8 +268,10 @@ def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(tmp_path):
 
     base = shared_path("models", "stories260K")
     out = tmp_path / "policy"
-    metrics = main(SftConfig(base_model=str(base), data=str(rated_path()), output_dir=str(out), limit=160, num_train_epochs=1,
-                             learning_rate=5e-3, per_device_train_batch_size=16, max_length=128, eval_fraction=0.2, logging_steps=5))
+    metrics = main(SftConfig(base_model=str(base), data=str(rated_path()), output_dir=str(out), limit=160,
+                             num_train_epochs=1,
+                             learning_rate=5e-3, per_device_train_batch_size=16, max_length=128, eval_fraction=0.2,
+                             logging_steps=5))
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.3, metrics
     policy = load_policy(out, device="cpu")
     assert policy.schema.names == ["humor", "creativity", "helpfulness"]
@@ -303,7 +308,8 @@ def test_qlora_steps_on_half_billion_shaped_model(tmp_path):
     data = _write_jsonl(tmp_path / "train.jsonl", convs)
     torch.cuda.reset_peak_memory_stats()
     metrics = main(SftConfig(base_model=str(base_dir), data=str(data), output_dir=str(tmp_path / "policy"),
-                             load_in_4bit=True, max_steps=12, per_device_train_batch_size=8, learning_rate=2e-3, eval_fraction=0.25,
+                             load_in_4bit=True, max_steps=12, per_device_train_batch_size=8, learning_rate=2e-3,
+                             eval_fraction=0.25,
                              gradient_checkpointing=True, logging_steps=1))
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     print(f"QLoRA peak GPU memory: {peak_gib:.2f} GiB; eval loss {metrics['eval_loss_before']:.3f} -> "

@@ -198,8 +198,9 @@ class ApmTrainConfig(SteerTrainingArguments):
                   "aliases": ["--warmup-ratio", "--warmup_ratio"]},
     )
     lr_scheduler_type: str = field(
-        default="linear", metadata={"help": "finetune recipe: learning-rate schedule (transformers SchedulerType names).",
-                                    "aliases": ["--lr-scheduler", "--lr_scheduler"]}
+        default="linear",
+        metadata={"help": "finetune recipe: learning-rate schedule (transformers SchedulerType names).",
+                  "aliases": ["--lr-scheduler", "--lr_scheduler"]},
     )
     save_strategy: str = field(
         default="epoch", metadata={"help": "finetune recipe: when to checkpoint (epoch, steps or no); a positive "
