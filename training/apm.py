@@ -17,8 +17,8 @@ scored on each schema attribute (see ``training.apm_data``). Two recipes:
 ``--cv K`` (and ``steer apm cv``) cross-validates the chosen recipe over whole conversation groups,
 with a constant and a frozen-embedding ridge probe on the same folds (``training.apm_cv``).
 
-    steer apm train --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output runs/apm
-    steer apm cv --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output runs/apm-cv
+    steer apm train --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output-dir runs/apm
+    steer apm cv --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output-dir runs/apm-cv
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class ApmTrainConfig(SteerTrainingArguments):
         default="head",
         metadata={"help": "head: frozen backbone + ridge head on pooled hidden states and length features (fast; "
                           "beats the frozen-embedding probe under cross-validation, see docs/apm.md). finetune: fine-tune the "
-                          "whole backbone with a regression head (the --epochs/--learning-rate/--lora options)."},
+                          "whole backbone with a regression head (the --num-train-epochs/--learning-rate/--lora options)."},
     )
     backbone: str | None = field(
         default=None,
@@ -172,8 +172,8 @@ class ApmTrainConfig(SteerTrainingArguments):
     )
     lora: bool = field(default=False, metadata={"help": "finetune recipe: train LoRA adapters (the --lora-* "
                                                         "options; merged into the saved model)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output."})
-    overwrite: bool = field(default=False, metadata={"help": "Delete checkpoints already in --output and start over."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output-dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Delete checkpoints already in --output-dir and start over."})
     keep_checkpoints: bool = field(
         default=False,
         metadata={"help": "finetune recipe: keep OUTPUT/checkpoint-N after a successful run (by default they are "
@@ -375,7 +375,7 @@ def _prepare_output(config: ApmTrainConfig) -> str | None:
     raise ApmTrainError(
         f"{out} already holds checkpoints ({Path(last).name}); pass --resume to continue that run "
         "or --overwrite to start over",
-        "output",
+        "output_dir",
     )
 
 

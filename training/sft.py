@@ -310,7 +310,7 @@ def default_target_modules(model) -> list[str]:
     preferred = [n for n in PREFERRED_TARGETS if n in names]
     chosen = preferred or sorted(names)
     if not chosen:
-        raise SftError("found no Linear layers to adapt; pass --target-modules", "target_modules")
+        raise SftError("found no Linear layers to adapt; pass --lora-target-modules", "lora_target_modules")
     return chosen
 
 
@@ -423,7 +423,7 @@ def load_model_for_training(config: SftConfig, vocab_size: int | None = None):
         with quiet_peft_deprecations():
             model = get_peft_model(model, lora)
     except ValueError as e:
-        raise SftError(f"cannot apply LoRA: {e}", "target_modules") from None
+        raise SftError(f"cannot apply LoRA: {e}", "lora_target_modules") from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -524,7 +524,7 @@ def read_run_record(output: Path) -> dict[str, Any] | None:
             raise ValueError("not a JSON object")
         return record
     except (ValueError, UnicodeDecodeError) as e:
-        raise SftError(f"{path} is damaged ({e}); move {output} away or choose another --output", "output") from None
+        raise SftError(f"{path} is damaged ({e}); move {output} away or choose another --output-dir", "output_dir") from None
 
 
 def write_run_record(directory: Path, record: dict[str, Any]) -> None:
@@ -586,7 +586,7 @@ def check_output(config: SftConfig, output: Path, fingerprint: dict[str, Any]) -
         if holds_files:
             kind = "a policy written by an older steer" if (output / "steer_config.json").exists() else "files"
             raise SftError(f"{output} already holds {kind} that this run did not write; steer sft will not overwrite "
-                           "them: choose another --output or move them away", "output")
+                           "them: choose another --output-dir or move them away", "output_dir")
         if config.resume:
             logger.info("--resume: %s holds no run yet; starting one", output)
         return "fresh"
@@ -596,24 +596,24 @@ def check_output(config: SftConfig, output: Path, fingerprint: dict[str, Any]) -
     if changed:
         if config.resume:
             raise SftError(f"--resume: {output} was trained with other settings (different: {', '.join(changed)}); "
-                           "resume with the same command, or choose another --output", "resume")
+                           "resume with the same command, or choose another --output-dir", "resume")
         if not config.overwrite:
             raise SftError(f"{output} holds {'a policy' if finished else 'an unfinished run'} trained with other "
-                           f"settings (different: {', '.join(changed)}); choose another --output, or pass --overwrite "
-                           "to replace it", "output")
+                           f"settings (different: {', '.join(changed)}); choose another --output-dir, or pass --overwrite "
+                           "to replace it", "output_dir")
         return "fresh"
     if finished:
         if config.resume:
             return "finished"
         if not config.overwrite:
             raise SftError(f"{output} already holds the finished policy of this run; pass --overwrite to train it "
-                           "again", "output")
+                           "again", "output_dir")
         return "fresh"
     if config.resume:
         return "resume"
     if latest_checkpoint(output) is not None and not config.overwrite:
         raise SftError(f"{output} holds checkpoints of an unfinished run; pass --resume to continue it "
-                       "or choose another --output", "output")
+                       "or choose another --output-dir", "output_dir")
     return "fresh"
 
 
