@@ -64,8 +64,8 @@ from training.apm_data import (  # noqa: F401  (re-exported: older code imports 
     rated_items,
     target_normalization,
 )
-from training.model_card import apm_card
 from training.apm_eval import evaluate
+from training.model_card import apm_card
 from training.train_args import (
     SteerTrainingArguments,
     TrainingConfigError,
