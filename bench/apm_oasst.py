@@ -63,7 +63,7 @@ def main() -> None:
     from training.apm import ApmTrainConfig, FrozenBackbone, cross_validate, finetune, train_head, validate_config
     from training.apm_data import headline_attributes, label_matrix, rated_items
 
-    config = ApmTrainConfig(data=args.data, output=args.out, format="oasst", cv=args.folds, bootstrap=args.bootstrap,
+    config = ApmTrainConfig(data=args.data, output_dir=args.out, format="oasst", cv=args.folds, bootstrap=args.bootstrap,
                             device="cpu", **({"recipe": args.recipe} if args.recipe else {}))
     validate_config(config)
     schema = get_schema("oasst")

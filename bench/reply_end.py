@@ -26,8 +26,10 @@ def run(base: str, out: Path, add: bool, steps: int, prompts: list[dict], seed: 
 
     policy = out / ("markers-added" if add else "markers-split")
     start = time.perf_counter()
-    metrics = main(SftConfig(base_model=base, data=str(rated_path()), output=str(policy), max_steps=steps, lr=5e-3,
-                             batch_size=8, max_length=320, eval_fraction=0.1, logging_steps=20, seed=seed,
+    metrics = main(SftConfig(base_model=base, data=str(rated_path()), output_dir=str(policy), max_steps=steps,
+                             learning_rate=5e-3,
+                             per_device_train_batch_size=8, max_length=320, eval_fraction=0.1, logging_steps=20,
+                             seed=seed,
                              add_marker_tokens=add))
     train_s = time.perf_counter() - start
     gen = SteerGenerator.load(policy, device="cpu")

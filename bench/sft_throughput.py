@@ -44,8 +44,9 @@ def measure(base: str, data: str, n: int, steps: int, batch_size: int, grouped: 
     )
 
     with tempfile.TemporaryDirectory() as out:
-        config = SftConfig(base_model=base, data=data, output=out, limit=n, batch_size=batch_size,
-                           max_steps=steps, group_by_length=grouped, max_length=512, save_steps=10**6,
+        config = SftConfig(base_model=base, data=data, output_dir=out, limit=n, per_device_train_batch_size=batch_size,
+                           max_steps=steps, train_sampling_strategy="group_by_length" if grouped else "random",
+                           max_length=512, save_steps=10**6,
                            logging_steps=10**6)
         from training.sft import load_sft_conversations
 

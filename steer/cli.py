@@ -127,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(level)
     module = importlib.import_module(module_name)
     parser = build_parser(getattr(module, config_name), prog=f"steer {name}", description=help_text)
-    (config,) = parser.parse_args_into_dataclasses(args=rest)
     try:
+        # Training configs check their fields when built (``__post_init__``).
+        (config,) = parser.parse_args_into_dataclasses(args=rest)
         result = module.main(config)
     except SteerError as e:
         field = f" [{e.field}]" if getattr(e, "field", None) else ""

@@ -207,9 +207,10 @@ def stage_apm(config: DemoConfig, work: Path) -> None:
         )).save_pretrained(backbone)
         tokenizer.save_pretrained(backbone)
     train_apm(ApmTrainConfig(
-        data=str(rated_path()), output=str(work / "apm"), format="steer", schema=str(schema_file),
+        data=str(rated_path()), output_dir=str(work / "apm"), format="steer", schema=str(schema_file),
         recipe="finetune",  # the backbone starts random, so it must be trained, not frozen
-        backbone=str(backbone), epochs=config.apm_epochs, max_length=config.apm_max_length, batch_size=32,
+        backbone=str(backbone), num_train_epochs=config.apm_epochs, max_length=config.apm_max_length,
+        per_device_train_batch_size=32,
         learning_rate=config.apm_lr, freeze_embeddings=False, limit=config.apm_limit, resume=True, device="cpu",
         logging_steps=50,
     ))
@@ -264,10 +265,12 @@ def stage_sft(config: DemoConfig, work: Path) -> None:
     rated = [json.dumps(r) + "\n" for r in load_jsonl(rated_path(), config.apm_limit)]
     data.write_text("".join(rated) + (work / "relabeled.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     sft(SftConfig(
-        base_model=str(work / "policy" / "base"), data=str(data), output=str(work / "policy"),
+        base_model=str(work / "policy" / "base"), data=str(data), output_dir=str(work / "policy"),
         format="steer", schema=str(work / "apm"), lora_r=config.lora_r, lora_alpha=2 * config.lora_r,
-        lora_dropout=0.0, modules_to_save=["embed_tokens"], epochs=config.sft_epochs, lr=config.sft_lr,
-        batch_size=16, max_length=256, eval_fraction=0.05, save_steps=200, resume=True, logging_steps=20, limit=config.limit,
+        lora_dropout=0.0, lora_modules_to_save=["embed_tokens"], num_train_epochs=config.sft_epochs,
+        learning_rate=config.sft_lr,
+        per_device_train_batch_size=16, max_length=256, eval_fraction=0.05, save_steps=200, resume=True,
+        logging_steps=20, limit=config.limit,
     ))
 
 

@@ -94,8 +94,8 @@ def tiny_apm_dir(tiny_bert_backbone, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-apm")
     train_main(ApmTrainConfig(
-        data=str(shared_path("data", "helpsteer2", "sample.jsonl")), format="helpsteer", output=str(out),
-        backbone=str(tiny_bert_backbone), max_steps=2, batch_size=8, max_length=128, device="cpu",
+        data=str(shared_path("data", "helpsteer2", "sample.jsonl")), format="helpsteer", output_dir=str(out),
+        backbone=str(tiny_bert_backbone), max_steps=2, per_device_train_batch_size=8, max_length=128, device="cpu",
     ))
     return out
 

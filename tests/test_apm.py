@@ -98,8 +98,9 @@ def tiny_gpt2(workdir, gpt2_tokenizer) -> Path:
 
 
 def _config(data, output, backbone, schema_file, **kw) -> ApmTrainConfig:
-    base = dict(data=str(data), output=str(output), format="steer", schema=str(schema_file), backbone=str(backbone),
-                max_length=64, max_steps=3, batch_size=4, learning_rate=1e-3, eval_fraction=0.25, logging_steps=1,
+    base = dict(data=str(data), output_dir=str(output), format="steer", schema=str(schema_file), backbone=str(backbone),
+                max_length=64, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, eval_fraction=0.25,
+                logging_steps=1,
                 device="cpu", recipe="finetune")
     base.update(kw)
     return ApmTrainConfig(**base)
@@ -238,6 +239,10 @@ def test_resume_continues_from_the_last_checkpoint(workdir, data_file, tiny_bert
     assert len(calls) == 2, "resume should run only the steps after the checkpoint"
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+    # The APM carries the whole config of the run that finished it.
+    saved = json.loads((out / "training_config.json").read_text())
+    assert saved["resume"] is True and saved["max_steps"] == 4 and saved["recipe"] == "finetune"
+    assert saved["lr_scheduler_type"] == "linear" and saved["per_device_train_batch_size"] == 4
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -434,8 +439,8 @@ def test_default_recipe_saves_a_frozen_backbone_and_a_safetensors_head(workdir, 
     from training.apm_cv import apply_head
 
     out = workdir / "apm-head"
-    cfg = _config(data_file, out, tiny_bert, schema_file, eval_fraction=0.25)
-    cfg.recipe = ApmTrainConfig.__dataclass_fields__["recipe"].default
+    cfg = _config(data_file, out, tiny_bert, schema_file, eval_fraction=0.25,
+                  recipe=ApmTrainConfig.__dataclass_fields__["recipe"].default)
     assert cfg.recipe == "head"
     train_main(cfg)
     saved = json.loads((out / "steer_config.json").read_text())

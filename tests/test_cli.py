@@ -40,14 +40,15 @@ def test_required_options_are_shown_as_required(capsys):
     parser = build_parser(module.SftConfig, prog="steer sft", description="")
     text = parser.format_help()
     usage = text.split("\n\n")[0]
-    for flag in ("--base_model", "--data", "--output"):
-        assert f"[{flag}" not in usage and flag in usage
+    for flag in ("--base_model", "--data", "--output_dir"):
+        assert not re.search(rf"\[{flag}[ \]]", usage) and re.search(rf"{flag}[ \]]", usage), flag
     required = text.split("required arguments:")[1].split("options:")[0]
-    assert "--base_model" in required and "--output" in required and "--format" not in required
+    assert "--base_model" in required and "--output_dir" in required and "--format" not in required
     with pytest.raises(SystemExit) as exc:
         main(["sft", "--data", "x.jsonl"])
     assert exc.value.code == 2
-    assert "required: --base_model/--base-model, --output" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "required: " in err and "--base_model/--base-model" in err and "--output_dir/--output-dir/--output" in err
 
 
 def test_serve_ui_help_says_what_the_default_is():

@@ -163,7 +163,7 @@ def test_schema_mismatch_is_named_with_the_flag(tmp_path):
     assert "skipped 4 row(s) with labels the attribute schema does not have" in summary
     assert "unknown attribute 'quality'" in summary and "--schema" in summary and "malformed" not in summary
     with pytest.raises(SftError, match="no usable conversations.*labels the attribute schema does not have.*--schema"):
-        load_sft_conversations(SftConfig(base_model="x", data=str(path), output="y", schema="helpsteer"))
+        load_sft_conversations(SftConfig(base_model="x", data=str(path), output_dir="y", schema="helpsteer"))
 
 
 def test_hh_rows_read_as_a_table_suggest_format_hh(tmp_path):

@@ -129,8 +129,8 @@ def test_sft_on_a_gguf_base_records_it_and_the_policy_reloads(tmp_path, tiny_ggu
             for i in range(12)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "policy"
-    sft(SftConfig(base_model=str(path), data=str(data), output=str(out), format="steer", schema="oasst",
-                  max_steps=2, batch_size=4, lora_r=4, max_length=256, eval_fraction=0.0, logging_steps=1))
+    sft(SftConfig(base_model=str(path), data=str(data), output_dir=str(out), format="steer", schema="oasst",
+                  max_steps=2, per_device_train_batch_size=4, lora_r=4, max_length=256, eval_fraction=0.0, logging_steps=1))
     config = json.loads((out / "steer_config.json").read_text())
     assert config["base_model"] == str(path.resolve())
     policy = load_policy(out, device="cpu")

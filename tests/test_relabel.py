@@ -179,7 +179,7 @@ def test_parquet_output_is_nested_and_loads_back_with_format_steer(tiny_apm_dir,
     assert all(set(m.labels) == set(back[0].messages[1].labels) for c in back for m in c.messages
                if m.role == "assistant")
     # steer sft and steer relabel read it with --format steer.
-    convs, schema = load_sft_conversations(SftConfig(base_model="x", data=str(out), output="y", format="steer"))
+    convs, schema = load_sft_conversations(SftConfig(base_model="x", data=str(out), output_dir="y", format="steer"))
     assert len(convs) == 12 and schema.name == "helpsteer"
     again = tmp_path / "again.jsonl"
     relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(out), format="steer", output=str(again)))

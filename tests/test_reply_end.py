@@ -57,8 +57,8 @@ def test_sft_with_split_markers_saves_a_policy_that_loads(tmp_path):
     from training.sft import SftConfig, main
 
     out = tmp_path / "policy"
-    main(SftConfig(base_model=str(shared_path("models", "stories260K")), data=str(rated_path()), output=str(out),
-                   limit=24, max_steps=2, batch_size=4, max_length=256, eval_fraction=0.0, merge=True))
+    main(SftConfig(base_model=str(shared_path("models", "stories260K")), data=str(rated_path()), output_dir=str(out),
+                   limit=24, max_steps=2, per_device_train_batch_size=4, max_length=256, eval_fraction=0.0, merge=True))
     config = json.loads((out / "steer_config.json").read_text())
     assert config["added_tokens"] == ["<extra_id_0>", "<extra_id_1>", "<extra_id_2>"]
     assert config["vocab_size"] == 515 and set(config["trained_values"]) == set(config["schema"]["attributes"][i]["name"]

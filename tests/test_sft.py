@@ -110,7 +110,7 @@ def test_default_target_modules_per_architecture():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_load_in_4bit_without_cuda_fails_at_once(tmp_path, capsys):
     start = time.perf_counter()
-    cfg = SftConfig(base_model="does/not-matter", data=str(tmp_path / "missing.jsonl"), output=str(tmp_path / "o"),
+    cfg = SftConfig(base_model="does/not-matter", data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "o"),
                     load_in_4bit=True)
     with pytest.raises(ModelLoadError, match="CUDA"):
         main(cfg)
@@ -132,8 +132,9 @@ def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
 
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
     out = tmp_path / "policy"
-    metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output=str(out), max_steps=3, batch_size=4,
-                             lr=1e-2, eval_fraction=0.2, logging_steps=1, merge=True))
+    metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=3,
+                             per_device_train_batch_size=4,
+                             learning_rate=1e-2, eval_fraction=0.2, logging_steps=1, merge=True))
     assert metrics["global_step"] == 3
     adapter = load_file(out / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
@@ -175,8 +176,9 @@ def test_trained_embeddings_stay_tied_to_the_output_head(tiny_base, tmp_path):
 
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
     out = tmp_path / "policy"
-    main(SftConfig(base_model=str(tiny_base), data=str(data), output=str(out), max_steps=3, batch_size=4, lr=1e-2,
-                   eval_fraction=0.2, modules_to_save=["embed_tokens"], merge=True))
+    main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=3,
+                   per_device_train_batch_size=4, learning_rate=1e-2,
+                   eval_fraction=0.2, lora_modules_to_save=["embed_tokens"], merge=True))
     assert json.loads((out / "adapter_config.json").read_text())["ensure_weight_tying"] is True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -198,8 +200,9 @@ def test_gradient_checkpointing_trains_without_reentrant_or_deprecation_warnings
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output=str(tmp_path / "policy"),
-                                 max_steps=3, batch_size=4, lr=1e-2, eval_fraction=0.2, gradient_checkpointing=True))
+        metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(tmp_path / "policy"),
+                                 max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, eval_fraction=0.2,
+                                 gradient_checkpointing=True))
     assert metrics["global_step"] == 3
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     # Neither torch's call for an explicit choice nor transformers' deprecation of the old name.
@@ -211,7 +214,7 @@ def test_resume_after_kill(tiny_base, tmp_path, monkeypatch):
 
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
     out = tmp_path / "policy"
-    cfg = dict(base_model=str(tiny_base), data=str(data), output=str(out), max_steps=4, batch_size=4,
+    cfg = dict(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=4, per_device_train_batch_size=4,
                save_steps=2, eval_fraction=0.0, logging_steps=1)
     original = Trainer.training_step
     calls = {"n": 0}
@@ -241,14 +244,17 @@ def test_resume_after_kill(tiny_base, tmp_path, monkeypatch):
     assert metrics["global_step"] == 4
     assert counting["n"] == 2, "resuming must run only the steps after the checkpoint"
     assert (out / "adapter_model.safetensors").exists()
+    saved = json.loads((out / "training_config.json").read_text())  # the whole config, beside the policy
+    assert saved["resume"] is True and saved["save_steps"] == 2 and saved["lora_r"] == 16
+    assert saved["lr_scheduler_type"] == "cosine" and saved["output_dir"] == str(out)
 
 
 def test_bad_config_is_a_clear_error(tiny_base, tmp_path):
     with pytest.raises(SftError) as e:
-        main(SftConfig(base_model=str(tiny_base), data=str(tmp_path / "nope.jsonl"), output=str(tmp_path / "o")))
+        main(SftConfig(base_model=str(tiny_base), data=str(tmp_path / "nope.jsonl"), output_dir=str(tmp_path / "o")))
     assert e.value.field == "data"
     with pytest.raises(SftError) as e:
-        main(SftConfig(base_model=str(tiny_base), data="x", output="y", eval_fraction=1.5))
+        main(SftConfig(base_model=str(tiny_base), data="x", output_dir="y", eval_fraction=1.5))
     assert e.value.field == "eval_fraction"
 
 
@@ -262,8 +268,10 @@ def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(tmp_path):
 
     base = shared_path("models", "stories260K")
     out = tmp_path / "policy"
-    metrics = main(SftConfig(base_model=str(base), data=str(rated_path()), output=str(out), limit=160, epochs=1,
-                             lr=5e-3, batch_size=16, max_length=128, eval_fraction=0.2, logging_steps=5))
+    metrics = main(SftConfig(base_model=str(base), data=str(rated_path()), output_dir=str(out), limit=160,
+                             num_train_epochs=1,
+                             learning_rate=5e-3, per_device_train_batch_size=16, max_length=128, eval_fraction=0.2,
+                             logging_steps=5))
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.3, metrics
     policy = load_policy(out, device="cpu")
     assert policy.schema.names == ["humor", "creativity", "helpfulness"]
@@ -299,8 +307,9 @@ def test_qlora_steps_on_half_billion_shaped_model(tmp_path):
     tok.save_pretrained(base_dir)
     data = _write_jsonl(tmp_path / "train.jsonl", convs)
     torch.cuda.reset_peak_memory_stats()
-    metrics = main(SftConfig(base_model=str(base_dir), data=str(data), output=str(tmp_path / "policy"),
-                             load_in_4bit=True, max_steps=12, batch_size=8, lr=2e-3, eval_fraction=0.25,
+    metrics = main(SftConfig(base_model=str(base_dir), data=str(data), output_dir=str(tmp_path / "policy"),
+                             load_in_4bit=True, max_steps=12, per_device_train_batch_size=8, learning_rate=2e-3,
+                             eval_fraction=0.25,
                              gradient_checkpointing=True, logging_steps=1))
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     print(f"QLoRA peak GPU memory: {peak_gib:.2f} GiB; eval loss {metrics['eval_loss_before']:.3f} -> "

@@ -15,8 +15,8 @@ def _cfg(tiny_base, tmp_path, **kw):
     data = tmp_path / "train.jsonl"
     if not data.exists():
         _write_jsonl(data, _conversations(24))
-    return dict(base_model=str(tiny_base), data=str(data), output=str(tmp_path / "policy"), max_steps=4,
-                batch_size=4, save_steps=2, eval_fraction=0.0, logging_steps=1, **kw)
+    return dict(base_model=str(tiny_base), data=str(data), output_dir=str(tmp_path / "policy"), max_steps=4,
+                per_device_train_batch_size=4, save_steps=2, eval_fraction=0.0, logging_steps=1, **kw)
 
 
 def test_a_half_written_checkpoint_is_skipped_on_resume(tiny_base, tmp_path, monkeypatch, caplog):
@@ -89,7 +89,7 @@ def test_a_finished_run_is_finished_and_another_run_never_overwrites_it(tiny_bas
     with pytest.raises(SftError, match="already holds the finished policy"):
         main(SftConfig(**cfg))
     with pytest.raises(SftError, match="other settings"):
-        main(SftConfig(**{**cfg, "lr": 1e-3}))
+        main(SftConfig(**{**cfg, "learning_rate": 1e-3}))
     assert trained == [] and (out / "adapter_model.safetensors").read_bytes() == adapter
     monkeypatch.undo()
 
@@ -98,7 +98,7 @@ def test_a_finished_run_is_finished_and_another_run_never_overwrites_it(tiny_bas
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(SftError, match="did not write"):
-        main(SftConfig(**{**cfg, "output": str(foreign), "overwrite": True}))
+        main(SftConfig(**{**cfg, "output_dir": str(foreign), "overwrite": True}))
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
@@ -115,11 +115,11 @@ def test_overwrite_renames_the_new_policy_into_place_and_leaves_nothing_old(tiny
     card = sft.policy_card
     monkeypatch.setattr(sft, "policy_card", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
     with pytest.raises(KeyboardInterrupt):
-        main(SftConfig(**{**cfg, "merge": False, "lr": 5e-3}, overwrite=True))
+        main(SftConfig(**{**cfg, "merge": False, "learning_rate": 5e-3}, overwrite=True))
     monkeypatch.setattr(sft, "policy_card", card)
     assert (out / "adapter_model.safetensors").read_bytes() == old_adapter and (out / "merged").is_dir()
 
-    main(SftConfig(**{**cfg, "merge": False, "lr": 5e-3}, overwrite=True))
+    main(SftConfig(**{**cfg, "merge": False, "learning_rate": 5e-3}, overwrite=True))
     assert not (out / "merged").exists(), "a file of the previous policy survived in the new one"
     assert (out / "adapter_model.safetensors").read_bytes() != old_adapter
     assert (out / RUN_FILE).exists()

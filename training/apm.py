@@ -17,8 +17,8 @@ scored on each schema attribute (see ``training.apm_data``). Two recipes:
 ``--cv K`` (and ``steer apm cv``) cross-validates the chosen recipe over whole conversation groups,
 with a constant and a frozen-embedding ridge probe on the same folds (``training.apm_cv``).
 
-    steer apm train --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output runs/apm
-    steer apm cv --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output runs/apm-cv
+    steer apm train --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output-dir runs/apm
+    steer apm cv --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output-dir runs/apm-cv
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -52,7 +53,6 @@ from steer.artifacts import save_steer_config
 from steer.attributes import AttributeSchema, get_schema
 from steer.data import DataError, grouped_split, load_conversations
 from steer.data.formats import DEFAULT_SCHEMA
-from steer.errors import SteerError
 from steer.modeling import ModelLoadError, load_tokenizer, quiet_peft_deprecations
 from steer.template import PromptTemplate
 from training import apm_cv
@@ -64,7 +64,16 @@ from training.apm_data import (  # noqa: F401  (re-exported: older code imports 
     rated_items,
     target_normalization,
 )
+from training.apm_eval import evaluate
 from training.model_card import apm_card
+from training.train_args import (
+    SteerTrainingArguments,
+    TrainingConfigError,
+    is_main_process,
+    on_main_process,
+    save_training_config,
+    trainer_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +87,21 @@ DEFAULT_CV_FOLDS_FOR = {"head": 5, "finetune": 0}
 
 
 
-class ApmTrainError(SteerError, ValueError):
+class ApmTrainError(TrainingConfigError):
     """Bad APM training input or settings."""
 
 
 @dataclass
-class ApmTrainConfig:
-    data: str = field(metadata={"help": "Rated conversations: a file path or hub dataset id."})
-    output: str = field(metadata={"help": "Directory for checkpoints and the trained APM."})
+class ApmTrainConfig(SteerTrainingArguments):
+    """``steer apm train``: ``transformers.TrainingArguments`` (used by the finetune recipe; every
+    Trainer option is a flag) with the LoRA settings ``steer sft`` shares and the APM's own."""
+
+    error_class: ClassVar[type[TrainingConfigError]] = ApmTrainError
+
+    data: str = field(kw_only=True, metadata={"help": "Rated conversations: a file path or hub dataset id."})
+    output_dir: str = field(
+        kw_only=True, metadata={"help": "Directory for checkpoints and the trained APM.", "aliases": ["--output"]}
+    )
     format: str = field(
         default="oasst",
         metadata={"help": "Data format: oasst, helpsteer, hh, steer, table, jsonl, csv, parquet or hub."},
@@ -102,7 +118,7 @@ class ApmTrainConfig:
         default="head",
         metadata={"help": "head: frozen backbone + ridge head on pooled hidden states and length features (fast; "
                           "beats the frozen-embedding probe under cross-validation, see docs/apm.md). finetune: fine-tune the "
-                          "whole backbone with a regression head (the --epochs/--learning-rate/--lora options)."},
+                          "whole backbone with a regression head (the --num-train-epochs/--learning-rate/--lora options)."},
     )
     backbone: str | None = field(
         default=None,
@@ -138,20 +154,11 @@ class ApmTrainConfig:
         metadata={"help": "Tokens per item; the reply is kept and the context is cut from the left. "
                           "Default: 256 for the head recipe, 128 for finetune."},
     )
-    epochs: float = field(default=3.0, metadata={"help": "finetune recipe: training epochs."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."})
-    batch_size: int = field(default=16, metadata={"help": "Items per device per step."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps to accumulate per update."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps for linear warmup."})
-    lr_scheduler: str = field(default="linear", metadata={"help": "Learning-rate schedule (transformers names)."})
     eval_fraction: float = field(
         default=0.1,
         metadata={"help": "Fraction of conversation groups held out (whole trees/prompts, never split)."},
     )
     split_seed: int = field(default=0, metadata={"help": "Seed of the grouped train/eval split."})
-    seed: int = field(default=42, metadata={"help": "Training seed (initialisation, shuffling, dropout)."})
     use_scores: bool = field(
         default=True,
         metadata={"help": "Regress on unrounded scores where the data has them (OASST rater means), else on labels."},
@@ -163,28 +170,49 @@ class ApmTrainConfig:
         default=True,
         metadata={"help": "Keep the word embeddings frozen: faster steps and less overfitting on small rating sets."},
     )
-    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (merged into the saved model)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"], metadata={"help": "Modules LoRA adapts (peft names)."}
-    )
-    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output."})
-    overwrite: bool = field(default=False, metadata={"help": "Delete checkpoints already in --output and start over."})
-    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at the end of every epoch)."})
-    save_total_limit: int = field(default=1, metadata={"help": "Checkpoints kept in --output."})
+    lora: bool = field(default=False, metadata={"help": "finetune recipe: train LoRA adapters (the --lora-* "
+                                                        "options; merged into the saved model)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output-dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Delete checkpoints already in --output-dir and start over."})
     keep_checkpoints: bool = field(
         default=False,
         metadata={"help": "finetune recipe: keep OUTPUT/checkpoint-N after a successful run (by default they are "
                           "deleted once the final model is saved, as steer sft does; a crashed run keeps them for --resume)."},
     )
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
     limit: int | None = field(default=None, metadata={"help": "Load at most this many conversations (quick trials)."})
     strict: bool = field(default=False, metadata={"help": "Fail on the first malformed row instead of skipping it."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPUs that support it)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the backbone's own modelling code."})
     device: str | None = field(default=None, metadata={"help": "'cpu' to force CPU training; default: GPU if present."})
+
+    # TrainingArguments fields whose defaults differ for the APM (those of the finetune recipe).
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Items per device per step (and twice that per prediction batch).",
+                              "aliases": ["--batch-size", "--batch_size"]}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "finetune recipe: peak learning rate (AdamW).",
+                                                          "aliases": ["--lr"]})
+    weight_decay: float = field(default=0.01, metadata={"help": "finetune recipe: AdamW weight decay."})
+    warmup_steps: float = field(
+        default=0.1,
+        metadata={"help": "finetune recipe: linear warmup, a number of steps or a fraction of all steps when below 1.",
+                  "aliases": ["--warmup-ratio", "--warmup_ratio"]},
+    )
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={"help": "finetune recipe: learning-rate schedule (transformers SchedulerType names).",
+                  "aliases": ["--lr-scheduler", "--lr_scheduler"]},
+    )
+    save_strategy: str = field(
+        default="epoch", metadata={"help": "finetune recipe: when to checkpoint (epoch, steps or no); a positive "
+                                           "--save-steps switches epoch to steps."}
+    )
+    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept in OUTPUT_DIR."})
+
+    def __post_init__(self):
+        validate_config(self)
+        if self.device == "cpu":
+            self.use_cpu = True
+        super().__post_init__()
 
 
 # ------------------------------------------------------------------- fine-tuning data
@@ -275,13 +303,14 @@ def build_model(config: ApmTrainConfig, backbone: str, schema: AttributeSchema, 
     if config.lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
-        targets = config.lora_target_modules
+        targets = list(config.lora_target_modules) or ["all-linear"]
         lora = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             target_modules=targets[0] if targets == ["all-linear"] else targets,
+            modules_to_save=list(config.lora_modules_to_save) or None,
         )
         with quiet_peft_deprecations():
             model = get_peft_model(model, lora)
@@ -307,16 +336,12 @@ def validate_config(config: ApmTrainConfig) -> None:
         raise ApmTrainError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}", "eval_fraction")
     if config.max_length < 16:
         raise ApmTrainError(f"--max-length must be at least 16, got {config.max_length}", "max_length")
-    for name in ("batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps"):
-        if getattr(config, name) < 1:
-            raise ApmTrainError(f"--{name.replace('_', '-')} must be at least 1", name)
-    if config.epochs <= 0 and config.max_steps <= 0:
-        raise ApmTrainError("--epochs must be positive (or give --max-steps)", "epochs")
-    if config.learning_rate <= 0:
-        raise ApmTrainError("--learning-rate must be positive", "learning_rate")
-    out = Path(config.output)
+    for name in ("data", "output_dir"):
+        if not getattr(config, name):
+            raise ApmTrainError(f"--{name.replace('_', '-')} is required", name)
+    out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
-        raise ApmTrainError(f"--output {out} exists and is not a directory", "output")
+        raise ApmTrainError(f"--output-dir {out} exists and is not a directory", "output_dir")
     if config.recipe == "head":
         ignored = [f"--{name.replace('_', '-')}" for name in FINETUNE_ONLY
                    if getattr(config, name) != ApmTrainConfig.__dataclass_fields__[name].default]
@@ -324,15 +349,15 @@ def validate_config(config: ApmTrainConfig) -> None:
             logger.warning("%s only apply to --recipe finetune; the head recipe ignores them", ", ".join(ignored))
 
 
-FINETUNE_ONLY = ("epochs", "max_steps", "learning_rate", "weight_decay", "warmup_ratio", "lora", "resume", "save_steps",
-                 "keep_checkpoints")
+FINETUNE_ONLY = ("num_train_epochs", "max_steps", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type",
+                 "lora", "resume", "save_steps", "keep_checkpoints")
 
 
 def _prepare_output(config: ApmTrainConfig) -> str | None:
     """The checkpoint to resume from, if any; refuses to mix a new run into an old one."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    out = Path(config.output)
+    out = Path(config.output_dir)
     if not out.is_dir():
         return None
     last = get_last_checkpoint(str(out))
@@ -350,7 +375,7 @@ def _prepare_output(config: ApmTrainConfig) -> str | None:
     raise ApmTrainError(
         f"{out} already holds checkpoints ({Path(last).name}); pass --resume to continue that run "
         "or --overwrite to start over",
-        "output",
+        "output_dir",
     )
 
 
@@ -443,7 +468,7 @@ class FrozenBackbone:
             saved = (p.pooling, p.layers, p.length_features)
             p.pooling, p.layers, p.length_features = pooling, missing, False
             try:
-                rows = p.features([it.messages for it in items], batch_size=self.config.batch_size * 2)
+                rows = p.features([it.messages for it in items], batch_size=self.config.per_device_train_batch_size * 2)
             finally:
                 p.pooling, p.layers, p.length_features = saved
             for n, layer in enumerate(missing):
@@ -462,7 +487,7 @@ def train_head(config: ApmTrainConfig, frozen: FrozenBackbone, items: Sequence[R
 
 
 def save_head_apm(config: ApmTrainConfig, frozen: FrozenBackbone, tokenizer, head, schema, template, extra) -> Path:
-    out = Path(config.output)
+    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The unchanged backbone travels with the head so the directory is self-contained (offline,
     # Docker); for MiniLM that is 90 MB of safetensors.
@@ -486,38 +511,21 @@ def save_head_apm(config: ApmTrainConfig, frozen: FrozenBackbone, tokenizer, hea
 def finetune(config: ApmTrainConfig, backbone: str, schema, tokenizer, template, train_items, output: str,
              resume_from: str | None = None, quiet: bool = False):
     """Fine-tune on ``train_items``; returns (the model, the target normalisation, the trainer)."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     train_values = np.stack([it.values for it in train_items])
     norm = target_normalization(train_values, schema, config.normalize_targets)
     train_ds = ApmDataset(train_items, tokenizer, template, config.max_length, norm)
     set_seed(config.seed)
     model = build_model(config, backbone, schema, tokenizer)
-    on_cpu = config.device == "cpu" or not torch.cuda.is_available()
-    args = TrainingArguments(
+    args = trainer_arguments(
+        config,
         output_dir=output,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,
-        lr_scheduler_type=config.lr_scheduler,
-        logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps else "epoch",
-        save_steps=config.save_steps or 500,
-        save_total_limit=config.save_total_limit,
-        seed=config.seed,
-        bf16=config.bf16,
-        use_cpu=config.device == "cpu",
-        report_to="none",
         remove_unused_columns=False,
         label_names=["labels", "label_mask"],
-        dataloader_num_workers=0,
         # Pinned memory only helps host-to-GPU copies; on CPU torch warns about it every epoch.
-        dataloader_pin_memory=not on_cpu,
-        disable_tqdm=quiet or not logger.isEnabledFor(logging.INFO),
+        dataloader_pin_memory=config.dataloader_pin_memory and not config.use_cpu,
+        disable_tqdm=quiet or config.disable_tqdm or not logger.isEnabledFor(logging.INFO),
     )
     trainer = _transformers_trainer()(
         model=model, args=args, train_dataset=train_ds, data_collator=ApmCollator(tokenizer.pad_token_id)
@@ -558,7 +566,7 @@ def cross_validate(config: ApmTrainConfig, items: Sequence[RatedItem], schema: A
                 predictor = AttributePredictor(model.eval(), tokenizer, schema,
                                                {"template": template.to_dict(), "max_length": config.max_length,
                                                 "label_normalization": norm}, next(model.parameters()).device)
-                return predictor.predict([items[i].messages for i in test], batch_size=config.batch_size * 2)
+                return predictor.predict([items[i].messages for i in test], batch_size=config.per_device_train_batch_size * 2)
 
     model_oof = apm_cv.out_of_fold(folds, fit_predict, k)
     seconds = time.perf_counter() - start
@@ -615,9 +623,10 @@ def held_out_summary(metrics: dict, schema: AttributeSchema, n_groups: int, cros
 
 # ------------------------------------------------------------------- main
 def main(config: ApmTrainConfig) -> dict:
-    validate_config(config)
     schema = _resolve_schema(config)
-    resume_from = _prepare_output(config) if config.recipe == "finetune" else None
+    resume_from = on_main_process(config.use_cpu, _prepare_output, config) if config.recipe == "finetune" else None
+    # Under `accelerate launch` every process runs this; only the first writes files.
+    main_process = is_main_process(config.use_cpu)
     backbone = config.backbone or default_backbone()
     tokenizer = load_tokenizer(backbone, trust_remote_code=config.trust_remote_code)
     template = PromptTemplate(schema)
@@ -629,7 +638,7 @@ def main(config: ApmTrainConfig) -> dict:
                     "reply longer than the window, its end) is cut", truncated, len(all_items), config.max_length)
     frozen = FrozenBackbone(config, backbone, tokenizer, template, schema) if config.recipe == "head" or config.cv else None
     result: dict = {"recipe": config.recipe}
-    out = Path(config.output)
+    out = Path(config.output_dir)
     n_groups = len({it.group for it in all_items})
     if config.cv and n_groups < config.cv:
         if not config.__dict__.get("_cv_by_default"):
@@ -639,12 +648,16 @@ def main(config: ApmTrainConfig) -> dict:
         config.cv = 0
     if config.cv:
         cv = cross_validate(config, all_items, schema, backbone, tokenizer, template, frozen)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CV_RESULTS).write_text(json.dumps(cv, indent=2) + "\n", encoding="utf-8")
-        print(cv_summary(cv))
         result["cv"] = cv
+        if main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / CV_RESULTS).write_text(json.dumps(cv, indent=2) + "\n", encoding="utf-8")
+            save_training_config(out, config)
+            print(cv_summary(cv))
         if getattr(config, "cv_only", False):
             return result
+    if config.recipe == "head" and not main_process:
+        return result  # the head is one ridge fit: nothing to share out
 
     train_items, eval_items = _split_items(config, convs, schema)
     counts = {n: int(sum(not np.isnan(it.values[j]) for it in train_items)) for j, n in enumerate(schema.names)}
@@ -658,7 +671,6 @@ def main(config: ApmTrainConfig) -> dict:
         data={"source": str(config.data), "format": config.format, "columns": list(config.columns)},
         split={"eval_fraction": config.eval_fraction, "seed": config.split_seed},
         train_items=len(train_items),
-        train_config={k: v for k, v in asdict(config).items() if k not in ("output",)},
     )
     start = time.perf_counter()
     if config.recipe == "head":
@@ -667,7 +679,7 @@ def main(config: ApmTrainConfig) -> dict:
         save_head_apm(config, frozen, tokenizer, head, schema, template, extra)
         result.update({"train_items": len(train_items), "eval_items": len(eval_items), "train_seconds": train_seconds})
     else:
-        model, norm, trainer = finetune(config, backbone, schema, tokenizer, template, train_items, config.output,
+        model, norm, trainer = finetune(config, backbone, schema, tokenizer, template, train_items, config.output_dir,
                                         resume_from)
         train_seconds = time.perf_counter() - start
         result.update({"train_items": len(train_items), "eval_items": len(eval_items), "train_seconds": train_seconds,
@@ -682,15 +694,12 @@ def main(config: ApmTrainConfig) -> dict:
             # The final model is saved; checkpoints only serve --resume of an unfinished run.
             for ckpt in out.glob("checkpoint-*"):
                 shutil.rmtree(ckpt, ignore_errors=True)
+    save_training_config(out, config)
     logger.info("saved the APM to %s (%.0f s of training, recipe %s)", out, train_seconds, config.recipe)
 
     if eval_items:
-        from training.apm_eval import attribute_metrics
-
         predictor = AttributePredictor.load(out, device=config.device)
-        preds = predictor.predict([it.messages for it in eval_items], batch_size=config.batch_size * 2)
-        metrics = attribute_metrics(preds, label_matrix(eval_items, schema), schema)
-        metrics["n_items"] = len(eval_items)
+        metrics = evaluate(predictor, eval_items, batch_size=config.per_device_train_batch_size * 2)
         n_groups = len({it.group for it in eval_items})
         metrics["n_groups"] = n_groups
         metrics["headline"] = held_out_summary(metrics, schema, n_groups, cross_validated="cv" in result)
@@ -722,9 +731,12 @@ def training_summary(config: ApmTrainConfig, train_items: int) -> dict:
         })
     else:
         summary.update({
-            "epochs" if config.max_steps < 0 else "max steps": config.epochs if config.max_steps < 0 else config.max_steps,
+            "epochs" if config.max_steps < 0 else "max steps":
+                config.num_train_epochs if config.max_steps < 0 else config.max_steps,
             "learning rate": config.learning_rate,
-            "batch size": f"{config.batch_size} x {config.gradient_accumulation_steps} accumulation",
+            "schedule": f"{getattr(config.lr_scheduler_type, 'value', config.lr_scheduler_type)}, warmup "
+                        f"{config.warmup_steps}",
+            "batch size": f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps} accumulation",
             "LoRA": f"r {config.lora_r}, merged" if config.lora else "no (full fine-tuning)",
             "frozen word embeddings": config.freeze_embeddings,
         })

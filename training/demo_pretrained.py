@@ -41,7 +41,7 @@ def stage_judge(config, work: Path) -> str | None:
     from training.apm import main as train_apm
 
     out = work / "judge_apm"
-    train_apm(ApmTrainConfig(data=config.judge_data, format=config.judge_format, output=str(out), device="cpu"))
+    train_apm(ApmTrainConfig(data=config.judge_data, format=config.judge_format, output_dir=str(out), device="cpu"))
     return str(out)
 
 
@@ -63,13 +63,13 @@ def stage_sft(config, work: Path) -> None:
     data = work / "sft_data.jsonl"
     rated = "".join(json.dumps(r) + "\n" for r in load_jsonl(rated_path(), config.apm_limit))
     data.write_text(rated + (work / "relabeled.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
-    # A chat model keeps its own turn format; the label line rides inside its assistant turn.
+    # A chat model keeps its own turn format (the labels go where --label-placement says).
     template = "chat_template" if getattr(load_tokenizer(config.base_model), "chat_template", None) else "steerlm"
     sft(SftConfig(
-        base_model=config.base_model, data=str(data), output=str(work / "policy"), format="steer",
-        schema=str(work / "apm"), template=template, label_placement=config.label_placement, lora_r=config.lora_r, lora_alpha=2 * config.lora_r,
-        lora_dropout=0.05, max_steps=config.sft_steps, batch_size=config.sft_batch_size, lr=config.sft_lr,
-        max_length=config.sft_max_length, eval_fraction=0.02, save_steps=40, resume=True, logging_steps=10,
+        base_model=config.base_model, data=str(data), output_dir=str(work / "policy"), format="steer",
+        schema=str(work / "apm"), template=template, label_placement=config.label_placement, lora_r=config.lora_r,
+        lora_alpha=2 * config.lora_r, lora_dropout=0.05, max_steps=config.sft_steps,
+        per_device_train_batch_size=config.sft_batch_size, learning_rate=config.sft_lr, max_length=config.sft_max_length, eval_fraction=0.02, save_steps=40, resume=True, logging_steps=10,
         limit=config.limit,
     ))
 

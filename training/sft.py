@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -25,7 +24,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,9 +32,15 @@ from steer.artifacts import load_steer_config, save_steer_config
 from steer.attributes import AttributeSchema, get_schema
 from steer.conversation import Conversation
 from steer.data import format_histogram, grouped_split, label_histogram, load_conversations, trained_values, unseen_values
-from steer.errors import SteerError
 from steer.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate
 from training.model_card import policy_card
+from training.train_args import (
+    SteerTrainingArguments,
+    TrainingConfigError,
+    on_main_process,
+    save_training_config,
+    trainer_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +58,25 @@ METRICS_FILE = "sft_metrics.json"
 CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 
-class SftError(SteerError, ValueError):
+class SftError(TrainingConfigError):
     """Bad SFT input or settings; ``field`` names the flag."""
 
 
 @dataclass
-class SftConfig:
-    base_model: str = field(metadata={"help": "Base causal LM: a hub id or a local directory (transformers "
-                                       "format with safetensors weights)."})
-    data: str = field(metadata={"help": "Training conversations (what `steer relabel` writes)."})
-    output: str = field(metadata={"help": "Policy directory to write (adapter, tokenizer, config)."})
+class SftConfig(SteerTrainingArguments):
+    """``steer sft``: ``transformers.TrainingArguments`` (every Trainer option is a flag) with LoRA and
+    steer's own settings. Defaults differ from the Trainer's where SFT wants them to."""
+
+    error_class: ClassVar[type[TrainingConfigError]] = SftError
+
+    base_model: str = field(kw_only=True, metadata={"help": "Base causal LM: a hub id or a local directory "
+                                                            "(transformers format with safetensors weights)."})
+    data: str = field(kw_only=True, metadata={"help": "Training conversations (what `steer relabel` writes)."})
+    output_dir: str = field(
+        kw_only=True,
+        metadata={"help": "Policy directory to write (adapter, tokenizer, config; checkpoints in OUTPUT_DIR/checkpoints "
+                          "while training).", "aliases": ["--output"]},
+    )
     format: str = field(default="steer", metadata={"help": "Data format (steer, oasst, helpsteer, table, ...)."})
     schema: str | None = field(
         default=None,
@@ -79,53 +93,66 @@ class SftConfig:
                   "model's own format (trains on the last reply of each conversation)."},
     )
     default_system: str = field(default="", metadata={"help": "System prompt used when a conversation has none."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
-    target_modules: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Module names to adapt (repeatable). Default: attention + MLP projections of the "
-                  "architecture, else every Linear layer except the output head."},
-    )
-    modules_to_save: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Modules trained in full and saved with the adapter (repeatable), e.g. embed_tokens when "
-                  "the label tokens are new to the base model."},
-    )
     add_marker_tokens: bool = field(
         default=True,
         metadata={"help": "When the base's tokenizer splits a template marker (<extra_id_1> ...) into several tokens, "
                   "add the markers to its vocabulary as single tokens (embeddings resized, trained in full and saved "
                   "with the policy), so replies end reliably. --no-add-marker-tokens only warns."},
     )
-    epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use epochs)."})
-    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps spent warming up the LR."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per device per step."})
-    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
     max_length: int = field(default=1024, metadata={"help": "Longer examples are truncated to this many tokens."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of conversation groups held out for eval loss."})
-    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
-    save_steps: int = field(default=100, metadata={"help": "Write a resumable checkpoint every N steps."})
-    group_by_length: bool = field(
-        default=True, metadata={"help": "Batch examples of similar length together (little padding)."}
-    )
     limit: int | None = field(default=None, metadata={"help": "Use at most this many conversations."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit (CUDA + bitsandbytes)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     dtype: str = field(default="auto", metadata={"help": "Base weights dtype: auto, float32, bfloat16, float16."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in OUTPUT/checkpoints."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in OUTPUT_DIR/checkpoints."})
     overwrite: bool = field(
-        default=False, metadata={"help": "Train again into an OUTPUT that holds a policy steer sft wrote before "
+        default=False, metadata={"help": "Train again into an OUTPUT_DIR that holds a policy steer sft wrote before "
                                          "(it is replaced only once the new one is complete)."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT/checkpoints after training ends."})
-    merge: bool = field(default=False, metadata={"help": "Also write base + adapter merged into OUTPUT/merged."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT_DIR/checkpoints after training ends."})
+    merge: bool = field(default=False, metadata={"help": "Also write base + adapter merged into OUTPUT_DIR/merged."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+    # TrainingArguments fields whose defaults differ for SFT.
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW).", "aliases": ["--lr"]})
+    warmup_steps: float = field(
+        default=0.03,
+        metadata={"help": "Linear warmup: a number of steps, or a fraction of all steps when below 1.",
+                  "aliases": ["--warmup-ratio", "--warmup_ratio"]},
+    )
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule (transformers SchedulerType names)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     seed: int = field(default=0, metadata={"help": "Seed for the split, LoRA init and data order."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint: steps, epoch or no."})
+    save_steps: float = field(default=100, metadata={"help": "Write a resumable checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept in OUTPUT_DIR/checkpoints."})
+    eval_strategy: str = field(
+        default="epoch",
+        metadata={"help": "When to compute the held-out loss: epoch, steps (every --eval-steps) or no. A positive "
+                          "--eval-steps with epoch switches it to steps."},
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "Batch order: group_by_length (examples of similar length together, little padding), "
+                          "random, sequential or batch_rebalance."},
+    )
+
+    def __post_init__(self):
+        for name in ("base_model", "data", "output_dir"):
+            if not getattr(self, name):
+                raise SftError(f"--{name.replace('_', '-')} is required", name)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise SftError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}", "eval_fraction")
+        if self.max_length < 8:
+            raise SftError(f"--max-length must be at least 8, got {self.max_length}", "max_length")
+        if self.template not in ("steerlm", "chat_template"):
+            raise SftError(f"unknown template {self.template!r}; use steerlm or chat_template", "template")
+        if self.label_placement not in ChatTemplatePrompt.LABEL_PLACEMENTS:
+            raise SftError(f"--label-placement must be reply or system, got {self.label_placement!r}", "label_placement")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SftError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "dtype")
+        super().__post_init__()
 
 
 # --------------------------------------------------------------------- data
@@ -290,7 +317,7 @@ def default_target_modules(model) -> list[str]:
     preferred = [n for n in PREFERRED_TARGETS if n in names]
     chosen = preferred or sorted(names)
     if not chosen:
-        raise SftError("found no Linear layers to adapt; pass --target-modules", "target_modules")
+        raise SftError("found no Linear layers to adapt; pass --lora-target-modules", "lora_target_modules")
     return chosen
 
 
@@ -302,7 +329,7 @@ def build_template(config: SftConfig, schema: AttributeSchema, tokenizer) -> Pro
             return ChatTemplatePrompt(schema, tokenizer, default_system=config.default_system,
                                       label_placement=config.label_placement)
         except ValueError as e:
-            raise SftError(str(e), "label_placement" if "label_placement" in str(e) else "template") from None
+            raise SftError(str(e), "template") from None
     raise SftError(f"unknown template {config.template!r}; use steerlm or chat_template", "template")
 
 
@@ -367,7 +394,7 @@ def load_model_for_training(config: SftConfig, vocab_size: int | None = None):
                                trust_remote_code=config.trust_remote_code)
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(config.activation_checkpointing),
                                                 gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
     else:
         # Loaded on the CPU; the Trainer moves it to its (per-process) device.
@@ -376,15 +403,15 @@ def load_model_for_training(config: SftConfig, vocab_size: int | None = None):
             dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
         model = load_causal_lm(config.base_model, device="cpu", dtype=dtype,
                                trust_remote_code=config.trust_remote_code)
-        if config.gradient_checkpointing:
+        if config.activation_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.24
             if enable is not None:
                 enable(activation_checkpointing_kwargs=CHECKPOINTING_KWARGS)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
             model.enable_input_require_grads()
-    targets = list(config.target_modules) or default_target_modules(model)
-    modules_to_save = list(config.modules_to_save)
+    targets = list(config.lora_target_modules) or default_target_modules(model)
+    modules_to_save = list(config.lora_modules_to_save)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         # New tokens (the template's markers): their rows start at the mean embedding and are trained in full.
         model.resize_token_embeddings(vocab_size)
@@ -404,7 +431,7 @@ def load_model_for_training(config: SftConfig, vocab_size: int | None = None):
         with quiet_peft_deprecations():
             model = get_peft_model(model, lora)
     except ValueError as e:
-        raise SftError(f"cannot apply LoRA: {e}", "target_modules") from None
+        raise SftError(f"cannot apply LoRA: {e}", "lora_target_modules") from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -480,14 +507,19 @@ def sft_fingerprint(config: SftConfig) -> dict[str, Any]:
     else:
         base_id = config.base_model
     keys = ("format", "schema", "template", "label_placement", "default_system", "lora_r", "lora_alpha", "lora_dropout",
-            "target_modules", "modules_to_save", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay",
-            "batch_size", "grad_accum", "max_length", "eval_fraction", "limit", "load_in_4bit", "dtype", "seed")
+            "lora_target_modules", "lora_modules_to_save", "num_train_epochs", "max_steps", "learning_rate",
+            "lr_scheduler_type", "warmup_steps", "weight_decay", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "max_length", "eval_fraction", "limit", "load_in_4bit", "dtype", "seed")
     return {
         "data": str(data.resolve()) if data.exists() else config.data,
         "data_sha256": _file_digest(data) if data.is_file() else None,
         "base_model": base_id,
-        **{k: getattr(config, k) for k in keys},
+        **{k: _enum_value(getattr(config, k)) for k in keys},
     }
+
+
+def _enum_value(x: Any) -> Any:
+    return getattr(x, "value", x)
 
 
 def read_run_record(output: Path) -> dict[str, Any] | None:
@@ -500,7 +532,7 @@ def read_run_record(output: Path) -> dict[str, Any] | None:
             raise ValueError("not a JSON object")
         return record
     except (ValueError, UnicodeDecodeError) as e:
-        raise SftError(f"{path} is damaged ({e}); move {output} away or choose another --output", "output") from None
+        raise SftError(f"{path} is damaged ({e}); move {output} away or choose another --output-dir", "output_dir") from None
 
 
 def write_run_record(directory: Path, record: dict[str, Any]) -> None:
@@ -562,7 +594,7 @@ def check_output(config: SftConfig, output: Path, fingerprint: dict[str, Any]) -
         if holds_files:
             kind = "a policy written by an older steer" if (output / "steer_config.json").exists() else "files"
             raise SftError(f"{output} already holds {kind} that this run did not write; steer sft will not overwrite "
-                           "them: choose another --output or move them away", "output")
+                           "them: choose another --output-dir or move them away", "output_dir")
         if config.resume:
             logger.info("--resume: %s holds no run yet; starting one", output)
         return "fresh"
@@ -572,77 +604,60 @@ def check_output(config: SftConfig, output: Path, fingerprint: dict[str, Any]) -
     if changed:
         if config.resume:
             raise SftError(f"--resume: {output} was trained with other settings (different: {', '.join(changed)}); "
-                           "resume with the same command, or choose another --output", "resume")
+                           "resume with the same command, or choose another --output-dir", "resume")
         if not config.overwrite:
             raise SftError(f"{output} holds {'a policy' if finished else 'an unfinished run'} trained with other "
-                           f"settings (different: {', '.join(changed)}); choose another --output, or pass --overwrite "
-                           "to replace it", "output")
+                           f"settings (different: {', '.join(changed)}); choose another --output-dir, or pass --overwrite "
+                           "to replace it", "output_dir")
         return "fresh"
     if finished:
         if config.resume:
             return "finished"
         if not config.overwrite:
             raise SftError(f"{output} already holds the finished policy of this run; pass --overwrite to train it "
-                           "again", "output")
+                           "again", "output_dir")
         return "fresh"
     if config.resume:
         return "resume"
     if latest_checkpoint(output) is not None and not config.overwrite:
         raise SftError(f"{output} holds checkpoints of an unfinished run; pass --resume to continue it "
-                       "or choose another --output", "output")
+                       "or choose another --output-dir", "output_dir")
     return "fresh"
 
 
-def training_arguments(config: SftConfig, output: Path, has_eval: bool, steps_per_epoch: int):
-    from transformers import TrainingArguments
+def _claim_output(config: SftConfig, output: Path, fingerprint: dict[str, Any]) -> str:
+    """Decide what to do with ``output`` and record this run in it (once, on the main process)."""
+    action = check_output(config, output, fingerprint)
+    if action == "finished":
+        return action
+    if action != "resume":
+        # A fresh start: checkpoints left here are this output's own (a run record says so) and
+        # would be mistaken for this run's by the Trainer.
+        shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
+    write_run_record(output, {"fingerprint": fingerprint, "state": "training"})
+    return action
 
-    total = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
-    eval_every = config.eval_steps or None
-    return TrainingArguments(
+
+def training_arguments(config: SftConfig, output: Path, has_eval: bool):
+    """The Trainer's arguments: the config's own, except where SFT decides (checkpoints go to
+    OUTPUT_DIR/checkpoints, no eval without an eval split, activation checkpointing is set up on the
+    model before LoRA wraps it)."""
+    return trainer_arguments(
+        config,
         output_dir=str(output / CHECKPOINT_DIR),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.lr,
-        warmup_steps=int(config.warmup_ratio * total),
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="cosine",
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        eval_strategy=("steps" if eval_every else "epoch") if has_eval else "no",
-        eval_steps=eval_every,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,
-        logging_steps=config.logging_steps,
-        report_to="none",
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        eval_strategy=config.eval_strategy if has_eval else "no",
+        activation_checkpointing=False,
         remove_unused_columns=False,
-        dataloader_num_workers=config.num_workers,
-        seed=config.seed,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False,
     )
 
 
 def validate_config(config: SftConfig) -> None:
-    for name in ("base_model", "data", "output"):
-        if not getattr(config, name):
-            raise SftError(f"--{name.replace('_', '-')} is required", name)
+    """Checks that need the machine (the field checks run when the config is built)."""
     if config.load_in_4bit:
         from steer.modeling import check_4bit_available
 
         check_4bit_available()
-    if config.lora_r < 1:
-        raise SftError("--lora-r must be at least 1", "lora_r")
-    if config.batch_size < 1 or config.grad_accum < 1:
-        raise SftError("--batch-size and --grad-accum must be at least 1", "batch_size")
-    if not 0.0 <= config.eval_fraction < 1.0:
-        raise SftError("--eval-fraction must be in [0, 1)", "eval_fraction")
-    if config.max_length < 8:
-        raise SftError("--max-length must be at least 8", "max_length")
-    if config.epochs <= 0 and config.max_steps <= 0:
-        raise SftError("--epochs must be positive (or set --max-steps)", "epochs")
 
 
 def stored_base_model(base_model: str, output: Path) -> str:
@@ -664,26 +679,18 @@ def main(config: SftConfig) -> dict[str, Any]:
 
     from steer.modeling import load_tokenizer
 
-    output = Path(config.output)
+    output = Path(config.output_dir)
     if not Path(config.data).exists() and config.format not in ("hub",):
         raise SftError(f"training data {config.data!r} does not exist", "data")
     fingerprint = sft_fingerprint(config)
-    action = check_output(config, output, fingerprint)
+    action = on_main_process(config.use_cpu, _claim_output, config, output, fingerprint)
     if action == "finished":
         logger.info("%s already holds the finished policy of this run; nothing to resume", output)
         metrics_file = output / METRICS_FILE
         return json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
-    resume_from = None
-    if action == "resume":
-        resume_from = latest_checkpoint(output)
-        if resume_from is None:
-            logger.warning("no complete checkpoint in %s; training from the start", output / CHECKPOINT_DIR)
-    else:
-        # A fresh start: checkpoints left here are this output's own (a run record says so) and
-        # would be mistaken for this run's by the Trainer.
-        shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
-    if int(os.environ.get("RANK", 0)) == 0:
-        write_run_record(output, {"fingerprint": fingerprint, "state": "training"})
+    resume_from = latest_checkpoint(output) if action == "resume" else None
+    if action == "resume" and resume_from is None:
+        logger.warning("no complete checkpoint in %s; training from the start", output / CHECKPOINT_DIR)
     set_seed(config.seed)
 
     convs, schema = load_sft_conversations(config)
@@ -703,9 +710,7 @@ def main(config: SftConfig) -> dict[str, Any]:
                 schema.name, ", ".join(schema.names))
 
     model = load_model_for_training(config, vocab_size=len(tokenizer) if added_tokens else None)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum * world))
-    args = training_arguments(config, output, has_eval=len(eval_set) > 0, steps_per_epoch=steps_per_epoch)
+    args = training_arguments(config, output, has_eval=len(eval_set) > 0)
     trainer = Trainer(
         model=model,
         args=args,
@@ -733,10 +738,23 @@ def main(config: SftConfig) -> dict[str, Any]:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         logger.info("eval loss after training: %.4f", metrics["eval_loss_after"])
 
+    # Weights sharded over the processes (FSDP, ZeRO-3): all of them take part in gathering the full
+    # state for the first one, which saves the adapter out of it.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if weights_are_sharded(trainer) else None
     if trainer.is_world_process_zero():
         extra = {"vocab_size": len(tokenizer), "added_tokens": added_tokens} if added_tokens else {}
-        save_policy(trainer.model, tokenizer, template, schema, config, output, metrics, histogram, **extra)
+        save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, template, schema, config, output,
+                    metrics, histogram, state_dict=state_dict, **extra)
     return metrics
+
+
+def weights_are_sharded(trainer) -> bool:
+    """Whether no single process holds all the weights (FSDP, DeepSpeed ZeRO-3). Under plain data
+    parallelism and ZeRO-1/2 every process holds them, and gathering would only copy the model."""
+    if trainer.is_fsdp_enabled:
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
 
 def report_label_histogram(conversations: Sequence[Conversation], schema: AttributeSchema) -> dict[str, dict[int, int]]:
@@ -754,7 +772,7 @@ def report_label_histogram(conversations: Sequence[Conversation], schema: Attrib
 
 def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSchema, config: SftConfig,
                 output: Path, metrics: dict[str, Any], histogram: dict[str, dict[int, int]] | None = None,
-                **extra: Any) -> None:
+                state_dict: dict[str, Any] | None = None, **extra: Any) -> None:
     """Write the policy into a staging folder beside ``output``, then rename it into place: a kill
     leaves the previous contents or the complete new policy, never a mix, and no file of an
     earlier policy survives in the new one."""
@@ -763,7 +781,8 @@ def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSch
     staging.mkdir(parents=True)
     # Added marker tokens: the resized embedding is saved through modules_to_save already, so PEFT
     # need not (and need not warn that it will) save the embedding layers a second time.
-    model.save_pretrained(str(staging), save_embedding_layers=False if extra.get("added_tokens") else "auto")
+    model.save_pretrained(str(staging), state_dict=state_dict,
+                          save_embedding_layers=False if extra.get("added_tokens") else "auto")
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(staging))
     merged = None
@@ -776,6 +795,7 @@ def save_policy(model, tokenizer, template: PromptTemplate, schema: AttributeSch
     save_steer_config(staging, "policy", schema, template.to_dict(), base_model=base, adapter=".", merged=merged,
                       **seen, **extra)
     (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    save_training_config(staging, config)
     # Replaces the blank card PEFT's save_pretrained leaves.
     card = policy_card(output.name, base, schema, template, training_summary(model, config), metrics)
     (staging / "README.md").write_text(card, encoding="utf-8")
@@ -797,13 +817,15 @@ def training_summary(model, config: SftConfig) -> dict[str, Any]:
     lora = getattr(model, "peft_config", {}).get("default")
     return {
         "data": f"{config.data} ({config.format})",
-        "epochs" if config.max_steps < 0 else "max steps": config.epochs if config.max_steps < 0 else config.max_steps,
-        "learning rate": config.lr,
-        "batch size": f"{config.batch_size} x {config.grad_accum} accumulation",
+        "epochs" if config.max_steps < 0 else "max steps":
+            config.num_train_epochs if config.max_steps < 0 else config.max_steps,
+        "learning rate": config.learning_rate,
+        "schedule": f"{_enum_value(config.lr_scheduler_type)}, warmup {config.warmup_steps}",
+        "batch size": f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps} accumulation",
         "max length": config.max_length,
         "LoRA r / alpha / dropout": f"{config.lora_r} / {config.lora_alpha} / {config.lora_dropout}",
-        "LoRA targets": sorted(lora.target_modules) if lora is not None else list(config.target_modules),
-        "trained in full": list(config.modules_to_save),
+        "LoRA targets": sorted(lora.target_modules) if lora is not None else list(config.lora_target_modules),
+        "trained in full": list(config.lora_modules_to_save),
         "4-bit base (QLoRA)": config.load_in_4bit,
         "seed": config.seed,
     }
