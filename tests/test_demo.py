@@ -68,10 +68,9 @@ def test_full_demo_is_steerable(tmp_path):
     assert elapsed < 600
 
 
-def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(tmp_path, capsys):
+def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(shared_path, tmp_path, capsys):
     """``--base-model``: LoRA on a real pretrained model (the stories260K GGUF) instead of a tiny
     one built here, with the policy set beside prompt steering of the unmodified base."""
-    from conftest import shared_path
     from steer.artifacts import load_steer_config
 
     pytest.importorskip("gguf")

@@ -15,11 +15,10 @@ from steer.generation import (
 )
 from steer.sampling import SamplingError
 from steer.template import PromptTemplate
-from steer.tiny_model import build_random_policy
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
+def policy_dir(build_random_policy, tmp_path_factory):
     return build_random_policy(tmp_path_factory.mktemp("policy") / "p", schema=get_schema("oasst"))
 
 
