@@ -56,16 +56,11 @@ def test_format_report_shows_both_settings_side_by_side():
 
 @pytest.mark.slow
 def test_full_demo_is_steerable(tmp_path):
-    """The README's quickstart: under 10 minutes on 2 cores, humor and creativity steerable."""
-    import time
-
-    start = time.perf_counter()
+    """The README's quickstart: humor and creativity come out steerable."""
     assert main(DemoConfig(workdir=str(tmp_path / "demo"))) == 0
-    elapsed = time.perf_counter() - start
     report = _check_artifacts(tmp_path / "demo")
     assert report["steerability"]["humor"]["spearman"] >= 0.5
     assert report["steerability"]["creativity"]["spearman"] >= 0.5
-    assert elapsed < 600
 
 
 def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(shared_path, tmp_path, capsys):

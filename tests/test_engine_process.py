@@ -124,11 +124,7 @@ def test_a_killed_engine_process_fails_requests_and_health(hello, make_client, w
         # ignore_eos: the reply must still be running when the engine is killed.
         worker = threading.Thread(target=long_request)
         worker.start()
-        deadline = time.monotonic() + 30
-        while engine.stats().active == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(engine._process.pid, signal.SIGKILL)
-        worker.join(60)
+        _kill_while_decoding(engine, worker)
         assert '"type": "server_error"' in result["response"].text
         health = client.get("/health")
         assert health.status_code == 503 and "engine process exited" in health.json()["status"]
@@ -184,12 +180,21 @@ def _stream_until_killed(client, engine, messages):
 
     worker = threading.Thread(target=long_request)
     worker.start()
-    deadline = time.monotonic() + 30
-    while engine.stats().active == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(engine._process.pid, signal.SIGKILL)
-    worker.join(60)
+    _kill_while_decoding(engine, worker)
     return result["response"]
+
+
+def _kill_while_decoding(engine, worker: threading.Thread) -> None:
+    """SIGKILLs the engine process once it is decoding the worker's request, then waits for the
+    worker's request to end. The waits are on states; their limits only stop a hung test."""
+    deadline = time.monotonic() + 120
+    while engine.stats().active == 0:
+        assert time.monotonic() < deadline, "the request never started decoding"
+        assert worker.is_alive(), "the request ended before the engine was killed"
+        time.sleep(0.02)
+    os.kill(engine._process.pid, signal.SIGKILL)
+    worker.join(120)
+    assert not worker.is_alive(), "the request in flight never ended after the engine was killed"
 
 
 def test_a_crashed_engine_process_is_restarted_and_counted(hello, make_client, sse_events, wait_ready, tiny_policy):

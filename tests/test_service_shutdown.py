@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import threading
 import time
 
@@ -16,12 +15,6 @@ import pytest
 @pytest.fixture(scope="module")
 def policy_dir(build_tiny_policy, tmp_path_factory):
     return build_tiny_policy(tmp_path_factory.mktemp("shutdown") / "policy")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(predicate, what: str, timeout: float = 60.0):

@@ -1,5 +1,4 @@
 import json
-import time
 
 import pytest
 import torch
@@ -74,7 +73,8 @@ def test_default_target_modules_per_architecture():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_load_in_4bit_without_cuda_fails_at_once(tmp_path, capsys):
-    start = time.perf_counter()
+    """The CUDA check comes first: the missing data file and the unknown base model are never
+    reached (either would be a different error)."""
     cfg = SftConfig(base_model="does/not-matter", data=str(tmp_path / "missing.jsonl"), output=str(tmp_path / "o"),
                     load_in_4bit=True)
     with pytest.raises(ModelLoadError, match="CUDA"):
@@ -84,7 +84,6 @@ def test_load_in_4bit_without_cuda_fails_at_once(tmp_path, capsys):
     code = cli(["sft", "--base-model", "x", "--data", "y", "--output", str(tmp_path / "o"), "--load-in-4bit"])
     assert code == 2
     assert "CUDA" in capsys.readouterr().err
-    assert time.perf_counter() - start < 20
     assert not (tmp_path / "o").exists()
 
 
