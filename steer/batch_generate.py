@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from steer.data.jsonl import ResumableJsonl
 from steer.errors import SteerError
 from steer.generation import GenerationError, GenerationRequest, SteerGenerator
 
@@ -111,22 +111,14 @@ def _request(row: dict[str, Any], defaults: Mapping[str, Any], where: str, numbe
     )
 
 
-def finished_ids(output: Path) -> set[str]:
-    """Ids already in ``output``. A last line cut off mid-write is removed, to be generated again."""
-    if not output.exists():
-        return set()
-    data = output.read_bytes()
-    keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
-    if len(keep) < len(data):
-        logger.warning("%s ends in a cut-off line; it will be generated again", output)
-        with output.open("r+b") as f:
-            f.truncate(len(keep))
+def finished_ids(output: ResumableJsonl) -> set[str]:
+    """Ids already in ``output``; a last line cut off mid-write is removed, to be generated again."""
     ids = set()
-    for number, line in enumerate(keep.decode("utf-8").splitlines(), start=1):
-        try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise GenerationError(f"{output} line {number} is not a result line; use another --output", "output") from None
+    for number, row in enumerate(output.resume(), start=1):
+        if "id" not in row:
+            raise GenerationError(f"{output.path} line {number} is not a result line (it has no id); "
+                                  "use another --output", "output")
+        ids.add(str(row["id"]))
     return ids
 
 
@@ -134,7 +126,7 @@ def generate_file(generator: SteerGenerator, items: list[BatchItem], output: str
     """Generate every item not yet in ``output``, appending results batch by batch."""
     if batch_size < 1:
         raise GenerationError("--batch-size must be at least 1", "batch_size")
-    output = Path(output)
+    output = ResumableJsonl(output)
     done = finished_ids(output)
     todo = [item for item in items if item.id not in done]
     prepared = []  # every line is checked (and tokenized, once) before the first token is generated
@@ -143,22 +135,18 @@ def generate_file(generator: SteerGenerator, items: list[BatchItem], output: str
             prepared.append(generator.prepare(item.request))
         except SteerError as e:
             raise type(e)(f"{item.where}: {e}", e.field) from None
-    output.parent.mkdir(parents=True, exist_ok=True)
     if done:
         logger.info("%s already holds %d of the %d requests; generating the other %d",
-                    output, len(items) - len(todo), len(items), len(todo))
+                    output.path, len(items) - len(todo), len(items), len(todo))
     start, tokens = time.perf_counter(), 0
-    with output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="generate", unit="reply") as bar:
+    with tqdm(total=len(todo), desc="generate", unit="reply") as bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             results = generator.generate_prepared(prepared[i:i + batch_size])
-            for item, result in zip(batch, results):
-                out.write(json.dumps({"id": item.id, **result.to_dict(), "seed": item.request.seed},
-                                     ensure_ascii=False) + "\n")
-                tokens += result.completion_tokens
-            out.flush()
-            os.fsync(out.fileno())
+            output.append({"id": item.id, **result.to_dict(), "seed": item.request.seed}
+                          for item, result in zip(batch, results))
+            tokens += sum(result.completion_tokens for result in results)
             bar.update(len(batch))
     seconds = time.perf_counter() - start
-    logger.info("wrote %d replies to %s (%d tokens in %.1f s)", len(todo), output, tokens, seconds)
+    logger.info("wrote %d replies to %s (%d tokens in %.1f s)", len(todo), output.path, tokens, seconds)
     return {"generated": len(todo), "skipped": len(items) - len(todo), "completion_tokens": tokens, "seconds": seconds}

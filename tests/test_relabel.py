@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -130,25 +129,47 @@ def test_relabel_cli_errors_are_one_line(tiny_apm_dir, tmp_path, capsys):
     assert rc == 2 and "[output]" in capsys.readouterr().err
 
 
+# The relabel command as a user runs it, except that its second durable write stops the process
+# (SIGSTOP) with half a line on disk: the test kills it at that state, not after some time.
+_STOP_IN_SECOND_WRITE = """
+import json, os, signal, sys
+from steer.data import jsonl
+
+append, writes = jsonl.ResumableJsonl.append, []
+
+def append_then_stop_midway(self, rows):
+    rows = list(rows)
+    writes.append(len(rows))
+    if len(writes) == 1:
+        return append(self, rows)
+    line = json.dumps(rows[0]) + "\\n"
+    with open(self.path, "a", encoding="utf-8") as f:
+        f.write(line[: len(line) // 2])
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+jsonl.ResumableJsonl.append = append_then_stop_midway
+from steer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_then_rerun_gives_every_row_exactly_once(shared_path, tiny_apm_dir, tmp_path):
     data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
     out = tmp_path / "killed.jsonl"
-    cmd = [sys.executable, "-m", "steer.cli", "relabel", "--model", str(tiny_apm_dir), "--data", str(data),
-           "--format", "hh", "--output", str(out), "--chunk-size", "4", "--batch-size", "4", "--limit", "300",
-           "--device", "cpu"]
+    args = ["relabel", "--model", str(tiny_apm_dir), "--data", str(data), "--format", "hh", "--output", str(out),
+            "--chunk-size", "4", "--batch-size", "4", "--limit", "300", "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and out.stat().st_size > 0:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "relabel finished before it could be killed"
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_IN_SECOND_WRITE, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the child has stopped itself
+    assert os.WIFSTOPPED(status), f"relabel ended instead of stopping: {proc.stderr.read().decode()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = out.read_bytes().count(b"\n")
-    assert 0 < partial < 300
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    proc.stderr.close()
+    written = out.read_bytes()
+    assert written.count(b"\n") == 4 and not written.endswith(b"\n")  # the first chunk, then a torn line
+    subprocess.run([sys.executable, "-m", "steer.cli", *args], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=600)
     rows = read_jsonl(out)
     expected, _ = load_conversations(data, "hh", limit=300)
     assert [r["id"] for r in rows] == [c.id for c in expected]
