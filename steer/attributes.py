@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, field_validator
+
 from steer.errors import SteerError
 
 # Names users commonly type for the same attribute. Keys are aliases, values canonical names.
@@ -22,6 +24,35 @@ DEFAULT_ALIASES: dict[str, str] = {"humour": "humor"}
 
 class AttributeValueError(SteerError, ValueError):
     """A bad attribute name, value or label string. ``field`` names the offending attribute."""
+
+
+class _AttributeEntry(BaseModel):
+    """One attribute as a schema file writes it. Integers are strict: ``4.7``, ``"4"`` or ``true``
+    is an error, never silently rounded or converted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    min: int = 0
+    max: int = 4
+    default: int = 0
+    description: str = ""
+
+
+class _SchemaFile(BaseModel):
+    """A schema file: ``{"name", "attributes": [...], "aliases": {...}}``; an attribute may be
+    given by its name alone (range 0-4, default 0)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str | None = None
+    attributes: list[_AttributeEntry]
+    aliases: dict[str, str] | None = None
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _names_alone(cls, value: Any) -> Any:
+        return [{"name": item} if isinstance(item, str) else item for item in value] if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -197,37 +228,59 @@ class AttributeSchema:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AttributeSchema:
-        if not isinstance(data, Mapping) or "attributes" not in data:
-            raise AttributeValueError("a schema needs an 'attributes' list")
+    def from_dict(cls, data: Mapping[str, Any], where: str = "schema") -> AttributeSchema:
+        """A schema from its dict form (``to_dict``, or a schema file's content). ``where`` (say,
+        the file's name) starts every error message."""
+        from pydantic import ValidationError
+
+        from steer.errors import validation_error_text
+
+        try:
+            spec = _SchemaFile.model_validate(data)
+        except ValidationError as e:
+            message, field = validation_error_text(e, where)
+            raise AttributeValueError(message, field) from None
         attrs = []
-        for i, item in enumerate(data["attributes"]):
-            if isinstance(item, str):
-                item = {"name": item}
-            if not isinstance(item, Mapping) or "name" not in item:
-                raise AttributeValueError(f"schema attribute #{i} needs a 'name'")
-            unknown = set(item) - {"name", "min", "max", "default", "description"}
-            if unknown:
-                raise AttributeValueError(f"schema attribute {item['name']!r}: unknown field(s) {sorted(unknown)}")
-            attrs.append(Attribute(**{k: (v if k in ("name", "description") else int(v)) for k, v in item.items()}))
+        for item in spec.attributes:
+            try:
+                attrs.append(Attribute(**item.model_dump()))
+            except AttributeValueError as e:
+                raise AttributeValueError(f"{where}: {e}", e.field) from None
         aliases = dict(DEFAULT_ALIASES)
-        aliases.update({str(k).lower(): str(v) for k, v in (data.get("aliases") or {}).items()})
+        aliases.update({k.lower(): v for k, v in (spec.aliases or {}).items()})
         names = {a.name for a in attrs}
         # Only keep aliases whose target exists, so e.g. "humour" is harmless in a schema without humor.
         aliases = {k: v for k, v in aliases.items() if v in names}
-        return cls(name=str(data.get("name", "custom")), attributes=tuple(attrs), aliases=aliases)
+        try:
+            return cls(name=spec.name or "custom", attributes=tuple(attrs), aliases=aliases)
+        except AttributeValueError as e:
+            raise AttributeValueError(f"{where}: {e}", e.field) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> AttributeSchema:
+        """A schema from a JSON or YAML file; every error names the file (and the field or line)."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise AttributeValueError(f"cannot read schema file {path}: {getattr(e, 'strerror', None) or e}",
+                                      "schema") from None
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                at = f" line {mark.line + 1}" if mark is not None else ""
+                raise AttributeValueError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or e})",
+                                          "schema") from None
         else:
-            data = json.loads(text)
-        schema = cls.from_dict(data)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise AttributeValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg})", "schema") from None
+        schema = cls.from_dict(data, where=str(path))
         if "name" not in data:
             schema = cls(name=path.stem, attributes=schema.attributes, aliases=schema.aliases)
         return schema

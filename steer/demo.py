@@ -1,6 +1,7 @@
 """``steer demo``: the whole SteerLM pipeline, offline, on the bundled game-NPC data.
 
-Stages (each writes ``WORKDIR/stages/NAME.done`` when finished, so a rerun skips it):
+Stages (each writes ``WORKDIR/stages/NAME.done`` with its settings when finished, so a rerun with
+the same settings skips it; a stage whose settings changed runs again, and so do the ones after it):
 
 1. ``apm``: train the attribute prediction model on ``rated.jsonl`` (helpfulness, humor,
    creativity, 0-4) with ``training.apm``;
@@ -143,29 +144,94 @@ def demo_schema() -> AttributeSchema:
 
 
 # ----------------------------------------------------------------- stages
+# The DemoConfig fields each stage's result depends on. A finished stage is reused only when these
+# are unchanged; otherwise it runs again, and so does every stage after it (their inputs changed).
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "apm": ("apm_limit", "apm_epochs", "apm_max_length", "apm_lr", "apm_hidden_size"),
+    "relabel": ("limit",),
+    "judge": ("judge_apm", "judge_data", "judge_format"),
+    "base": ("limit", "vocab_size", "hidden_size", "num_layers", "pretrain_epochs"),
+    "sft": ("base_model", "limit", "apm_limit", "lora_r", "sft_epochs", "sft_lr", "sft_steps", "sft_batch_size",
+            "sft_max_length"),
+    "evaluate": ("base_model", "eval_prompts", "max_new_tokens", "samples", "seeds", "temperature", "best_of",
+                 "heldout_replies", "judge_apm", "judge_data", "judge_format"),
+}
+# Fields that change no stage's result: where it goes, how fast it runs, or (``quick``) presets
+# that take effect through the fields above.
+NO_RESULT_SETTINGS = ("workdir", "quick", "fresh", "threads")
+
+
+def stage_settings(config: DemoConfig, name: str) -> dict[str, Any]:
+    return {key: getattr(config, key) for key in STAGE_SETTINGS[name]}
+
+
 class Stages:
-    """Done-markers: a stage that finished is never redone unless its marker is removed."""
+    """Finished stages are recorded in ``WORKDIR/stages/NAME.done`` with the settings they ran with.
+
+    A stage is reused when it finished with the same settings and no stage before it ran in this
+    run; otherwise it runs again. A stage that starts over (other settings, or new inputs from an
+    earlier stage) first removes its old outputs; one cut short with the same settings keeps them,
+    so it resumes where it stopped.
+    """
 
     def __init__(self, workdir: Path):
         self.dir = workdir / "stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
+        self.ran: list[str] = []  # stages run (not reused) so far in this run
+
+    def _record(self, name: str, kind: str) -> dict[str, Any] | None:
+        path = self.dir / f"{name}.{kind}"
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}  # unreadable: settings unknown, so the stage runs again
+        return record if isinstance(record, dict) else {}
 
     def done(self, name: str) -> bool:
         return (self.dir / f"{name}.done").exists()
 
-    def run(self, name: str, fn) -> None:
-        if self.done(name):
+    def run(self, name: str, fn, settings: dict[str, Any] | None = None, outputs=lambda: ()) -> None:
+        """Runs ``fn`` unless stage ``name`` already finished with ``settings``. ``outputs()`` lists
+        the files and directories the stage writes, removed when it starts over."""
+        settings = json.loads(json.dumps(settings or {}))  # compared as stored (tuples become lists)
+        done, started = self._record(name, "done"), self._record(name, "started")
+        if done is not None and done.get("settings") == settings and not self.ran:
             logger.info("stage %s: already done, reusing it", name)
-            data = json.loads((self.dir / f"{name}.done").read_text())
-            self.timings[name] = data.get("seconds", 0.0)
+            self.timings[name] = done.get("seconds", 0.0)
             return
-        logger.info("stage %s: running", name)
+        previous = done if done is not None else started
+        if self.ran:
+            why = f"{self.ran[-1]} ran again"
+        elif previous is not None and previous.get("settings") != settings:
+            old = previous.get("settings")
+            why = ("its settings were not recorded" if old is None else
+                   "settings changed: " + ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items()
+                                                     if old.get(k) != v))
+        else:
+            why = None  # first run, or resuming a run cut short with the same settings
+        if why:
+            logger.info("stage %s: running again (%s)", name, why)
+            for path in outputs():
+                path = Path(path)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        else:
+            logger.info("stage %s: running", name)
+        (self.dir / f"{name}.done").unlink(missing_ok=True)
+        (self.dir / f"{name}.started").write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
         start = time.perf_counter()
         fn()
         seconds = round(time.perf_counter() - start, 2)
         self.timings[name] = seconds
-        (self.dir / f"{name}.done").write_text(json.dumps({"seconds": seconds}) + "\n")
+        self.ran.append(name)
+        (self.dir / f"{name}.done").write_text(json.dumps({"seconds": seconds, "settings": settings}) + "\n",
+                                               encoding="utf-8")
+        (self.dir / f"{name}.started").unlink(missing_ok=True)
         logger.info("stage %s: done in %.1f s", name, seconds)
 
 
@@ -390,19 +456,31 @@ def main(config: DemoConfig) -> int:
             __import__(f"training.{name}")
         except ImportError as e:
             raise DemoError(f"the demo needs training.{name}: {e}") from None
+    from training.relabel import SIDECAR_SUFFIX
+
     stages = Stages(work)
     start = time.perf_counter()
-    stages.run("apm", lambda: stage_apm(config, work))
-    stages.run("relabel", lambda: stage_relabel(config, work))
+    report_path = work / "report.json"
+
+    def run(name: str, fn, *outputs: str) -> None:
+        stages.run(name, fn, stage_settings(config, name), lambda: [work / o for o in outputs])
+
+    def policy_files() -> list[Path]:  # the policy directory, but for the base stage's model inside it
+        policy = work / "policy"
+        return [p for p in policy.iterdir() if p.name != "base"] if policy.is_dir() else []
+
+    run("apm", lambda: stage_apm(config, work), "apm", "apm_backbone", "schema.json")
+    run("relabel", lambda: stage_relabel(config, work), "relabeled.jsonl", "relabeled.jsonl" + SIDECAR_SUFFIX)
     if config.base_model:
         from training import demo_pretrained
 
-        stages.run("judge", lambda: demo_pretrained.stage_judge(config, work))
-        stages.run("sft", lambda: demo_pretrained.stage_sft(config, work))
+        run("judge", lambda: demo_pretrained.stage_judge(config, work), "judge_apm")
+        stages.run("sft", lambda: demo_pretrained.stage_sft(config, work), stage_settings(config, "sft"),
+                   lambda: [work / "policy", work / "sft_data.jsonl"])
     else:
-        stages.run("base", lambda: stage_base(config, work))
-        stages.run("sft", lambda: stage_sft(config, work))
-    report_path = work / "report.json"
+        run("base", lambda: stage_base(config, work), "policy/base")
+        stages.run("sft", lambda: stage_sft(config, work), stage_settings(config, "sft"),
+                   lambda: [*policy_files(), work / "sft_data.jsonl"])
 
     def run_evaluate() -> None:
         if config.base_model:
@@ -411,9 +489,10 @@ def main(config: DemoConfig) -> int:
             report = evaluate(config, work)
         report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
-    stages.run("evaluate", run_evaluate)
+    run("evaluate", run_evaluate, "report.json", "eval")
     report = json.loads(report_path.read_text(encoding="utf-8"))
     report["timings"] = {**stages.timings, "total_this_run": round(time.perf_counter() - start, 2)}
+    report["settings"] = {name: stage_settings(config, name) for name in stages.timings}
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(demo_pretrained.format_comparison(report) if config.base_model else format_report(report))
     print(f"\nReport: {report_path}\nServe it: steer serve --policy {work / 'policy'} --apm {work / 'apm'}")

@@ -1,21 +1,91 @@
+"""Fixtures shared by the test modules: shared assets, tiny models and artifacts, servers.
+
+The code behind them lives in tests/support/ and is imported only here, so test modules never
+import one another (or a helper module): they ask for a fixture.
+"""
+
 import os
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(os.environ.get("STEER_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+from tests.support import artifacts, servers  # noqa: E402 - after the offline settings above
+from tests.support.assets import SHARED  # noqa: E402
+from tests.support.assets import shared_path as _shared_path  # noqa: E402
 
 
-def shared_path(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared asset {path} is absent (set STEER_SHARED to the shared/ folder)")
-    return path
+# ------------------------------------------------------------------ shared assets
+@pytest.fixture(scope="session")
+def shared_dir():
+    """The shared assets folder (``STEER_SHARED``, by default ``../shared`` beside the repo)."""
+    return SHARED
 
 
+@pytest.fixture(scope="session")
+def shared_path():
+    """``shared_path(*parts)``: the path of a shared asset; skips the test when it is absent."""
+    return _shared_path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from steer.modeling import load_tokenizer
+
+    return load_tokenizer(_shared_path("tokenizers", "gpt2"))
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    from steer.modeling import load_tokenizer
+
+    return load_tokenizer(_shared_path("models", "stories260K"))
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def any_tokenizer(request, gpt2_tokenizer, llama_tokenizer):
+    return gpt2_tokenizer if request.param == "gpt2" else llama_tokenizer
+
+
+# ------------------------------------------------------------------ data
+@pytest.fixture(scope="session")
+def hello():
+    """A one-message conversation (Tell me a story)."""
+    return artifacts.HELLO
+
+
+@pytest.fixture(scope="session")
+def demo_schema():
+    """The three-attribute schema (helpfulness, humor, creativity) of the tiny policy and APM."""
+    return artifacts.DEMO_SCHEMA
+
+
+@pytest.fixture(scope="session")
+def ui_schema():
+    """The five-attribute schema of the UI tests' policy and APM."""
+    return artifacts.UI_SCHEMA
+
+
+@pytest.fixture(scope="session")
+def npc_examples():
+    """examples/npcs: the NPC profiles shipped with the project."""
+    return servers.NPC_EXAMPLES
+
+
+@pytest.fixture(scope="session")
+def sft_conversations():
+    """``sft_conversations(n)``: n labelled shopkeeper conversations (oasst schema)."""
+    return artifacts.sft_conversations
+
+
+@pytest.fixture(scope="session")
+def write_conversations():
+    """``write_conversations(path, convs)``: writes conversations as steer JSONL, returns the path."""
+    return artifacts.write_conversations
+
+
+# ------------------------------------------------------------------ tiny models and artifacts
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A random two-layer Llama. Two KV heads for four query heads, so grouped-query attention
@@ -29,41 +99,36 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture
-def sdpa_backends(monkeypatch):
-    """Records, for every scaled-dot-product attention call, which CUDA backends were enabled:
-    (cudnn, mem_efficient, flash, math)."""
-    import torch
-
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def recording_sdpa(*args, **kwargs):
-        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
-                     torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
-    return seen
+@pytest.fixture(scope="session")
+def build_tiny_policy():
+    """``build_tiny_policy(directory, max_positions=4096)``: a random 2-layer Llama policy over the
+    demo schema with stories260K's tokenizer."""
+    return artifacts.build_tiny_policy
 
 
 @pytest.fixture(scope="session")
-def gpt2_tokenizer():
-    from steer.modeling import load_tokenizer
-
-    return load_tokenizer(shared_path("tokenizers", "gpt2"))
+def build_tiny_apm():
+    """``build_tiny_apm(directory)``: an untrained APM over the demo schema."""
+    return artifacts.build_tiny_apm
 
 
 @pytest.fixture(scope="session")
-def llama_tokenizer():
-    from steer.modeling import load_tokenizer
+def build_random_policy():
+    """``build_random_policy(directory, schema=None, texts=None, seed=0, adapter=True)``: an
+    untrained policy with its own tokenizer and a random LoRA adapter (no shared assets)."""
+    return artifacts.build_random_policy
 
-    return load_tokenizer(shared_path("models", "stories260K"))
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    """A tiny policy directory of the module's own (see ``build_tiny_policy``)."""
+    return artifacts.build_tiny_policy(tmp_path_factory.mktemp("policy") / "policy")
 
 
-@pytest.fixture(params=["gpt2", "llama"])
-def any_tokenizer(request, gpt2_tokenizer, llama_tokenizer):
-    return gpt2_tokenizer if request.param == "gpt2" else llama_tokenizer
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A random tiny Llama base for SFT, with a tokenizer trained on ``sft_conversations``."""
+    return artifacts.build_tiny_sft_base(tmp_path_factory.mktemp("base") / "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -94,50 +159,137 @@ def tiny_apm_dir(tiny_bert_backbone, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-apm")
     train_main(ApmTrainConfig(
-        data=str(shared_path("data", "helpsteer2", "sample.jsonl")), format="helpsteer", output_dir=str(out),
+        data=str(_shared_path("data", "helpsteer2", "sample.jsonl")), format="helpsteer", output_dir=str(out),
         backbone=str(tiny_bert_backbone), max_steps=2, per_device_train_batch_size=8, max_length=128, device="cpu",
     ))
     return out
 
 
-class LiveServer:
-    """An ASGI app served by uvicorn in a thread on 127.0.0.1, ready once ``health`` answers 200."""
+# ------------------------------------------------------------------ torch settings
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The servers in the tests run with threads=1 (a tiny model on a shared CPU decodes fastest
+    on one thread); torch's thread count is process-wide, so put it back after each module."""
+    import torch
 
-    def __init__(self, app, health: str = "/health"):
-        import socket
-        import threading
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
-        import uvicorn
 
-        self.app, self.health = app, health
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+@pytest.fixture
+def sdpa_backends(monkeypatch):
+    """Records, for every scaled-dot-product attention call, which CUDA backends were enabled:
+    (cudnn, mem_efficient, flash, math)."""
+    import torch
 
-    def __enter__(self):
-        import time
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
 
-        import httpx
+    def recording_sdpa(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                     torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return sdpa(*args, **kwargs)
 
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}{self.health}", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"the server at {self.url} did not become healthy")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    return seen
 
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
-    @property
-    def engine(self):
-        return self.app.state.server.engine
+# ------------------------------------------------------------------ servers and clients
+@pytest.fixture(scope="session")
+def make_client():
+    """``make_client(policy, **settings)``: a TestClient app with its engine in a thread."""
+    return servers.make_client
+
+
+@pytest.fixture(scope="session")
+def make_npc_client():
+    """``make_npc_client(policy, db, npcs=examples/npcs, **settings)``: an app with NPC sessions in ``db``."""
+    return servers.make_npc_client
+
+
+@pytest.fixture(scope="session")
+def wait_ready():
+    """``wait_ready(client)``: waits until the app's engine has loaded (health answers 200)."""
+    return servers.wait_ready
+
+
+@pytest.fixture(scope="session")
+def say():
+    """``say(client, sid, content, **kw)``: one line to an NPC session; returns the reply's JSON."""
+    return servers.say
+
+
+@pytest.fixture(scope="session")
+def sse_events():
+    """``sse_events(text)``: the ``data:`` payloads of a server-sent event stream, parsed."""
+    return servers.sse_events
+
+
+@pytest.fixture(scope="session")
+def collector():
+    """``collector()``: a new engine event sink (events, text, final, and a ``done`` event)."""
+    return servers.Collector
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """``live_server(app, health="/health")``: a context manager serving ``app`` with uvicorn in a
+    thread on a free port (``.url``, ``.engine``), entered once health answers 200."""
+    return servers.LiveServer
+
+
+@pytest.fixture(scope="session")
+def steer_serve():
+    """``steer_serve(policy, *args, env=None, new_session=False, drop_args=())``: ``steer serve``
+    as users run it, a subprocess on a free port (``.url``, ``.signal()``, ``.stop()``)."""
+    from tests.support.steer_serve import SteerServe
+
+    return SteerServe
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()``: a free TCP port on 127.0.0.1."""
+    from tests.support.postgres import free_port
+
+    return free_port
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A ``postgresql://`` URL of an empty database on a private server (see tests/support/postgres.py)."""
+    from tests.support.postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def npc_live_server(tmp_path_factory):
+    """A live server (thread) with the example NPCs over a tiny policy and a SQLite database."""
+    from service.app import create_app
+    from service.settings import ServerSettings
+
+    root = tmp_path_factory.mktemp("npc-live")
+    policy = artifacts.build_tiny_policy(root / "policy")
+    settings = ServerSettings(policy=str(policy), ui=False, threads=1, engine_in_process=True,
+                              npcs=str(servers.NPC_EXAMPLES), database_url=f"sqlite:///{root / 's.db'}")
+    with servers.LiveServer(create_app(settings)) as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory):
+    """One live server (stories260K policy + random APM + the Gradio UI at /ui) shared by the UI
+    tests and the browser test."""
+    pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'steer[ui]')")
+    from service.app import create_app
+    from service.settings import ServerSettings
+
+    root = tmp_path_factory.mktemp("ui")
+    settings = ServerSettings(policy=str(artifacts.build_ui_policy(root / "policy")),
+                              apm=str(artifacts.build_ui_apm(root / "apm")),
+                              device="cpu", max_batch_size=4, ui=True, ui_path="/ui")
+    with servers.LiveServer(create_app(settings)) as server:
+        yield server

@@ -488,8 +488,7 @@ def test_held_out_headline_names_its_attributes_and_n_and_warns_when_small():
     assert "quote the cross-validated figure above" in held_out_summary(metrics, schema, 14, cross_validated=True)
 
 
-def test_eval_defaults_to_the_format_the_apm_was_trained_on(tiny_apm_dir, capsys):
-    from tests.conftest import shared_path
+def test_eval_defaults_to_the_format_the_apm_was_trained_on(shared_path, tiny_apm_dir, capsys):
 
     metrics = eval_main(ApmEvalConfig(model=str(tiny_apm_dir), data=str(shared_path("data", "helpsteer2",
                                                                                         "sample.jsonl")),

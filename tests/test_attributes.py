@@ -115,8 +115,9 @@ def test_custom_schema_from_yaml_and_json(tmp_path):
         ({"attributes": [{"name": "a", "min": 3, "max": 1}]}, "below max"),
         ({"attributes": [{"name": "a", "default": 7}]}, "outside"),
         ({"attributes": [{"name": "a b"}]}, "letters"),
-        ({"attributes": [{"name": "a", "colour": 1}]}, "unknown field"),
-        ({}, "needs an 'attributes'"),
+        ({"attributes": [{"name": "a", "colour": 1}]}, r"attributes\[0\]\.colour: unknown field"),
+        ({"attributes": ["a"], "alias": {"funny": "a"}}, "alias: unknown field"),
+        ({}, "attributes: required field missing"),
     ],
 )
 def test_bad_custom_schemas(data, match):
@@ -127,3 +128,47 @@ def test_bad_custom_schemas(data, match):
 def test_unknown_schema_name():
     with pytest.raises(AttributeValueError, match="unknown schema"):
         get_schema("nope")
+
+
+@pytest.mark.parametrize("entry, got", [
+    ({"name": "humor", "max": 4.7}, "4.7"),
+    ({"name": "humor", "max": "four"}, "'four'"),
+    ({"name": "humor", "max": True}, "True"),
+    ({"name": "humor", "default": "2"}, "'2'"),
+])
+def test_schema_file_values_are_checked_naming_the_file_and_field(tmp_path, entry, got):
+    """A value that is not an integer is an error, never rounded (4.7 once became 4) or converted."""
+    path = tmp_path / "npc.json"
+    path.write_text(json.dumps({"name": "npc", "attributes": ["menace", entry]}))
+    field = next(k for k in entry if k != "name")
+    with pytest.raises(AttributeValueError) as e:
+        get_schema(str(path))
+    assert str(e.value).startswith(f"{path}: attributes[1].{field}: ") and got in str(e.value)
+    assert e.value.field == f"attributes[1].{field}"
+
+
+def test_schema_files_that_do_not_parse_name_the_file_and_line(tmp_path):
+    bad_json = tmp_path / "s.json"
+    bad_json.write_text('{"attributes": [\n  "humor",\n]}')
+    with pytest.raises(AttributeValueError, match=rf"{bad_json} line 3: not valid JSON"):
+        get_schema(str(bad_json))
+    bad_yaml = tmp_path / "s.yaml"
+    bad_yaml.write_text("attributes:\n  - humor\n  - {name: menace\n")
+    with pytest.raises(AttributeValueError, match=rf"{bad_yaml} line \d+: not valid YAML"):
+        get_schema(str(bad_yaml))
+    not_a_schema = tmp_path / "list.json"
+    not_a_schema.write_text('["humor"]')
+    with pytest.raises(AttributeValueError, match=rf"{not_a_schema}: "):
+        get_schema(str(not_a_schema))
+
+
+def test_cli_reports_a_bad_schema_file_in_one_line(tmp_path, capsys):
+    from steer.cli import main
+
+    path = tmp_path / "npc.json"
+    path.write_text(json.dumps({"attributes": [{"name": "humor", "max": 4.7}]}))
+    code = main(["apm", "train", "--data", str(tmp_path / "unused.jsonl"), "--format", "steer", "--schema", str(path),
+                 "--output", str(tmp_path / "apm")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert str(path) in err[0] and "attributes[0].max" in err[0] and "4.7" in err[0]

@@ -6,17 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import SHARED, shared_path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_decode_step_bench_reports_the_batching_ceiling():
+def test_decode_step_bench_reports_the_batching_ceiling(shared_dir, shared_path):
     shared_path("models", "stories260K")
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "decode_step.py"), "--batch", "4", "--tokens", "3"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
-        env={**os.environ, "STEER_SHARED": str(SHARED), "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "STEER_SHARED": str(shared_dir), "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout[: out.stdout.index("\n}\n") + 2])
@@ -26,13 +25,13 @@ def test_decode_step_bench_reports_the_batching_ceiling():
     assert "batching ceiling:" in out.stdout
 
 
-def test_overload_bench_runs_and_reports_outcomes():
+def test_overload_bench_runs_and_reports_outcomes(shared_dir, shared_path):
     shared_path("models", "stories260K")
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "serve_overload.py"), "--clients", "8", "--max-queue", "1",
          "--max-batch-size", "2", "--seconds", "3", "--max-tokens", "8"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
-        env={**os.environ, "STEER_SHARED": str(SHARED), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+        env={**os.environ, "STEER_SHARED": str(shared_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
     )
     report = json.loads(out.stdout[: out.stdout.index("\n}\n") + 2])
     assert report["requests"] == sum(report["outcomes"].values()) > 0

@@ -12,7 +12,6 @@ from steer.best_of import (
     check_weights,
     select_best,
 )
-from tests.test_service import DEMO_SCHEMA, HELLO, build_tiny_apm, build_tiny_policy, make_client, sse_events, wait_ready
 
 
 # ----------------------------------------------------------------- the choice
@@ -50,10 +49,8 @@ def test_target_uses_the_explicit_attributes_the_apm_measures():
 class LengthApm:
     """A fake judge: humor is the reply's length in characters / 10, creativity its word count / 5."""
 
-    schema = DEMO_SCHEMA
-
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, schema):
+        self.schema, self.calls = schema, 0
 
     def predict(self, items, **_):
         self.calls += 1
@@ -65,62 +62,62 @@ class LengthApm:
 
 
 @pytest.fixture(scope="module")
-def generator(tmp_path_factory):
+def generator(build_tiny_policy, tmp_path_factory):
     from steer.generation import SteerGenerator
 
     policy = build_tiny_policy(tmp_path_factory.mktemp("bo") / "policy")
     return SteerGenerator.load(policy, device="cpu", apm=None)
 
 
-def test_generate_best_of_returns_the_candidate_closest_to_the_request(generator):
+def test_generate_best_of_returns_the_candidate_closest_to_the_request(demo_schema, hello, generator):
     from steer.generation import GenerationError, GenerationRequest
 
     with pytest.raises(GenerationError) as e:
-        generator.generate(HELLO, {"humor": 3}, max_new_tokens=12, seed=5, best_of=4)
+        generator.generate(hello, {"humor": 3}, max_new_tokens=12, seed=5, best_of=4)
     assert e.value.field == "best_of"
-    generator.apm = LengthApm()
+    generator.apm = LengthApm(demo_schema)
     try:
         # The same candidates, drawn one by one with the seeds best-of uses.
-        singles = [generator.generate(HELLO, {"humor": 3}, max_new_tokens=12, temperature=1.0, seed=5 + i)
+        singles = [generator.generate(hello, {"humor": 3}, max_new_tokens=12, temperature=1.0, seed=5 + i)
                    for i in range(4)]
         lengths = [len(r.text) / 10 for r in singles]
         best = min(range(4), key=lambda i: ((lengths[i] - 3) ** 2, i))
         calls = generator.apm.calls
-        result = generator.generate(HELLO, {"humor": 3}, max_new_tokens=12, temperature=1.0, seed=5, best_of=4)
+        result = generator.generate(hello, {"humor": 3}, max_new_tokens=12, temperature=1.0, seed=5, best_of=4)
         assert generator.apm.calls == calls + 1  # every candidate scored in one APM call
         assert result.text == singles[best].text
         assert result.candidates == 4
         assert result.measured["humor"] == pytest.approx(lengths[best], abs=1e-4)
         assert result.to_dict()["candidates"] == 4
-        again = generator.generate(HELLO, {"humor": 3}, max_new_tokens=12, temperature=1.0, seed=5, best_of=4)
+        again = generator.generate(hello, {"humor": 3}, max_new_tokens=12, temperature=1.0, seed=5, best_of=4)
         assert again.text == result.text
         # Batched with another request, each request keeps its own candidates and winner.
         batch = generator.generate_batch([
-            GenerationRequest(HELLO, {"humor": 3}, 12, 1.0, 0.95, 5, best_of=4),
-            GenerationRequest(HELLO, {"creativity": 0}, 12, 1.0, 1.0, 9, best_of=2),
+            GenerationRequest(hello, {"humor": 3}, 12, 1.0, 0.95, 5, best_of=4),
+            GenerationRequest(hello, {"creativity": 0}, 12, 1.0, 1.0, 9, best_of=2),
         ])
         assert batch[0].text == result.text and batch[1].candidates == 2
         with pytest.raises(GenerationError) as e:
-            generator.generate(HELLO, {"humor": 3}, best_of=0)
+            generator.generate(hello, {"humor": 3}, best_of=0)
         assert e.value.field == "best_of"
     finally:
         generator.apm = None
 
 
 # ---------------------------------------------------------------- REST
-def test_rest_best_of_needs_an_apm(tmp_path):
+def test_rest_best_of_needs_an_apm(build_tiny_policy, hello, make_client, wait_ready, tmp_path):
     policy = build_tiny_policy(tmp_path / "policy")
     with make_client(policy) as c:
         wait_ready(c)
-        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4, "best_of": 4})
+        r = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4, "best_of": 4})
         assert r.status_code == 400
         assert r.json()["error"]["param"] == "best_of"
         assert "--apm" in r.json()["error"]["message"]
-        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4, "best_of": 0})
+        r = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4, "best_of": 0})
         assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
 
 
-def test_rest_best_of_returns_the_candidate_the_apm_puts_closest(tmp_path):
+def test_rest_best_of_returns_the_candidate_the_apm_puts_closest(build_tiny_apm, build_tiny_policy, hello, make_client, sse_events, wait_ready, tmp_path):
     from steer.apm import AttributePredictor
 
     policy = build_tiny_policy(tmp_path / "policy")
@@ -128,14 +125,14 @@ def test_rest_best_of_returns_the_candidate_the_apm_puts_closest(tmp_path):
     apm = AttributePredictor.load(apm_dir)
     with make_client(policy, apm=str(apm_dir)) as c:
         wait_ready(c)
-        body = {"messages": HELLO, "max_tokens": 10, "temperature": 1.0, "seed": 11, "attributes": {"humor": 4}}
+        body = {"messages": hello, "max_tokens": 10, "temperature": 1.0, "seed": 11, "attributes": {"humor": 4}}
         # n=4 with seed 11 draws exactly best_of=4's candidates (seeds 11..14).
         cands = [ch["message"]["content"] for ch in
                  c.post("/v1/chat/completions", json={**body, "n": 4}).json()["choices"]]
         r = c.post("/v1/chat/completions", json={**body, "best_of": 4})
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
-        humor = apm.predict([HELLO + [{"role": "assistant", "content": t}] for t in cands])[:, 1]
+        humor = apm.predict([hello + [{"role": "assistant", "content": t}] for t in cands])[:, 1]
         best = min(range(4), key=lambda i: ((humor[i] - 4) ** 2, i))
         assert choice["message"]["content"] == cands[best]
         assert choice["candidates"] == 4
@@ -155,7 +152,7 @@ def test_rest_best_of_returns_the_candidate_the_apm_puts_closest(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
 
 
-def test_generate_cli_best_of(tmp_path, capsys):
+def test_generate_cli_best_of(build_tiny_apm, build_tiny_policy, demo_schema, tmp_path, capsys):
     import json
 
     from steer.cli import main as cli
@@ -168,10 +165,10 @@ def test_generate_cli_best_of(tmp_path, capsys):
     assert "[best_of]" in capsys.readouterr().err
     assert cli([*args, "--apm", str(apm_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["candidates"] == 3 and set(out["measured"]) == set(DEMO_SCHEMA.names)
+    assert out["candidates"] == 3 and set(out["measured"]) == set(demo_schema.names)
 
 
-def test_best_of_bench_runs_end_to_end(tmp_path):
+def test_best_of_bench_runs_end_to_end(build_tiny_apm, build_tiny_policy, tmp_path):
     """bench/best_of.py on the tiny policy (a couple of requests; the numbers are not checked)."""
     import json
     import os

@@ -7,7 +7,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from steer.data import DataError, grouped_split, load_conversations, parse_hh_dialogue
-from tests.conftest import shared_path
 
 
 def write_jsonl(path, rows):
@@ -45,7 +44,7 @@ def test_oasst_tree_paths_labels_and_deletions(tmp_path):
     assert {c.group for c in convs} == {"t1"}
 
 
-def test_oasst_real_file():
+def test_oasst_real_file(shared_path):
     convs, report = load_conversations(shared_path("data", "oasst1-en", "messages.jsonl"), "oasst")
     assistant_ids = {m.id for c in convs for m in c.messages if m.role == "assistant"}
     assert len(assistant_ids) > 880 and len({c.group for c in convs}) > 130
@@ -54,7 +53,7 @@ def test_oasst_real_file():
     assert any("helpfulness" not in m.labels for m in labelled)  # the real data has gaps; kept as gaps
 
 
-def test_helpsteer_real_file_and_multiturn(tmp_path):
+def test_helpsteer_real_file_and_multiturn(shared_path, tmp_path):
     convs, _ = load_conversations(shared_path("data", "helpsteer2", "sample.jsonl"), "helpsteer")
     assert len(convs) == 100
     assert set(convs[0].messages[-1].labels) == {"helpfulness", "correctness", "coherence", "complexity", "verbosity"}
@@ -67,7 +66,7 @@ def test_helpsteer_real_file_and_multiturn(tmp_path):
     ]
 
 
-def test_hh_parsing_and_real_file():
+def test_hh_parsing_and_real_file(shared_path):
     msgs = parse_hh_dialogue("\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: ciao")
     assert [(m.role, m.content) for m in msgs] == [
         ("user", "hi there"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ciao")
@@ -121,7 +120,7 @@ def test_table_messages_column_and_bad_mapping(tmp_path):
         load_conversations(tmp_path / "m.jsonl", "jsonl", columns=["prompt"])
 
 
-def test_native_round_trip(tmp_path):
+def test_native_round_trip(shared_path, tmp_path):
     convs, _ = load_conversations(shared_path("data", "helpsteer2", "sample.jsonl"), "helpsteer")
     path = write_jsonl(tmp_path / "n.jsonl", [c.to_dict() for c in convs])
     back, report = load_conversations(path, "steer", schema="helpsteer")
@@ -135,7 +134,7 @@ def test_missing_file_and_unknown_format(tmp_path):
         load_conversations(tmp_path / "x.jsonl", "banana")
 
 
-def test_grouped_split_never_shares_a_group():
+def test_grouped_split_never_shares_a_group(shared_path):
     convs, _ = load_conversations(shared_path("data", "oasst1-en", "messages.jsonl"), "oasst")
     train, evaluation = grouped_split(convs, 0.2, seed=1)
     assert len(train) + len(evaluation) == len(convs)
@@ -166,7 +165,7 @@ def test_schema_mismatch_is_named_with_the_flag(tmp_path):
         load_sft_conversations(SftConfig(base_model="x", data=str(path), output_dir="y", schema="helpsteer"))
 
 
-def test_hh_rows_read_as_a_table_suggest_format_hh(tmp_path):
+def test_hh_rows_read_as_a_table_suggest_format_hh(shared_path, tmp_path):
     data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
     convs, report = load_conversations(data, "jsonl", limit=5)
     assert convs == []
@@ -214,7 +213,7 @@ def test_sft_reports_truncation_and_drops_once(llama_tokenizer, caplog):
     ]
 
 
-def test_unsupported_model_formats_say_what_the_file_is(tmp_path, capsys):
+def test_unsupported_model_formats_say_what_the_file_is(shared_path, tmp_path, capsys):
     from steer.cli import main as cli_main
     from steer.modeling import unsupported_model_message
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from steer.demo import STAGES, DemoConfig, format_report, main
+from steer.demo import NO_RESULT_SETTINGS, STAGE_SETTINGS, STAGES, DemoConfig, Stages, format_report, main
 
 
 def _check_artifacts(work):
@@ -39,6 +39,69 @@ def test_quick_demo_writes_artifacts_and_rerun_skips_stages(tmp_path, capsys, ca
     assert sum("already done" in r.getMessage() for r in caplog.records) == len(STAGES)
     assert json.loads((work / "report.json").read_text())["steerability"] == report["steerability"]
 
+    # Other evaluation settings: the trained stages are reused, the evaluation runs again with them.
+    caplog.clear()
+    assert main(DemoConfig(workdir=str(work), quick=True, temperature=0.9, max_new_tokens=8)) == 0
+    assert (work / "policy" / "adapter_model.safetensors").stat().st_mtime_ns == before
+    reused = [r.getMessage().split()[1].rstrip(":") for r in caplog.records if "already done" in r.getMessage()]
+    assert reused == ["apm", "relabel", "base", "sft"]
+    assert any("stage evaluate: running again (settings changed: max_new_tokens 24 -> 8, temperature 0.7 -> 0.9)"
+               in r.getMessage() for r in caplog.records)
+    rerun = json.loads((work / "report.json").read_text())
+    assert rerun["settings"]["evaluate"]["temperature"] == 0.9 and rerun["settings"]["evaluate"]["max_new_tokens"] == 8
+
+
+def test_every_demo_setting_belongs_to_a_stage_or_changes_no_result():
+    """A new DemoConfig field must be assigned, or a rerun with it changed would reuse stale stages."""
+    from dataclasses import fields
+
+    staged = {name for names in STAGE_SETTINGS.values() for name in names}
+    assert {f.name for f in fields(DemoConfig)} == staged | set(NO_RESULT_SETTINGS)
+    assert not staged & set(NO_RESULT_SETTINGS)
+
+
+def test_a_stage_reruns_with_the_stages_after_it_when_its_settings_change(tmp_path):
+    """`steer demo --quick` then `steer demo`: the quick run's stages must not be reported as the full run's."""
+    calls = []
+
+    def stage(name, out):
+        def run():
+            assert not out.exists()  # started over: the old output is gone
+            out.write_text(name)
+            calls.append(name)
+        return run
+
+    outs = {name: tmp_path / f"{name}.out" for name in ("a", "b", "c")}
+
+    def run_all(settings):
+        stages = Stages(tmp_path)
+        for name in ("a", "b", "c"):
+            stages.run(name, stage(name, outs[name]), settings[name], lambda name=name: [outs[name]])
+        return stages
+
+    quick = {"a": {"epochs": 1}, "b": {"epochs": 1.0}, "c": {"n": 3}}
+    run_all(quick)
+    assert calls == ["a", "b", "c"]
+    run_all(quick)
+    assert calls == ["a", "b", "c"]  # all reused
+    run_all({**quick, "b": {"epochs": 6.0}})
+    assert calls == ["a", "b", "c", "b", "c"]  # a reused; b changed, so b and c ran again
+    run_all({**quick, "b": {"epochs": 6.0}})
+    assert calls == ["a", "b", "c", "b", "c"]
+
+    # A stage cut short keeps its partial output when resumed with the same settings.
+    (tmp_path / "stages" / "c.done").unlink()
+    (tmp_path / "stages" / "c.started").write_text(json.dumps({"settings": quick["c"]}))
+    outs["c"].write_text("partial")
+    seen = []
+    Stages(tmp_path).run("c", lambda: seen.append(outs["c"].read_text()), quick["c"], lambda: [outs["c"]])
+    assert seen == ["partial"]
+
+    # A marker written before settings were recorded (an older steer): the stage runs again.
+    (tmp_path / "stages" / "a.done").write_text(json.dumps({"seconds": 1.0}))
+    run_all({**quick, "b": {"epochs": 6.0}})
+    assert calls[-3:] == ["a", "b", "c"]
+
 
 def test_format_report_shows_both_settings_side_by_side():
     report = {
@@ -56,22 +119,16 @@ def test_format_report_shows_both_settings_side_by_side():
 
 @pytest.mark.slow
 def test_full_demo_is_steerable(tmp_path):
-    """The README's quickstart: under 10 minutes on 2 cores, humor and creativity steerable."""
-    import time
-
-    start = time.perf_counter()
+    """The README's quickstart: humor and creativity come out steerable."""
     assert main(DemoConfig(workdir=str(tmp_path / "demo"))) == 0
-    elapsed = time.perf_counter() - start
     report = _check_artifacts(tmp_path / "demo")
     assert report["steerability"]["humor"]["spearman"] >= 0.5
     assert report["steerability"]["creativity"]["spearman"] >= 0.5
-    assert elapsed < 600
 
 
-def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(tmp_path, capsys):
+def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(shared_path, tmp_path, capsys):
     """``--base-model``: LoRA on a real pretrained model (the stories260K GGUF) instead of a tiny
     one built here, with the policy set beside prompt steering of the unmodified base."""
-    from conftest import shared_path
     from steer.artifacts import load_steer_config
 
     pytest.importorskip("gguf")

@@ -13,31 +13,20 @@ import pytest
 from service.engine import QueueFullError, Row
 from service.engine_process import EngineFailedError, EngineProcess, EngineProcessConfig
 from steer.sampling import SamplingParams
-from tests.test_service import HELLO, make_client, one_torch_thread, tiny_policy, wait_ready  # noqa: F401
 
 
-class Collector:
-    def __init__(self):
-        self.events = []
-        self.done = threading.Event()
+@pytest.fixture
+def make_row(collector):
+    """``make_row(policy, content, seed, max_new=16)``: an engine row and its sink."""
+    def make(policy, content: str, seed: int, max_new: int = 16):
+        ids = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer, mode="inference",
+                                       attributes=policy.schema.validate({})).input_ids
+        sink = collector()
+        stops = [policy.template.end_marker] + list(policy.template.stop_strings)
+        return Row(prompt_ids=list(ids), params=SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=seed),
+                   stops=stops, sink=sink), sink
 
-    def __call__(self, event):
-        self.events.append(event)
-        if event.finished:
-            self.done.set()
-
-    @property
-    def final(self):
-        return self.events[-1]
-
-
-def _row(policy, content: str, seed: int, max_new: int = 16) -> tuple[Row, Collector]:
-    ids = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer, mode="inference",
-                                   attributes=policy.schema.validate({})).input_ids
-    sink = Collector()
-    stops = [policy.template.end_marker] + list(policy.template.stop_strings)
-    return Row(prompt_ids=list(ids), params=SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=seed),
-               stops=stops, sink=sink), sink
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,7 @@ def engine_process(tiny_policy):
     engine.stop()
 
 
-def test_process_engine_gives_the_thread_engines_text(tiny_policy, engine_process):
+def test_process_engine_gives_the_thread_engines_text(make_row, tiny_policy, engine_process):
     from service.engine import Engine
     from steer.generation import eos_token_ids
     from steer.policy import load_policy
@@ -61,7 +50,7 @@ def test_process_engine_gives_the_thread_engines_text(tiny_policy, engine_proces
     try:
         texts = {}
         for name, engine in (("thread", thread_engine), ("process", engine_process)):
-            rows = [_row(policy, prompt, seed=seed) for prompt, seed in (("Once upon a time", 3), ("Hello", 4))]
+            rows = [make_row(policy, prompt, seed=seed) for prompt, seed in (("Once upon a time", 3), ("Hello", 4))]
             engine.submit([r for r, _ in rows])
             for _, sink in rows:
                 assert sink.done.wait(30)
@@ -74,14 +63,14 @@ def test_process_engine_gives_the_thread_engines_text(tiny_policy, engine_proces
         thread_engine.stop()
 
 
-def test_queue_limit_and_cancel_on_the_server_side(tiny_policy, engine_process):
+def test_queue_limit_and_cancel_on_the_server_side(make_row, tiny_policy, engine_process):
     from steer.policy import load_policy
 
     policy = load_policy(tiny_policy, load_model=False)
     # Two batch slots and one waiting place: the fourth row is refused at once.
-    rows = [_row(policy, "Once upon a time", seed=i, max_new=3000) for i in range(3)]
+    rows = [make_row(policy, "Once upon a time", seed=i, max_new=3000) for i in range(3)]
     engine_process.submit([r for r, _ in rows])
-    extra, extra_sink = _row(policy, "Hello", seed=9)
+    extra, extra_sink = make_row(policy, "Hello", seed=9)
     with pytest.raises(QueueFullError, match="busy"):
         engine_process.submit([extra])
     engine_process.cancel([r for r, _ in rows])
@@ -107,14 +96,14 @@ def test_engine_process_that_cannot_load_fails_start_with_the_reason(tmp_path):
     assert "gone" in str(e.value)
 
 
-def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
+def test_a_killed_engine_process_fails_requests_and_health(hello, make_client, wait_ready, tiny_policy):
     """The server keeps answering: requests in flight end with an error, /health turns 503 naming
     the cause, and new requests get a 503 instead of hanging."""
     with make_client(tiny_policy, engine_in_process=False, max_tokens_limit=4000, engine_max_restarts=0) as client:
         wait_ready(client, timeout=120)
         engine = client.app.state.server.engine
         assert isinstance(engine, EngineProcess)
-        reply = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        reply = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4})
         assert reply.status_code == 200
         # Token counts cross the process boundary into /metrics.
         metrics = client.get("/metrics").text
@@ -129,21 +118,17 @@ def test_a_killed_engine_process_fails_requests_and_health(tiny_policy):
 
         def long_request():
             result["response"] = client.post("/v1/chat/completions",
-                                             json={"messages": HELLO, "max_tokens": 3000, "stream": True,
+                                             json={"messages": hello, "max_tokens": 3000, "stream": True,
                                                    "ignore_eos": True})
 
         # ignore_eos: the reply must still be running when the engine is killed.
         worker = threading.Thread(target=long_request)
         worker.start()
-        deadline = time.monotonic() + 30
-        while engine.stats().active == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(engine._process.pid, signal.SIGKILL)
-        worker.join(60)
+        _kill_while_decoding(engine, worker)
         assert '"type": "server_error"' in result["response"].text
         health = client.get("/health")
         assert health.status_code == 503 and "engine process exited" in health.json()["status"]
-        refused = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        refused = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_failed"
         assert "engine process exited" in refused.json()["error"]["message"]
 
@@ -186,35 +171,43 @@ def test_cancel_command_tolerates_a_row_that_finished_in_between():
     assert engine.cancelled == [live]
 
 
-def _stream_until_killed(client, engine):
+def _stream_until_killed(client, engine, messages):
     result = {}
 
     def long_request():
         result["response"] = client.post("/v1/chat/completions", json={
-            "messages": HELLO, "max_tokens": 3000, "stream": True, "ignore_eos": True})
+            "messages": messages, "max_tokens": 3000, "stream": True, "ignore_eos": True})
 
     worker = threading.Thread(target=long_request)
     worker.start()
-    deadline = time.monotonic() + 30
-    while engine.stats().active == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(engine._process.pid, signal.SIGKILL)
-    worker.join(60)
+    _kill_while_decoding(engine, worker)
     return result["response"]
 
 
-def test_a_crashed_engine_process_is_restarted_and_counted(tiny_policy):
-    from tests.test_service import sse_events
+def _kill_while_decoding(engine, worker: threading.Thread) -> None:
+    """SIGKILLs the engine process once it is decoding the worker's request, then waits for the
+    worker's request to end. The waits are on states; their limits only stop a hung test."""
+    deadline = time.monotonic() + 120
+    while engine.stats().active == 0:
+        assert time.monotonic() < deadline, "the request never started decoding"
+        assert worker.is_alive(), "the request ended before the engine was killed"
+        time.sleep(0.02)
+    os.kill(engine._process.pid, signal.SIGKILL)
+    worker.join(120)
+    assert not worker.is_alive(), "the request in flight never ended after the engine was killed"
+
+
+def test_a_crashed_engine_process_is_restarted_and_counted(hello, make_client, sse_events, wait_ready, tiny_policy):
 
     with make_client(tiny_policy, engine_in_process=False, max_tokens_limit=4000, engine_restart_backoff_s=0.1) as client:
         wait_ready(client, timeout=120)
         engine = client.app.state.server.engine
         first_pid = engine._process.pid
-        response = _stream_until_killed(client, engine)
+        response = _stream_until_killed(client, engine, hello)
         events = sse_events(response.text)
         assert events[-1] == "[DONE]" and "engine process exited" in events[-2]["error"]["message"]
         wait_ready(client, timeout=120)  # the supervisor brings a new engine process up
         assert engine._process.pid != first_pid and engine.restarts_total == 1
         assert "steer_engine_restarts_total 1.0" in client.get("/metrics").text
-        again = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        again = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4})
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1

@@ -15,11 +15,10 @@ from steer.generation import (
 )
 from steer.sampling import SamplingError
 from steer.template import PromptTemplate
-from steer.tiny_model import build_random_policy
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
+def policy_dir(build_random_policy, tmp_path_factory):
     return build_random_policy(tmp_path_factory.mktemp("policy") / "p", schema=get_schema("oasst"))
 
 
@@ -230,6 +229,13 @@ def test_cli_batch_file_matches_single_requests_records_seeds_and_resumes(policy
     ({"attributes": {"humor": 1}}, "prompt"),
     ({"prompt": "hi", "seed": "x"}, "seed"),
     ({"prompt": "hi", "temperature": 7}, "temperature"),
+    ({"prompt": "hi", "max_new_tokens": 4.7}, "max_new_tokens"),
+    ({"prompt": "hi", "seed": 4.0}, "seed"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "hi", "stop": [1]}, "stop"),
+    ({"prompt": "hi", "attributes": ["humor"]}, "attributes"),
+    ({"prompt": "hi", "attributes": {"humor": 4.7}}, "humor"),
+    ({"messages": "hi"}, "messages"),
     ("not json", "not JSON"),
 ])
 def test_cli_batch_bad_line_is_one_error_naming_line_and_field(policy_dir, tmp_path, capsys, row, named):
@@ -239,7 +245,7 @@ def test_cli_batch_bad_line_is_one_error_naming_line_and_field(policy_dir, tmp_p
     code, _, err = _cli(["generate", "--policy", str(policy_dir), "--input", str(requests), "--output", str(out)], capsys)
     assert code == 2
     lines = [line for line in err.strip().splitlines() if "error" in line]
-    assert len(lines) == 1 and named in lines[0] and "line 2" in lines[0] and "Traceback" not in err
+    assert len(lines) == 1 and named in lines[0] and f"{requests} line 2" in lines[0] and "Traceback" not in err
     assert not out.exists()  # checked before anything was generated
 
 

@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-from conftest import shared_path
 
 gguf = pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
 
@@ -61,7 +60,7 @@ def write_tiny_llama_gguf(model, path, tokenizer_source) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
+def tiny_gguf(shared_path, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -85,7 +84,7 @@ def test_a_gguf_written_here_loads_as_the_same_model(tiny_gguf):
         torch.testing.assert_close(loaded(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_real_stories260k_gguf_matches_its_safetensors_twin(tmp_path):
+def test_real_stories260k_gguf_matches_its_safetensors_twin(shared_path, tmp_path):
     from steer.modeling import load_causal_lm, load_tokenizer
 
     twin_dir = shared_path("models", "stories260K")
@@ -105,7 +104,7 @@ def test_real_stories260k_gguf_matches_its_safetensors_twin(tmp_path):
         torch.testing.assert_close(model(ids).logits, twin(ids).logits)
 
 
-def test_missing_gguf_file_and_missing_package_are_clear_errors(tmp_path, monkeypatch):
+def test_missing_gguf_file_and_missing_package_are_clear_errors(shared_path, tmp_path, monkeypatch):
     from steer.errors import SteerError
     from steer.modeling import load_causal_lm, load_tokenizer
 
@@ -138,7 +137,7 @@ def test_sft_on_a_gguf_base_records_it_and_the_policy_reloads(tmp_path, tiny_ggu
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_loads_as_a_chat_model():
+def test_smollm2_gguf_loads_as_a_chat_model(shared_path):
     from steer.modeling import load_causal_lm, load_tokenizer
 
     path = shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -151,7 +150,7 @@ def test_smollm2_gguf_loads_as_a_chat_model():
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
+def smollm2_tokenizer(shared_path):
     from steer.modeling import load_tokenizer
 
     return load_tokenizer(shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"))

@@ -8,7 +8,6 @@ import logging
 from steer.attributes import get_schema
 from steer.conversation import Conversation, Message
 from steer.data import format_histogram, label_histogram, trained_values, unseen_request_warnings, unseen_values
-from tests.test_service import HELLO, build_tiny_policy, make_client, sse_events, wait_ready
 
 
 def conv(**labels) -> Conversation:
@@ -45,7 +44,7 @@ def test_sft_prints_histogram_warns_and_records_trained_values(tmp_path, caplog)
     assert trained_values(hist)["coherence"] == [4]
 
 
-def test_generate_and_serve_warn_about_values_never_trained(tmp_path):
+def test_generate_and_serve_warn_about_values_never_trained(build_tiny_policy, hello, make_client, sse_events, wait_ready, tmp_path):
     from steer.generation import SteerGenerator
 
     policy = build_tiny_policy(tmp_path / "policy")
@@ -55,17 +54,17 @@ def test_generate_and_serve_warn_about_values_never_trained(tmp_path):
     config_path.write_text(json.dumps(config))
 
     generator = SteerGenerator.load(policy, device="cpu")
-    result = generator.generate(HELLO, attributes={"humor": 4}, max_new_tokens=3, seed=0)
+    result = generator.generate(hello, attributes={"humor": 4}, max_new_tokens=3, seed=0)
     assert len(result.warnings) == 1 and "'humor'" in result.warnings[0] and result.to_dict()["warnings"]
-    assert generator.generate(HELLO, attributes={"humor": 1}, max_new_tokens=3, seed=0).warnings == []
+    assert generator.generate(hello, attributes={"humor": 1}, max_new_tokens=3, seed=0).warnings == []
     # helpfulness' default (3) was seen, creativity's (1) too; a default is never warned about anyway:
     config["trained_values"]["creativity"] = [4]
     config_path.write_text(json.dumps(config))
-    assert SteerGenerator.load(policy, device="cpu").generate(HELLO, max_new_tokens=3, seed=0).warnings == []
+    assert SteerGenerator.load(policy, device="cpu").generate(hello, max_new_tokens=3, seed=0).warnings == []
 
     with make_client(policy, max_tokens_limit=8) as client:
         wait_ready(client)
-        body = {"messages": HELLO, "attributes": {"humor": 4}, "max_tokens": 3}
+        body = {"messages": hello, "attributes": {"humor": 4}, "max_tokens": 3}
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200 and "'humor'" in r.json()["warnings"][0]
         ok = client.post("/v1/chat/completions", json={**body, "attributes": {"humor": 1}}).json()

@@ -9,32 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_service import DEMO_SCHEMA, build_tiny_policy, one_torch_thread, wait_ready  # noqa: F401
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "npcs"
-
 
 @pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory) -> Path:
-    return build_tiny_policy(tmp_path_factory.mktemp("npc") / "policy")
-
-
-def make_client(policy: Path, db: Path | str, npcs: Path | None = EXAMPLES, **overrides):
-    """An app on ``db``: a SQLite file's path or a database URL."""
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import ServerSettings
-
-    settings = ServerSettings(policy=str(policy), ui=False, threads=1, engine_in_process=True,
-                              npcs=str(npcs) if npcs else None, database_url=db if isinstance(db, str) else f"sqlite:///{db}",
-                              **{"max_prompt_tokens": 600, **overrides})
-    return TestClient(create_app(settings))
-
-
-@pytest.fixture(scope="module")
-def client(tiny_policy, tmp_path_factory):
-    with make_client(tiny_policy, tmp_path_factory.mktemp("db") / "sessions.db") as c:
+def client(make_npc_client, wait_ready, tiny_policy, tmp_path_factory):
+    with make_npc_client(tiny_policy, tmp_path_factory.mktemp("db") / "sessions.db") as c:
         wait_ready(c)
         yield c
 
@@ -44,17 +22,11 @@ def sse(text: str) -> list:
             for line in text.splitlines() if line.startswith("data: ")]
 
 
-def say(c, sid, content, **kw):
-    r = c.post(f"/v1/sessions/{sid}/messages", json={"content": content, **kw})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 # ------------------------------------------------------------------ profiles
-def test_profile_files_are_validated_naming_file_and_field(tmp_path):
+def test_profile_files_are_validated_naming_file_and_field(demo_schema, npc_examples, tmp_path):
     from steer.npc import NpcError, load_profiles
 
-    good = (EXAMPLES / "brom.yaml").read_text()
+    good = (npc_examples / "brom.yaml").read_text()
     (tmp_path / "brom.yaml").write_text(good.replace("id: brom", "id: Brom Smith"))
     with pytest.raises(NpcError, match=r"brom\.yaml: id: String should match"):
         load_profiles(tmp_path)
@@ -63,10 +35,10 @@ def test_profile_files_are_validated_naming_file_and_field(tmp_path):
         load_profiles(tmp_path)
     (tmp_path / "brom.yaml").write_text(good.replace("  humor: 0\n", "  charm: 2\n"))
     with pytest.raises(NpcError, match=r"brom\.yaml: attributes\.charm: the policy has no attribute"):
-        load_profiles(tmp_path, DEMO_SCHEMA)
+        load_profiles(tmp_path, demo_schema)
     (tmp_path / "brom.yaml").write_text(good.replace("  humor: 0\n", "  humor: 3\n"))
     with pytest.raises(NpcError, match=r"attributes\.humor: 3 is outside this NPC's range 0-1"):
-        load_profiles(tmp_path, DEMO_SCHEMA)
+        load_profiles(tmp_path, demo_schema)
     (tmp_path / "brom.yaml").write_text("id: [unclosed")
     with pytest.raises(NpcError, match=r"brom\.yaml: not valid YAML"):
         load_profiles(tmp_path)
@@ -81,15 +53,15 @@ def test_serve_cli_rejects_a_bad_profile_before_starting(tiny_policy, tmp_path):
         main(ServeConfig(policy=str(tiny_policy), npcs=str(tmp_path)))
 
 
-def test_serve_cli_rejects_a_database_it_cannot_use(tiny_policy, tmp_path):
+def test_serve_cli_rejects_a_database_it_cannot_use(npc_examples, tiny_policy, tmp_path):
     from service.cli import ServeConfig, main
     from service.npc.db import DatabaseError
 
     with pytest.raises(DatabaseError, match=r"only sqlite:/// and postgresql:// are supported"):
-        main(ServeConfig(policy=str(tiny_policy), npcs=str(EXAMPLES), database_url="mysql://u@h/db"))
+        main(ServeConfig(policy=str(tiny_policy), npcs=str(npc_examples), database_url="mysql://u@h/db"))
     with pytest.raises(DatabaseError, match=r"cannot open the session database postgresql\+psycopg://steer:\*\*\*@"
                                             r"127\.0\.0\.1:1/x: .*"):
-        main(ServeConfig(policy=str(tiny_policy), npcs=str(EXAMPLES),
+        main(ServeConfig(policy=str(tiny_policy), npcs=str(npc_examples),
                          database_url="postgresql://steer:hunter2@127.0.0.1:1/x"))
 
 
@@ -103,12 +75,12 @@ def test_list_and_get_npcs(client):
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "npc_id"
 
 
-def test_creating_npcs_needs_an_api_key(client, tiny_policy, tmp_path):
+def test_creating_npcs_needs_an_api_key(make_npc_client, wait_ready, client, tiny_policy, tmp_path):
     profile = {"id": "wren", "name": "Wren", "persona": "A shy herbalist.", "attributes": {"humor": 1}}
     r = client.post("/v1/npcs", json=profile)
     assert r.status_code == 403 and r.json()["error"]["code"] == "api_key_required"
     assert client.delete("/v1/npcs/brom").status_code == 403
-    with make_client(tiny_policy, tmp_path / "k.db", api_keys=["sekret"]) as c:
+    with make_npc_client(tiny_policy, tmp_path / "k.db", api_keys=["sekret"]) as c:
         wait_ready(c)
         assert c.post("/v1/npcs", json=profile).status_code == 401
         key = {"Authorization": "Bearer sekret"}
@@ -134,7 +106,7 @@ def test_creating_npcs_needs_an_api_key(client, tiny_policy, tmp_path):
 
 
 # ------------------------------------------------------------------ sessions
-def test_a_conversation_is_stored_and_clamps_are_reported(client):
+def test_a_conversation_is_stored_and_clamps_are_reported(say, client):
     r = client.post("/v1/npcs/brom/sessions", json={"seed": 7, "player_name": "Ana"})
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
@@ -168,7 +140,7 @@ def test_bad_session_requests_are_4xx_naming_the_field(client):
         **client.get(f"/v1/sessions/{sid}").json(), "updated_at": 0, "turns": 0, "busy": False}
 
 
-def test_streaming_reply_equals_the_stored_one(client):
+def test_streaming_reply_equals_the_stored_one(say, client):
     sid = client.post("/v1/npcs/lysa/sessions", json={"seed": 3}).json()["id"]
     r = client.post(f"/v1/sessions/{sid}/messages", json={"content": "Any rooms free?", "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -184,7 +156,7 @@ def test_streaming_reply_equals_the_stored_one(client):
     assert say(client, other, "Any rooms free?")["content"] == final["content"]
 
 
-def test_delete_export_and_import(client):
+def test_delete_export_and_import(say, client):
     sid = client.post("/v1/npcs/captain-ardent/sessions", json={"seed": 11, "player_name": "Ana"}).json()["id"]
     line = say(client, sid, "Any work for me?")["content"]
     exported = client.get(f"/v1/sessions/{sid}/export").json()
@@ -204,7 +176,7 @@ def test_delete_export_and_import(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
 
 
-def test_a_leased_session_refuses_a_second_line_with_409(client, tmp_path_factory):
+def test_a_leased_session_refuses_a_second_line_with_409(say, client, tmp_path_factory):
     """The lease lives in the database row, so it holds against a request from any server process;
     here a second engine on the same SQLite file stands in for the other process."""
     from service.npc.db import create_db_engine
@@ -222,16 +194,15 @@ def test_a_leased_session_refuses_a_second_line_with_409(client, tmp_path_factor
     other.engine.dispose()
 
 
-def test_simultaneous_lines_to_one_session_never_interleave(tiny_policy, tmp_path):
+def test_simultaneous_lines_to_one_session_never_interleave(live_server, npc_examples, tiny_policy, tmp_path):
     import httpx
 
     from service.app import create_app
     from service.settings import ServerSettings
-    from tests.conftest import LiveServer
 
     settings = ServerSettings(policy=str(tiny_policy), ui=False, threads=1, engine_in_process=True,
-                              npcs=str(EXAMPLES), database_url=f"sqlite:///{tmp_path / 's.db'}")
-    with LiveServer(create_app(settings)) as server:
+                              npcs=str(npc_examples), database_url=f"sqlite:///{tmp_path / 's.db'}")
+    with live_server(create_app(settings)) as server:
         sid = httpx.post(f"{server.url}/v1/npcs/lysa/sessions", json={"seed": 2}).json()["id"]
         statuses = []
         barrier = threading.Barrier(4)
@@ -252,29 +223,28 @@ def test_simultaneous_lines_to_one_session_never_interleave(tiny_policy, tmp_pat
         assert history["session"]["turns"] == statuses.count(200) and not history["session"]["busy"]
 
 
-def test_sessions_survive_a_restart(tiny_policy, tmp_path):
+def test_sessions_survive_a_restart(make_npc_client, say, wait_ready, tiny_policy, tmp_path):
     db = tmp_path / "persist.db"
-    with make_client(tiny_policy, db) as c:
+    with make_npc_client(tiny_policy, db) as c:
         wait_ready(c)
         sid = c.post("/v1/npcs/brom/sessions", json={"seed": 9}).json()["id"]
         first = say(c, sid, "Morning, Brom.")["content"]
-    with make_client(tiny_policy, db) as c:
+    with make_npc_client(tiny_policy, db) as c:
         wait_ready(c)
         history = c.get(f"/v1/sessions/{sid}/messages").json()
         assert [m["content"] for m in history["data"]] == ["Morning, Brom.", first]
         assert say(c, sid, "Still grumpy?")["index"] == 3
 
 
-def test_seeded_sessions_replay_the_same_lines_under_load(tiny_policy, tmp_path):
+def test_seeded_sessions_replay_the_same_lines_under_load(live_server, npc_examples, tiny_policy, tmp_path):
     import httpx
 
     from service.app import create_app
     from service.settings import ServerSettings
-    from tests.conftest import LiveServer
 
     lines = ["Hello there.", "Do you sell swords?", "What happened to the mine?"]
     settings = ServerSettings(policy=str(tiny_policy), ui=False, threads=1, engine_in_process=True,
-                              npcs=str(EXAMPLES), database_url=f"sqlite:///{tmp_path / 'load.db'}")
+                              npcs=str(npc_examples), database_url=f"sqlite:///{tmp_path / 'load.db'}")
 
     def conversation(url, seed, npc="brom"):
         sid = httpx.post(f"{url}/v1/npcs/{npc}/sessions", json={"seed": seed}).json()["id"]
@@ -285,7 +255,7 @@ def test_seeded_sessions_replay_the_same_lines_under_load(tiny_policy, tmp_path)
             out.append(r.json()["content"])
         return out
 
-    with LiveServer(create_app(settings)) as server:
+    with live_server(create_app(settings)) as server:
         alone = conversation(server.url, seed=42)
         stop = threading.Event()
         errors = []
@@ -311,37 +281,41 @@ def test_seeded_sessions_replay_the_same_lines_under_load(tiny_policy, tmp_path)
 
 
 # ------------------------------------------------------------------ safety
-def build_toxicity_apm(directory: Path, toxicity_mean: float) -> Path:
-    """An untrained APM over (toxicity, humor) whose toxicity prediction sits at ``toxicity_mean``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+@pytest.fixture(scope="session")
+def build_toxicity_apm(shared_path):
+    """``build_toxicity_apm(directory, toxicity_mean)``: an untrained APM over (toxicity, humor)
+    whose toxicity prediction sits at ``toxicity_mean``."""
+    def build(directory: Path, toxicity_mean: float) -> Path:
+        import torch
+        from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from steer.artifacts import save_steer_config
-    from steer.attributes import Attribute, AttributeSchema
-    from steer.template import PromptTemplate
-    from tests.conftest import shared_path
+        from steer.artifacts import save_steer_config
+        from steer.attributes import Attribute, AttributeSchema
+        from steer.template import PromptTemplate
 
-    schema = AttributeSchema(name="tox", attributes=(Attribute("toxicity", 0, 4, 0, "t"), Attribute("humor", 0, 4, 0, "h")))
-    tokenizer_dir = shared_path("models", "stories260K")
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         num_labels=2, problem_type="regression")
-    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, directory / name)
-    save_steer_config(directory, "apm", schema, PromptTemplate(schema).to_dict(), max_length=256,
-                      label_normalization={"mean": [toxicity_mean, 1.0], "std": [0.01, 1.0]})
-    return directory
+        schema = AttributeSchema(name="tox", attributes=(Attribute("toxicity", 0, 4, 0, "t"), Attribute("humor", 0, 4, 0, "h")))
+        tokenizer_dir = shared_path("models", "stories260K")
+        torch.manual_seed(1)
+        config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             num_labels=2, problem_type="regression")
+        LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, directory / name)
+        save_steer_config(directory, "apm", schema, PromptTemplate(schema).to_dict(), max_length=256,
+                          label_normalization={"mean": [toxicity_mean, 1.0], "std": [0.01, 1.0]})
+        return directory
+
+    return build
 
 
-def test_replies_above_the_toxicity_bound_are_redrawn_then_replaced(tiny_policy, tmp_path):
+def test_replies_above_the_toxicity_bound_are_redrawn_then_replaced(build_toxicity_apm, make_npc_client, npc_examples, say, wait_ready, tiny_policy, tmp_path):
     npcs = tmp_path / "npcs"
-    shutil.copytree(EXAMPLES, npcs)
-    rude = (EXAMPLES / "brom.yaml").read_text().replace("id: brom", "id: rude-brom") + "max_toxicity: 4\n"
+    shutil.copytree(npc_examples, npcs)
+    rude = (npc_examples / "brom.yaml").read_text().replace("id: brom", "id: rude-brom") + "max_toxicity: 4\n"
     (npcs / "rude-brom.yaml").write_text(rude)
     apm = build_toxicity_apm(tmp_path / "apm", toxicity_mean=3.0)
-    with make_client(tiny_policy, tmp_path / "t.db", npcs=npcs, apm=str(apm)) as c:
+    with make_npc_client(tiny_policy, tmp_path / "t.db", npcs=npcs, apm=str(apm)) as c:
         wait_ready(c)
         sid = c.post("/v1/npcs/brom/sessions", json={"seed": 5}).json()["id"]
         reply = say(c, sid, "You call that a sword?")
@@ -358,17 +332,17 @@ def test_replies_above_the_toxicity_bound_are_redrawn_then_replaced(tiny_policy,
         assert reply["content"] != "Hmph. Buy something or move along."
 
 
-def test_best_of_picks_the_candidate_closest_to_the_requested_attributes(tiny_policy, tmp_path):
+def test_best_of_picks_the_candidate_closest_to_the_requested_attributes(build_toxicity_apm, make_npc_client, npc_examples, say, wait_ready, tiny_policy, tmp_path):
     from steer.npc import clean_line, dialogue_messages, load_profile, turn_seed
 
     apm = build_toxicity_apm(tmp_path / "apm", toxicity_mean=0.0)
-    with make_client(tiny_policy, tmp_path / "b.db", apm=str(apm)) as c:
+    with make_npc_client(tiny_policy, tmp_path / "b.db", apm=str(apm)) as c:
         wait_ready(c)
         sid = c.post("/v1/npcs/lysa/sessions", json={"seed": 8}).json()["id"]
         reply = say(c, sid, "Tell me a rumour.", best_of=3, attributes={"humor": 3})
         assert reply["best_of"] == 3 and reply["safety"]["fallback"] is False
         # The same candidates, drawn through the chat API, and the same pick.
-        profile = load_profile(EXAMPLES / "lysa.yaml")
+        profile = load_profile(npc_examples / "lysa.yaml")
         body = {"messages": dialogue_messages(profile, [], "Tell me a rumour."), "n": 3, "score": True,
                 "seed": turn_seed(8, 0), "max_tokens": profile.max_tokens, "attributes": reply["attributes"]}
         choices = c.post("/v1/chat/completions", json=body).json()["choices"]
@@ -377,7 +351,7 @@ def test_best_of_picks_the_candidate_closest_to_the_requested_attributes(tiny_po
         assert reply["scores"] == best["scores"]
 
 
-def test_old_turns_are_dropped_to_fit_the_context(tiny_policy, tmp_path):
+def test_old_turns_are_dropped_to_fit_the_context(make_npc_client, say, wait_ready, tiny_policy, tmp_path):
     from steer.npc import fit_history
 
     # The helper keeps the system prompt and the new line, dropping whole exchanges from the front.
@@ -386,7 +360,7 @@ def test_old_turns_are_dropped_to_fit_the_context(tiny_policy, tmp_path):
     kept, dropped = fit_history(msgs, count_tokens=len, budget=4)
     assert dropped == 4 and [m["content"] for m in kept] == ["s", "4", "5", "new"]
 
-    with make_client(tiny_policy, tmp_path / "ctx.db", max_prompt_tokens=420) as c:
+    with make_npc_client(tiny_policy, tmp_path / "ctx.db", max_prompt_tokens=420) as c:
         wait_ready(c)
         sid = c.post("/v1/npcs/lysa/sessions", json={"seed": 1}).json()["id"]
         replies = [say(c, sid, f"Tell me more, part {i}.") for i in range(4)]
@@ -398,12 +372,12 @@ def test_old_turns_are_dropped_to_fit_the_context(tiny_policy, tmp_path):
         assert c.get(f"/v1/sessions/{sid}").json()["busy"] is False
 
 
-def test_toxicity_is_never_requested_above_the_profile_bound():
+def test_toxicity_is_never_requested_above_the_profile_bound(npc_examples):
     from steer.attributes import BUILTIN_SCHEMAS
     from steer.npc import load_profile
 
     oasst = BUILTIN_SCHEMAS["oasst"]
-    brom = load_profile(EXAMPLES / "brom.yaml").model_copy(update={"attributes": {}})
+    brom = load_profile(npc_examples / "brom.yaml").model_copy(update={"attributes": {}})
     values, clamped = brom.steer(oasst, {"toxicity": 3, "humour": 2})
     assert values["toxicity"] == 0 and values["humor"] == 1
     assert clamped == [{"attribute": "toxicity", "requested": 3, "applied": 0},
@@ -412,18 +386,17 @@ def test_toxicity_is_never_requested_above_the_profile_bound():
     assert rude.steer(oasst, {"toxicity": 3})[0]["toxicity"] == 2
 
 
-def test_a_client_that_leaves_mid_stream_frees_the_session(tiny_policy, tmp_path):
+def test_a_client_that_leaves_mid_stream_frees_the_session(live_server, npc_examples, tiny_policy, tmp_path):
     import time
 
     import httpx
 
     from service.app import create_app
     from service.settings import ServerSettings
-    from tests.conftest import LiveServer
 
     settings = ServerSettings(policy=str(tiny_policy), ui=False, threads=1, engine_in_process=True,
-                              npcs=str(EXAMPLES), database_url=f"sqlite:///{tmp_path / 'gone.db'}")
-    with LiveServer(create_app(settings)) as server:
+                              npcs=str(npc_examples), database_url=f"sqlite:///{tmp_path / 'gone.db'}")
+    with live_server(create_app(settings)) as server:
         sid = httpx.post(f"{server.url}/v1/npcs/lysa/sessions", json={"seed": 2}).json()["id"]
         with httpx.stream("POST", f"{server.url}/v1/sessions/{sid}/messages",
                           json={"content": "Tell me everything.", "stream": True, "max_tokens": 500}) as r:

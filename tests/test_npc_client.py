@@ -9,26 +9,10 @@ import httpx
 import pytest
 
 from steer.client import AsyncSteerClient, NpcLine, SteerAPIError, SteerClient
-from tests.test_npc import EXAMPLES
-from tests.test_service import build_tiny_policy, one_torch_thread  # noqa: F401
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from service.app import create_app
-    from service.settings import ServerSettings
-    from tests.conftest import LiveServer
-
-    root = tmp_path_factory.mktemp("npc-client")
-    policy = build_tiny_policy(root / "policy")
-    settings = ServerSettings(policy=str(policy), ui=False, threads=1, engine_in_process=True, npcs=str(EXAMPLES),
-                              database_url=f"sqlite:///{root / 's.db'}")
-    with LiveServer(create_app(settings)) as live:
-        yield live
-
-
-def test_sync_client_talks_to_npcs(server):
-    with SteerClient(server.url) as steer:
+def test_sync_client_talks_to_npcs(npc_live_server):
+    with SteerClient(npc_live_server.url) as steer:
         assert [a.name for a in steer.attributes()] == ["helpfulness", "humor", "creativity"]
         assert [n.id for n in steer.npcs()] == ["brom", "captain-ardent", "lysa"]
         assert steer.npc("brom").bounds["humor"].max == 1
@@ -61,9 +45,9 @@ def test_sync_client_talks_to_npcs(server):
         assert e.value.status == 400 and e.value.param == "attributes.charm" and "charm" in e.value.message
 
 
-def test_async_client_talks_to_npcs(server):
+def test_async_client_talks_to_npcs(npc_live_server):
     async def run():
-        async with AsyncSteerClient(server.url) as steer:
+        async with AsyncSteerClient(npc_live_server.url) as steer:
             session = await steer.create_session("lysa", seed=9)
             line = await steer.say(session.id, "A room, please.")
             items = [item async for item in steer.say_stream(session.id, "And dinner?")]
@@ -74,7 +58,7 @@ def test_async_client_talks_to_npcs(server):
     assert isinstance(items[-1], NpcLine) and "".join(items[:-1]) == items[-1].content
     assert [m.content for m in history.messages] == ["A room, please.", line.content, "And dinner?", items[-1].content]
     # The same seed and lines from the sync client: the same replies.
-    with SteerClient(server.url) as steer:
+    with SteerClient(npc_live_server.url) as steer:
         again = steer.create_session("lysa", seed=9)
         assert steer.say(again.id, "A room, please.").content == line.content
 
@@ -131,7 +115,7 @@ def test_unreachable_server_is_a_clear_error():
             steer.npcs()
 
 
-def test_terminal_chat_example(server, tmp_path):
+def test_terminal_chat_example(npc_live_server, tmp_path):
     import os
     import subprocess
     import sys
@@ -141,25 +125,25 @@ def test_terminal_chat_example(server, tmp_path):
     save = tmp_path / "save.json"
     script = f"Hello, Brom.\n/mood humor=4\nA joke?\n/save {save}\n/quit\n"
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    out = subprocess.run([sys.executable, str(repo / "examples" / "npc_chat.py"), "--server", server.url,
+    out = subprocess.run([sys.executable, str(repo / "examples" / "npc_chat.py"), "--server", npc_live_server.url,
                           "--npc", "brom", "--seed", "3"], input=script, capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Talking to Brom" in out.stdout and "[humor clamped to 1]" in out.stdout
     saved = json.loads(save.read_text())
     assert [m["content"] for m in saved["messages"][0::2]] == ["Hello, Brom.", "A joke?"]
-    listing = subprocess.run([sys.executable, str(repo / "examples" / "npc_chat.py"), "--server", server.url],
+    listing = subprocess.run([sys.executable, str(repo / "examples" / "npc_chat.py"), "--server", npc_live_server.url],
                              capture_output=True, text=True, env=env, timeout=60)
     assert "captain-ardent" in listing.stdout
 
 
-def test_the_guide_client_example_runs(server, capsys):
+def test_the_guide_client_example_runs(npc_live_server, capsys):
     """docs/npc.md's steer.client example, run as written against a live server."""
     from pathlib import Path
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "npc.md").read_text(encoding="utf-8")
     blocks = [b.split("```", 1)[0] for b in guide.split("```python\n")[1:]]
-    code = next(b for b in blocks if "SteerClient(" in b).replace("http://127.0.0.1:8000", server.url)
+    code = next(b for b in blocks if "SteerClient(" in b).replace("http://127.0.0.1:8000", npc_live_server.url)
     namespace: dict = {}
     exec(code, namespace)
     line, save = namespace["line"], namespace["save"]

@@ -6,26 +6,22 @@ import json
 
 import pytest
 
-from tests.test_npc import EXAMPLES
-from tests.test_service import build_tiny_policy, one_torch_thread  # noqa: F401
-
 
 @pytest.fixture(scope="module")
-def npc_server(tmp_path_factory):
+def npc_server(build_tiny_policy, live_server, npc_examples, tmp_path_factory):
     from service.app import create_app
     from service.settings import ServerSettings
-    from tests.conftest import LiveServer
 
     root = tmp_path_factory.mktemp("npc-fuzz")
     settings = ServerSettings(policy=str(build_tiny_policy(root / "policy")), ui=False, threads=1,
-                              engine_in_process=True, npcs=str(EXAMPLES), database_url=f"sqlite:///{root / 'f.db'}",
+                              engine_in_process=True, npcs=str(npc_examples), database_url=f"sqlite:///{root / 'f.db'}",
                               max_tokens_limit=8, max_body_bytes=20_000, api_keys=["k"])
-    with LiveServer(create_app(settings)) as server:
+    with live_server(create_app(settings)) as server:
         yield server
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_fuzzed_npc_requests_never_get_a_5xx(npc_server, mode):
+def test_fuzzed_npc_requests_never_get_a_5xx(npc_examples, npc_server, mode):
     import httpx
     import schemathesis
     from hypothesis import HealthCheck, given, settings
@@ -35,7 +31,7 @@ def test_fuzzed_npc_requests_never_get_a_5xx(npc_server, mode):
 
     headers = {"Authorization": "Bearer k"}
     # The other mode's cases may have deleted or replaced brom (DELETE/PUT with the key): put it back.
-    brom = load_profile(EXAMPLES / "brom.yaml").model_dump()
+    brom = load_profile(npc_examples / "brom.yaml").model_dump()
     assert httpx.put(f"{npc_server.url}/v1/npcs/brom", json=brom, headers=headers).status_code in (200, 201)
     sid = httpx.post(f"{npc_server.url}/v1/npcs/brom/sessions", json={"seed": 1}, headers=headers).json()["id"]
     schema = schemathesis.openapi.from_url(f"{npc_server.url}/openapi.json", headers=headers)

@@ -12,29 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.npc_postgres import postgres_server
-from tests.test_npc import EXAMPLES, make_client, say
-from tests.test_service import build_tiny_policy, one_torch_thread, wait_ready  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def pg_url():
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory) -> Path:
-    return build_tiny_policy(tmp_path_factory.mktemp("npc-pg") / "policy")
-
-
-def test_migrations_run_once_when_servers_start_together_and_leases_hold_across_connections(pg_url):
+def test_migrations_run_once_when_servers_start_together_and_leases_hold_across_connections(postgres_url):
     from service.npc.db import create_db_engine, upgrade
     from service.npc.store import NpcStore, SessionBusy
 
-    engines = [create_db_engine(pg_url) for _ in range(3)]
+    engines = [create_db_engine(postgres_url) for _ in range(3)]
     errors = []
 
     def migrate(engine):
@@ -60,22 +46,22 @@ def test_migrations_run_once_when_servers_start_together_and_leases_hold_across_
         e.dispose()
 
 
-def test_a_conversation_survives_a_restart_on_postgres(tiny_policy, pg_url):
-    with make_client(tiny_policy, pg_url) as c:
+def test_a_conversation_survives_a_restart_on_postgres(make_npc_client, say, wait_ready, tiny_policy, postgres_url):
+    with make_npc_client(tiny_policy, postgres_url) as c:
         wait_ready(c)
         sid = c.post("/v1/npcs/lysa/sessions", json={"seed": 4}).json()["id"]
         first = say(c, sid, "Evening!", attributes={"humor": 4})
         assert first["attributes"]["humor"] == 4 and first["clamped"] is None
-    with make_client(tiny_policy, pg_url) as c:
+    with make_npc_client(tiny_policy, postgres_url) as c:
         wait_ready(c)
         assert [m["content"] for m in c.get(f"/v1/sessions/{sid}/messages").json()["data"]] == \
             ["Evening!", first["content"]]
         assert say(c, sid, "Any news?")["index"] == 3
 
 
-def _serve(policy: Path, db_url: str, port: int, log: Path) -> subprocess.Popen:
+def _serve(policy: Path, npcs: Path, db_url: str, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "steer.cli", "serve", "--policy", str(policy), "--npcs", str(EXAMPLES),
+    cmd = [sys.executable, "-m", "steer.cli", "serve", "--policy", str(policy), "--npcs", str(npcs),
            "--database-url", db_url, "--port", str(port), "--engine-in-process", "--threads", "1", "--no-ui",
            "--log-level", "warning"]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -97,14 +83,13 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     raise AssertionError(f"{url} did not become healthy:\n{log.read_text()}")
 
 
-def test_two_servers_sharing_postgres_serve_one_conversation(tiny_policy, pg_url, tmp_path):
+def test_two_servers_sharing_postgres_serve_one_conversation(npc_examples, free_port, tiny_policy, postgres_url, tmp_path):
     import httpx
 
-    from tests.npc_postgres import _free_port
 
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     logs = [tmp_path / f"serve-{p}.log" for p in ports]
-    procs = [_serve(tiny_policy, pg_url, p, log) for p, log in zip(ports, logs)]
+    procs = [_serve(tiny_policy, npc_examples, postgres_url, p, log) for p, log in zip(ports, logs)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
         for url, proc, log in zip(urls, procs, logs):

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_npc_client import server  # noqa: F401 - the live NPC server fixture
-from tests.test_service import one_torch_thread  # noqa: F401
 
 pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'steer[ui]')")
 
 
-def test_npc_tab_talks_through_a_session_and_resumes_it(server):  # noqa: F811
+def test_npc_tab_talks_through_a_session_and_resumes_it(npc_live_server):
     from steer.client import SteerClient
     from ui import npc
 
-    client = SteerClient(server.url)
+    client = SteerClient(npc_live_server.url)
     assert [c[1] for c in npc.npc_choices(client)] == ["brom", "captain-ardent", "lysa"]
     history, info, sessions = npc.pick(client, "brom", {})
     assert history == [] and "new conversation" in info

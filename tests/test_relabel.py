@@ -3,13 +3,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 
 from steer.cli import main as cli_main
 from steer.data import load_conversations
-from tests.conftest import shared_path
 from training.relabel import RelabelConfig
 from training.relabel import main as relabel_main
 
@@ -20,7 +18,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
-def test_relabel_annotates_every_assistant_turn(tiny_apm_dir, tmp_path):
+def test_relabel_annotates_every_assistant_turn(shared_path, tiny_apm_dir, tmp_path):
     out = tmp_path / "hh.jsonl"
     data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
     relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="hh", output=str(out), limit=40,
@@ -50,7 +48,7 @@ def test_relabel_annotates_every_assistant_turn(tiny_apm_dir, tmp_path):
     assert len(ds) == 40 and "label_string" in ds.column_names
 
 
-def test_batched_predictions_match_one_at_a_time(tiny_apm_dir):
+def test_batched_predictions_match_one_at_a_time(shared_path, tiny_apm_dir):
     from steer.apm import AttributePredictor
 
     predictor = AttributePredictor.load(tiny_apm_dir, device="cpu")
@@ -62,7 +60,7 @@ def test_batched_predictions_match_one_at_a_time(tiny_apm_dir):
     assert abs(batched - single).max() < 1e-4
 
 
-def test_scoring_leaves_cudnn_attention_out(tiny_apm_dir, sdpa_backends):
+def test_scoring_leaves_cudnn_attention_out(shared_path, tiny_apm_dir, sdpa_backends):
     """Each scoring batch has its own length, and cuDNN attention would recompile for each."""
     from steer.apm import AttributePredictor
 
@@ -73,7 +71,7 @@ def test_scoring_leaves_cudnn_attention_out(tiny_apm_dir, sdpa_backends):
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
-def test_keep_human_labels_and_parquet(tiny_apm_dir, tmp_path):
+def test_keep_human_labels_and_parquet(shared_path, tiny_apm_dir, tmp_path):
     out = tmp_path / "hs.parquet"
     data = shared_path("data", "helpsteer2", "sample.jsonl")
     relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="helpsteer", output=str(out),
@@ -89,7 +87,7 @@ def test_keep_human_labels_and_parquet(tiny_apm_dir, tmp_path):
         assert set(reply["predictions"]) == set(reply["labels"])
 
 
-def test_completed_run_is_not_redone_and_mismatch_is_refused(tiny_apm_dir, tmp_path):
+def test_completed_run_is_not_redone_and_mismatch_is_refused(shared_path, tiny_apm_dir, tmp_path):
     out = tmp_path / "o.jsonl"
     data = str(shared_path("data", "helpsteer2", "sample.jsonl"))
     cfg = RelabelConfig(model=str(tiny_apm_dir), data=data, format="helpsteer", output=str(out), limit=6)
@@ -103,7 +101,7 @@ def test_completed_run_is_not_redone_and_mismatch_is_refused(tiny_apm_dir, tmp_p
     assert len(read_jsonl(out)) == 6
 
 
-def test_torn_last_line_is_repaired_on_resume(tiny_apm_dir, tmp_path):
+def test_torn_last_line_is_repaired_on_resume(shared_path, tiny_apm_dir, tmp_path):
     out = tmp_path / "o.jsonl"
     data = str(shared_path("data", "helpsteer2", "sample.jsonl"))
     cfg = RelabelConfig(model=str(tiny_apm_dir), data=data, format="helpsteer", output=str(out), limit=9,
@@ -131,25 +129,47 @@ def test_relabel_cli_errors_are_one_line(tiny_apm_dir, tmp_path, capsys):
     assert rc == 2 and "[output]" in capsys.readouterr().err
 
 
-def test_sigkill_then_rerun_gives_every_row_exactly_once(tiny_apm_dir, tmp_path):
+# The relabel command as a user runs it, except that its second durable write stops the process
+# (SIGSTOP) with half a line on disk: the test kills it at that state, not after some time.
+_STOP_IN_SECOND_WRITE = """
+import json, os, signal, sys
+from steer.data import jsonl
+
+append, writes = jsonl.ResumableJsonl.append, []
+
+def append_then_stop_midway(self, rows):
+    rows = list(rows)
+    writes.append(len(rows))
+    if len(writes) == 1:
+        return append(self, rows)
+    line = json.dumps(rows[0]) + "\\n"
+    with open(self.path, "a", encoding="utf-8") as f:
+        f.write(line[: len(line) // 2])
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+jsonl.ResumableJsonl.append = append_then_stop_midway
+from steer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_then_rerun_gives_every_row_exactly_once(shared_path, tiny_apm_dir, tmp_path):
     data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
     out = tmp_path / "killed.jsonl"
-    cmd = [sys.executable, "-m", "steer.cli", "relabel", "--model", str(tiny_apm_dir), "--data", str(data),
-           "--format", "hh", "--output", str(out), "--chunk-size", "4", "--batch-size", "4", "--limit", "300",
-           "--device", "cpu"]
+    args = ["relabel", "--model", str(tiny_apm_dir), "--data", str(data), "--format", "hh", "--output", str(out),
+            "--chunk-size", "4", "--batch-size", "4", "--limit", "300", "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and out.stat().st_size > 0:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "relabel finished before it could be killed"
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_IN_SECOND_WRITE, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the child has stopped itself
+    assert os.WIFSTOPPED(status), f"relabel ended instead of stopping: {proc.stderr.read().decode()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = out.read_bytes().count(b"\n")
-    assert 0 < partial < 300
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    proc.stderr.close()
+    written = out.read_bytes()
+    assert written.count(b"\n") == 4 and not written.endswith(b"\n")  # the first chunk, then a torn line
+    subprocess.run([sys.executable, "-m", "steer.cli", *args], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=600)
     rows = read_jsonl(out)
     expected, _ = load_conversations(data, "hh", limit=300)
     assert [r["id"] for r in rows] == [c.id for c in expected]
@@ -158,7 +178,7 @@ def test_sigkill_then_rerun_gives_every_row_exactly_once(tiny_apm_dir, tmp_path)
 # ----------------------------------------------------------------------------------------------
 # Issue 17: relabel output round trips (Parquet nested columns), messages, label histograms, progress.
 
-def test_parquet_output_is_nested_and_loads_back_with_format_steer(tiny_apm_dir, tmp_path):
+def test_parquet_output_is_nested_and_loads_back_with_format_steer(shared_path, tiny_apm_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -200,7 +220,7 @@ def test_parquet_with_json_text_columns_still_loads(tmp_path):
     assert report.bad == [] and conv.messages[1].labels == {"helpfulness": 3} and conv.meta == {"preference": "chosen"}
 
 
-def test_relabel_with_default_format_keeps_meta_and_names_the_source(tiny_apm_dir, tmp_path):
+def test_relabel_with_default_format_keeps_meta_and_names_the_source(shared_path, tiny_apm_dir, tmp_path):
     first = tmp_path / "first.jsonl"
     data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
     relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="hh", output=str(first), limit=4))
@@ -215,7 +235,7 @@ def test_relabel_with_default_format_keeps_meta_and_names_the_source(tiny_apm_di
     assert read_jsonl(tmp_path / "p.jsonl")[0]["source"] == "plain.jsonl"
 
 
-def test_relabel_prints_histogram_and_sidecar_counts_rows_mid_run(tiny_apm_dir, tmp_path, caplog, monkeypatch):
+def test_relabel_prints_histogram_and_sidecar_counts_rows_mid_run(shared_path, tiny_apm_dir, tmp_path, caplog, monkeypatch):
     import logging
 
     from training import relabel
@@ -243,7 +263,7 @@ def test_relabel_prints_histogram_and_sidecar_counts_rows_mid_run(tiny_apm_dir, 
     assert "labels written" in caplog.text and "helpfulness" in caplog.text.split("labels written")[1]
 
 
-def test_limit_stops_reading_a_parquet_file_early(tmp_path):
+def test_limit_stops_reading_a_parquet_file_early(shared_path, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -256,7 +276,7 @@ def test_limit_stops_reading_a_parquet_file_early(tmp_path):
     assert len(convs) == 10 and report.rows == 5
 
 
-def test_relabel_of_hh_data_without_format_hh_suggests_it(tiny_apm_dir, tmp_path, capsys):
+def test_relabel_of_hh_data_without_format_hh_suggests_it(shared_path, tiny_apm_dir, tmp_path, capsys):
     data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
     rc = cli_main(["relabel", "--model", str(tiny_apm_dir), "--data", str(data), "--output", str(tmp_path / "o.jsonl"),
                    "--limit", "20"])

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import shared_path
 from training import relabel
 from training.relabel import SIDECAR_SUFFIX, RelabelConfig, RelabelError
 from training.relabel import main as relabel_main
 
 
 @pytest.fixture
-def data(tmp_path) -> Path:
+def data(shared_path, tmp_path) -> Path:
     source = shared_path("data", "helpsteer2", "sample.jsonl")
     copy = tmp_path / "input.jsonl"
     copy.write_bytes(b"".join(source.read_bytes().splitlines(keepends=True)[:12]))

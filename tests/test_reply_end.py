@@ -6,24 +6,27 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from steer.attributes import get_schema
 from steer.template import PromptTemplate
-from tests.conftest import shared_path
 
 SCHEMA = get_schema("helpsteer")
 
 
-def fresh_llama_tokenizer():
+@pytest.fixture
+def fresh_llama_tokenizer(shared_path):
+    """stories260K's tokenizer, loaded afresh (the tests add tokens to it)."""
     from steer.modeling import load_tokenizer
 
     return load_tokenizer(shared_path("models", "stories260K"))
 
 
-def test_split_markers_are_added_as_single_tokens_or_warned_about(caplog):
+def test_split_markers_are_added_as_single_tokens_or_warned_about(fresh_llama_tokenizer, caplog):
     from training.sft import prepare_marker_tokens
 
     template = PromptTemplate(SCHEMA)
-    tok = fresh_llama_tokenizer()
+    tok = fresh_llama_tokenizer
     assert len(tok(template.turn_marker, add_special_tokens=False)["input_ids"]) > 5  # the problem
     with caplog.at_level(logging.WARNING, logger="training.sft"):
         assert prepare_marker_tokens(template, tok, add=False) == []
@@ -48,7 +51,7 @@ def test_split_markers_are_added_as_single_tokens_or_warned_about(caplog):
     assert infer.input_ids.count(marker_id) == 2  # the user header and the assistant header only
 
 
-def test_sft_with_split_markers_saves_a_policy_that_loads(tmp_path):
+def test_sft_with_split_markers_saves_a_policy_that_loads(shared_path, tmp_path):
     import torch
 
     from steer.demo_data import rated_path
@@ -79,10 +82,10 @@ def test_sft_with_split_markers_saves_a_policy_that_loads(tmp_path):
     assert "extra_id" not in result.text
 
 
-def test_control_bytes_never_reach_the_text():
+def test_control_bytes_never_reach_the_text(fresh_llama_tokenizer):
     from steer.detokenize import IncrementalDetokenizer, TokenDecoder
 
-    tok = fresh_llama_tokenizer()
+    tok = fresh_llama_tokenizer
     control = tok.convert_tokens_to_ids("<0x1C>")
     words = tok("Hello there", add_special_tokens=False)["input_ids"]
     assert "\x1c" in tok.decode(words + [control] + words)  # what a plain decode leaks

@@ -24,6 +24,35 @@ def test_top_p_keeps_smallest_nucleus():
     assert torch.equal(filter_top_p(probs, 0.1) > 0, torch.tensor([True, False, False, False]))
 
 
+def nucleus(probs, top_p: float) -> dict[int, float]:
+    """The oracle the sampler is checked against, written independently of steer.sampling: sort
+    the tokens by probability, keep them until the kept mass reaches top_p, renormalise."""
+    probs = [float(p) for p in probs]
+    total = sum(probs)
+    kept, mass = [], 0.0
+    for token in sorted(range(len(probs)), key=lambda t: -probs[t]):
+        kept.append(token)
+        mass += probs[token] / total
+        if mass >= top_p:
+            break
+    return {token: probs[token] / total / mass for token in kept}
+
+
+def assert_clear_of_the_boundary(probs, top_p: float) -> None:
+    """The nucleus must not hinge on float rounding (float32 sums in the sampler, float64 here)."""
+    cumulative, mass = [], 0.0
+    for p in sorted((float(p) for p in probs), reverse=True):
+        mass += p
+        cumulative.append(mass)
+    assert top_p >= 1.0 or min(abs(c - top_p) for c in cumulative) > 1e-4
+
+
+def test_the_oracle_keeps_the_smallest_nucleus():
+    assert set(nucleus([0.15, 0.5, 0.05, 0.3], 0.7)) == {1, 3}
+    assert nucleus([0.15, 0.5, 0.05, 0.3], 0.1) == {1: 1.0}
+    assert set(nucleus([0.15, 0.5, 0.05, 0.3], 1.0)) == {0, 1, 2, 3}
+
+
 def test_seeded_row_is_independent_of_batch():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
@@ -54,13 +83,15 @@ def test_mixed_params_in_one_batch_match_each_row_alone():
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
-def test_draws_follow_the_filtered_distribution(top_p):
-    """20,000 draws from a known distribution: frequencies match the top-p filtered, renormalised
-    probabilities, and nothing outside the nucleus is ever drawn."""
+def test_draws_follow_the_oracle_nucleus(top_p):
+    """20,000 draws from a known distribution: frequencies match the oracle's nucleus,
+    renormalised, and nothing outside it is ever drawn."""
     torch.manual_seed(1)
     logits = torch.randn(1, 200) * 2
-    expected = filter_top_p(torch.softmax(logits, dim=-1), top_p)[0]
-    expected = expected / expected.sum()
+    probs = torch.softmax(logits.double(), dim=-1)[0].tolist()
+    assert_clear_of_the_boundary(probs, top_p)
+    oracle = nucleus(probs, top_p)
+    expected = torch.tensor([oracle.get(t, 0.0) for t in range(200)], dtype=torch.float64)
     rows = 20_000
     params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i) for i in range(rows)]
     tokens = sample_next_tokens(logits.expand(rows, -1), params, [p.make_rng() for p in params])
@@ -71,20 +102,37 @@ def test_draws_follow_the_filtered_distribution(top_p):
     assert ((counts - rows * expected).abs() <= 5 * sd).all()
 
 
+def test_temperature_scales_before_the_nucleus_is_cut():
+    """top_p applies to the tempered distribution, as in the oracle fed softmax(logits / T)."""
+    torch.manual_seed(2)
+    logits = torch.randn(1, 64) * 3
+    temperature, top_p = 0.5, 0.8
+    probs = torch.softmax(logits.double() / temperature, dim=-1)[0].tolist()
+    assert_clear_of_the_boundary(probs, top_p)
+    oracle = nucleus(probs, top_p)
+    rows = 5000
+    params = [SamplingParams(temperature=temperature, top_p=top_p, seed=i) for i in range(rows)]
+    tokens = sample_next_tokens(logits.expand(rows, -1), params, [p.make_rng() for p in params])
+    drawn = set(tokens.tolist())
+    assert drawn <= set(oracle)
+    assert {t for t, p in oracle.items() if p > 0.01} <= drawn
+
+
 def test_wide_nucleus_falls_back_to_a_full_sort():
     """A flat distribution needs far more than the top-k candidates to reach top_p; the fallback
-    must give the same nucleus (draws stay inside it and cover it)."""
+    must give the oracle's nucleus (draws stay inside it and cover it)."""
     import steer.sampling as sampling
 
     logits = torch.zeros(1, 1000)
     logits[0, :500] = 0.01 * torch.arange(500, dtype=torch.float32)  # mass spread over many tokens
-    probs = torch.softmax(logits, dim=-1)
-    nucleus = filter_top_p(probs, 0.9)[0] > 0
-    assert nucleus.sum() > sampling.NUCLEUS_CANDIDATES
+    probs = torch.softmax(logits.double(), dim=-1)[0].tolist()
+    assert_clear_of_the_boundary(probs, 0.9)
+    oracle = set(nucleus(probs, 0.9))
+    assert len(oracle) > sampling.NUCLEUS_CANDIDATES
     rows = 4000
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=i) for i in range(rows)]
     tokens = sample_next_tokens(logits.expand(rows, -1), params, [p.make_rng() for p in params])
-    assert nucleus[tokens].all()
+    assert set(tokens.tolist()) <= oracle
     assert len(set(tokens.tolist())) > sampling.NUCLEUS_CANDIDATES
 
 

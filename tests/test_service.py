@@ -3,101 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from steer.artifacts import save_steer_config
-from steer.attributes import Attribute, AttributeSchema
-from steer.template import PromptTemplate
-from tests.conftest import shared_path
-
-DEMO_SCHEMA = AttributeSchema(
-    name="demo",
-    attributes=(
-        Attribute("helpfulness", 0, 4, 3, "How well the reply serves the user."),
-        Attribute("humor", 0, 4, 0, "How funny the reply is."),
-        Attribute("creativity", 0, 4, 1, "How original the reply is."),
-    ),
-)
-
-
-def build_tiny_policy(directory: Path, max_positions: int = 4096) -> Path:
-    """A policy dir around a random 2-layer Llama using stories260K's tokenizer (vocab 512)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer_dir = shared_path("models", "stories260K")
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                         bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(directory / "base", safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, directory / name)
-    save_steer_config(directory, "policy", DEMO_SCHEMA, PromptTemplate(DEMO_SCHEMA).to_dict(),
-                      base_model="base", adapter=None, name="tiny-steer")
-    return directory
 
 
 @pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory) -> Path:
-    return build_tiny_policy(tmp_path_factory.mktemp("svc") / "policy")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The servers here run with threads=1 (a tiny model on a shared CPU decodes fastest on one
-    thread); torch's thread count is process-wide, so put it back for the rest of the suite."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def wait_ready(client, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.get("/health").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"server not ready: {client.get('/health').json()}")
-
-
-def make_client(policy: Path, **overrides):
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import ServerSettings
-
-    # The engine runs in a thread here: these tests exercise the API, and a child process per app
-    # would only add start-up time (tests/test_engine_process.py covers the process engine).
-    settings = ServerSettings(policy=str(policy), **{"ui": False, "threads": 1, "engine_in_process": True, **overrides})
-    return TestClient(create_app(settings))
-
-
-@pytest.fixture(scope="module")
-def client(tiny_policy):
+def client(make_client, wait_ready, tiny_policy):
     with make_client(tiny_policy, max_tokens_limit=64, max_prompt_tokens=300) as c:
         wait_ready(c)
         yield c
-
-
-HELLO = [{"role": "user", "content": "Tell me a story."}]
-
-
-def sse_events(text: str) -> list:
-    out = []
-    for line in text.splitlines():
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
 
 
 def test_models_and_attributes(client):
@@ -111,9 +29,9 @@ def test_models_and_attributes(client):
     assert attrs["score_attributes"] is None
 
 
-def test_completion_shape_and_applied_attributes(client):
+def test_completion_shape_and_applied_attributes(hello, client):
     r = client.post("/v1/chat/completions", json={
-        "model": "tiny-steer", "messages": HELLO, "max_tokens": 12, "seed": 3, "attributes": {"humour": 4},
+        "model": "tiny-steer", "messages": hello, "max_tokens": 12, "seed": 3, "attributes": {"humour": 4},
     })
     assert r.status_code == 200, r.text
     body = r.json()
@@ -128,18 +46,18 @@ def test_completion_shape_and_applied_attributes(client):
     assert usage["completion_tokens"] <= 12 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-def test_prompt_comes_from_the_policy_template(client, tiny_policy):
+def test_prompt_comes_from_the_policy_template(hello, client, tiny_policy):
     """usage.prompt_tokens is exactly the template's inference prompt for the requested attributes."""
     from steer.policy import load_policy
 
     policy = load_policy(tiny_policy)
-    expected = policy.template.tokenize(HELLO, policy.tokenizer, mode="inference", attributes={"humor": 2})
-    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1, "attributes": {"humor": 2}})
+    expected = policy.template.tokenize(hello, policy.tokenizer, mode="inference", attributes={"humor": 2})
+    r = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 1, "attributes": {"humor": 2}})
     assert r.json()["usage"]["prompt_tokens"] == len(expected.input_ids)
 
 
-def test_stream_matches_non_stream_with_the_same_seed(client):
-    base = {"messages": HELLO, "max_tokens": 16, "seed": 11, "temperature": 1.0, "attributes": {"creativity": 4}}
+def test_stream_matches_non_stream_with_the_same_seed(hello, sse_events, client):
+    base = {"messages": hello, "max_tokens": 16, "seed": 11, "temperature": 1.0, "attributes": {"creativity": 4}}
     whole = client.post("/v1/chat/completions", json=base).json()
     r = client.post("/v1/chat/completions", json={**base, "stream": True, "stream_options": {"include_usage": True}})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -156,8 +74,8 @@ def test_stream_matches_non_stream_with_the_same_seed(client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
 
-def test_n_choices_and_request_stop_string(client):
-    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 10, "n": 3, "seed": 5})
+def test_n_choices_and_request_stop_string(hello, client):
+    r = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 10, "n": 3, "seed": 5})
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     # Each choice samples with its own generator (seed + index), so the choices differ.
@@ -166,7 +84,7 @@ def test_n_choices_and_request_stop_string(client):
     if len(first) >= 3:
         # Stopping at a string the reply is known to contain cuts the reply just before it.
         stop = first[1:3]
-        cut = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 10, "seed": 5, "stop": stop})
+        cut = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 10, "seed": 5, "stop": stop})
         assert cut.json()["choices"][0]["message"]["content"] == first[:first.find(stop)]
         assert cut.json()["choices"][0]["finish_reason"] == "stop"
 
@@ -200,27 +118,27 @@ def test_n_choices_and_request_stop_string(client):
         ({"frobnicate": 1}, "frobnicate"),
     ],
 )
-def test_bad_input_is_a_400_naming_the_field(client, patch, param):
-    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4, **patch})
+def test_bad_input_is_a_400_naming_the_field(hello, client, patch, param):
+    r = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4, **patch})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param
     assert error["type"] == "invalid_request_error" and error["message"]
 
 
-def test_bad_json_and_unknown_model(client):
+def test_bad_json_and_unknown_model(hello, client):
     r = client.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = client.post("/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
-    r = client.post("/v1/chat/completions", json={"model": "gpt-9", "messages": HELLO})
+    r = client.post("/v1/chat/completions", json={"model": "gpt-9", "messages": hello})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = client.get("/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_metrics_report_requests_tokens_and_latency(client):
-    client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 5})
+def test_metrics_report_requests_tokens_and_latency(hello, client):
+    client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 5})
     client.post("/v1/chat/completions", json={"messages": [], "max_tokens": 5})
     text = client.get("/metrics").text
     assert 'steer_requests_total{route="/v1/chat/completions",status="200"}' in text
@@ -237,11 +155,11 @@ def test_metrics_report_requests_tokens_and_latency(client):
     assert "steer_queue_depth 0.0" in text and "steer_active_rows 0.0" in text
 
 
-def test_body_limit_and_api_keys(tiny_policy):
+def test_body_limit_and_api_keys(hello, make_client, wait_ready, tiny_policy):
     with make_client(tiny_policy, max_body_bytes=2000, api_keys=["sk-one", "sk-two"]) as c:
         wait_ready(c)
         assert c.get("/health").status_code == 200  # health stays open for probes
-        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+        r = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         r = c.get("/v1/models", headers={"Authorization": "Bearer sk-wrong"})
         assert r.status_code == 401
@@ -251,16 +169,16 @@ def test_body_limit_and_api_keys(tiny_policy):
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
-def test_health_and_routes_report_a_policy_that_fails_to_load(tmp_path):
+def test_health_and_routes_report_a_policy_that_fails_to_load(demo_schema, hello, make_client, tmp_path):
     broken = tmp_path / "broken"
-    save_steer_config(broken, "policy", DEMO_SCHEMA, base_model="does-not-exist", adapter=None)
+    save_steer_config(broken, "policy", demo_schema, base_model="does-not-exist", adapter=None)
     with make_client(broken) as c:
         deadline = time.monotonic() + 30
         while "failed" not in c.get("/health").json()["status"] and time.monotonic() < deadline:
             time.sleep(0.05)
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"].startswith("failed")
-        r = c.post("/v1/chat/completions", json={"messages": HELLO})
+        r = c.post("/v1/chat/completions", json={"messages": hello})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
 
 
@@ -277,20 +195,7 @@ def _engine(tiny_policy, **kw):
     return policy, engine
 
 
-class Collector:
-    def __init__(self):
-        import threading
-
-        self.text, self.final, self.done = "", None, threading.Event()
-
-    def __call__(self, event):
-        self.text += event.delta
-        if event.finished:
-            self.final = event
-            self.done.set()
-
-
-def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_policy, monkeypatch):
+def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(make_row, collector, tiny_policy, monkeypatch):
     import torch
 
     import service.engine
@@ -305,8 +210,8 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_poli
     drawn = iter(script)
     monkeypatch.setattr(service.engine, "sample_next_tokens",
                         lambda logits, params, rngs, generated=None: torch.tensor([next(drawn) for _ in params]))
-    sink, deltas = Collector(), []
-    row = Row(prompt_ids=_row(policy, "hi", seed=0)[0].prompt_ids, params=SamplingParams(max_new_tokens=len(script)),
+    sink, deltas = collector(), []
+    row = Row(prompt_ids=make_row(policy, "hi", seed=0)[0].prompt_ids, params=SamplingParams(max_new_tokens=len(script)),
               stops=["<end>"], sink=lambda event: (deltas.append(event.delta), sink(event)))
     engine.start()
     try:
@@ -320,33 +225,38 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_poli
     assert len([d for d in deltas if d]) > 5  # streamed as it came, not at the end
 
 
-def _row(policy, content, seed, max_new=24, temperature=1.0):
+@pytest.fixture
+def make_row(collector):
+    """``make_row(policy, content, seed, max_new=24, temperature=1.0)``: an engine row and its sink."""
     from service.engine import Row
     from steer.sampling import SamplingParams
 
-    prompt = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer, mode="inference",
-                                      attributes={"humor": 2})
-    sink = Collector()
-    params = SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed)
-    return Row(prompt_ids=prompt.input_ids, params=params, stops=policy.template.stop_strings, sink=sink), sink
+    def make(policy, content, seed, max_new=24, temperature=1.0):
+        prompt = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer,
+                                          mode="inference", attributes={"humor": 2})
+        sink = collector()
+        params = SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed)
+        return Row(prompt_ids=prompt.input_ids, params=params, stops=policy.template.stop_strings, sink=sink), sink
+
+    return make
 
 
 @pytest.mark.parametrize("admission", ["mixed-step", "merge-kv-cache", "re-prefill"])
-def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy, admission):
+def test_seeded_request_gives_the_same_text_alone_or_batched(make_row, tiny_policy, admission):
     policy, engine = _engine(tiny_policy, max_batch_size=8, max_queue=16, mixed_steps=admission == "mixed-step")
     if admission == "re-prefill":
         engine._mergeable = False  # the path models with sliding-window caches take
     engine.start()
     try:
-        alone, alone_sink = _row(policy, "Once upon a time", seed=1234)
+        alone, alone_sink = make_row(policy, "Once upon a time", seed=1234)
         engine.submit([alone])
         assert alone_sink.done.wait(30)
         # Same request among others of different lengths, some admitted mid-decode (cache merge).
-        first_wave = [_row(policy, "x " * k + "hello", seed=k) for k in range(3)]
+        first_wave = [make_row(policy, "x " * k + "hello", seed=k) for k in range(3)]
         engine.submit([r for r, _ in first_wave])
         time.sleep(0.01)
-        target, target_sink = _row(policy, "Once upon a time", seed=1234)
-        second_wave = [_row(policy, "a much longer prompt " * k, seed=100 + k) for k in range(1, 4)]
+        target, target_sink = make_row(policy, "Once upon a time", seed=1234)
+        second_wave = [make_row(policy, "a much longer prompt " * k, seed=100 + k) for k in range(1, 4)]
         engine.submit([second_wave[0][0], target, second_wave[1][0]])
         engine.submit([second_wave[2][0]])
         for _, sink in first_wave + second_wave + [(target, target_sink)]:
@@ -358,7 +268,7 @@ def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy, admiss
         engine.stop()
 
 
-def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(tiny_policy):
+def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(make_row, tiny_policy):
     """Once a batch runs, arriving requests take free or newly added rows and are prefilled by the
     next decode step (steer.mixed_step) rather than by a forward pass of their own, and still
     generate exactly what they generate alone. A prompt longer than the batch's cache is prefilled
@@ -375,7 +285,7 @@ def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(
     try:
         expected = []
         for content, seed in specs:
-            row, sink = _row(policy, content, seed=seed, max_new=12)
+            row, sink = make_row(policy, content, seed=seed, max_new=12)
             alone_engine.submit([row])
             assert sink.done.wait(30)
             expected.append((sink.text, sink.final.completion_tokens))
@@ -387,12 +297,12 @@ def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(
     engine._prefill = lambda sequences: (prefilled.append(len(sequences)), prefill(sequences))[1]
     engine.start()
     try:
-        running, running_sink = _row(policy, "a story that goes on and on and on and on and on", seed=9, max_new=100_000, temperature=0)
+        running, running_sink = make_row(policy, "a story that goes on and on and on and on and on", seed=9, max_new=100_000, temperature=0)
         engine.submit([running])
         deadline = time.monotonic() + 30
         while engine.stats().tokens_total < 3 and time.monotonic() < deadline:
             time.sleep(0.005)
-        rows = [_row(policy, content, seed=seed, max_new=12) for content, seed in specs]
+        rows = [make_row(policy, content, seed=seed, max_new=12) for content, seed in specs]
         engine.submit([rows[0][0]])  # joins alone
         engine.submit([r for r, _ in rows[1:3]])  # two at once: the batch grows by two rows
         assert rows[0][1].done.wait(30) and rows[1][1].done.wait(30)
@@ -407,7 +317,7 @@ def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(
 
 
 @pytest.mark.parametrize("mixed_steps", [True, False], ids=["prefilled-in-the-step", "prefilled-apart"])
-def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_policy, mixed_steps):
+def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(collector, tiny_policy, mixed_steps):
     """A row that ends leaves its batch slot free; the next request is written into it (no cache
     copy), prefilled inside the next decode step or on its own, and generates exactly what it
     generates alone; a slot nobody takes is compacted away."""
@@ -421,7 +331,7 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_pol
     def row(content, seed, max_new):
         ids = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer,
                                        mode="inference", attributes={"humor": 2}).input_ids
-        sink = Collector()
+        sink = collector()
         return Row(prompt_ids=ids, params=SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=seed),
                    stops=["\x00never"], sink=sink), sink
 
@@ -461,11 +371,11 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_pol
         engine.stop()
 
 
-def test_cancelling_one_row_between_steps_keeps_the_rest_decoding(tiny_policy):
+def test_cancelling_one_row_between_steps_keeps_the_rest_decoding(make_row, tiny_policy):
     """A row cancelled between two steps frees its slot before the next step (the batch's mask is
     updated in place there); the other rows go on and the server stays up."""
     policy, engine = _engine(tiny_policy, max_batch_size=4)
-    (first, first_sink), (second, second_sink) = [_row(policy, "hi", seed=s, max_new=3000, temperature=0)
+    (first, first_sink), (second, second_sink) = [make_row(policy, "hi", seed=s, max_new=3000, temperature=0)
                                                   for s in (1, 2)]
     cancel_first = threading.Event()
 
@@ -494,14 +404,14 @@ def test_cancelling_one_row_between_steps_keeps_the_rest_decoding(tiny_policy):
         engine.stop()
 
 
-def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
+def test_eos_ends_the_reply_and_counts_as_a_completion_token(make_row, tiny_policy):
     """Usage counts EOS, as steer.generation does, so both report the same completion_tokens."""
     from service.engine import Engine
 
     policy, engine = _engine(tiny_policy)
     engine.start()
     try:
-        row, sink = _row(policy, "Once upon a time", seed=0, max_new=8, temperature=0)
+        row, sink = make_row(policy, "Once upon a time", seed=0, max_new=8, temperature=0)
         engine.submit([row])
         assert sink.done.wait(30)
         greedy = list(row.generated)
@@ -512,7 +422,7 @@ def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
     engine = Engine(policy.model, policy.tokenizer, eos_token_ids=[greedy[2]])
     engine.start()
     try:
-        row, sink = _row(policy, "Once upon a time", seed=0, max_new=8, temperature=0)
+        row, sink = make_row(policy, "Once upon a time", seed=0, max_new=8, temperature=0)
         engine.submit([row])
         assert sink.done.wait(30)
     finally:
@@ -523,14 +433,14 @@ def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
     assert sink.text == sink.final.text == policy.tokenizer.decode(greedy[:first])
 
 
-def test_ignore_eos_runs_every_reply_to_max_tokens(tiny_policy, monkeypatch):
+def test_ignore_eos_runs_every_reply_to_max_tokens(hello, make_client, wait_ready, tiny_policy, monkeypatch):
     """With every token declared EOS, a reply is one token long unless the request says ignore_eos."""
     import steer.generation
 
     monkeypatch.setattr(steer.generation, "eos_token_ids", lambda model, tokenizer: set(range(len(tokenizer))))
     with make_client(tiny_policy) as c:
         wait_ready(c)
-        body = {"messages": HELLO, "max_tokens": 7, "seed": 3, "n": 2}
+        body = {"messages": hello, "max_tokens": 7, "seed": 3, "n": 2}
         plain = c.post("/v1/chat/completions", json=body).json()
         assert plain["usage"]["completion_tokens"] == 2
         assert {ch["finish_reason"] for ch in plain["choices"]} == {"stop"}
@@ -540,19 +450,19 @@ def test_ignore_eos_runs_every_reply_to_max_tokens(tiny_policy, monkeypatch):
         assert all(ch["message"]["content"] for ch in long["choices"])
 
 
-def test_cancel_frees_the_slot(tiny_policy):
+def test_cancel_frees_the_slot(make_row, tiny_policy):
     policy, engine = _engine(tiny_policy, max_batch_size=1, max_queue=0)
     engine.start()
     try:
         from service.engine import QueueFullError
 
-        long_row, sink = _row(policy, "hi", seed=1, max_new=3000, temperature=0)
+        long_row, sink = make_row(policy, "hi", seed=1, max_new=3000, temperature=0)
         engine.submit([long_row])
         deadline = time.monotonic() + 10
         while not sink.text and time.monotonic() < deadline:
             time.sleep(0.005)
         assert engine.stats().active == 1
-        other, other_sink = _row(policy, "hi", seed=2, max_new=4)
+        other, other_sink = make_row(policy, "hi", seed=2, max_new=4)
         with pytest.raises(QueueFullError):
             engine.submit([other])
         engine.cancel([long_row])
@@ -566,41 +476,25 @@ def test_cancel_frees_the_slot(tiny_policy):
 
 
 # ---------------------------------------------------------------- scoring
-def build_tiny_apm(directory: Path) -> Path:
-    """An (untrained) APM artifact: a random 2-layer Llama regression head over the demo schema."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    tokenizer_dir = shared_path("models", "stories260K")
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         num_labels=len(DEMO_SCHEMA), problem_type="regression")
-    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, directory / name)
-    save_steer_config(directory, "apm", DEMO_SCHEMA, PromptTemplate(DEMO_SCHEMA).to_dict(), max_length=256,
-                      label_normalization={"mean": [2.0, 1.0, 1.5], "std": [1.0, 0.5, 0.8]})
-    return directory
 
 
-def test_score_returns_the_apm_measurement_of_each_reply(tiny_policy, tmp_path):
+def test_score_returns_the_apm_measurement_of_each_reply(build_tiny_apm, demo_schema, hello, make_client, sse_events, wait_ready, tiny_policy, tmp_path):
     from steer.apm import AttributePredictor
 
     apm_dir = build_tiny_apm(tmp_path / "apm")
     with make_client(tiny_policy, apm=str(apm_dir)) as c:
         wait_ready(c)
-        assert [a["name"] for a in c.get("/v1/attributes").json()["score_attributes"]] == DEMO_SCHEMA.names
-        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 8, "n": 2, "seed": 4,
+        assert [a["name"] for a in c.get("/v1/attributes").json()["score_attributes"]] == demo_schema.names
+        r = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 8, "n": 2, "seed": 4,
                                                  "score": True})
         assert r.status_code == 200, r.text
         choices = r.json()["choices"]
         apm = AttributePredictor.load(apm_dir)
         for choice in choices:
-            expected = apm.predict([HELLO + [{"role": "assistant", "content": choice["message"]["content"]}]])[0]
-            assert list(choice["scores"]) == DEMO_SCHEMA.names
+            expected = apm.predict([hello + [{"role": "assistant", "content": choice["message"]["content"]}]])[0]
+            assert list(choice["scores"]) == demo_schema.names
             assert list(choice["scores"].values()) == pytest.approx(expected.tolist(), abs=1e-3)
-        stream = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 8, "seed": 4, "score": True,
+        stream = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 8, "seed": 4, "score": True,
                                                       "stream": True})
         finals = [e for e in sse_events(stream.text)[:-1] if e["choices"] and e["choices"][0].get("finish_reason")]
         assert finals[0]["choices"][0]["scores"] == choices[0]["scores"]
@@ -697,7 +591,7 @@ def test_serve_cli_rejects_a_missing_or_wrong_policy(tmp_path, capsys, monkeypat
     assert "steer_config.json is missing" in capsys.readouterr().err
 
 
-def test_fast_content_chunk_is_the_pydantic_chunk():
+def test_fast_content_chunk_is_the_pydantic_chunk(hello):
     """Streaming renders content deltas from a cached prefix; the JSON must be what the protocol
     model gives, whatever the text holds."""
     from service.protocol import ChatCompletionRequest, ChunkChoice, DeltaMessage
@@ -705,7 +599,7 @@ def test_fast_content_chunk_is_the_pydantic_chunk():
 
     serving = ChatServing.__new__(ChatServing)
     serving.model_name = 'tiny "steer" \\ é'
-    gen = Generation(request=ChatCompletionRequest(messages=HELLO), messages=[], attributes={}, prompt_tokens=1,
+    gen = Generation(request=ChatCompletionRequest(messages=hello), messages=[], attributes={}, prompt_tokens=1,
                      rows=[], events=None)
     for index, text in [(0, "hello"), (2, ' "quoted" \\ back\nslash\t'), (1, "é – 字 😀 \u2028 </script>"), (0, "\x00\x1f")]:
         fast = serving._content_chunk(gen, index, text)

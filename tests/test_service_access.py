@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_service import make_client, one_torch_thread, tiny_policy, wait_ready  # noqa: F401
 
 KEY = "sk-access"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_policy):
+def keyed(make_client, wait_ready, tiny_policy):
     pytest.importorskip("gradio")
     with make_client(tiny_policy, api_keys=[KEY], ui=True) as c:
         wait_ready(c)
@@ -41,7 +40,7 @@ def test_the_ui_asks_for_the_key(keyed):
 
 
 @pytest.mark.parametrize("keys", [[], [KEY]])
-def test_uploads_are_closed(tiny_policy, keys):
+def test_uploads_are_closed(make_client, wait_ready, tiny_policy, keys):
     pytest.importorskip("gradio")
     with make_client(tiny_policy, api_keys=keys, ui=True) as c:
         wait_ready(c)

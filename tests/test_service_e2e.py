@@ -6,41 +6,44 @@ from __future__ import annotations
 import json
 import threading
 import time
+import types
 
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
-from tests.test_service import HELLO, build_tiny_policy, one_torch_thread  # noqa: F401
 
-
-def live_steer_server(**settings) -> LiveServer:
+@pytest.fixture(scope="session")
+def live_steer_server(live_server):
+    """``live_steer_server(**settings)``: a live server (thread) with these ServerSettings."""
     from service.app import create_app
     from service.settings import ServerSettings
 
-    return LiveServer(create_app(ServerSettings(ui=False, **{"threads": 1, **settings})))
+    def serve(**settings):
+        return live_server(create_app(ServerSettings(ui=False, **{"threads": 1, **settings})))
+
+    return serve
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
+def policy_dir(build_tiny_policy, tmp_path_factory):
     return build_tiny_policy(tmp_path_factory.mktemp("e2e") / "policy")
 
 
 @pytest.fixture(scope="module")
-def keyed_server(policy_dir):
+def keyed_server(live_steer_server, policy_dir):
     # Two slots and no waiting room: the third concurrent row is refused with 429.
     with live_steer_server(policy=str(policy_dir), api_keys=["sk-test"], max_batch_size=2, max_queue=0,
                     max_tokens_limit=4000) as server:
         yield server
 
 
-def test_openai_client_non_streaming_and_streaming(keyed_server):
+def test_openai_client_non_streaming_and_streaming(hello, keyed_server):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{keyed_server.url}/v1", api_key="sk-test", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["tiny-steer"]
     completion = client.chat.completions.create(
-        model="tiny-steer", messages=HELLO, max_tokens=12, seed=7, temperature=0.8,
+        model="tiny-steer", messages=hello, max_tokens=12, seed=7, temperature=0.8,
         extra_body={"attributes": {"helpfulness": 4, "humour": 1, "creativity": 3}},
     )
     assert completion.object == "chat.completion"
@@ -49,7 +52,7 @@ def test_openai_client_non_streaming_and_streaming(keyed_server):
     assert completion.usage.completion_tokens <= 12
 
     stream = client.chat.completions.create(
-        model="tiny-steer", messages=HELLO, max_tokens=12, seed=7, temperature=0.8, stream=True,
+        model="tiny-steer", messages=hello, max_tokens=12, seed=7, temperature=0.8, stream=True,
         stream_options={"include_usage": True},
         extra_body={"attributes": {"helpfulness": 4, "humour": 1, "creativity": 3}},
     )
@@ -60,7 +63,7 @@ def test_openai_client_non_streaming_and_streaming(keyed_server):
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
 
 
-def test_openai_client_errors(keyed_server):
+def test_openai_client_errors(hello, keyed_server):
     import openai
 
     bad_key = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key="sk-nope", max_retries=0)
@@ -68,7 +71,7 @@ def test_openai_client_errors(keyed_server):
         bad_key.models.list()
     client = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key="sk-test", max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="tiny-steer", messages=HELLO, extra_body={"attributes": {"wit": 2}})
+        client.chat.completions.create(model="tiny-steer", messages=hello, extra_body={"attributes": {"wit": 2}})
     assert info.value.body["param"] == "attributes.wit"
 
 
@@ -76,9 +79,9 @@ def _cancelled(server) -> int:
     return server.engine.stats().cancelled_total
 
 
-def test_full_server_429_and_disconnect_frees_the_slots(keyed_server):
+def test_full_server_429_and_disconnect_frees_the_slots(hello, keyed_server):
     headers = {"Authorization": "Bearer sk-test"}
-    long_request = {"messages": HELLO, "max_tokens": 4000, "n": 2, "temperature": 0, "stream": True}
+    long_request = {"messages": hello, "max_tokens": 4000, "n": 2, "temperature": 0, "stream": True}
     before = _cancelled(keyed_server)
     with httpx.Client(base_url=keyed_server.url, headers=headers, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=long_request) as stream:
@@ -90,7 +93,7 @@ def test_full_server_429_and_disconnect_frees_the_slots(keyed_server):
                 if line.startswith("data: ") and '"content":"' in line and '"role"' not in line:
                     break
             assert keyed_server.engine.stats().active == 2
-            busy = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+            busy = http.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
             assert busy.status_code == 429
             assert busy.headers["Retry-After"] == "1"
             assert busy.json()["error"]["type"] == "rate_limit_error"
@@ -101,16 +104,16 @@ def test_full_server_429_and_disconnect_frees_the_slots(keyed_server):
     assert keyed_server.engine.stats().active == 0
     assert _cancelled(keyed_server) == before + 2
     ok = httpx.post(f"{keyed_server.url}/v1/chat/completions", headers=headers,
-                    json={"messages": HELLO, "max_tokens": 2})
+                    json={"messages": hello, "max_tokens": 2})
     assert ok.status_code == 200
     metrics = httpx.get(f"{keyed_server.url}/metrics", headers=headers).text
     assert 'steer_requests_total{route="/v1/chat/completions",status="429"} 1.0' in metrics
     assert f"steer_cancelled_rows {float(before + 2)}" in metrics
 
 
-def test_concurrent_requests_share_the_batch(policy_dir):
+def test_concurrent_requests_share_the_batch(live_steer_server, hello, policy_dir):
     with live_steer_server(policy=str(policy_dir), max_batch_size=8) as server:
-        body = {"messages": HELLO, "max_tokens": 40, "temperature": 0}
+        body = {"messages": hello, "max_tokens": 40, "temperature": 0}
 
         def one(i):
             return httpx.post(f"{server.url}/v1/chat/completions", json={**body, "seed": i}, timeout=60)
@@ -129,7 +132,7 @@ def test_concurrent_requests_share_the_batch(policy_dir):
 
 # ---------------------------------------------------------------- fuzzing
 @pytest.fixture(scope="module")
-def fuzz_server(policy_dir):
+def fuzz_server(live_steer_server, policy_dir):
     with live_steer_server(policy=str(policy_dir), max_tokens_limit=8, default_max_tokens=4, max_n=2,
                     max_body_bytes=20_000) as server:
         yield server
@@ -219,11 +222,11 @@ def test_hostile_bodies_never_get_a_5xx(fuzz_server):
     assert httpx.get(f"{fuzz_server.url}/health").status_code == 200
 
 
-def test_non_streaming_client_that_gives_up_frees_its_slot(keyed_server):
+def test_non_streaming_client_that_gives_up_frees_its_slot(hello, keyed_server):
     before = _cancelled(keyed_server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{keyed_server.url}/v1/chat/completions", headers={"Authorization": "Bearer sk-test"},
-                   json={"messages": HELLO, "max_tokens": 4000, "temperature": 0}, timeout=1.0)
+                   json={"messages": hello, "max_tokens": 4000, "temperature": 0}, timeout=1.0)
     deadline = time.monotonic() + 10
     while _cancelled(keyed_server) == before and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -243,7 +246,7 @@ def _npc_guide_client() -> dict:
     return namespace
 
 
-def test_npc_guide_client_streams_repeats_with_a_seed_and_waits_out_a_full_server(policy_dir):
+def test_npc_guide_client_streams_repeats_with_a_seed_and_waits_out_a_full_server(live_steer_server, hello, policy_dir):
     npc = _npc_guide_client()
     persona, ask = "You are Brom, the village blacksmith.", "Can you fix my sword?"
     with live_steer_server(policy=str(policy_dir), max_batch_size=1, max_queue=0, max_tokens_limit=4000) as server:
@@ -256,20 +259,29 @@ def test_npc_guide_client_streams_repeats_with_a_seed_and_waits_out_a_full_serve
         assert whole["choices"][0]["message"]["content"] == line
         assert whole["attributes"] == {"helpfulness": 1, "humor": 0, "creativity": 1}
 
-        # The one slot busy with a long reply: the client gets a 429, waits as told, and gets its line.
-        hold = threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
-            "messages": HELLO, "max_tokens": 200, "ignore_eos": True}))
+        # The one slot busy with a long reply (far longer than one request takes to arrive): the
+        # client gets a 429, waits as told, and gets its line.
+        hold = threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
+            "messages": hello, "max_tokens": 2000, "ignore_eos": True}))
         hold.start()
-        deadline = time.monotonic() + 10
-        while server.engine.stats().active == 0 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while server.engine.stats().active == 0:
+            assert time.monotonic() < deadline, "the long reply never started"
             time.sleep(0.01)
         history = [{"role": "user", "content": ask}, {"role": "assistant", "content": line}]
-        started = time.monotonic()
+        sleeps = []
+
+        def sleep_until_the_slot_is_free(seconds):
+            # The guide's client sleeps for Retry-After; here the wait ends when the long reply
+            # does, so the retry finds the slot free however slow the machine is.
+            sleeps.append(seconds)
+            hold.join()
+
+        npc["time"] = types.SimpleNamespace(sleep=sleep_until_the_slot_is_free)
         # Seeded: an unseeded reply of a random model can be empty by chance.
         assert npc["npc_say"](server.url, persona, history, "And my shield?", "cheerful", on_text=lambda piece: None,
                               seed=4, max_tokens=8)
-        waited = time.monotonic() - started
         hold.join()
         metrics = httpx.get(f"{server.url}/metrics").text
     assert 'steer_requests_total{route="/v1/chat/completions",status="429"}' in metrics
-    assert waited >= 1.0  # it slept for Retry-After before the retry that was served
+    assert len(sleeps) == 1 and sleeps[0] >= 1  # it waited once, for the Retry-After the 429 gave

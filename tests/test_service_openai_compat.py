@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_service import HELLO, make_client, one_torch_thread, tiny_policy, wait_ready  # noqa: F401
-
 
 @pytest.fixture(scope="module")
-def client(tiny_policy):
+def client(make_client, wait_ready, tiny_policy):
     with make_client(tiny_policy, max_tokens_limit=64, max_prompt_tokens=300) as c:
         wait_ready(c)
         yield c
 
 
-def chat(client, **body):
-    return client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 8, "temperature": 0, **body})
+@pytest.fixture(scope="session")
+def chat(hello):
+    """``chat(client, **body)``: a greedy 8-token request for ``hello`` with ``body`` on top."""
+    def post(client, **body):
+        return client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 8, "temperature": 0, **body})
+
+    return post
 
 
-def test_openai_defaults_are_accepted(client):
+def test_openai_defaults_are_accepted(chat, client):
     defaults = {
         "logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
         "parallel_tool_calls": True, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
@@ -59,7 +62,7 @@ def test_openai_defaults_are_accepted(client):
     ({"logit_bias": {"5": 250}}, "logit_bias"),
     ({"frobnicate": 1}, "frobnicate"),
 ])
-def test_what_steer_cannot_do_is_a_400_naming_the_field(client, patch, param):
+def test_what_steer_cannot_do_is_a_400_naming_the_field(chat, client, patch, param):
     r = chat(client, **patch)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -68,7 +71,7 @@ def test_what_steer_cannot_do_is_a_400_naming_the_field(client, patch, param):
         assert "not supported" in error["message"]
 
 
-def test_developer_role_is_the_system_message(client):
+def test_developer_role_is_the_system_message(chat, hello, client):
     serving = client.app.state.server.serving
     prompts = []
     tokenize = serving.policy.template.tokenize
@@ -79,8 +82,8 @@ def test_developer_role_is_the_system_message(client):
 
     serving.policy.template.tokenize = spy
     try:
-        system = chat(client, messages=[{"role": "system", "content": "Be brief."}, *HELLO])
-        developer = chat(client, messages=[{"role": "developer", "content": "Be brief."}, *HELLO])
+        system = chat(client, messages=[{"role": "system", "content": "Be brief."}, *hello])
+        developer = chat(client, messages=[{"role": "developer", "content": "Be brief."}, *hello])
     finally:
         del serving.policy.template.tokenize
     assert system.status_code == developer.status_code == 200
@@ -93,7 +96,7 @@ def _token_ids(client, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_logit_bias_and_penalties_change_the_reply(client):
+def test_logit_bias_and_penalties_change_the_reply(chat, client):
     tokenizer = client.app.state.server.serving.policy.tokenizer
     forced = tokenizer.convert_tokens_to_ids("▁cat") if "▁cat" in tokenizer.get_vocab() else 300
     r = chat(client, logit_bias={str(forced): 100}, max_tokens=6, ignore_eos=True)

@@ -7,11 +7,9 @@ import threading
 
 import pytest
 
-from tests.test_service import HELLO, make_client, one_torch_thread, tiny_policy, wait_ready  # noqa: F401
-
 
 @pytest.fixture(scope="module")
-def client(tiny_policy):
+def client(make_client, wait_ready, tiny_policy):
     with make_client(tiny_policy, max_tokens_limit=64, max_prompt_tokens=300, max_messages=50) as c:
         wait_ready(c)
         yield c
@@ -28,8 +26,8 @@ def post_raw(client, body: dict, **headers):
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages[0].content"),
     ({"messages": [{"role": "system", "content": "ok"}, {"role": "user", "content": "a\udc80"}]}, "messages[1].content"),
     ({"messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}, "messages[0].name"),
-    ({"messages": HELLO, "stop": ["\ud800"]}, "stop[0]"),
-    ({"messages": HELLO, "stop": "x" * 100_000}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]}, "stop[0]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": "x" * 100_000}, "stop"),
 ])
 def test_text_no_tokenizer_can_take_is_a_400_naming_the_field(client, body, param):
     r = post_raw(client, {"max_tokens": 2, **body})
@@ -38,14 +36,14 @@ def test_text_no_tokenizer_can_take_is_a_400_naming_the_field(client, body, para
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
-def test_a_template_that_raises_is_a_400(client, monkeypatch):
+def test_a_template_that_raises_is_a_400(hello, client, monkeypatch):
     template = client.app.state.server.serving.policy.template
 
     def broken(*args, **kwargs):
         raise ValueError("this chat template does not render conversations as growing prefixes")
 
     monkeypatch.setattr(template, "tokenize", broken)
-    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+    r = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "messages" and "growing prefixes" in r.json()["error"]["message"]
 
@@ -53,11 +51,11 @@ def test_a_template_that_raises_is_a_400(client, monkeypatch):
         raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
 
     monkeypatch.setattr(template, "tokenize", type_error)
-    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+    r = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
-def test_oversized_prompts_are_refused_before_tokenizing(client, monkeypatch):
+def test_oversized_prompts_are_refused_before_tokenizing(hello, client, monkeypatch):
     serving = client.app.state.server.serving
     calls = []
     tokenize = serving.policy.template.tokenize
@@ -72,11 +70,11 @@ def test_oversized_prompts_are_refused_before_tokenizing(client, monkeypatch):
                                                   "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert calls == []
-    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+    r = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
     assert r.status_code == 200 and calls == [1]
 
 
-def test_prompts_are_tokenized_off_the_event_loop(client, monkeypatch):
+def test_prompts_are_tokenized_off_the_event_loop(hello, client, monkeypatch):
     serving = client.app.state.server.serving
     threads = []
     tokenize = serving.policy.template.tokenize
@@ -86,7 +84,7 @@ def test_prompts_are_tokenized_off_the_event_loop(client, monkeypatch):
     serving_submit = serving.submit
     monkeypatch.setattr(serving, "submit",
                         lambda p: loop_thread.append(threading.current_thread().name) or serving_submit(p))
-    r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+    r = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
     assert r.status_code == 200
     assert len(threads) == 1 and threads[0].startswith("steer-prompt")
     assert loop_thread and loop_thread[0] != threads[0]
@@ -98,7 +96,7 @@ def test_prompts_are_tokenized_off_the_event_loop(client, monkeypatch):
     (b"sk-one", ["clé-secrète"], 401),
     (b"\xff\xfe", ["sk-one"], 401),
 ])
-def test_non_ascii_api_keys_compare_as_bytes(tiny_policy, sent, configured, status):
+def test_non_ascii_api_keys_compare_as_bytes(make_client, wait_ready, tiny_policy, sent, configured, status):
     with make_client(tiny_policy, api_keys=configured) as c:
         wait_ready(c)
         r = c.get("/v1/models", headers={"Authorization": b"Bearer " + sent})
@@ -107,9 +105,9 @@ def test_non_ascii_api_keys_compare_as_bytes(tiny_policy, sent, configured, stat
             assert r.json()["error"]["type"] == "authentication_error"
 
 
-def test_tiny_temperature_is_greedy(client):
-    greedy = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 12, "temperature": 0})
-    tiny = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 12, "temperature": 1e-38,
+def test_tiny_temperature_is_greedy(hello, client):
+    greedy = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 12, "temperature": 0})
+    tiny = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 12, "temperature": 1e-38,
                                                      "seed": 5})
     assert greedy.status_code == tiny.status_code == 200
     assert tiny.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
@@ -125,14 +123,13 @@ def _wait_active(server_state, timeout=30.0):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_requests_in_flight_when_the_engine_stops_get_a_clean_error(tiny_policy, stream):
-    from tests.test_service import sse_events
+def test_requests_in_flight_when_the_engine_stops_get_a_clean_error(hello, make_client, sse_events, wait_ready, tiny_policy, stream):
 
     with make_client(tiny_policy, max_tokens_limit=4000) as c:
         wait_ready(c)
         result = {}
         worker = threading.Thread(target=lambda: result.setdefault("r", c.post("/v1/chat/completions", json={
-            "messages": HELLO, "max_tokens": 4000, "ignore_eos": True, "stream": stream})))
+            "messages": hello, "max_tokens": 4000, "ignore_eos": True, "stream": stream})))
         worker.start()
         state = c.app.state.server
         _wait_active(state)
@@ -150,7 +147,7 @@ def test_requests_in_flight_when_the_engine_stops_get_a_clean_error(tiny_policy,
         assert error["code"] == "request_cancelled" and "retry" in error["message"]
 
 
-def test_a_failing_engine_loop_fails_its_rows_and_starts_over(tiny_policy):
+def test_a_failing_engine_loop_fails_its_rows_and_starts_over(hello, make_client, wait_ready, tiny_policy):
     with make_client(tiny_policy, engine_restart_backoff_s=0.01) as c:
         wait_ready(c)
         engine = c.app.state.server.engine
@@ -162,24 +159,24 @@ def test_a_failing_engine_loop_fails_its_rows_and_starts_over(tiny_policy):
                 raise RuntimeError("injected loop failure")
 
         engine.on_step = crash_once
-        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 30, "ignore_eos": True})
+        r = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 30, "ignore_eos": True})
         assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
         assert "retry" in r.json()["error"]["message"]
-        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        r = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4})
         assert r.status_code == 200
         assert engine.restarts_total == 1 and "steer_engine_restarts_total 1.0" in c.get("/metrics").text
 
         engine.max_restarts = 1
         engine.on_step = lambda: (_ for _ in ()).throw(RuntimeError("again"))  # now fails for good
-        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        r = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4})
         assert r.status_code == 500
         health = c.get("/health")
         assert health.status_code == 503 and "engine failed" in health.json()["status"]
-        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+        r = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
 
 
-def test_a_hung_engine_is_reported_by_health(tiny_policy):
+def test_a_hung_engine_is_reported_by_health(hello, make_client, wait_ready, tiny_policy):
     import time
 
     with make_client(tiny_policy, stall_after_s=0.2) as c:
@@ -195,7 +192,7 @@ def test_a_hung_engine_is_reported_by_health(tiny_policy):
 
         engine._prefill = hang
         worker = threading.Thread(target=lambda: c.post("/v1/chat/completions",
-                                                        json={"messages": HELLO, "max_tokens": 4}))
+                                                        json={"messages": hello, "max_tokens": 4}))
         worker.start()
         assert entered.wait(30)
         deadline = time.monotonic() + 30

@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.live_serve import SteerServe
-from tests.test_service import HELLO, build_tiny_policy, one_torch_thread  # noqa: F401
-
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
+def policy_dir(build_tiny_policy, tmp_path_factory):
     return build_tiny_policy(tmp_path_factory.mktemp("shutdown") / "policy")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(predicate, what: str, timeout: float = 60.0):
@@ -44,22 +34,28 @@ def _health(url: str):
         return None
 
 
-def _stream(url: str, out: list, **body) -> None:
-    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120, json={
-            "messages": HELLO, "stream": True, "stream_options": {"include_usage": True}, **body}) as r:
-        out.append(r.status_code)
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                payload = line[len("data: "):]
-                out.append(payload if payload == "[DONE]" else json.loads(payload))
+@pytest.fixture(scope="session")
+def stream(hello):
+    """``stream(url, out, **body)``: streams ``hello`` from ``url``, appending the status code then
+    each event to ``out``."""
+    def run(url: str, out: list, **body) -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120, json={
+                "messages": hello, "stream": True, "stream_options": {"include_usage": True}, **body}) as r:
+            out.append(r.status_code)
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    payload = line[len("data: "):]
+                    out.append(payload if payload == "[DONE]" else json.loads(payload))
+
+    return run
 
 
-def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(policy_dir):
+def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(stream, free_port, hello, policy_dir):
     from service.app import create_app
     from service.settings import ServerSettings
     from service.shutdown import build_server
 
-    port = _free_port()
+    port = free_port()
     app = create_app(ServerSettings(policy=str(policy_dir), ui=False, threads=1, engine_in_process=True,
                                     max_tokens_limit=400, drain_timeout_s=120))
     server = build_server(app, "127.0.0.1", port, "warning", drain_timeout_s=120)
@@ -74,14 +70,14 @@ def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(policy_dir):
     go = threading.Event()
     engine.on_step = lambda: go.wait()
     events: list = []
-    client = threading.Thread(target=_stream, args=(url, events), kwargs={"max_tokens": 200, "ignore_eos": True})
+    client = threading.Thread(target=stream, args=(url, events), kwargs={"max_tokens": 200, "ignore_eos": True})
     client.start()
     _wait(lambda: engine.stats().active == 1, "the reply to start")
 
     server.handle_exit(signal.SIGTERM, None)  # what the signal handler calls
     health = _wait(lambda: (h := _health(url)) is not None and h.status_code == 503 and h, "the drain to start")
     assert health.json()["status"].startswith("draining") and health.headers["Retry-After"]
-    refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}, timeout=30)
+    refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": hello, "max_tokens": 2}, timeout=30)
     assert refused.status_code == 503 and refused.headers["Retry-After"]
     assert refused.json()["error"]["code"] == "shutting_down"
 
@@ -95,12 +91,12 @@ def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(policy_dir):
     assert not runner.is_alive(), "the server did not exit after draining"
 
 
-def test_drain_timeout_ends_stragglers_with_a_clean_error(policy_dir):
+def test_drain_timeout_ends_stragglers_with_a_clean_error(stream, free_port, policy_dir):
     from service.app import create_app
     from service.settings import ServerSettings
     from service.shutdown import build_server
 
-    port = _free_port()
+    port = free_port()
     app = create_app(ServerSettings(policy=str(policy_dir), ui=False, threads=1, engine_in_process=True,
                                     max_tokens_limit=4000))
     server = build_server(app, "127.0.0.1", port, "warning", drain_timeout_s=0.5)
@@ -110,7 +106,7 @@ def test_drain_timeout_ends_stragglers_with_a_clean_error(policy_dir):
     _wait(lambda: (h := _health(url)) is not None and h.status_code == 200, "the server to start")
     engine = app.state.server.engine
     events: list = []
-    client = threading.Thread(target=_stream, args=(url, events),
+    client = threading.Thread(target=stream, args=(url, events),
                               kwargs={"max_tokens": 4000, "ignore_eos": True})
     client.start()
     _wait(lambda: engine.stats().active == 1, "the reply to start")
@@ -123,12 +119,12 @@ def test_drain_timeout_ends_stragglers_with_a_clean_error(policy_dir):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_steer_serve_finishes_a_streaming_reply_on_a_signal(policy_dir, sig):
+def test_steer_serve_finishes_a_streaming_reply_on_a_signal(stream, steer_serve, policy_dir, sig):
     """The real command, with its engine process: a signal to the whole process group (Ctrl-C
     reaches the engine child too) lets the reply in flight finish."""
-    with SteerServe(policy_dir, "--max_tokens_limit", "4000", new_session=True) as server:
+    with steer_serve(policy_dir, "--max_tokens_limit", "4000", new_session=True) as server:
         events: list = []
-        client = threading.Thread(target=_stream, args=(server.url, events),
+        client = threading.Thread(target=stream, args=(server.url, events),
                                   kwargs={"max_tokens": 1500, "ignore_eos": True})
         client.start()
         _wait(lambda: any(isinstance(e, dict) and e.get("choices") and e["choices"][0]["delta"].get("content")
@@ -141,9 +137,9 @@ def test_steer_serve_finishes_a_streaming_reply_on_a_signal(policy_dir, sig):
     assert events[-2]["usage"]["completion_tokens"] == 1500
 
 
-def test_an_open_ui_tab_does_not_hold_the_shutdown(policy_dir):
+def test_an_open_ui_tab_does_not_hold_the_shutdown(steer_serve, policy_dir):
     pytest.importorskip("gradio")
-    with SteerServe(policy_dir, "--engine-in-process", "--ui", drop_args=("--no-ui",)) as server:
+    with steer_serve(policy_dir, "--engine-in-process", "--ui", drop_args=("--no-ui",)) as server:
         with httpx.Client(timeout=60) as http:
             with http.stream("GET", f"{server.url}/ui/gradio_api/heartbeat/test-session") as heartbeat:
                 assert heartbeat.status_code == 200

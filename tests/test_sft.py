@@ -1,12 +1,11 @@
 import json
-import time
 
 import pytest
 import torch
 
 from steer.artifacts import load_steer_config
 from steer.attributes import get_schema
-from steer.conversation import Conversation, Message
+from steer.conversation import Message
 from steer.modeling import ModelLoadError
 from steer.template import IGNORE_INDEX, PromptTemplate
 from training.sft import (
@@ -21,44 +20,9 @@ from training.sft import (
 SCHEMA = get_schema("oasst")
 
 
-def _conversations(n: int) -> list[Conversation]:
-    convs = []
-    for i in range(n):
-        funny = i % 2
-        reply = f"Item {i} costs {i % 7} coins." + (" Ha, a bargain for a goblin!" if funny else "")
-        msgs = [
-            Message("system", "You are a shopkeeper."),
-            Message("user", f"How much is item {i}?"),
-            Message("assistant", reply, labels={"humor": 4 if funny else 0, "quality": 3}),
-        ]
-        if i % 3 == 0:  # some multi-turn conversations
-            msgs += [Message("user", "Thanks!"), Message("assistant", "Come again.", labels={"humor": 1})]
-        convs.append(Conversation(msgs, id=f"c{i}", group=f"g{i}"))
-    return convs
-
-
-def _write_jsonl(path, convs):
-    path.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in convs))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A random tiny Llama with the demo's own tokenizer (no shared assets needed)."""
-    from steer.tiny_model import TinyModelSpec, build_tiny_llama, save_model, train_tokenizer
-
+def test_collator_masks_padding_and_prompt(sft_conversations, llama_tokenizer):
     template = PromptTemplate(SCHEMA)
-    texts = [template.render_text(c.messages) for c in _conversations(60)]
-    tok = train_tokenizer(texts, vocab_size=400)
-    model = build_tiny_llama(tok, TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
-    path = tmp_path_factory.mktemp("base") / "tiny"
-    save_model(model, tok, path)
-    return path
-
-
-def test_collator_masks_padding_and_prompt(llama_tokenizer):
-    template = PromptTemplate(SCHEMA)
-    convs = _conversations(4)
+    convs = sft_conversations(4)
     examples = tokenize_conversations(convs, template, llama_tokenizer, max_length=512)
     batch = SftCollator(llama_tokenizer.pad_token_id)(
         [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
@@ -109,7 +73,8 @@ def test_default_target_modules_per_architecture():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_load_in_4bit_without_cuda_fails_at_once(tmp_path, capsys):
-    start = time.perf_counter()
+    """The CUDA check comes first: the missing data file and the unknown base model are never
+    reached (either would be a different error)."""
     cfg = SftConfig(base_model="does/not-matter", data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "o"),
                     load_in_4bit=True)
     with pytest.raises(ModelLoadError, match="CUDA"):
@@ -119,18 +84,17 @@ def test_load_in_4bit_without_cuda_fails_at_once(tmp_path, capsys):
     code = cli(["sft", "--base-model", "x", "--data", "y", "--output", str(tmp_path / "o"), "--load-in-4bit"])
     assert code == 2
     assert "CUDA" in capsys.readouterr().err
-    assert time.perf_counter() - start < 20
     assert not (tmp_path / "o").exists()
 
 
-def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
+def test_lora_steps_change_only_adapter_and_write_policy(sft_conversations, write_conversations, tiny_base, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
     from steer.modeling import load_causal_lm, quiet_peft_deprecations
     from steer.policy import load_policy
 
-    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
+    data = write_conversations(tmp_path / "train.jsonl", sft_conversations(24))
     out = tmp_path / "policy"
     metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=3,
                              per_device_train_batch_size=4,
@@ -168,13 +132,13 @@ def test_lora_steps_change_only_adapter_and_write_policy(tiny_base, tmp_path):
     torch.testing.assert_close(peft_logits, policy_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_trained_embeddings_stay_tied_to_the_output_head(tiny_base, tmp_path):
+def test_trained_embeddings_stay_tied_to_the_output_head(sft_conversations, write_conversations, tiny_base, tmp_path):
     import warnings
 
     from steer.modeling import load_causal_lm
     from steer.policy import load_policy
 
-    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
+    data = write_conversations(tmp_path / "train.jsonl", sft_conversations(24))
     out = tmp_path / "policy"
     main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=3,
                    per_device_train_batch_size=4, learning_rate=1e-2,
@@ -194,10 +158,10 @@ def test_trained_embeddings_stay_tied_to_the_output_head(tiny_base, tmp_path):
     torch.testing.assert_close(merged.get_output_embeddings().weight, embedding)
 
 
-def test_gradient_checkpointing_trains_without_reentrant_or_deprecation_warnings(tiny_base, tmp_path):
+def test_gradient_checkpointing_trains_without_reentrant_or_deprecation_warnings(sft_conversations, write_conversations, tiny_base, tmp_path):
     import warnings
 
-    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
+    data = write_conversations(tmp_path / "train.jsonl", sft_conversations(24))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(tmp_path / "policy"),
@@ -209,10 +173,10 @@ def test_gradient_checkpointing_trains_without_reentrant_or_deprecation_warnings
     assert not [w for w in caught if "use_reentrant" in str(w.message) or "gradient_checkpointing_enable" in str(w.message)]
 
 
-def test_resume_after_kill(tiny_base, tmp_path, monkeypatch):
+def test_resume_after_kill(sft_conversations, write_conversations, tiny_base, tmp_path, monkeypatch):
     from transformers import Trainer
 
-    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(24))
+    data = write_conversations(tmp_path / "train.jsonl", sft_conversations(24))
     out = tmp_path / "policy"
     cfg = dict(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=4, per_device_train_batch_size=4,
                save_steps=2, eval_fraction=0.0, logging_steps=1)
@@ -258,9 +222,8 @@ def test_bad_config_is_a_clear_error(tiny_base, tmp_path):
     assert e.value.field == "eval_fraction"
 
 
-def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(tmp_path):
+def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(shared_path, tmp_path):
     """Real pretrained tiny Llama, attribute-labelled NPC dialogue: a short LoRA SFT."""
-    from tests.conftest import shared_path
 
     from steer.demo_data import rated_path
     from steer.modeling import load_causal_lm
@@ -287,7 +250,7 @@ def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_qlora_steps_on_half_billion_shaped_model(tmp_path):
+def test_qlora_steps_on_half_billion_shaped_model(sft_conversations, write_conversations, tmp_path):
     """QLoRA on a randomly initialised ~0.5B-shaped Qwen2 config: memory stays small, loss drops."""
     pytest.importorskip("bitsandbytes")
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -295,7 +258,7 @@ def test_qlora_steps_on_half_billion_shaped_model(tmp_path):
     from steer.tiny_model import train_tokenizer
 
     template = PromptTemplate(SCHEMA)
-    convs = _conversations(64)
+    convs = sft_conversations(64)
     tok = train_tokenizer([template.render_text(c.messages) for c in convs], vocab_size=1000)
     config = Qwen2Config(vocab_size=len(tok), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=1024,
@@ -305,7 +268,7 @@ def test_qlora_steps_on_half_billion_shaped_model(tmp_path):
     base_dir = tmp_path / "qwen-0.5b-shaped"
     Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
-    data = _write_jsonl(tmp_path / "train.jsonl", convs)
+    data = write_conversations(tmp_path / "train.jsonl", convs)
     torch.cuda.reset_peak_memory_stats()
     metrics = main(SftConfig(base_model=str(base_dir), data=str(data), output_dir=str(tmp_path / "policy"),
                              load_in_4bit=True, max_steps=12, per_device_train_batch_size=8, learning_rate=2e-3,

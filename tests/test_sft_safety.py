@@ -7,22 +7,26 @@ import logging
 
 import pytest
 
-from tests.test_sft import _conversations, _write_jsonl, tiny_base  # noqa: F401
 from training.sft import RUN_FILE, SftConfig, SftError, main
 
 
-def _cfg(tiny_base, tmp_path, **kw):
-    data = tmp_path / "train.jsonl"
-    if not data.exists():
-        _write_jsonl(data, _conversations(24))
-    return dict(base_model=str(tiny_base), data=str(data), output_dir=str(tmp_path / "policy"), max_steps=4,
-                per_device_train_batch_size=4, save_steps=2, eval_fraction=0.0, logging_steps=1, **kw)
+@pytest.fixture
+def sft_cfg(tiny_base, sft_conversations, write_conversations):
+    """``sft_cfg(tmp_path, **kw)``: SftConfig fields for a 4-step run on 24 conversations in ``tmp_path``."""
+    def cfg(tmp_path, **kw):
+        data = tmp_path / "train.jsonl"
+        if not data.exists():
+            write_conversations(data, sft_conversations(24))
+        return dict(base_model=str(tiny_base), data=str(data), output_dir=str(tmp_path / "policy"), max_steps=4,
+                    per_device_train_batch_size=4, save_steps=2, eval_fraction=0.0, logging_steps=1, **kw)
+
+    return cfg
 
 
-def test_a_half_written_checkpoint_is_skipped_on_resume(tiny_base, tmp_path, monkeypatch, caplog):
+def test_a_half_written_checkpoint_is_skipped_on_resume(sft_cfg, tiny_base, tmp_path, monkeypatch, caplog):
     from transformers import Trainer
 
-    cfg = _cfg(tiny_base, tmp_path)
+    cfg = sft_cfg(tmp_path)
     save = Trainer._save_optimizer_and_scheduler
     saves = []
 
@@ -45,10 +49,10 @@ def test_a_half_written_checkpoint_is_skipped_on_resume(tiny_base, tmp_path, mon
     assert (tmp_path / "policy" / "adapter_model.safetensors").exists()
 
 
-def test_resume_with_other_settings_or_data_is_refused(tiny_base, tmp_path, monkeypatch):
+def test_resume_with_other_settings_or_data_is_refused(sft_cfg, sft_conversations, write_conversations, tiny_base, tmp_path, monkeypatch):
     from transformers import Trainer
 
-    cfg = _cfg(tiny_base, tmp_path)
+    cfg = sft_cfg(tmp_path)
     step = Trainer.training_step
     calls = []
 
@@ -67,17 +71,17 @@ def test_resume_with_other_settings_or_data_is_refused(tiny_base, tmp_path, monk
     assert info.value.field == "resume"
     data = tmp_path / "train.jsonl"
     original = data.read_bytes()
-    _write_jsonl(data, _conversations(25))
+    write_conversations(data, sft_conversations(25))
     with pytest.raises(SftError, match="data_sha256"):
         main(SftConfig(**cfg, resume=True))
     data.write_bytes(original)
     assert main(SftConfig(**cfg, resume=True))["global_step"] == 4
 
 
-def test_a_finished_run_is_finished_and_another_run_never_overwrites_it(tiny_base, tmp_path, monkeypatch):
+def test_a_finished_run_is_finished_and_another_run_never_overwrites_it(sft_cfg, tiny_base, tmp_path, monkeypatch):
     from transformers import Trainer
 
-    cfg = _cfg(tiny_base, tmp_path)
+    cfg = sft_cfg(tmp_path)
     first = main(SftConfig(**cfg))
     out = tmp_path / "policy"
     adapter = (out / "adapter_model.safetensors").read_bytes()
@@ -102,10 +106,10 @@ def test_a_finished_run_is_finished_and_another_run_never_overwrites_it(tiny_bas
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_overwrite_renames_the_new_policy_into_place_and_leaves_nothing_old(tiny_base, tmp_path, monkeypatch):
+def test_overwrite_renames_the_new_policy_into_place_and_leaves_nothing_old(sft_cfg, tiny_base, tmp_path, monkeypatch):
     from training import sft
 
-    cfg = _cfg(tiny_base, tmp_path, merge=True)
+    cfg = sft_cfg(tmp_path, merge=True)
     main(SftConfig(**cfg))
     out = tmp_path / "policy"
     assert (out / "merged").is_dir()

@@ -70,10 +70,9 @@ def test_crosstalk_separates_the_varied_attribute_from_the_others():
 
 # ------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def eval_run(tmp_path_factory):
+def eval_run(build_tiny_apm, build_tiny_policy, tmp_path_factory):
     """A tiny random policy, two tiny random judges and the prompt baseline on the policy's base
     (no chat template: the fallback layout)."""
-    from tests.test_service import build_tiny_apm, build_tiny_policy
     from training.steerability import SteerabilityConfig, main
 
     root = tmp_path_factory.mktemp("steerability")
@@ -180,21 +179,20 @@ def test_bad_settings_name_the_option(tmp_path, capsys):
         assert e.value.code == 0 and "--apm" in capsys.readouterr().out
 
 
-def test_prompt_baseline_writes_the_values_as_instructions(gpt2_tokenizer):
+def test_prompt_baseline_writes_the_values_as_instructions(demo_schema, gpt2_tokenizer):
     import copy
 
-    from tests.test_service import DEMO_SCHEMA
     from training.prompt_baseline import InstructionPrompt, instruction
 
-    assert instruction(DEMO_SCHEMA, "humor", 4) == "Humor: 4 of 4, be very funny."
-    assert instruction(DEMO_SCHEMA, "humor", 0) == "Humor: 0 of 4, do not be funny at all."
+    assert instruction(demo_schema, "humor", 4) == "Humor: 4 of 4, be very funny."
+    assert instruction(demo_schema, "humor", 0) == "Humor: 0 of 4, do not be funny at all."
     messages = [{"role": "system", "content": "You are Brom."}, {"role": "user", "content": "Fix my sword?"}]
 
     # A tokenizer with a chat template: the base model's own template renders the turns.
     tok = copy.deepcopy(gpt2_tokenizer)
     tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    prompt = InstructionPrompt(DEMO_SCHEMA, tok)
+    prompt = InstructionPrompt(demo_schema, tok)
     text = "".join(s.text for s in prompt.render(messages, attributes={"humor": 4}))
     assert text.startswith("<|system|>You are Brom.\nWrite your reply with these qualities. Helpfulness: 3 of 4")
     assert "Humor: 4 of 4, be very funny." in text and text.endswith("<|user|>Fix my sword?\n<|assistant|>")
@@ -203,7 +201,7 @@ def test_prompt_baseline_writes_the_values_as_instructions(gpt2_tokenizer):
     assert tok.decode(ids) == text
 
     # Without one: steer's turn layout, no label line, the instructions in the system turn.
-    plain = InstructionPrompt(DEMO_SCHEMA, gpt2_tokenizer)
+    plain = InstructionPrompt(demo_schema, gpt2_tokenizer)
     text = "".join(s.text for s in plain.render(messages, attributes={"creativity": 0}))
     assert "<extra_id_2>" not in text and text.endswith("<extra_id_1>Assistant\n")
     assert "Creativity: 0 of 4, do not be creative at all." in text

@@ -7,78 +7,17 @@ measured values, compare), not the quality of either model.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from steer.artifacts import save_steer_config
-from steer.attributes import Attribute, AttributeSchema
-from steer.template import PromptTemplate
-from tests.conftest import LiveServer, shared_path
 
 pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'steer[ui]')")
 
 # Five attributes: three up front, two folded away in the accordion. Defaults and descriptions
 # are distinctive so a test can tell they came from the server, not from the UI's code.
-UI_SCHEMA = AttributeSchema(
-    name="ui-test",
-    attributes=(
-        Attribute("quality", 0, 4, 4, "Overall quality of the reply."),
-        Attribute("humor", 0, 4, 1, "How funny the reply is."),
-        Attribute("helpfulness", 0, 4, 3, "How well the reply serves the user."),
-        Attribute("verbosity", 0, 6, 2, "How long-winded the reply is."),
-        Attribute("creativity", 0, 4, 2, "How original the reply is."),
-    ),
-)
-
-
-def build_policy(directory: Path) -> Path:
-    """A policy dir whose base model is stories260K itself (no adapter)."""
-    base = shared_path("models", "stories260K")
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(base / name, directory / name)
-    save_steer_config(directory, "policy", UI_SCHEMA, PromptTemplate(UI_SCHEMA).to_dict(),
-                      base_model=str(base), adapter=None, name="stories-ui")
-    return directory
-
-
-def build_apm(directory: Path) -> Path:
-    """A random 1-layer Llama regressor over the same schema, saved as an APM directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    base = shared_path("models", "stories260K")
-    torch.manual_seed(0)
-    names = UI_SCHEMA.names
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, num_labels=len(names),
-                         problem_type="regression", id2label=dict(enumerate(names)),
-                         label2id={n: i for i, n in enumerate(names)})
-    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(base / name, directory / name)
-    save_steer_config(directory, "apm", UI_SCHEMA, PromptTemplate(UI_SCHEMA).to_dict(), max_length=128,
-                      label_normalization={"mean": [2.0] * len(names), "std": [0.5] * len(names)})
-    return directory
-
-
-@pytest.fixture(scope="session")
-def ui_server(tmp_path_factory):
-    """One live server (policy + APM + UI) shared by the UI tests and the browser test."""
-    from service.app import create_app
-    from service.settings import ServerSettings
-
-    root = tmp_path_factory.mktemp("ui")
-    settings = ServerSettings(policy=str(build_policy(root / "policy")), apm=str(build_apm(root / "apm")),
-                              device="cpu", max_batch_size=4, ui=True, ui_path="/ui")
-    with LiveServer(create_app(settings)) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +28,19 @@ def gradio_client(ui_server):
 
 
 # --------------------------------------------------------------------------- pure helpers
-def _schema():
+@pytest.fixture
+def server_schema(ui_schema):
+    """The UI's view of ``ui_schema``, as the server would describe it."""
     from ui.client import AttributeSpec, ServerSchema
 
-    specs = tuple(AttributeSpec(a.name, a.min, a.max, a.default, a.description) for a in UI_SCHEMA.attributes)
+    specs = tuple(AttributeSpec(a.name, a.min, a.max, a.default, a.description) for a in ui_schema.attributes)
     return ServerSchema("ui-test", specs, specs)
 
 
-def test_slider_order_puts_favourites_first_then_schema_order():
+def test_slider_order_puts_favourites_first_then_schema_order(server_schema):
     from ui.app import slider_order
 
-    assert [a.name for a in slider_order(_schema())] == ["helpfulness", "humor", "creativity", "quality", "verbosity"]
+    assert [a.name for a in slider_order(server_schema)] == ["helpfulness", "humor", "creativity", "quality", "verbosity"]
 
 
 def test_slider_order_fills_the_front_from_a_schema_without_favourites():
@@ -111,10 +52,10 @@ def test_slider_order_fills_the_front_from_a_schema_without_favourites():
         "correctness", "coherence", "complexity", "verbosity"]
 
 
-def test_attributes_from_slots_maps_by_configured_names_and_ignores_unconfigured():
+def test_attributes_from_slots_maps_by_configured_names_and_ignores_unconfigured(server_schema):
     from ui.app import attributes_from_slots
 
-    schema = _schema()
+    schema = server_schema
     assert attributes_from_slots(schema, [4, 2.0, 1, 3, 5]) == {
         "helpfulness": 4, "humor": 2, "creativity": 1, "quality": 3, "verbosity": 5}
     # The page configured its sliders in another order: names win over the default order.
@@ -141,11 +82,11 @@ def test_conversation_for_server_drops_ui_notes_and_joins_parts():
     assert conversation_for_server(history[:1], "")[0]["role"] == "user"
 
 
-def test_format_steering_shows_applied_and_measured_values():
+def test_format_steering_shows_applied_and_measured_values(server_schema):
     from ui.app import format_steering, slider_order
     from ui.client import ChatResult
 
-    schema = _schema()
+    schema = server_schema
     result = ChatResult(text="hi", finish_reason="stop", attributes={"humor": 3, "helpfulness": 2},
                         scores={"humor": 2.345, "helpfulness": 1.0})
     note = format_steering(slider_order(schema), result, {"humor": 0}, seed=7, can_score=True)
@@ -290,19 +231,19 @@ def test_chat_handlers_configure_reports_an_unreachable_server():
 
 
 # --------------------------------------------------------------------------- against the server
-def test_client_streams_from_the_real_server(ui_server):
+def test_client_streams_from_the_real_server(ui_schema, ui_server):
     from ui.client import ChatResult, ServerError, SteerClient
 
     client = SteerClient(ui_server.url)
     schema = client.schema()
-    assert schema.names == UI_SCHEMA.names and schema.can_score
+    assert schema.names == ui_schema.names and schema.can_score
     events = list(client.stream_chat([{"role": "user", "content": "Once upon a time"}], {"humor": 3},
                                      temperature=0.0, max_tokens=12, seed=1, score=True))
     result = events[-1]
     assert isinstance(result, ChatResult)
     assert len(events) > 2 and "".join(events[:-1]) == result.text and result.text
     assert result.attributes["humor"] == 3 and result.attributes["quality"] == 4  # defaults filled by the server
-    assert set(result.scores) == set(UI_SCHEMA.names)
+    assert set(result.scores) == set(ui_schema.names)
     with pytest.raises(ServerError, match="humor") as err:
         list(client.stream_chat([{"role": "user", "content": "hi"}], {"humor": 9}, max_tokens=4))
     assert err.value.status == 400
@@ -381,13 +322,13 @@ def test_compare_answers_one_message_at_two_settings(gradio_client):
     assert "measured:" in left and "measured:" in right and "seed 11" in left
 
 
-def test_standalone_ui_talks_to_a_remote_server(ui_server):
+def test_standalone_ui_talks_to_a_remote_server(live_server, ui_server):
     """``steer ui --server URL``: the UI alone at /, its handlers calling the given server."""
     from gradio_client import Client
 
     from ui.cli import UiConfig, build_app
 
-    with LiveServer(build_app(UiConfig(server=ui_server.url, port=7860)), health="/") as ui:
+    with live_server(build_app(UiConfig(server=ui_server.url, port=7860)), health="/") as ui:
         client = Client(f"{ui.url}/", verbose=False, download_files=False)
         status = client.predict(api_name="/configure")[0]
         assert f"`{ui_server.url}`" in status and "ui-test" in status

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_ui import ui_server  # noqa: F401  (the live server fixture)
 
 CHROMIUM = os.environ.get("STEER_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from steer.artifacts import load_steer_config
 from steer.conversation import Conversation
 from steer.data import format_histogram, label_histogram, load_conversations
+from steer.data.jsonl import ResumableJsonl
 from steer.errors import SteerError
 
 logger = logging.getLogger(__name__)
@@ -66,27 +67,17 @@ class RelabelConfig:
 
 # ---------------------------------------------------------------------- output
 class _JsonlSink:
-    """Append-only JSONL whose complete lines are the durable progress record."""
+    """Append-only JSONL whose complete lines are the durable progress record (steer.data.jsonl)."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.file = ResumableJsonl(path)
 
     def count_and_repair(self) -> int:
-        if not self.path.exists():
-            return 0
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            cut = data.rfind(b"\n") + 1  # a line without its newline was torn by the crash
-            if cut != len(data):
-                f.truncate(cut)
-        return data[:cut].count(b"\n")
+        return self.file.repair()
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.file.append(rows)
 
     def finish(self) -> None:
         pass
@@ -95,10 +86,10 @@ class _JsonlSink:
         pass
 
     def exists(self) -> bool:
-        return self.path.exists()
+        return self.file.exists()
 
     def reset(self) -> None:
-        self.path.unlink(missing_ok=True)
+        self.file.reset()
 
 
 class _ParquetSink:

@@ -35,7 +35,7 @@ def _unavailable(reason: str):
                 "or set STEER_TEST_POSTGRES_URL")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -62,7 +62,7 @@ def postgres_server():
     if as_root:
         os.chown(data, pg_user.pw_uid, pg_user.pw_gid)
     run_as = ["runuser", "-u", "postgres", "--"] if as_root else []
-    port = _free_port()
+    port = free_port()
     log = data / "server.log"
     try:
         subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "steer",
