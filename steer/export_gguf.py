@@ -16,7 +16,7 @@ from pathlib import Path
 
 from steer.artifacts import ArtifactError, load_steer_config
 from steer.gguf_files import (GGUF_SUFFIX, STEER_FORMAT_KEY, STEER_KIND_KEY, STEER_NAME_KEY, STEER_SCHEMA_KEY,
-                              STEER_TEMPLATE_KEY, STEER_VERSION_KEY, is_gguf_path, read_string_field)
+                              STEER_TEMPLATE_KEY, STEER_TRAINED_VALUES_KEY, STEER_VERSION_KEY, is_gguf_path, read_string_field)
 from steer.gguf_writer import DTYPES, GgufExportError, write_llama_gguf, write_lora_gguf
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def steer_version() -> str:
 
 def steer_metadata(config: dict, name: str) -> dict[str, str]:
     """steer's settings as GGUF string keys: what ``load_policy`` needs to steer the file."""
-    return {
+    metadata = {
         STEER_FORMAT_KEY: str(FORMAT_VERSION),
         STEER_VERSION_KEY: steer_version(),
         STEER_KIND_KEY: "policy",
@@ -56,6 +56,9 @@ def steer_metadata(config: dict, name: str) -> dict[str, str]:
         STEER_SCHEMA_KEY: json.dumps(config["schema"]),
         STEER_TEMPLATE_KEY: json.dumps(config.get("template") or {"type": "steerlm"}),
     }
+    if config.get("trained_values"):  # the generator warns about values training never saw
+        metadata[STEER_TRAINED_VALUES_KEY] = json.dumps(config["trained_values"])
+    return metadata
 
 
 def _check(config: ExportGgufConfig) -> tuple[Path, Path]:

@@ -32,6 +32,7 @@ STEER_KIND_KEY = "steer.kind"
 STEER_NAME_KEY = "steer.name"
 STEER_SCHEMA_KEY = "steer.schema"
 STEER_TEMPLATE_KEY = "steer.template"
+STEER_TRAINED_VALUES_KEY = "steer.trained_values"
 
 
 class GgufError(SteerError, RuntimeError):
@@ -92,6 +93,31 @@ def read_steer_metadata(path: str | Path) -> dict[str, str]:
         if (key.startswith("steer.") or key == "general.type") and field.data:
             out[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
     return out
+
+
+def steer_config_from_gguf(path: str | Path) -> dict:
+    """What ``steer_config.json`` says, rebuilt from the ``steer.*`` metadata of a GGUF file that
+    ``steer export gguf`` wrote: a policy that is one file."""
+    import json
+
+    gguf_location(path)  # a clear error when the file or the gguf package is missing
+    meta = read_steer_metadata(path)
+    if meta.get("general.type") == "adapter":
+        raise GgufError(f"{path} is a LoRA adapter GGUF: it needs its base model (llama.cpp's --lora); steer loads "
+                        "the merged export (`steer export gguf` without --adapter-only)")
+    if STEER_SCHEMA_KEY not in meta:
+        raise GgufError(f"{path} is a GGUF file without steer metadata ({STEER_SCHEMA_KEY}), so it is not a policy; "
+                        "write one with `steer export gguf` (a plain GGUF model is a --base-model for `steer sft`)")
+    try:
+        return {"format_version": int(meta.get(STEER_FORMAT_KEY, "1")), "kind": meta.get(STEER_KIND_KEY, "policy"),
+                "schema": json.loads(meta[STEER_SCHEMA_KEY]),
+                "template": json.loads(meta.get(STEER_TEMPLATE_KEY) or '{"type": "steerlm"}'),
+                "name": meta.get(STEER_NAME_KEY) or Path(path).stem, "base_model": str(path), "adapter": None,
+                "merged": None,
+                **({"trained_values": json.loads(meta[STEER_TRAINED_VALUES_KEY])}
+                   if STEER_TRAINED_VALUES_KEY in meta else {})}
+    except (ValueError, TypeError) as e:
+        raise GgufError(f"{path}: its steer metadata is unreadable: {e}") from None
 
 
 def repair_tokenizer(tokenizer, path: str | Path):

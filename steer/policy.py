@@ -18,7 +18,6 @@ and tokenizer from the file, the schema and template from its ``steer.*`` metada
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,8 @@ from typing import Any
 import torch
 
 from steer.artifacts import ArtifactError, load_steer_config
-from steer.attributes import AttributeSchema, AttributeValueError
-from steer.gguf_files import STEER_NAME_KEY, STEER_SCHEMA_KEY, STEER_TEMPLATE_KEY, gguf_location, is_gguf_path, \
-    read_steer_metadata
+from steer.attributes import AttributeSchema
+from steer.gguf_files import is_gguf_path
 from steer.modeling import fit_embeddings, load_causal_lm, load_tokenizer, merge_adapter_into, resolve_device
 from steer.template import PromptTemplate, build_template
 
@@ -104,27 +102,14 @@ def _load_policy_model(policy_dir: Path, config: dict[str, Any], dev: torch.devi
 
 def _load_gguf_policy(path: Path, device: str | None, dtype: str | None, trust_remote_code: bool,
                       load_model: bool) -> Policy:
-    """A policy exported as one GGUF file (``steer export gguf``)."""
-    gguf_location(path)  # a clear error when the file or the gguf package is missing
-    meta = read_steer_metadata(path)
-    if meta.get("general.type") == "adapter":
-        raise ArtifactError(f"{path} is a LoRA adapter GGUF: it needs its base model (llama.cpp's --lora); steer "
-                            "loads the merged export (`steer export gguf` without --adapter-only)")
-    if STEER_SCHEMA_KEY not in meta:
-        raise ArtifactError(f"{path} is a GGUF file without steer metadata ({STEER_SCHEMA_KEY}), so it is not a policy; "
-                            "write one with `steer export gguf`, or use the file as --base-model for `steer sft`")
-    try:
-        schema = AttributeSchema.from_dict(json.loads(meta[STEER_SCHEMA_KEY]))
-        template_settings = json.loads(meta.get(STEER_TEMPLATE_KEY) or "{}")
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeValueError) as e:
-        raise ArtifactError(f"{path}: steer metadata is unreadable: {e}") from None
+    """A policy exported as one GGUF file (``steer export gguf``): the merged model and tokenizer
+    from the file, schema and template from its ``steer.*`` metadata."""
+    config, schema = load_steer_config(path, kind="policy")
     dev = resolve_device(device)
     model = load_causal_lm(path, device=dev, dtype=dtype, trust_remote_code=trust_remote_code).eval() \
         if load_model else None
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
-    config = {"kind": "policy", "schema": schema.to_dict(), "template": template_settings,
-              "name": meta.get(STEER_NAME_KEY) or path.stem, "base_model": str(path), "adapter": None, "merged": None}
     return Policy(model=model, tokenizer=tokenizer, schema=schema,
-                  template=build_template(template_settings, schema, tokenizer),
+                  template=build_template(config.get("template"), schema, tokenizer),
                   name=config["name"], device=dev, config=config)

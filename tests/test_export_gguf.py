@@ -126,6 +126,18 @@ def test_steer_loads_the_file_as_the_same_policy(stories_f32, stories_policy, re
         a = original.generate(messages, attributes, max_new_tokens=24, temperature=0.0)
         b = loaded.generate(messages, attributes, max_new_tokens=24, temperature=0.0)
         assert a.text == b.text and a.text.strip()
+    assert loaded.trained_values == original.trained_values is not None
+
+
+def test_steer_generate_takes_the_file_as_policy(stories_f32, stories_policy, capsys):
+    from steer.cli import main
+
+    replies = []
+    for policy in (stories_policy, stories_f32):
+        assert main(["generate", "--policy", str(policy), "--prompt", "Where is the inn?", "--attr", "humor=4",
+                     "--temperature", "0", "--max-new-tokens", "16", "--device", "cpu"]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
 
 
 @pytest.mark.parametrize("dtype,floor", [("f16", 0.99), ("q8_0", 0.95)])
