@@ -90,9 +90,9 @@ def export_policy(config: ExportGgufConfig) -> Path:
                                   "(export the merged model instead)", "adapter_only")
         if not steer_config.get("adapter"):
             raise GgufExportError(f"{policy_dir} has no LoRA adapter to export", "adapter_only")
-        from steer.modeling import load_causal_lm
+        from steer.modeling import load_gguf_config
 
-        base_config = load_causal_lm(base, device="cpu", dtype="float32").config
+        base_config = load_gguf_config(base)
         return write_lora_gguf(policy_dir / steer_config["adapter"], base_config, output, dtype=config.dtype,
                                name=name, metadata=metadata)
     # Merged in float32 whatever the file's dtype: rounding happens once, when the file is written.
