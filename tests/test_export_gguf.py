@@ -293,3 +293,26 @@ def test_llama_cpp_loads_the_export_and_the_adapter(stories_f32, reference, gguf
     lora_ids = _held_out_ids(lora_policy)
     got, _ = llama_cpp_logits(os.fspath(base), lora_ids, lora_path=str(adapter))
     assert _argmax_agreement(got, _logits(lora_policy.model, lora_ids)) >= 0.99
+
+
+def test_models_and_tokenizers_gguf_cannot_describe_are_refused(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from steer.gguf_writer import GgufExportError, write_llama_gguf
+
+    llama_vocab = AutoTokenizer.from_pretrained(str(shared_path("models", "stories260K")))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    with pytest.raises(GgufExportError, match="only Llama-architecture models.*'gpt2'"):
+        write_llama_gguf(gpt2, llama_vocab, tmp_path / "gpt2.gguf")
+    with pytest.raises(GgufExportError, match="512 tokens but the model only 97"):
+        write_llama_gguf(tiny_llama, llama_vocab, tmp_path / "small.gguf")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1},
+                                                                                    unk_token="[UNK]")))
+    with pytest.raises(GgufExportError, match="WordPiece model"):
+        write_llama_gguf(tiny_llama, wordpiece, tmp_path / "wordpiece.gguf")
+    with pytest.raises(GgufExportError, match="unknown dtype 'bf16'"):
+        write_llama_gguf(tiny_llama, wordpiece, tmp_path / "bf16.gguf", dtype="bf16")
+    assert not list(tmp_path.iterdir())  # no partial files left
