@@ -115,12 +115,13 @@ def file_type(dtype: str):
 
 
 def llama_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
-    """The model's weights under llama.cpp's names and layout (Q and K rows permuted). The output
-    head is always written, tied or not, so both readers find it where they look first."""
+    """The model's weights under llama.cpp's names and layout (Q and K rows permuted). An output head
+    equal to the embeddings (tied) is left out, as llama.cpp's converter does: llama.cpp then uses
+    ``token_embd`` for it and transformers ties the two again."""
     config = model.config
     state = {k: v.detach().to(torch.float32).cpu() for k, v in model.state_dict().items()}
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    if "lm_head.weight" in state and torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+        del state["lm_head.weight"]
     for hf_name in sorted(state, key=_tensor_order):
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
