@@ -12,6 +12,7 @@ from typing import Any
 
 from steer.attributes import AttributeSchema, AttributeValueError
 from steer.errors import SteerError
+from steer.gguf_files import is_gguf_path, steer_config_from_gguf
 
 STEER_CONFIG = "steer_config.json"
 FORMAT_VERSION = 1
@@ -41,15 +42,23 @@ def save_steer_config(
 
 
 def load_steer_config(directory: str | Path, kind: str | None = None) -> tuple[dict[str, Any], AttributeSchema]:
-    """The saved config and its schema; ``kind`` (``"apm"``/``"policy"``) is checked if given."""
-    path = Path(directory) / STEER_CONFIG
-    if not path.is_file():
-        raise ArtifactError(f"{directory} is not a steer artifact: {STEER_CONFIG} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        schema = AttributeSchema.from_dict(data["schema"])
-    except (json.JSONDecodeError, KeyError, AttributeValueError) as e:
-        raise ArtifactError(f"{path} is unreadable: {e}") from None
+    """The saved config and its schema; ``kind`` (``"apm"``/``"policy"``) is checked if given.
+    A ``.gguf`` file from ``steer export gguf`` carries the same settings as metadata."""
+    if is_gguf_path(directory):
+        data = steer_config_from_gguf(directory)
+        try:
+            schema = AttributeSchema.from_dict(data["schema"])
+        except (KeyError, AttributeValueError) as e:
+            raise ArtifactError(f"{directory}: its steer.schema is unreadable: {e}") from None
+    else:
+        path = Path(directory) / STEER_CONFIG
+        if not path.is_file():
+            raise ArtifactError(f"{directory} is not a steer artifact: {STEER_CONFIG} is missing")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            schema = AttributeSchema.from_dict(data["schema"])
+        except (json.JSONDecodeError, KeyError, AttributeValueError) as e:
+            raise ArtifactError(f"{path} is unreadable: {e}") from None
     if kind is not None and data.get("kind") != kind:
         raise ArtifactError(f"{directory} holds a {data.get('kind')!r} artifact, not a {kind!r}")
     return data, schema

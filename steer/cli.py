@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                           "Measure how well a policy follows requested attribute values (plots, best-of-n, baseline)."),
     "eval preference": ("training.preference", "PreferenceConfig",
                         "Accuracy of the APM as a reward model on preference pairs (hh-rlhf, HelpSteer2)."),
+    "export gguf": ("steer.export_gguf", "ExportGgufConfig",
+                    "Write a policy as one GGUF file (merged, tokenizer and steer settings inside) or a LoRA GGUF."),
     "serve": ("service.cli", "ServeConfig", "Serve an OpenAI-compatible steerable chat API."),
     "ui": ("ui.cli", "UiConfig", "Open the Gradio chat UI against a running steer server."),
 }
@@ -118,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + COMMANDS["eval steerability"][2] + "\n  preference    " + COMMANDS["eval preference"][2])
             return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
         name, rest = f"eval {argv[1]}", argv[2:]
+    elif name == "export":
+        if len(argv) < 2 or argv[1] != "gguf":
+            print("usage: steer export gguf [options]\n\n  gguf  " + COMMANDS["export gguf"][2])
+            return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
+        name, rest = f"export {argv[1]}", argv[2:]
     else:
         rest = argv[1:]
     if name not in COMMANDS:

@@ -25,6 +25,14 @@ SPECIAL_TOKEN_FIELDS = {
     "tokenizer.ggml.unknown_token_id": "unk_token",
     "tokenizer.ggml.padding_token_id": "pad_token",
 }
+# steer's own settings inside a GGUF that `steer export gguf` wrote (JSON strings where structured).
+STEER_FORMAT_KEY = "steer.format_version"
+STEER_VERSION_KEY = "steer.version"
+STEER_KIND_KEY = "steer.kind"
+STEER_NAME_KEY = "steer.name"
+STEER_SCHEMA_KEY = "steer.schema"
+STEER_TEMPLATE_KEY = "steer.template"
+STEER_TRAINED_VALUES_KEY = "steer.trained_values"
 
 
 class GgufError(SteerError, RuntimeError):
@@ -67,13 +75,88 @@ def read_special_token_ids(path: str | Path) -> dict[str, int]:
     return ids
 
 
+def read_string_field(path: str | Path, key: str) -> str | None:
+    """One string-valued metadata key of a GGUF file, or None when the file does not set it."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get(key)
+    return None if field is None or not field.data else bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def read_steer_metadata(path: str | Path) -> dict[str, str]:
+    """The ``steer.*`` keys and ``general.type`` of a GGUF file, as strings (absent keys left out)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out = {}
+    for key, field in reader.fields.items():
+        if (key.startswith("steer.") or key == "general.type") and field.data:
+            out[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
+    return out
+
+
+def steer_config_from_gguf(path: str | Path) -> dict:
+    """What ``steer_config.json`` says, rebuilt from the ``steer.*`` metadata of a GGUF file that
+    ``steer export gguf`` wrote: a policy that is one file."""
+    import json
+
+    gguf_location(path)  # a clear error when the file or the gguf package is missing
+    meta = read_steer_metadata(path)
+    if meta.get("general.type") == "adapter":
+        raise GgufError(f"{path} is a LoRA adapter GGUF: it needs its base model (llama.cpp's --lora); steer loads "
+                        "the merged export (`steer export gguf` without --adapter-only)")
+    if STEER_SCHEMA_KEY not in meta:
+        raise GgufError(f"{path} is a GGUF file without steer metadata ({STEER_SCHEMA_KEY}), so it is not a policy; "
+                        "write one with `steer export gguf` (a plain GGUF model is a --base-model for `steer sft`)")
+    try:
+        return {"format_version": int(meta.get(STEER_FORMAT_KEY, "1")), "kind": meta.get(STEER_KIND_KEY, "policy"),
+                "schema": json.loads(meta[STEER_SCHEMA_KEY]),
+                "template": json.loads(meta.get(STEER_TEMPLATE_KEY) or '{"type": "steerlm"}'),
+                "name": meta.get(STEER_NAME_KEY) or Path(path).stem, "base_model": str(path), "adapter": None,
+                "merged": None,
+                **({"trained_values": json.loads(meta[STEER_TRAINED_VALUES_KEY])}
+                   if STEER_TRAINED_VALUES_KEY in meta else {})}
+    except (ValueError, TypeError) as e:
+        raise GgufError(f"{path}: its steer metadata is unreadable: {e}") from None
+
+
 def repair_tokenizer(tokenizer, path: str | Path):
     """Name the special tokens the GGUF metadata gives by id when the conversion left them unset
     (stories260K's ``<s>`` and ``</s>`` come back as ``None``)."""
     for attr, token_id in read_special_token_ids(path).items():
         if getattr(tokenizer, attr) is None and token_id < len(tokenizer):
             setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
+    _prefix_space_like_llama_cpp(tokenizer, path)
     return tokenizer
+
+
+def _prefix_space_like_llama_cpp(tokenizer, path: str | Path) -> None:
+    """A sentencepiece ("llama") vocabulary prefixes a space to every stretch of text, at the start
+    and after each added token, in llama.cpp and in the original Llama ``tokenizer.json``.
+    transformers' GGUF conversion prefixes one only at the very start (Metaspace, "first"), so
+    ``<extra_id_1>User`` and ``"  hi"`` came out differently from the model's own tokenizer (a
+    steer policy's template markers are such added tokens). The original normalizer is restored."""
+    from gguf import GGUFReader
+    from tokenizers import normalizers
+
+    fields = GGUFReader(str(path)).fields
+
+    def value(key):
+        field = fields.get(key)
+        if field is None or not field.data:
+            return None
+        part = field.parts[field.data[0]]
+        return bytes(part).decode("utf-8") if field.types and field.types[0].name == "STRING" else part[0]
+
+    if value("tokenizer.ggml.model") != "llama" or value("general.architecture") != "llama":
+        return
+    if value("tokenizer.ggml.add_space_prefix") is not None and not bool(value("tokenizer.ggml.add_space_prefix")):
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
 
 
 def repair_config(config):

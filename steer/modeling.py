@@ -157,6 +157,12 @@ def load_causal_lm(
     return model
 
 
+def load_gguf_config(path: str | Path, trust_remote_code: bool = False):
+    """The model configuration a GGUF file describes, read from its metadata alone (no weights)."""
+    folder, file = gguf_location(path)
+    return _gguf_config(folder, file, trust_remote_code)
+
+
 def _gguf_config(folder: str, file: str, trust_remote_code: bool):
     from transformers import AutoConfig
 

@@ -11,6 +11,9 @@ Layout written by ``steer sft`` (and read here)::
       merged/                   optional: base + adapter merged (``--merge``)
 
 ``base_model`` is a hub id, an absolute path, or a path relative to the policy directory.
+
+A single ``.gguf`` file written by ``steer export gguf`` loads as a policy too: the merged model
+and tokenizer from the file, the schema and template from its ``steer.*`` metadata.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from steer.artifacts import ArtifactError, load_steer_config
 from steer.attributes import AttributeSchema
+from steer.gguf_files import is_gguf_path
 from steer.modeling import fit_embeddings, load_causal_lm, load_tokenizer, merge_adapter_into, resolve_device
 from steer.template import PromptTemplate, build_template
 
@@ -59,6 +63,8 @@ def load_policy(
     ``load_model=False`` loads everything but the weights (``model`` is None): what a process that
     only renders prompts and tokenizes them needs, such as the server's HTTP side."""
     policy_dir = Path(path)
+    if is_gguf_path(policy_dir):
+        return _load_gguf_policy(policy_dir, device, dtype, trust_remote_code, load_model)
     config, schema = load_steer_config(policy_dir, kind="policy")
     dev = resolve_device(device)
     model = _load_policy_model(policy_dir, config, dev, dtype, use_merged, trust_remote_code) if load_model else None
@@ -92,3 +98,18 @@ def _load_policy_model(policy_dir: Path, config: dict[str, Any], dev: torch.devi
         if config.get("adapter"):
             model = merge_adapter_into(model, policy_dir / config["adapter"])
     return model.eval()
+
+
+def _load_gguf_policy(path: Path, device: str | None, dtype: str | None, trust_remote_code: bool,
+                      load_model: bool) -> Policy:
+    """A policy exported as one GGUF file (``steer export gguf``): the merged model and tokenizer
+    from the file, schema and template from its ``steer.*`` metadata."""
+    config, schema = load_steer_config(path, kind="policy")
+    dev = resolve_device(device)
+    model = load_causal_lm(path, device=dev, dtype=dtype, trust_remote_code=trust_remote_code).eval() \
+        if load_model else None
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    return Policy(model=model, tokenizer=tokenizer, schema=schema,
+                  template=build_template(config.get("template"), schema, tokenizer),
+                  name=config["name"], device=dev, config=config)

@@ -10,58 +10,11 @@ import torch
 gguf = pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
 
 
-def _permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    # llama.cpp's converter stores Q and K rows interleaved for its rotary layout; transformers'
-    # GGUF loader undoes exactly this, so a faithful writer must do it.
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def write_tiny_llama_gguf(model, path, tokenizer_source) -> None:
-    """A Llama checkpoint as llama.cpp lays it out, with the tokenizer of ``tokenizer_source``."""
-    cfg = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
-    source = gguf.GGUFReader(str(tokenizer_source))
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([bytes(source.fields["tokenizer.ggml.tokens"].parts[i]) for i in source.fields["tokenizer.ggml.tokens"].data])
-    writer.add_token_scores([float(source.fields["tokenizer.ggml.scores"].parts[i][0]) for i in source.fields["tokenizer.ggml.scores"].data])
-    writer.add_token_types([int(source.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in source.fields["tokenizer.ggml.token_type"].data])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(2**32 - 1)  # "unset", as llama.cpp writes it
-
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
-    writer.add_tensor("output.weight", state["lm_head.weight"].numpy())
-    for layer in range(cfg.num_hidden_layers):
-        for hf, cpp in names.items():
-            weight = state[f"model.layers.{layer}.{hf}.weight"]
-            if cpp == "attn_q":
-                weight = _permute_for_llama_cpp(weight, cfg.num_attention_heads)
-            elif cpp == "attn_k":
-                weight = _permute_for_llama_cpp(weight, cfg.num_key_value_heads)
-            writer.add_tensor(f"blk.{layer}.{cpp}.weight", weight.contiguous().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 @pytest.fixture(scope="module")
 def tiny_gguf(shared_path, tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from steer.gguf_writer import write_llama_gguf
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -69,7 +22,10 @@ def tiny_gguf(shared_path, tmp_path_factory):
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
-    write_tiny_llama_gguf(model, path, shared_path("models", "stories260K", "stories260K.gguf"))
+    # stories260K's sentencepiece vocabulary (512 tokens), as it comes: no padding token, so the
+    # file records none.
+    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("models", "stories260K")))
+    write_llama_gguf(model, tokenizer, path)
     return model, path
 
 
