@@ -1,5 +1,5 @@
 """Serving throughput: 16 concurrent streaming clients against `steer serve` (continuous batching)
-vs the same requests one at a time through `steer.generation.SteerGenerator`, same policy, same run.
+vs the same requests one at a time through `steer.runtime.generator.SteerGenerator`, same policy, same run.
 
     python bench/serve_throughput.py [--policy DIR] [--clients 16] [--requests-per-client 4] [--max-tokens 64]
 
@@ -177,7 +177,7 @@ def main() -> None:
 
     import torch
 
-    from steer.generation import SteerGenerator
+    from steer.runtime.generator import SteerGenerator
 
     if args.threads:
         torch.set_num_threads(args.threads)

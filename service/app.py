@@ -98,7 +98,7 @@ class ServerState:
 
     def _thread_engine(self, policy):
         from service.engine import Engine
-        from steer.generation import eos_token_ids
+        from steer.runtime.model_runner import eos_token_ids
 
         s = self.settings
         engine = Engine(

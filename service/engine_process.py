@@ -328,7 +328,7 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     try:
         import torch
 
-        from steer.generation import eos_token_ids
+        from steer.runtime.model_runner import eos_token_ids
         from steer.policy import load_policy
 
         policy = load_policy(config.policy, device=config.device, dtype=config.dtype)

@@ -39,7 +39,8 @@ from service.settings import ServerSettings
 from steer.best_of import BestOfError, CandidateGroup, best_of_target, check_weights, choose_best
 from steer.data.histogram import unseen_request_warnings
 from steer.errors import SteerError
-from steer.sampling import SamplingParams
+from steer.runtime.sampling import SamplingParams
+from steer.runtime.stopping import reply_stops
 
 logger = logging.getLogger(__name__)
 
@@ -367,9 +368,7 @@ class ChatServing:
         params = self._sampling_params(req, prompt_tokens)
         best_of, target, weights = self._best_of(req, attributes)
         template = self.policy.template
-        # The end marker ("\n<extra_id_1>") is listed before the bare stop string so the newline that
-        # precedes it is cut too (and held back while streaming), as steer.generation does.
-        stops = list(dict.fromkeys([s for s in [template.end_marker] if s] + template.stop_strings + params.stop))
+        stops = reply_stops(template, params.stop)
         warnings = unseen_request_warnings(
             schema.validate(req.attributes, fill_defaults=False) if req.attributes else {},
             (getattr(self.policy, "config", None) or {}).get("trained_values"))

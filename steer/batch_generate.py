@@ -28,7 +28,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from steer.errors import SteerError
-from steer.generation import GenerationError, GenerationRequest, SteerGenerator
+from steer.runtime.generator import GenerationError, GenerationRequest, SteerGenerator
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from steer.detokenize import IncrementalDetokenizer, TokenDecoder
+from steer.runtime.detokenize import IncrementalDetokenizer, TokenDecoder
 
 TEXT = "Héllo wörld, ça va? 日本語 🙂 The smith’s “best” blade.  Two  spaces\nand a new line."
 

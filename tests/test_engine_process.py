@@ -12,7 +12,7 @@ import pytest
 
 from service.engine import QueueFullError, Row
 from service.engine_process import EngineFailedError, EngineProcess, EngineProcessConfig
-from steer.sampling import SamplingParams
+from steer.runtime.sampling import SamplingParams
 from tests.test_service import HELLO, make_client, one_torch_thread, tiny_policy, wait_ready  # noqa: F401
 
 
@@ -51,7 +51,7 @@ def engine_process(tiny_policy):
 
 def test_process_engine_gives_the_thread_engines_text(tiny_policy, engine_process):
     from service.engine import Engine
-    from steer.generation import eos_token_ids
+    from steer.runtime.model_runner import eos_token_ids
     from steer.policy import load_policy
 
     policy = load_policy(tiny_policy, device="cpu")

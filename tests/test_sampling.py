@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from steer.sampling import (
-    SamplingError, SamplingParams, filter_top_p, find_stop, sample_next_tokens, streamable_length,
-)
+from steer.runtime.sampling import SamplingError, SamplingParams, filter_top_p, sample_next_tokens
+from steer.runtime.stopping import find_stop, streamable_length
 
 
 def test_params_validation():
@@ -74,7 +73,7 @@ def test_draws_follow_the_filtered_distribution(top_p):
 def test_wide_nucleus_falls_back_to_a_full_sort():
     """A flat distribution needs far more than the top-k candidates to reach top_p; the fallback
     must give the same nucleus (draws stay inside it and cover it)."""
-    import steer.sampling as sampling
+    import steer.runtime.sampling as sampling
 
     logits = torch.zeros(1, 1000)
     logits[0, :500] = 0.01 * torch.arange(500, dtype=torch.float32)  # mass spread over many tokens
@@ -123,7 +122,7 @@ def test_tiny_temperature_is_greedy_not_an_overflow(temperature):
 
 
 def test_stop_strings_have_a_length_limit():
-    from steer.sampling import MAX_STOP_LENGTH
+    from steer.runtime.sampling import MAX_STOP_LENGTH
 
     SamplingParams(stop=["x" * MAX_STOP_LENGTH])
     with pytest.raises(SamplingError, match=f"at most {MAX_STOP_LENGTH} characters") as info:
@@ -147,7 +146,7 @@ def test_logit_bias_bans_and_forces_tokens():
 
 
 def test_presence_and_frequency_penalties_follow_openai_and_batch_like_single_rows():
-    from steer.sampling import adjust_logits
+    from steer.runtime.sampling import adjust_logits
 
     logits = torch.zeros(3, 6)
     generated = [[1, 1, 2], [1, 1, 2], []]

@@ -295,7 +295,7 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_poli
 
     import service.engine
     from service.engine import Row
-    from steer.sampling import SamplingParams
+    from steer.runtime.sampling import SamplingParams
 
     policy, engine = _engine(tiny_policy)
     tok = policy.tokenizer
@@ -322,7 +322,7 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_poli
 
 def _row(policy, content, seed, max_new=24, temperature=1.0):
     from service.engine import Row
-    from steer.sampling import SamplingParams
+    from steer.runtime.sampling import SamplingParams
 
     prompt = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer, mode="inference",
                                       attributes={"humor": 2})
@@ -360,7 +360,7 @@ def test_seeded_request_gives_the_same_text_alone_or_batched(tiny_policy, admiss
 
 def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(tiny_policy):
     """Once a batch runs, arriving requests take free or newly added rows and are prefilled by the
-    next decode step (steer.mixed_step) rather than by a forward pass of their own, and still
+    next decode step (steer.runtime.mixed_step) rather than by a forward pass of their own, and still
     generate exactly what they generate alone. A prompt longer than the batch's cache is prefilled
     on its own and appended."""
     from service.engine import Engine
@@ -412,7 +412,7 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_pol
     copy), prefilled inside the next decode step or on its own, and generates exactly what it
     generates alone; a slot nobody takes is compacted away."""
     from service.engine import Engine, Row
-    from steer.sampling import SamplingParams
+    from steer.runtime.sampling import SamplingParams
 
     policy, _ = _engine(tiny_policy)
     # No EOS: rows run to their budget.
@@ -495,7 +495,7 @@ def test_cancelling_one_row_between_steps_keeps_the_rest_decoding(tiny_policy):
 
 
 def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
-    """Usage counts EOS, as steer.generation does, so both report the same completion_tokens."""
+    """Usage counts EOS, as steer.runtime.generator does, so both report the same completion_tokens."""
     from service.engine import Engine
 
     policy, engine = _engine(tiny_policy)
@@ -525,9 +525,9 @@ def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
 
 def test_ignore_eos_runs_every_reply_to_max_tokens(tiny_policy, monkeypatch):
     """With every token declared EOS, a reply is one token long unless the request says ignore_eos."""
-    import steer.generation
+    import steer.runtime.generator
 
-    monkeypatch.setattr(steer.generation, "eos_token_ids", lambda model, tokenizer: set(range(len(tokenizer))))
+    monkeypatch.setattr(steer.runtime.generator, "eos_token_ids", lambda model, tokenizer: set(range(len(tokenizer))))
     with make_client(tiny_policy) as c:
         wait_ready(c)
         body = {"messages": HELLO, "max_tokens": 7, "seed": 3, "n": 2}
