@@ -293,7 +293,7 @@ class Collector:
 def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_policy, monkeypatch):
     import torch
 
-    import service.engine
+    import steer.runtime.scheduler
     from service.engine import Row
     from steer.runtime.sampling import SamplingParams
 
@@ -303,7 +303,7 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_poli
     script = tok(reply, add_special_tokens=False)["input_ids"]
     assert sum(t in engine._decoder.byte_tokens for t in script) == 7  # 日 and 🙂 come as byte runs
     drawn = iter(script)
-    monkeypatch.setattr(service.engine, "sample_next_tokens",
+    monkeypatch.setattr(steer.runtime.scheduler, "sample_next_tokens",
                         lambda logits, params, rngs, generated=None: torch.tensor([next(drawn) for _ in params]))
     sink, deltas = Collector(), []
     row = Row(prompt_ids=_row(policy, "hi", seed=0)[0].prompt_ids, params=SamplingParams(max_new_tokens=len(script)),
@@ -525,9 +525,9 @@ def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
 
 def test_ignore_eos_runs_every_reply_to_max_tokens(tiny_policy, monkeypatch):
     """With every token declared EOS, a reply is one token long unless the request says ignore_eos."""
-    import steer.runtime.generator
+    import steer.runtime.model_runner
 
-    monkeypatch.setattr(steer.runtime.generator, "eos_token_ids", lambda model, tokenizer: set(range(len(tokenizer))))
+    monkeypatch.setattr(steer.runtime.model_runner, "eos_token_ids", lambda model, tokenizer: set(range(len(tokenizer))))
     with make_client(tiny_policy) as c:
         wait_ready(c)
         body = {"messages": HELLO, "max_tokens": 7, "seed": 3, "n": 2}
