@@ -4,7 +4,7 @@ The decode loop and the HTTP side (parsing requests, rendering chunks, writing s
 Python. In one process they take turns on one interpreter lock, so with 16 streaming clients the
 server used about one core of two and delivered two thirds of what the engine alone could. As in
 vLLM (an engine core process behind the API server), :class:`EngineProcess` runs the
-:class:`~service.engine.Engine` in a child process: the server tokenizes prompts and sends rows
+:class:`~steer.runtime.scheduler.Scheduler` (the engine) in a child process: the server tokenizes prompts and sends rows
 down one pipe; after every decode step the child sends that step's events back up another, in
 one message.
 
@@ -28,15 +28,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from service.engine import (  # noqa: F401  (EngineFailedError is imported from here too)
+from steer.runtime.scheduler import (  # noqa: F401  (EngineFailedError is imported from here too)
     STOPPED_MESSAGE,
-    Engine,
     EngineFailedError,
     EngineStats,
     EngineStoppedError,
     QueueFullError,
     Row,
     RowEvent,
+    Scheduler,
 )
 
 logger = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def engine_threads(requested: int, device) -> int:
     return max(1, cores - 1)
 
 
-def handle_command(engine: Engine, rows: dict[int, Row], sink_for: Callable[[int], Callable[[RowEvent], None]],
+def handle_command(engine: Scheduler, rows: dict[int, Row], sink_for: Callable[[int], Callable[[RowEvent], None]],
                    kind: str, payload) -> None:
     """Apply one command from the server to the engine. ``rows`` is shared with the engine
     thread, which removes a row the moment it finishes, so every lookup tolerates a key that
@@ -361,7 +361,7 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
 
         return sink
 
-    engine = Engine(
+    engine = Scheduler(
         policy.model,
         policy.tokenizer,
         max_batch_size=config.max_batch_size,

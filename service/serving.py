@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from service.engine import Engine, EngineStoppedError, QueueFullError, Row, RowEvent
 from service.engine_process import EngineFailedError, EngineProcess
 from service.metrics import ServerMetrics
 from service.protocol import (
@@ -40,6 +39,7 @@ from steer.best_of import BestOfError, CandidateGroup, best_of_target, check_wei
 from steer.data.histogram import unseen_request_warnings
 from steer.errors import SteerError
 from steer.runtime.sampling import SamplingParams
+from steer.runtime.scheduler import EngineStoppedError, QueueFullError, Row, RowEvent, Scheduler
 from steer.runtime.stopping import reply_stops
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class Generation:
 
 
 class ChatServing:
-    def __init__(self, policy, engine: Engine | EngineProcess, settings: ServerSettings, metrics: ServerMetrics, apm=None):
+    def __init__(self, policy, engine: Scheduler | EngineProcess, settings: ServerSettings, metrics: ServerMetrics, apm=None):
         self.policy = policy
         self.engine = engine
         self.settings = settings

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from service.engine import QueueFullError, Row
+from steer.runtime.scheduler import QueueFullError, Row
 from service.engine_process import EngineFailedError, EngineProcess, EngineProcessConfig
 from steer.runtime.sampling import SamplingParams
 from tests.test_service import HELLO, make_client, one_torch_thread, tiny_policy, wait_ready  # noqa: F401
@@ -50,7 +50,7 @@ def engine_process(tiny_policy):
 
 
 def test_process_engine_gives_the_thread_engines_text(tiny_policy, engine_process):
-    from service.engine import Engine
+    from steer.runtime.scheduler import Scheduler as Engine
     from steer.runtime.model_runner import eos_token_ids
     from steer.policy import load_policy
 

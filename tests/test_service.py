@@ -268,7 +268,7 @@ def test_health_and_routes_report_a_policy_that_fails_to_load(tmp_path):
 def _engine(tiny_policy, **kw):
     import torch
 
-    from service.engine import Engine
+    from steer.runtime.scheduler import Scheduler as Engine
     from steer.policy import load_policy
 
     torch.set_num_threads(1)  # as the servers here; the module fixture restores it
@@ -294,7 +294,7 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_poli
     import torch
 
     import steer.runtime.scheduler
-    from service.engine import Row
+    from steer.runtime.scheduler import Row
     from steer.runtime.sampling import SamplingParams
 
     policy, engine = _engine(tiny_policy)
@@ -321,7 +321,7 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(tiny_poli
 
 
 def _row(policy, content, seed, max_new=24, temperature=1.0):
-    from service.engine import Row
+    from steer.runtime.scheduler import Row
     from steer.runtime.sampling import SamplingParams
 
     prompt = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer, mode="inference",
@@ -363,7 +363,7 @@ def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(
     next decode step (steer.runtime.mixed_step) rather than by a forward pass of their own, and still
     generate exactly what they generate alone. A prompt longer than the batch's cache is prefilled
     on its own and appended."""
-    from service.engine import Engine
+    from steer.runtime.scheduler import Scheduler as Engine
 
     policy, _ = _engine(tiny_policy)
     # No EOS: rows run to their budget, so the first one is still running when the others arrive.
@@ -411,7 +411,8 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(tiny_pol
     """A row that ends leaves its batch slot free; the next request is written into it (no cache
     copy), prefilled inside the next decode step or on its own, and generates exactly what it
     generates alone; a slot nobody takes is compacted away."""
-    from service.engine import Engine, Row
+    from steer.runtime.scheduler import Row
+    from steer.runtime.scheduler import Scheduler as Engine
     from steer.runtime.sampling import SamplingParams
 
     policy, _ = _engine(tiny_policy)
@@ -496,7 +497,7 @@ def test_cancelling_one_row_between_steps_keeps_the_rest_decoding(tiny_policy):
 
 def test_eos_ends_the_reply_and_counts_as_a_completion_token(tiny_policy):
     """Usage counts EOS, as steer.runtime.generator does, so both report the same completion_tokens."""
-    from service.engine import Engine
+    from steer.runtime.scheduler import Scheduler as Engine
 
     policy, engine = _engine(tiny_policy)
     engine.start()
@@ -544,7 +545,7 @@ def test_cancel_frees_the_slot(tiny_policy):
     policy, engine = _engine(tiny_policy, max_batch_size=1, max_queue=0)
     engine.start()
     try:
-        from service.engine import QueueFullError
+        from steer.runtime.scheduler import QueueFullError
 
         long_row, sink = _row(policy, "hi", seed=1, max_new=3000, temperature=0)
         engine.submit([long_row])
