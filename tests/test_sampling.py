@@ -183,3 +183,30 @@ def test_penalty_and_bias_ranges(kwargs, field):
     with pytest.raises(SamplingError) as info:
         SamplingParams(**kwargs)
     assert info.value.field == field
+
+
+def test_reply_state_ends_at_the_earliest_stop_and_holds_back_a_possible_one(gpt2_tokenizer):
+    """steer.runtime.stopping: the one end-of-reply rule, token by token, against a full search."""
+    from steer.runtime.detokenize import TokenDecoder
+    from steer.runtime.stopping import ReplyState
+
+    decoder = TokenDecoder.for_tokenizer(gpt2_tokenizer)
+    text = "Aye, the blade is done.\n<extra_id_1>User\nmore"
+    ids = gpt2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    for stops, expected, reason in [
+        (["\n<extra_id_1>", "<extra_id_1>"], "Aye, the blade is done.", "stop"),
+        (["<extra_id_1>", "done"], "Aye, the blade is ", "stop"),
+        (["nothing"], text, "length"),
+    ]:
+        reply = ReplyState(decoder.detokenizer(), stops, max_tokens=len(ids), eos_ids=frozenset())
+        streamed = ""
+        for i, token in enumerate(ids):
+            ended = reply.add(token)
+            streamed += reply.delta()
+            assert expected.startswith(streamed)  # nothing past the cut ever goes out
+            if ended:
+                break
+        assert (reply.text, reply.finish_reason, streamed) == (expected, reason, expected)
+    eos = ReplyState(decoder.detokenizer(), [], max_tokens=10, eos_ids=frozenset({ids[2]}))
+    assert [eos.add(t) for t in ids[:3]] == [False, False, True]
+    assert eos.finish_reason == "stop" and eos.completion_tokens == 3 and eos.text == gpt2_tokenizer.decode(ids[:2])

@@ -1,10 +1,11 @@
 """Text of a reply as its tokens arrive, in constant time per token.
 
 Fast tokenizers (``tokenizers``' Rust ones) stream through ``tokenizers.decoders.DecodeStream``
-(:class:`StreamDetokenizer`): one call into Rust per token. The window below is kept for what it
-cannot do: slow (Python) tokenizers, tokenizers that clean up spaces after decoding, and
-SentencePiece byte-fallback vocabularies, where a later byte can change the text of earlier ones
-(``DecodeStream`` has then already handed that text out). :meth:`TokenDecoder.detokenizer` picks.
+(:class:`StreamDetokenizer`): one call into Rust per token. In a SentencePiece byte-fallback
+vocabulary a later byte can change the text of earlier ones, which ``DecodeStream`` would have
+handed out already, so a run of byte tokens goes into the stream whole, with the token that ends
+it. The window below is kept for what ``DecodeStream`` cannot do: slow (Python) tokenizers and
+tokenizers that clean up spaces after decoding. :meth:`TokenDecoder.detokenizer` picks.
 
 Decoding the whole reply after every token, to find stop strings and stream what is new, costs
 time in proportion to its length: 5 µs at 64 tokens but 84 µs at 1,024 with the demo tokenizer,
@@ -54,7 +55,7 @@ class TokenDecoder:
         byte_tokens = frozenset(i for tok, i in tokenizer.get_vocab().items()
                                 if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"))
         rust = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
-        return cls(decode, byte_tokens, backend if rust and not byte_tokens else None)
+        return cls(decode, byte_tokens, backend if rust else None)
 
     def detokenizer(self) -> IncrementalDetokenizer | StreamDetokenizer:
         """A fresh incremental detokenizer for one reply."""
@@ -119,13 +120,18 @@ class StreamDetokenizer:
         self.text = ""
         self._settled = 0
         self._fallback: IncrementalDetokenizer | None = None
+        self._byte_run: list[int] = []
 
     def add(self, token: int) -> str:
         self.tokens.append(token)
         if self._fallback is not None:
             return self._take(self._fallback.add(token))
+        if token in self._decoder.byte_tokens:
+            self._byte_run.append(token)  # the run may go on and change how it decodes
+            return ""
+        ids, self._byte_run = self._byte_run + [token], []
         try:
-            piece = self._stream.step(self._decoder.stream_backend, token)
+            piece = self._stream.step(self._decoder.stream_backend, ids if len(ids) > 1 else token)
         except Exception:  # the stream's text is no prefix of the longer decode: go by windows
             return self._switch_to_window()
         if piece is None:

@@ -33,7 +33,7 @@ class ReplyState:
     (:mod:`steer.runtime.detokenize`)."""
 
     __slots__ = ("detok", "stops", "max_tokens", "eos_ids", "completion_tokens", "finish_reason", "_final",
-                 "emitted", "_stop_chars")
+                 "emitted", "_stop_chars", "_stop_ends")
 
     def __init__(self, detok, stops: Sequence[str], max_tokens: int, eos_ids: frozenset[int] | set[int]):
         self.detok = detok
@@ -46,6 +46,9 @@ class ReplyState:
         self.emitted = 0  # characters handed out by delta()
         # Characters some stop string contains: text ending in any other cannot end in a stop's prefix.
         self._stop_chars = frozenset("".join(self.stops))
+        # A stop string can only be completed by new text holding its last character; most new
+        # text holds none, and the search is skipped.
+        self._stop_ends = frozenset(s[-1] for s in self.stops)
 
     @property
     def text(self) -> str:
@@ -65,7 +68,7 @@ class ReplyState:
         if spent:
             detok.finish()
         text = detok.text
-        if len(text) > settled:
+        if len(text) > settled and not self._stop_ends.isdisjoint(text[settled:]):
             cut = find_stop(text, self.stops, new_from=settled)
             if cut >= 0:
                 return self._end(text[:cut], "stop")
