@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from steer.runtime.scheduler import (  # noqa: F401  (EngineFailedError is imported from here too)
     STOPPED_MESSAGE,
@@ -204,7 +204,7 @@ class EngineProcess:
                 events, stats = payload
                 self._last_progress = time.monotonic()
                 # Counts before events: a client that has seen its text finds them in the stats.
-                self._stats = stats
+                self._stats = stats = EngineStats(*stats)
                 new_tokens = stats.tokens_total - self._tokens_seen
                 self._tokens_seen = stats.tokens_total
                 if new_tokens and self.on_token is not None:
@@ -255,11 +255,13 @@ class EngineProcess:
         logger.warning("the engine process was restarted (%d restart(s) since the server started)",
                        self.restarts_total)
 
-    def _deliver(self, events: list[tuple[int, RowEvent]]) -> None:
+    def _deliver(self, events: list[tuple[int, RowEvent | str]]) -> None:
         for key, event in events:
             row = self._rows.get(key)
             if row is None:
                 continue
+            if isinstance(event, str):  # a text delta (see run_engine_process's sink)
+                event = RowEvent(index=row.index, delta=event)
             if event.finished:
                 with self._lock:
                     self._rows.pop(key, None)
@@ -337,7 +339,9 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
         events.send(("failed", f"{type(e).__name__}: {e}"))
         return
 
-    outbox: list[tuple[int, RowEvent]] = []
+    # A step's events for the server: a text delta travels as its string, other events whole;
+    # pickling 16 dataclasses a step cost ten times what their strings do.
+    outbox: list[tuple[int, RowEvent | str]] = []
     outbox_lock = threading.Lock()
     rows: dict[int, Row] = {}
 
@@ -348,14 +352,15 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
             batch = outbox[:]
             outbox.clear()
         try:
-            events.send(("events", (batch, engine.stats())))
+            events.send(("events", (batch, astuple(engine.stats()))))
         except (OSError, ValueError):  # the server is gone; the command loop ends too
             pass
 
     def sink_for(key: int) -> Callable[[RowEvent], None]:
         def sink(event: RowEvent) -> None:
+            item = event.delta if not event.finished else event
             with outbox_lock:
-                outbox.append((key, event))
+                outbox.append((key, item))
             if event.finished:
                 rows.pop(key, None)
 
