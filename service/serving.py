@@ -40,7 +40,7 @@ from steer.data.histogram import unseen_request_warnings
 from steer.errors import SteerError
 from steer.runtime.sampling import SamplingParams
 from steer.runtime.scheduler import EngineStoppedError, QueueFullError, Row, RowEvent, Scheduler
-from steer.runtime.stopping import reply_stops
+from steer.runtime.stopping import reply_stops, token_budget
 
 logger = logging.getLogger(__name__)
 
@@ -270,13 +270,10 @@ class ChatServing:
         if requested is not None and requested > s.max_tokens_limit:
             raise bad_request(f"{param} is {requested}; this server allows at most {s.max_tokens_limit}", param)
         max_new = requested if requested is not None else min(s.default_max_tokens, s.max_tokens_limit)
-        if self.max_context is not None:
-            room = self.max_context - prompt_tokens
-            if room < 1:
-                raise bad_request(f"the prompt has {prompt_tokens} tokens; the model's context is {self.max_context}",
-                                  "messages", "context_length_exceeded")
-            # Like a model running out of context: the reply ends with finish_reason "length".
-            max_new = min(max_new, room)
+        max_new = token_budget(max_new, prompt_tokens, self.max_context)
+        if max_new < 1:
+            raise bad_request(f"the prompt has {prompt_tokens} tokens; the model's context is {self.max_context}",
+                              "messages", "context_length_exceeded")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             return SamplingParams(

@@ -23,7 +23,7 @@ from steer.runtime.detokenize import TokenDecoder
 from steer.runtime.model_runner import context_limit, eos_token_ids
 from steer.runtime.sampling import SamplingParams
 from steer.runtime.scheduler import Row, Scheduler
-from steer.runtime.stopping import reply_stops
+from steer.runtime.stopping import reply_stops, token_budget
 
 logger = logging.getLogger(__name__)
 
@@ -161,15 +161,10 @@ class SteerGenerator:
             ignore_eos=request.ignore_eos,
         )
         prompt = self.template.tokenize(request.messages, self.tokenizer, mode="inference", attributes=applied)
-        budget = params.max_new_tokens
-        if self.max_context:
-            room = self.max_context - len(prompt.input_ids)
-            if room < 1:
-                raise GenerationError(
-                    f"the prompt is {len(prompt.input_ids)} tokens; this model's context is {self.max_context}",
-                    "messages",
-                )
-            budget = min(budget, room)
+        budget = token_budget(params.max_new_tokens, len(prompt.input_ids), self.max_context)
+        if budget < 1:
+            raise GenerationError(
+                f"the prompt is {len(prompt.input_ids)} tokens; this model's context is {self.max_context}", "messages")
         if budget != params.max_new_tokens:
             params = replace(params, max_new_tokens=budget)
         # Only what the request asked for: a default it left alone is the policy's own choice.

@@ -7,8 +7,8 @@ A reply ends at the first of:
 - a stop string: the template's end marker (``"\\n<extra_id_1>"``), its other stop strings, the
   request's own. The reply is cut where the earliest of them starts, so nothing of a stop string
   (and of the end marker not even the newline before it) is in the text;
-- the token budget (``max_new_tokens``, already capped by the model's context): finish_reason
-  ``"length"``.
+- the token budget (``max_new_tokens`` capped by the model's context, :func:`token_budget`):
+  finish_reason ``"length"``.
 
 While a reply streams, text that might be the start of a stop string is held back until the next
 tokens settle it. :class:`ReplyState` applies all of this to one reply, a token at a time; the
@@ -26,6 +26,15 @@ def reply_stops(template, request_stops: Iterable[str] = ()) -> list[str]:
     strings, then the request's; each once."""
     marker = getattr(template, "end_marker", "")
     return list(dict.fromkeys([s for s in [marker] if s] + list(template.stop_strings) + list(request_stops)))
+
+
+def token_budget(requested: int, prompt_tokens: int, max_context: int | None) -> int:
+    """The most tokens a reply may take: ``requested``, capped by what the model's context has left
+    after the prompt (the reply then ends with finish_reason "length", like a model out of context).
+    0 when the prompt leaves no room, which the caller refuses naming its field."""
+    if not max_context:
+        return requested
+    return max(0, min(requested, max_context - prompt_tokens))
 
 
 class ReplyState:
