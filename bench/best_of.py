@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     from steer.apm import AttributePredictor
-    from steer.generation import SteerGenerator
+    from steer.runtime.generator import SteerGenerator
     from training.steerability import load_prompts
 
     if args.threads:

@@ -36,8 +36,8 @@ from serve_throughput import _gen_kwargs, requests_for, wrap_stories260k  # noqa
 
 def time_decode(generator, prepared, tokens: int, sync) -> dict[str, float]:
     """Median milliseconds of a decode step and of sampling, decoding ``prepared`` as one batch."""
-    from steer.generation import decode_step, left_pad, prefill
-    from steer.sampling import sample_next_tokens
+    from steer.runtime.model_runner import decode_step, left_pad, prefill
+    from steer.runtime.sampling import sample_next_tokens
 
     params, rngs = [p.params for p in prepared], [p.params.make_rng() for p in prepared]
     ids, mask = left_pad([p.prompt_ids for p in prepared], generator.pad_token_id, generator.device)
@@ -61,8 +61,8 @@ def time_mixed(generator, prepared, joining, tokens: int, sync) -> float:
     """Median milliseconds of a mixed step: the batch's decode step plus one joining prompt."""
     import torch
 
-    from steer.generation import left_pad, prefill
-    from steer.mixed_step import mixed_step, supports_mixed_step
+    from steer.runtime.model_runner import left_pad, prefill
+    from steer.runtime.mixed_step import mixed_step, supports_mixed_step
 
     ids, mask = left_pad([p.prompt_ids for p in prepared], generator.pad_token_id, generator.device)
     _, state = prefill(generator.model, ids, mask)
@@ -93,7 +93,7 @@ def main() -> None:
 
     import torch
 
-    from steer.generation import GenerationRequest, SteerGenerator
+    from steer.runtime.generator import GenerationRequest, SteerGenerator
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,5 +1,5 @@
 """Serving throughput: 16 concurrent streaming clients against `steer serve` (continuous batching)
-vs the same requests one at a time through `steer.generation.SteerGenerator`, same policy, same run.
+vs the same requests one at a time through `steer.runtime.generator.SteerGenerator`, same policy, same run.
 
     python bench/serve_throughput.py [--policy DIR] [--clients 16] [--requests-per-client 4] [--max-tokens 64]
 
@@ -11,6 +11,10 @@ The machine's speed drifts (a shared VM: the same sequential run varies by a thi
 to the next), so the two sides are measured in alternation: each of `--rounds` rounds runs its
 share of the requests one at a time, then all of them through the server; the speedup reported is
 the median over rounds of served tokens/s over the sequential tokens/s measured just before.
+Each round also measures the batching ceiling (``bench/decode_step.py``: --clients x one decode
+step at batch 1 over one step at batch --clients, here in the same process and run), and the
+report gives served/ceiling, the median over rounds of the round's speedup over its ceiling: how
+much of what batching could buy the server delivers.
 
 Without --policy, ../shared/models/stories260K is wrapped as a policy directory in a temp folder.
 The server runs as a subprocess (`python -m steer.cli serve`), so clients and server do not share
@@ -37,6 +41,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_step.py, for the ceiling
 PROMPTS = [
     "Tell me a story about a dragon.",
     "What should I pack for a trip to the mountains?",
@@ -177,7 +182,9 @@ def main() -> None:
 
     import torch
 
-    from steer.generation import SteerGenerator
+    from decode_step import time_decode
+
+    from steer.runtime.generator import GenerationRequest, SteerGenerator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,6 +213,7 @@ def main() -> None:
                 start = time.perf_counter()
                 generator.generate(**_gen_kwargs({**body, "max_tokens": 1}))  # time to one token, alone
                 seq_ttft.append(time.perf_counter() - start)
+            ceiling_prepared = [generator.prepare(GenerationRequest(**_gen_kwargs(b))) for b in bodies[:args.clients]]
             rounds = []
             for share in shares:
                 t0, cpu0 = time.perf_counter(), time.process_time()
@@ -217,6 +225,7 @@ def main() -> None:
                 server_cpu, client_cpu = _cpu_seconds(server.pid) - server_cpu0, time.process_time() - client_cpu0
                 counters = _engine_counters(url)
                 served_tokens = sum(r["tokens"] for r in results)
+                ceiling = _ceiling(generator, ceiling_prepared, args.max_tokens, time_decode)
                 rounds.append({
                     "sequential_tokens": seq_tokens, "sequential_s": seq_time, "sequential_cpu_s": seq_cpu,
                     "served_tokens": served_tokens, "served_s": wall, "server_cpu_s": server_cpu,
@@ -224,6 +233,7 @@ def main() -> None:
                     "engine_tokens": counters["tokens"] - counters0["tokens"],
                     "engine_steps": counters["steps"] - counters0["steps"],
                     "speedup": (served_tokens / wall) / (seq_tokens / seq_time),
+                    **ceiling,
                 })
             server_ttft = _server_mean_ttft(url)
         finally:
@@ -242,6 +252,10 @@ def main() -> None:
     served_tps = statistics.median(r["served_tokens"] / r["served_s"] for r in rounds)
     speedup = statistics.median(r["speedup"] for r in rounds)
     served_cpu = sum(r["server_cpu_s"] + r["client_cpu_s"] for r in rounds)
+    ceiling = statistics.median(r["ceiling_with_sampling"] for r in rounds)
+    forward_ceiling = statistics.median(r["batching_ceiling"] for r in rounds)
+    of_ceiling = statistics.median(r["speedup"] / r["ceiling_with_sampling"] for r in rounds)
+    of_forward_ceiling = statistics.median(r["speedup"] / r["batching_ceiling"] for r in rounds)
     served_tokens_all = sum(r["served_tokens"] for r in rounds)
     report = {
         "policy": args.policy or "stories260K (wrapped)",
@@ -271,15 +285,25 @@ def main() -> None:
         },
         "rounds_detail": [
             {"sequential_tokens_per_s": round(r["sequential_tokens"] / r["sequential_s"], 1),
-             "served_tokens_per_s": round(r["served_tokens"] / r["served_s"], 1), "speedup": round(r["speedup"], 2)}
+             "served_tokens_per_s": round(r["served_tokens"] / r["served_s"], 1), "speedup": round(r["speedup"], 2),
+             "ceiling_with_sampling": round(r["ceiling_with_sampling"], 2),
+             "batching_ceiling": round(r["batching_ceiling"], 2)}
             for r in rounds
         ],
         "load_average_1m": round(os.getloadavg()[0], 2),
         # Median over rounds of (served tokens/s) / (sequential tokens/s) measured next to each other.
         "speedup": round(speedup, 2),
+        # The batching ceiling measured in this run (median over rounds; bench/decode_step.py's two
+        # numbers: decode step plus sampling, and the forward alone), and the speedup's share of it
+        # (median over rounds of speedup / that round's ceiling).
+        "ceiling_with_sampling": round(ceiling, 2),
+        "batching_ceiling": round(forward_ceiling, 2),
+        "served_over_ceiling": round(of_ceiling, 3),
+        "served_over_forward_ceiling": round(of_forward_ceiling, 3),
         # Tokens per CPU-second, served (server + clients) over sequential.
         "cpu_speedup": round((served_tokens_all / served_cpu) / (seq_tokens / seq_cpu), 2),
-        "targets": {"speedup>=8": speedup >= 8, "ttft_p50<=0.3s": percentile(ttfts, 50) <= 0.3},
+        "targets": {"speedup>=8": speedup >= 8, "ttft_p50<=0.3s": percentile(ttfts, 50) <= 0.3,
+                    "served/ceiling>=0.9": of_ceiling >= 0.9},
     }
     print(json.dumps(report, indent=2))
     print()
@@ -293,6 +317,22 @@ def main() -> None:
           f"{percentile(ttfts, 50):>7.3f} / {percentile(ttfts, 95):.3f}")
     print(f"{'inter-token p50 / p95 (s)':<28}{'':>12}{percentile(gaps, 50):>7.4f} / {percentile(gaps, 95):.4f}")
     print(f"{'rows per decode step':<28}{'':>12}{report['served']['rows_per_step']:>14.2f}")
+    print(f"{'batching ceiling (median)':<28}{'':>12}{ceiling:>13.2f}x  (forward alone {forward_ceiling:.2f}x)")
+    print(f"{'served / ceiling':<28}{'':>12}{of_ceiling:>14.3f}  (of the forward's {of_forward_ceiling:.3f})")
+
+
+def _ceiling(generator, prepared, tokens: int, time_decode) -> dict[str, float]:
+    """bench/decode_step.py's batching ceiling, measured now: batch 1 against batch len(prepared)."""
+    sync = lambda: None  # noqa: E731  (CPU; CUDA runs would synchronise, as decode_step.py does)
+    if generator.device.type == "cuda":
+        import torch
+
+        sync = torch.cuda.synchronize
+    one = time_decode(generator, prepared[:1], tokens, sync)
+    many = time_decode(generator, prepared, tokens, sync)
+    n = len(prepared)
+    return {"batching_ceiling": n * one["step_ms"] / many["step_ms"],
+            "ceiling_with_sampling": n * (one["step_ms"] + one["sample_ms"]) / (many["step_ms"] + many["sample_ms"])}
 
 
 def _cpu_seconds(pid: int) -> float:

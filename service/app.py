@@ -68,11 +68,11 @@ class ServerState:
                     f" with APM {s.apm}" if apm is not None else "")
 
     def _thread_engine(self, policy):
-        from service.engine import Engine
-        from steer.generation import eos_token_ids
+        from steer.runtime.model_runner import eos_token_ids
+        from steer.runtime.scheduler import Scheduler
 
         s = self.settings
-        engine = Engine(
+        engine = Scheduler(
             policy.model,
             policy.tokenizer,
             max_batch_size=s.max_batch_size,

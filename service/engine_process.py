@@ -4,7 +4,7 @@ The decode loop and the HTTP side (parsing requests, rendering chunks, writing s
 Python. In one process they take turns on one interpreter lock, so with 16 streaming clients the
 server used about one core of two and delivered two thirds of what the engine alone could. As in
 vLLM (an engine core process behind the API server), :class:`EngineProcess` runs the
-:class:`~service.engine.Engine` in a child process: the server tokenizes prompts and sends rows
+:class:`~steer.runtime.scheduler.Scheduler` (the engine) in a child process: the server tokenizes prompts and sends rows
 down one pipe; after every decode step the child sends that step's events back up another, in
 one message.
 
@@ -26,17 +26,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
-from service.engine import (  # noqa: F401  (EngineFailedError is imported from here too)
+from steer.runtime.scheduler import (  # noqa: F401  (EngineFailedError is imported from here too)
     STOPPED_MESSAGE,
-    Engine,
     EngineFailedError,
     EngineStats,
     EngineStoppedError,
     QueueFullError,
     Row,
     RowEvent,
+    Scheduler,
 )
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class EngineProcess:
                 events, stats = payload
                 self._last_progress = time.monotonic()
                 # Counts before events: a client that has seen its text finds them in the stats.
-                self._stats = stats
+                self._stats = stats = EngineStats(*stats)
                 new_tokens = stats.tokens_total - self._tokens_seen
                 self._tokens_seen = stats.tokens_total
                 if new_tokens and self.on_token is not None:
@@ -255,11 +255,13 @@ class EngineProcess:
         logger.warning("the engine process was restarted (%d restart(s) since the server started)",
                        self.restarts_total)
 
-    def _deliver(self, events: list[tuple[int, RowEvent]]) -> None:
+    def _deliver(self, events: list[tuple[int, RowEvent | str]]) -> None:
         for key, event in events:
             row = self._rows.get(key)
             if row is None:
                 continue
+            if isinstance(event, str):  # a text delta (see run_engine_process's sink)
+                event = RowEvent(index=row.index, delta=event)
             if event.finished:
                 with self._lock:
                     self._rows.pop(key, None)
@@ -293,7 +295,7 @@ def engine_threads(requested: int, device) -> int:
     return max(1, cores - 1)
 
 
-def handle_command(engine: Engine, rows: dict[int, Row], sink_for: Callable[[int], Callable[[RowEvent], None]],
+def handle_command(engine: Scheduler, rows: dict[int, Row], sink_for: Callable[[int], Callable[[RowEvent], None]],
                    kind: str, payload) -> None:
     """Apply one command from the server to the engine. ``rows`` is shared with the engine
     thread, which removes a row the moment it finishes, so every lookup tolerates a key that
@@ -328,7 +330,7 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     try:
         import torch
 
-        from steer.generation import eos_token_ids
+        from steer.runtime.model_runner import eos_token_ids
         from steer.policy import load_policy
 
         policy = load_policy(config.policy, device=config.device, dtype=config.dtype)
@@ -337,7 +339,9 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
         events.send(("failed", f"{type(e).__name__}: {e}"))
         return
 
-    outbox: list[tuple[int, RowEvent]] = []
+    # A step's events for the server: a text delta travels as its string, other events whole;
+    # pickling 16 dataclasses a step cost ten times what their strings do.
+    outbox: list[tuple[int, RowEvent | str]] = []
     outbox_lock = threading.Lock()
     rows: dict[int, Row] = {}
 
@@ -348,20 +352,21 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
             batch = outbox[:]
             outbox.clear()
         try:
-            events.send(("events", (batch, engine.stats())))
+            events.send(("events", (batch, astuple(engine.stats()))))
         except (OSError, ValueError):  # the server is gone; the command loop ends too
             pass
 
     def sink_for(key: int) -> Callable[[RowEvent], None]:
         def sink(event: RowEvent) -> None:
+            item = event.delta if not event.finished else event
             with outbox_lock:
-                outbox.append((key, event))
+                outbox.append((key, item))
             if event.finished:
                 rows.pop(key, None)
 
         return sink
 
-    engine = Engine(
+    engine = Scheduler(
         policy.model,
         policy.tokenizer,
         max_batch_size=config.max_batch_size,

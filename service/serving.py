@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from service.engine import Engine, EngineStoppedError, QueueFullError, Row, RowEvent
 from service.engine_process import EngineFailedError, EngineProcess
 from service.metrics import ServerMetrics
 from service.protocol import (
@@ -40,7 +39,9 @@ from service.settings import ServerSettings
 from steer.best_of import BestOfError, CandidateGroup, best_of_target, check_weights, choose_best
 from steer.data.histogram import unseen_request_warnings
 from steer.errors import SteerError
-from steer.sampling import SamplingParams
+from steer.runtime.sampling import SamplingParams
+from steer.runtime.scheduler import EngineStoppedError, QueueFullError, Row, RowEvent, Scheduler
+from steer.runtime.stopping import reply_stops, token_budget
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class Generation:
 
 
 class ChatServing:
-    def __init__(self, policy, engine: Engine | EngineProcess, settings: ServerSettings, metrics: ServerMetrics, apm=None):
+    def __init__(self, policy, engine: Scheduler | EngineProcess, settings: ServerSettings, metrics: ServerMetrics, apm=None):
         self.policy = policy
         self.engine = engine
         self.settings = settings
@@ -270,13 +271,10 @@ class ChatServing:
         if requested is not None and requested > s.max_tokens_limit:
             raise bad_request(f"{param} is {requested}; this server allows at most {s.max_tokens_limit}", param)
         max_new = requested if requested is not None else min(s.default_max_tokens, s.max_tokens_limit)
-        if self.max_context is not None:
-            room = self.max_context - prompt_tokens
-            if room < 1:
-                raise bad_request(f"the prompt has {prompt_tokens} tokens; the model's context is {self.max_context}",
-                                  "messages", "context_length_exceeded")
-            # Like a model running out of context: the reply ends with finish_reason "length".
-            max_new = min(max_new, room)
+        max_new = token_budget(max_new, prompt_tokens, self.max_context)
+        if max_new < 1:
+            raise bad_request(f"the prompt has {prompt_tokens} tokens; the model's context is {self.max_context}",
+                              "messages", "context_length_exceeded")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             return SamplingParams(
@@ -368,9 +366,7 @@ class ChatServing:
         params = self._sampling_params(req, prompt_tokens)
         best_of, target, weights = self._best_of(req, attributes)
         template = self.policy.template
-        # The end marker ("\n<extra_id_1>") is listed before the bare stop string so the newline that
-        # precedes it is cut too (and held back while streaming), as steer.generation does.
-        stops = list(dict.fromkeys([s for s in [template.end_marker] if s] + template.stop_strings + params.stop))
+        stops = reply_stops(template, params.stop)
         warnings = unseen_request_warnings(
             schema.validate(req.attributes, fill_defaults=False) if req.attributes else {},
             (getattr(self.policy, "config", None) or {}).get("trained_values"))

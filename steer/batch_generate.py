@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from steer.data.jsonl import ResumableJsonl
 from steer.errors import SteerError, validation_error_text
-from steer.generation import GenerationError, GenerationRequest, SteerGenerator
+from steer.runtime.generator import GenerationError, GenerationRequest, SteerGenerator
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """APM-guided best-of-n: draw N candidate replies, measure each with the attribute prediction model
 (APM), keep the one closest to the requested attribute values.
 
-This module is the one definition of that choice. :class:`steer.generation.SteerGenerator`
+This module is the one definition of that choice. :class:`steer.runtime.generator.SteerGenerator`
 (``best_of=N``), the server's ``best_of`` request field and ``steer eval steerability`` all call it,
 so a reply picked in one is the reply picked in the others.
 

@@ -360,7 +360,7 @@ def evaluate(config: DemoConfig, work: Path) -> dict[str, Any]:
 
     from steer.apm import AttributePredictor
     from steer.demo_data import prompts_path
-    from steer.generation import GenerationRequest, SteerGenerator
+    from steer.runtime.generator import GenerationRequest, SteerGenerator
 
     generator = SteerGenerator.load(work / "policy", device="cpu")
     apm = AttributePredictor.load(work / "apm", device="cpu")

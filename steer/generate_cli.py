@@ -67,7 +67,7 @@ def parse_attr_flags(items: list[str], schema: AttributeSchema) -> dict[str, int
 
 def main(config: GenerateConfig) -> int:
     from steer.artifacts import load_steer_config
-    from steer.generation import GenerationError, SteerGenerator
+    from steer.runtime.generator import GenerationError, SteerGenerator
 
     if not config.policy:
         raise GenerationError("--policy is required", "policy")

@@ -63,14 +63,14 @@ class LengthApm:
 
 @pytest.fixture(scope="module")
 def generator(build_tiny_policy, tmp_path_factory):
-    from steer.generation import SteerGenerator
+    from steer.runtime.generator import SteerGenerator
 
     policy = build_tiny_policy(tmp_path_factory.mktemp("bo") / "policy")
     return SteerGenerator.load(policy, device="cpu", apm=None)
 
 
 def test_generate_best_of_returns_the_candidate_closest_to_the_request(demo_schema, hello, generator):
-    from steer.generation import GenerationError, GenerationRequest
+    from steer.runtime.generator import GenerationError, GenerationRequest
 
     with pytest.raises(GenerationError) as e:
         generator.generate(hello, {"humor": 3}, max_new_tokens=12, seed=5, best_of=4)

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from steer.detokenize import IncrementalDetokenizer, TokenDecoder
+from steer.runtime.detokenize import IncrementalDetokenizer, TokenDecoder
 
 TEXT = "Héllo wörld, ça va? 日本語 🙂 The smith’s “best” blade.  Two  spaces\nand a new line."
 
@@ -73,3 +73,34 @@ def test_decoder_keeps_special_tokens_with_or_without_space_cleanup(gpt2_tokeniz
     tok.clean_up_tokenization_spaces = cleanup
     ids = tok("Hi there", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert TokenDecoder.for_tokenizer(tok).decode(ids) == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_fast_tokenizers_stream_through_decode_stream_with_the_same_text(any_tokenizer):
+    """DecodeStream (tokenizers) for fast tokenizers, byte-fallback runs included: the same text as a
+    full decode, settled text never taken back, a split character only once it is whole."""
+    from steer.runtime.detokenize import StreamDetokenizer
+
+    decoder = TokenDecoder.for_tokenizer(any_tokenizer)
+    assert isinstance(decoder.detokenizer(), StreamDetokenizer)
+    rng = random.Random(1)
+    byte_ids = sorted(decoder.byte_tokens)
+    sequences = [any_tokenizer(TEXT, add_special_tokens=False)["input_ids"]]
+    for _ in range(300):
+        sequences.append([rng.choice(byte_ids) if byte_ids and rng.random() < 0.3 else rng.randrange(len(any_tokenizer))
+                          for _ in range(rng.randrange(1, 80))])
+    for ids in sequences:
+        full = decoder.decode(ids)
+        detok = decoder.detokenizer()
+        streamed = ""
+        for token in ids:
+            delta = detok.add(token)
+            streamed += delta
+            assert full.startswith(detok.text), (ids, detok.text)
+        streamed += detok.finish()
+        assert streamed == detok.text == full, ids
+
+
+def test_space_cleanup_keeps_the_window_detokenizer(gpt2_tokenizer):
+    tok = type(gpt2_tokenizer).from_pretrained(gpt2_tokenizer.name_or_path)
+    tok.clean_up_tokenization_spaces = True
+    assert isinstance(TokenDecoder.for_tokenizer(tok).detokenizer(), IncrementalDetokenizer)

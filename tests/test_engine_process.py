@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from service.engine import QueueFullError, Row
+from steer.runtime.scheduler import QueueFullError, Row
 from service.engine_process import EngineFailedError, EngineProcess, EngineProcessConfig
-from steer.sampling import SamplingParams
+from steer.runtime.sampling import SamplingParams
 
 
 @pytest.fixture
@@ -39,8 +39,8 @@ def engine_process(tiny_policy):
 
 
 def test_process_engine_gives_the_thread_engines_text(make_row, tiny_policy, engine_process):
-    from service.engine import Engine
-    from steer.generation import eos_token_ids
+    from steer.runtime.scheduler import Scheduler as Engine
+    from steer.runtime.model_runner import eos_token_ids
     from steer.policy import load_policy
 
     policy = load_policy(tiny_policy, device="cpu")

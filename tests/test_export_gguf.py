@@ -109,7 +109,7 @@ def test_the_file_holds_tokenizer_names_and_steer_settings(stories_f32, stories_
 
 
 def test_steer_loads_the_file_as_the_same_policy(stories_f32, stories_policy, reference):
-    from steer.generation import SteerGenerator
+    from steer.runtime.generator import SteerGenerator
 
     policy, ids, _ = reference
     loaded = SteerGenerator.load(stories_f32, device="cpu", dtype="float32")
@@ -154,12 +154,11 @@ def test_reduced_precision_exports(stories_policy, reference, tmp_path, dtype, f
     assert agreement >= floor
 
 
-def test_byte_level_tokenizer_policy_exports_as_gpt2_vocabulary(tmp_path):
+def test_byte_level_tokenizer_policy_exports_as_gpt2_vocabulary(build_random_policy, tmp_path):
     """The demo's kind of policy: its own byte-level BPE tokenizer, a random LoRA on a tiny Llama."""
     from steer.attributes import get_schema
     from steer.gguf_files import read_string_field
     from steer.policy import load_policy
-    from steer.tiny_model import build_random_policy
 
     policy_dir = build_random_policy(tmp_path / "policy", schema=get_schema("oasst"))
     path = _export(policy_dir, tmp_path / "tiny.gguf")

@@ -5,15 +5,9 @@ import pytest
 import torch
 
 from steer.attributes import AttributeValueError, get_schema
-from steer.generation import (
-    GenerationError,
-    GenerationRequest,
-    SteerGenerator,
-    decode_step,
-    left_pad,
-    prefill,
-)
-from steer.sampling import SamplingError
+from steer.runtime.generator import GenerationError, GenerationRequest, SteerGenerator
+from steer.runtime.model_runner import decode_step, left_pad, prefill
+from steer.runtime.sampling import SamplingError
 from steer.template import PromptTemplate
 
 
@@ -272,7 +266,7 @@ def test_the_cache_goes_under_the_name_the_forward_takes(generator):
 def test_inference_leaves_cudnn_attention_out_and_restores_it(generator, sdpa_backends):
     """cuDNN attention recompiles for every new shape, i.e. on every decode step: generation runs
     SDPA without it, and the process-wide setting is as it was afterwards."""
-    from steer.mixed_step import mixed_step
+    from steer.runtime.mixed_step import mixed_step
 
     assert torch.backends.cuda.cudnn_sdp_enabled()
     res = generator.generate(USER, {}, max_new_tokens=4, seed=0)

@@ -1,8 +1,9 @@
 import torch
 from transformers import DynamicCache
 
-from steer.generation import _with_cache, decode_step, left_pad, prefill
-from steer.kv_cache import PreallocatedLayer, new_kv_cache
+from steer.runtime.compat import with_cache as _with_cache
+from steer.runtime.model_runner import decode_step, left_pad, prefill
+from steer.runtime.kv_cache import PreallocatedLayer, new_kv_cache
 
 
 def _decode(model, cache, steps=40):

@@ -45,7 +45,7 @@ def test_sft_prints_histogram_warns_and_records_trained_values(tmp_path, caplog)
 
 
 def test_generate_and_serve_warn_about_values_never_trained(build_tiny_policy, hello, make_client, sse_events, wait_ready, tmp_path):
-    from steer.generation import SteerGenerator
+    from steer.runtime.generator import SteerGenerator
 
     policy = build_tiny_policy(tmp_path / "policy")
     config_path = policy / "steer_config.json"

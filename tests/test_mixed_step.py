@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from steer.generation import decode_step, left_pad, prefill
-from steer.mixed_step import ATTENTION_NAME, MIXED_STEP_MODEL_TYPES, fits, mixed_step, supports_mixed_step
+from steer.runtime.model_runner import decode_step, left_pad, prefill
+from steer.runtime.mixed_step import ATTENTION_NAME, MIXED_STEP_MODEL_TYPES, fits, mixed_step, supports_mixed_step
 
 RUNNING = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
 STEP_TOKENS = [[21, 22, 23, 24], [25, 26, 27, 28], [29, 30, 31, 32]]

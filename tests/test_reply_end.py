@@ -55,7 +55,7 @@ def test_sft_with_split_markers_saves_a_policy_that_loads(shared_path, tmp_path)
     import torch
 
     from steer.demo_data import rated_path
-    from steer.generation import SteerGenerator
+    from steer.runtime.generator import SteerGenerator
     from steer.policy import load_policy
     from training.sft import SftConfig, main
 
@@ -83,7 +83,7 @@ def test_sft_with_split_markers_saves_a_policy_that_loads(shared_path, tmp_path)
 
 
 def test_control_bytes_never_reach_the_text(fresh_llama_tokenizer):
-    from steer.detokenize import IncrementalDetokenizer, TokenDecoder
+    from steer.runtime.detokenize import IncrementalDetokenizer, TokenDecoder
 
     tok = fresh_llama_tokenizer
     control = tok.convert_tokens_to_ids("<0x1C>")

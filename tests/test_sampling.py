@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from steer.sampling import (
-    SamplingError, SamplingParams, filter_top_p, find_stop, sample_next_tokens, streamable_length,
-)
+from steer.runtime.sampling import SamplingError, SamplingParams, filter_top_p, sample_next_tokens
+from steer.runtime.stopping import find_stop, streamable_length
 
 
 def test_params_validation():
@@ -121,7 +120,7 @@ def test_temperature_scales_before_the_nucleus_is_cut():
 def test_wide_nucleus_falls_back_to_a_full_sort():
     """A flat distribution needs far more than the top-k candidates to reach top_p; the fallback
     must give the oracle's nucleus (draws stay inside it and cover it)."""
-    import steer.sampling as sampling
+    import steer.runtime.sampling as sampling
 
     logits = torch.zeros(1, 1000)
     logits[0, :500] = 0.01 * torch.arange(500, dtype=torch.float32)  # mass spread over many tokens
@@ -171,7 +170,7 @@ def test_tiny_temperature_is_greedy_not_an_overflow(temperature):
 
 
 def test_stop_strings_have_a_length_limit():
-    from steer.sampling import MAX_STOP_LENGTH
+    from steer.runtime.sampling import MAX_STOP_LENGTH
 
     SamplingParams(stop=["x" * MAX_STOP_LENGTH])
     with pytest.raises(SamplingError, match=f"at most {MAX_STOP_LENGTH} characters") as info:
@@ -195,7 +194,7 @@ def test_logit_bias_bans_and_forces_tokens():
 
 
 def test_presence_and_frequency_penalties_follow_openai_and_batch_like_single_rows():
-    from steer.sampling import adjust_logits
+    from steer.runtime.sampling import adjust_logits
 
     logits = torch.zeros(3, 6)
     generated = [[1, 1, 2], [1, 1, 2], []]
@@ -232,3 +231,30 @@ def test_penalty_and_bias_ranges(kwargs, field):
     with pytest.raises(SamplingError) as info:
         SamplingParams(**kwargs)
     assert info.value.field == field
+
+
+def test_reply_state_ends_at_the_earliest_stop_and_holds_back_a_possible_one(gpt2_tokenizer):
+    """steer.runtime.stopping: the one end-of-reply rule, token by token, against a full search."""
+    from steer.runtime.detokenize import TokenDecoder
+    from steer.runtime.stopping import ReplyState
+
+    decoder = TokenDecoder.for_tokenizer(gpt2_tokenizer)
+    text = "Aye, the blade is done.\n<extra_id_1>User\nmore"
+    ids = gpt2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    for stops, expected, reason in [
+        (["\n<extra_id_1>", "<extra_id_1>"], "Aye, the blade is done.", "stop"),
+        (["<extra_id_1>", "done"], "Aye, the blade is ", "stop"),
+        (["nothing"], text, "length"),
+    ]:
+        reply = ReplyState(decoder.detokenizer(), stops, max_tokens=len(ids), eos_ids=frozenset())
+        streamed = ""
+        for i, token in enumerate(ids):
+            ended = reply.add(token)
+            streamed += reply.delta()
+            assert expected.startswith(streamed)  # nothing past the cut ever goes out
+            if ended:
+                break
+        assert (reply.text, reply.finish_reason, streamed) == (expected, reason, expected)
+    eos = ReplyState(decoder.detokenizer(), [], max_tokens=10, eos_ids=frozenset({ids[2]}))
+    assert [eos.add(t) for t in ids[:3]] == [False, False, True]
+    assert eos.finish_reason == "stop" and eos.completion_tokens == 3 and eos.text == gpt2_tokenizer.decode(ids[:2])

@@ -186,7 +186,7 @@ def test_health_and_routes_report_a_policy_that_fails_to_load(demo_schema, hello
 def _engine(tiny_policy, **kw):
     import torch
 
-    from service.engine import Engine
+    from steer.runtime.scheduler import Scheduler as Engine
     from steer.policy import load_policy
 
     torch.set_num_threads(1)  # as the servers here; the module fixture restores it
@@ -198,9 +198,9 @@ def _engine(tiny_policy, **kw):
 def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(make_row, collector, tiny_policy, monkeypatch):
     import torch
 
-    import service.engine
-    from service.engine import Row
-    from steer.sampling import SamplingParams
+    import steer.runtime.scheduler
+    from steer.runtime.scheduler import Row
+    from steer.runtime.sampling import SamplingParams
 
     policy, engine = _engine(tiny_policy)
     tok = policy.tokenizer
@@ -208,7 +208,7 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(make_row,
     script = tok(reply, add_special_tokens=False)["input_ids"]
     assert sum(t in engine._decoder.byte_tokens for t in script) == 7  # 日 and 🙂 come as byte runs
     drawn = iter(script)
-    monkeypatch.setattr(service.engine, "sample_next_tokens",
+    monkeypatch.setattr(steer.runtime.scheduler, "sample_next_tokens",
                         lambda logits, params, rngs, generated=None: torch.tensor([next(drawn) for _ in params]))
     sink, deltas = collector(), []
     row = Row(prompt_ids=make_row(policy, "hi", seed=0)[0].prompt_ids, params=SamplingParams(max_new_tokens=len(script)),
@@ -228,8 +228,8 @@ def test_streamed_deltas_hold_split_characters_and_add_up_to_the_reply(make_row,
 @pytest.fixture
 def make_row(collector):
     """``make_row(policy, content, seed, max_new=24, temperature=1.0)``: an engine row and its sink."""
-    from service.engine import Row
-    from steer.sampling import SamplingParams
+    from steer.runtime.scheduler import Row
+    from steer.runtime.sampling import SamplingParams
 
     def make(policy, content, seed, max_new=24, temperature=1.0):
         prompt = policy.template.tokenize([{"role": "user", "content": content}], policy.tokenizer,
@@ -270,10 +270,10 @@ def test_seeded_request_gives_the_same_text_alone_or_batched(make_row, tiny_poli
 
 def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(make_row, tiny_policy):
     """Once a batch runs, arriving requests take free or newly added rows and are prefilled by the
-    next decode step (steer.mixed_step) rather than by a forward pass of their own, and still
+    next decode step (steer.runtime.mixed_step) rather than by a forward pass of their own, and still
     generate exactly what they generate alone. A prompt longer than the batch's cache is prefilled
     on its own and appended."""
-    from service.engine import Engine
+    from steer.runtime.scheduler import Scheduler as Engine
 
     policy, _ = _engine(tiny_policy)
     # No EOS: rows run to their budget, so the first one is still running when the others arrive.
@@ -321,8 +321,9 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(collecto
     """A row that ends leaves its batch slot free; the next request is written into it (no cache
     copy), prefilled inside the next decode step or on its own, and generates exactly what it
     generates alone; a slot nobody takes is compacted away."""
-    from service.engine import Engine, Row
-    from steer.sampling import SamplingParams
+    from steer.runtime.scheduler import Row
+    from steer.runtime.scheduler import Scheduler as Engine
+    from steer.runtime.sampling import SamplingParams
 
     policy, _ = _engine(tiny_policy)
     # No EOS: rows run to their budget.
@@ -405,8 +406,8 @@ def test_cancelling_one_row_between_steps_keeps_the_rest_decoding(make_row, tiny
 
 
 def test_eos_ends_the_reply_and_counts_as_a_completion_token(make_row, tiny_policy):
-    """Usage counts EOS, as steer.generation does, so both report the same completion_tokens."""
-    from service.engine import Engine
+    """Usage counts EOS, as steer.runtime.generator does, so both report the same completion_tokens."""
+    from steer.runtime.scheduler import Scheduler as Engine
 
     policy, engine = _engine(tiny_policy)
     engine.start()
@@ -435,9 +436,9 @@ def test_eos_ends_the_reply_and_counts_as_a_completion_token(make_row, tiny_poli
 
 def test_ignore_eos_runs_every_reply_to_max_tokens(hello, make_client, wait_ready, tiny_policy, monkeypatch):
     """With every token declared EOS, a reply is one token long unless the request says ignore_eos."""
-    import steer.generation
+    import steer.runtime.model_runner
 
-    monkeypatch.setattr(steer.generation, "eos_token_ids", lambda model, tokenizer: set(range(len(tokenizer))))
+    monkeypatch.setattr(steer.runtime.model_runner, "eos_token_ids", lambda model, tokenizer: set(range(len(tokenizer))))
     with make_client(tiny_policy) as c:
         wait_ready(c)
         body = {"messages": hello, "max_tokens": 7, "seed": 3, "n": 2}
@@ -454,7 +455,7 @@ def test_cancel_frees_the_slot(make_row, tiny_policy):
     policy, engine = _engine(tiny_policy, max_batch_size=1, max_queue=0)
     engine.start()
     try:
-        from service.engine import QueueFullError
+        from steer.runtime.scheduler import QueueFullError
 
         long_row, sink = make_row(policy, "hi", seed=1, max_new=3000, temperature=0)
         engine.submit([long_row])

@@ -125,7 +125,7 @@ def test_report_files_and_plots_exist_and_parse(eval_run):
 
 
 def test_a_rerun_reuses_the_cache_and_reproduces_the_report(eval_run, monkeypatch):
-    from steer.generation import SteerGenerator
+    from steer.runtime.generator import SteerGenerator
     from training.steerability import main
 
     config, out = eval_run
@@ -147,7 +147,7 @@ def test_a_rerun_reuses_the_cache_and_reproduces_the_report(eval_run, monkeypatc
 def test_best_of_in_the_eval_is_what_the_api_picks(eval_run):
     """The eval's best-of-3 winner for a cell is the reply SteerGenerator(best_of=3) returns."""
     from steer.apm import AttributePredictor
-    from steer.generation import SteerGenerator
+    from steer.runtime.generator import SteerGenerator
     from training.steerability import SEED_STRIDE, load_prompts
 
     config, out = eval_run

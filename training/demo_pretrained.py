@@ -125,7 +125,7 @@ def reply_loss(model, tokenizer, template, pairs, max_length: int = 512) -> floa
 
 def general_ability(config, work: Path) -> dict[str, Any]:
     """Held-out OpenAssistant reply loss and a few answers to general questions, base vs policy."""
-    from steer.generation import GenerationRequest, SteerGenerator
+    from steer.runtime.generator import GenerationRequest, SteerGenerator
     from steer.modeling import load_causal_lm, load_tokenizer
     from steer.policy import load_policy
 

@@ -58,7 +58,7 @@ steer serve --policy {name}     # OpenAI-compatible API with an "attributes" fie
 ```
 
 ```python
-from steer.generation import SteerGenerator
+from steer.runtime.generator import SteerGenerator
 
 gen = SteerGenerator.load("{name}")
 print(gen.generate([{{"role": "user", "content": "Can you fix my sword?"}}], attributes={example!r}).text)

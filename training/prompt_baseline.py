@@ -2,7 +2,7 @@
 words in its system message ("Humor: 4 of 4, be very funny."), with no adapter and no label line.
 
 This is what a user would try instead of SteerLM. :class:`InstructionPrompt` plugs into
-:class:`steer.generation.SteerGenerator` like any prompt template, so the baseline runs through the
+:class:`steer.runtime.generator.SteerGenerator` like any prompt template, so the baseline runs through the
 same batched decode loop, sampler and stop handling as the policy:
 
 - a base model with a chat template gets its own template (system message + user turn +
@@ -115,7 +115,7 @@ class InstructionPrompt:
 def load_baseline_generator(base_model: str, schema: AttributeSchema, device: str | None = None,
                             trust_remote_code: bool = False):
     """A :class:`SteerGenerator` over the bare base model with :class:`InstructionPrompt`."""
-    from steer.generation import SteerGenerator
+    from steer.runtime.generator import SteerGenerator
     from steer.modeling import load_causal_lm, load_tokenizer, resolve_device
 
     dev = resolve_device(device)

@@ -265,7 +265,7 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
     from steer.apm import AttributePredictor
     from steer.artifacts import load_steer_config
     from steer.best_of import best_of_target, candidate_seed, select_best
-    from steer.generation import GenerationRequest, SteerGenerator
+    from steer.runtime.generator import GenerationRequest, SteerGenerator
     from training.relevance import SentenceEncoder
 
     start = time.perf_counter()

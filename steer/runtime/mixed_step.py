@@ -9,17 +9,17 @@ row (a running row's pending token, a free slot's padding, a joining row's last 
 linear layers see only those tokens; attention is done per part by :func:`_mixed_attention`:
 
 - the per-row tokens attend over the batch's KV cache under the padding mask, exactly as in
-  :func:`steer.generation.decode_step`;
+  :func:`steer.runtime.model_runner.decode_step`;
 - each joining prompt attends causally to itself only; several joining prompts are gathered into
   a right-padded batch for that (a block-diagonal mask over all of them would cost the square of
   their total length: 400 ms for 15 prompts of 117 tokens, against 8 ms padded).
 
 A joining row takes over a free batch row. Its prompt is written right-aligned, ending at the new
 column every row gets this step, over columns that row no longer uses, so the layout is the one
-:func:`steer.generation.prefill` plus the server's slot placement would give.
+:func:`steer.runtime.model_runner.prefill` plus the scheduler's slot placement (:func:`steer.runtime.kv_cache.place_row`) would give.
 
 Models whose attention goes through transformers' attention interface and whose cache is a
-:mod:`steer.kv_cache` preallocated one can take this path (:func:`supports_mixed_step`); others
+:mod:`steer.runtime.kv_cache` preallocated one can take this path (:func:`supports_mixed_step`); others
 keep the separate prefill.
 """
 
@@ -29,12 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from steer.generation import DecodeState
-from steer.kv_cache import PreallocatedLayer
 from steer.modeling import inference_attention
+from steer.runtime.compat import attention_implementation, register_attention, sdpa_attention_forward, \
+    using_attention
+from steer.runtime.kv_cache import DecodeState, PreallocatedLayer, is_preallocated
 
 ATTENTION_NAME = "steer_mixed_step"
 # Architectures whose attention modules project, rotate and then call the registered attention
@@ -60,13 +59,10 @@ class _Layout:
 
 def supports_mixed_step(model, state: DecodeState | None) -> bool:
     """Whether :func:`mixed_step` can run ``model`` on the batch ``state``."""
-    config = getattr(model, "config", None)
-    layers = getattr(getattr(state, "past_key_values", None), "layers", None)
     return (
-        getattr(config, "model_type", None) in MIXED_STEP_MODEL_TYPES
-        and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
-        and bool(layers)
-        and all(isinstance(layer, PreallocatedLayer) for layer in layers)
+        getattr(getattr(model, "config", None), "model_type", None) in MIXED_STEP_MODEL_TYPES
+        and attention_implementation(model) in ("sdpa", "eager")
+        and is_preallocated(getattr(state, "past_key_values", None))
     )
 
 
@@ -80,7 +76,7 @@ def mixed_step(model, tokens: torch.Tensor, state: DecodeState, joining: Sequenc
     """Feed one token per batch row (``tokens``, [batch]) and prefill each ``(row, prompt_ids)`` of
     ``joining`` into its (free) batch row in the same forward. A joining row's entry in ``tokens``
     is ignored: its last prompt token takes that place. Returns the next logits for every batch row
-    ([batch, vocab]) and advances ``state`` in place, as :func:`steer.generation.decode_step` does."""
+    ([batch, vocab]) and advances ``state`` in place, as :func:`steer.runtime.model_runner.decode_step` does."""
     device = tokens.device
     batch, width = state.attention_mask.shape
     end = width  # the column every row writes this step
@@ -112,15 +108,9 @@ def mixed_step(model, tokens: torch.Tensor, state: DecodeState, joining: Sequenc
     prefixes = [(offset, length) for _, offset, length in joins if length]
     if len(prefixes) > 1:
         _pad_prefixes(layout, prefixes, device)
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
-    try:
-        with inference_attention():
-            out = model(input_ids=flat_ids[None], position_ids=flat_positions[None], use_cache=False,
-                        logits_to_keep=batch, steer_layout=layout)
-    finally:
-        config._attn_implementation = previous
+    with using_attention(model, ATTENTION_NAME), inference_attention():
+        out = model(input_ids=flat_ids[None], position_ids=flat_positions[None], use_cache=False,
+                    logits_to_keep=batch, steer_layout=layout)
     state.attention_mask = mask
     state.next_positions = positions + 1
     return out.logits[0]
@@ -181,4 +171,4 @@ def _mixed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return torch.cat([prefix_out, rows_out], dim=1), None
 
 
-AttentionInterface.register(ATTENTION_NAME, _mixed_attention)
+register_attention(ATTENTION_NAME, _mixed_attention)

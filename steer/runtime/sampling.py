@@ -1,4 +1,4 @@
-"""Token sampling and stop strings, shared by single-request generation and the batched server.
+"""Token sampling, shared by every client of the runtime (steer.runtime.scheduler samples every step).
 
 Each request owns a random stream (``random.Random`` seeded from the request's ``seed``) and draws
 exactly one uniform number per sampled token, so a seeded request produces the same text alone or
@@ -26,8 +26,8 @@ from steer.errors import SteerError
 
 MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
-# Every new token's text is checked against each stop string (and a tail held back while it could
-# still become one), so their length is bounded.
+# Every new token's text is checked against each stop string (steer.runtime.stopping) and a tail
+# held back while it could still become one, so their length is bounded.
 MAX_STOP_LENGTH = 256
 # Below this a temperature is greedy decoding: logits divided by 1e-38 overflow float32 to inf,
 # and the draw then lands on the last vocabulary id. At 1e-4 the softmax of any two logits that
@@ -219,22 +219,3 @@ def _invert(cumulative, mass, uniforms, order, last=None) -> torch.Tensor:
     if order is not None:
         position = order.gather(-1, position)
     return position.view(-1)
-
-
-def find_stop(text: str, stops: Sequence[str], new_from: int = 0) -> int:
-    """Index of the earliest stop string in ``text``, or -1. With ``new_from``, only stops that end
-    at or after that index are looked for: the text before it was searched when it arrived."""
-    hits = [i for i in (text.find(s, max(0, new_from - len(s) + 1)) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def streamable_length(text: str, stops: Sequence[str]) -> int:
-    """How much of ``text`` can be sent now: everything except a tail that might be the start
-    of a stop string still being generated."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return len(text) - hold

@@ -1,34 +1,38 @@
-"""Continuous batching: one background thread owns the model and decodes every running request
-together, admitting waiting requests into the running batch between decode steps.
+"""Continuous batching: the one decode loop of steer. It decodes every running request together,
+admitting waiting requests into the running batch between decode steps. The server runs it on a
+background thread (:meth:`Scheduler.start`, in ``service.engine_process``); :class:`SteerGenerator`
+(``steer.runtime.generator``), and through it ``steer generate --input``, best-of-n and the eval,
+run a batch of requests to the end on the calling thread (:meth:`Scheduler.run`).
 
 Each pass of the loop:
 
 1. free the batch slots of rows whose client went away;
 2. admit waiting rows up to ``max_batch_size``. Once a batch runs, a row whose prompt fits the
    batch's cache claims a slot (a batch row whose request ended, or an empty row added for it) and
-   is prefilled inside the next decode step (``steer.mixed_step``), which then costs little more
+   is prefilled inside the next decode step (``steer.runtime.mixed_step``), which then costs little more
    than a plain one. The first batch, prompts longer than the cache and models that cannot take
    that path are prefilled on their own (left-padded together); each one's KV cache is written into
    a free slot, right-aligned like every row, or appended (left-padding the shorter cache), and
    their first token is sampled;
 3. one batched decode step over all rows; each row samples from its own logits with its own
-   random stream (``steer.sampling``), so a seeded request gives the same text alone or batched;
-4. detokenize, find stop strings, emit text deltas through each row's ``sink`` callback and free
-   the slots of finished rows. Slots nobody takes over for a few steps are compacted away, and
+   random stream (``steer.runtime.sampling``), so a seeded request gives the same text alone or batched;
+4. detokenize and end replies (``steer.runtime.stopping``), emit text deltas through each row's
+   ``sink`` callback and free the slots of finished rows. Slots nobody takes over for a few steps are compacted away, and
    leading cache columns that only padding still uses are trimmed now and then.
 
 Every running row has exactly one sampled token that is not yet in the cache (its "pending" token);
 the decode step feeds those (free slots are fed padding, and their outputs are ignored). A row
 that claimed a slot has no token yet: the step feeds its prompt and samples its first token.
 
-Writing into and merging caches relies on the cache (``steer.kv_cache``) storing plain
-``[batch, heads, seq, dim]`` tensors per layer (``cache.layers[i].keys/values``). Caches of other
-shapes (sliding-window layers) fall back to re-prefilling the whole batch on admission and
-compacting at once, which is correct and, for small models, cheap.
+Writing into and merging caches is done by ``steer.runtime.kv_cache``, on caches that store plain
+``[batch, heads, seq, dim]`` tensors per layer. Caches of other shapes (sliding-window layers)
+fall back to re-prefilling the whole batch on admission and compacting at once, which is correct
+and, for small models, cheap.
 
 This module knows nothing about HTTP or processes: results leave through the ``sink`` callables
 (the serving layer turns them into ``loop.call_soon_threadsafe`` calls, or
-``service.engine_process`` into messages to the server process).
+``service.engine_process`` into messages to the server process); a row without a sink is read
+when it is done (``row.reply``).
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steer.detokenize import IncrementalDetokenizer, TokenDecoder
 from steer.errors import SteerError
-from steer.generation import DecodeState, context_limit, decode_step, left_pad, prefill
-from steer.kv_cache import PreallocatedLayer
-from steer.mixed_step import fits, mixed_step, supports_mixed_step
-from steer.sampling import SamplingParams, sample_next_tokens, streamable_length
+from steer.runtime.detokenize import TokenDecoder
+from steer.runtime.kv_cache import DecodeState, add_free_rows, is_preallocated, merge_states, place_row, \
+    select_new_rows, select_rows, trim_columns
+from steer.runtime.mixed_step import fits, mixed_step, supports_mixed_step
+from steer.runtime.model_runner import context_limit, decode_step, left_pad, prefill
+from steer.runtime.sampling import SamplingParams, sample_next_tokens
+from steer.runtime.stopping import ReplyState
 
 logger = logging.getLogger(__name__)
 
@@ -82,29 +88,28 @@ class RowEvent:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
+    """One reply to decode: its prompt, sampling settings and stop strings (``reply_stops``)."""
+
     prompt_ids: list[int]
     params: SamplingParams
     stops: list[str]
-    sink: Callable[[RowEvent], None]
+    # Gets the row's events; None: nobody streams it, the caller reads ``reply`` once ``done``.
+    sink: Callable[[RowEvent], None] | None = None
     index: int = 0
     rng: random.Random | None = None
     generated: list[int] = field(default_factory=list)
-    emitted_chars: int = 0
     cancelled: bool = False
     done: bool = False
     submitted_at: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
-    # The reply's text so far, settled token by token (set when the engine accepts the row).
-    detok: IncrementalDetokenizer | None = field(default=None, repr=False)
-
-    # Characters some stop string contains: text ending in any other cannot end in a stop's prefix.
-    stop_chars: frozenset[str] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.stop_chars = frozenset("".join(self.stops))
+    # Text and end of the reply, token by token (set when the scheduler accepts the row).
+    reply: ReplyState | None = field(default=None, repr=False)
+    # How the row ended: "stop" | "length" | "cancelled" | "error", and the error's message.
+    finish_reason: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -118,7 +123,7 @@ class EngineStats:
     max_batch_seen: int
 
 
-class Engine:
+class Scheduler:
     def __init__(
         self,
         model,
@@ -131,20 +136,21 @@ class Engine:
         on_token: Callable[[int], None] | None = None,
         on_step: Callable[[], None] | None = None,
         mixed_steps: bool = True,
+        decoder: TokenDecoder | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.eos_token_ids = set(int(t) for t in eos_token_ids)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.on_token = on_token
         # Called after every pass of the loop, outside the lock, once that pass's events are out.
         self.on_step = on_step
         self.max_context = context_limit(model)
-        # How ids become text (incrementally, per row: steer.detokenize), worked out once.
-        self._decoder = TokenDecoder.for_tokenizer(tokenizer)
+        # How ids become text (incrementally, per row: steer.runtime.detokenize), worked out once.
+        self._decoder = decoder or TokenDecoder.for_tokenizer(tokenizer)
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
         # Batch row i of the KV cache belongs to _slots[i]; None marks a free slot, which decodes
@@ -216,7 +222,8 @@ class Engine:
                 row.submitted_at = now
                 if row.rng is None:
                     row.rng = row.params.make_rng()
-                row.detok = IncrementalDetokenizer(self._decoder)
+                row.reply = ReplyState(self._decoder.detokenizer(), row.stops, row.params.max_new_tokens,
+                                       frozenset() if row.params.ignore_eos else self.eos_token_ids)
                 self._waiting.append(row)
                 self._submitted += 1
             self._cv.notify_all()
@@ -279,7 +286,7 @@ class Engine:
         return time.monotonic() - self._last_progress if self._submitted > self._ended else 0.0
 
     def _iterate(self) -> bool:
-        """One pass: drop cancelled rows, admit waiting ones, one decode step. False once stopped."""
+        """One pass of the background loop: wait for work, then :meth:`_step`. False once stopped."""
         with self._cv:
             while not self._stop and not self._waiting and not self._slots:
                 self._cv.wait()
@@ -287,19 +294,7 @@ class Engine:
                 return False
         admit: list[Row] = []
         try:
-            with self._cv:
-                self._drop_cancelled()
-                room = self.max_batch_size - len(self._live_rows())
-                while self._waiting and len(admit) < room:
-                    admit.append(self._waiting.popleft())
-                idle_free_slots = not self._waiting and self._free_since and \
-                    self._steps_total - min(self._free_since.values()) >= self.HOLD_FREE_SLOT_STEPS
-            if admit:
-                self._admit(admit)
-            elif idle_free_slots:
-                self._compact()
-            if self._slots:
-                self._decode_step()
+            self._step(admit)
         except Exception as e:  # a bug or an out-of-memory must not kill the server silently
             logger.exception("engine step failed; failing the batch")
             with self._cv:
@@ -308,6 +303,33 @@ class Engine:
                         self._finish(row, "error", error=f"generation failed: {type(e).__name__}")
                 self._reset_batch()
         return True
+
+    def _step(self, admit: list[Row]) -> None:
+        """Drop cancelled rows, admit waiting ones (collected into ``admit``), one decode step."""
+        with self._cv:
+            self._drop_cancelled()
+            room = self.max_batch_size - len(self._live_rows())
+            while self._waiting and len(admit) < room:
+                admit.append(self._waiting.popleft())
+            idle_free_slots = not self._waiting and self._free_since and \
+                self._steps_total - min(self._free_since.values()) >= self.HOLD_FREE_SLOT_STEPS
+        if admit:
+            self._admit(admit)
+        elif idle_free_slots:
+            self._compact()
+        if self._slots:
+            self._decode_step()
+
+    def run(self, rows: Sequence[Row]) -> list[Row]:
+        """Decode ``rows`` to their end on the calling thread, for a scheduler that is not
+        :meth:`start`-ed; errors propagate. Each row's ``reply`` then holds its text."""
+        if self._thread is not None:
+            raise RuntimeError("run() drives a scheduler that is not running on its own thread")
+        self.submit(rows)
+        with torch.inference_mode():
+            while self._waiting or self._slots:
+                self._step([])
+        return list(rows)
 
     def _live_rows(self) -> list[Row]:
         return [r for r in self._slots if r is not None]
@@ -370,8 +392,7 @@ class Engine:
     def _prefill_and_place(self, rows: list[Row]) -> None:
         logits, new = self._prefill([r.prompt_ids for r in rows])
         if self._mergeable is None:
-            layers = getattr(new.past_key_values, "layers", None)
-            self._mergeable = bool(layers) and all(isinstance(layer, PreallocatedLayer) for layer in layers)
+            self._mergeable = is_preallocated(new.past_key_values)
             if not self._mergeable:
                 logger.info("this model's KV cache cannot be merged; admission re-prefills the batch")
         if self._state is None:
@@ -398,11 +419,8 @@ class Engine:
                 # A prompt longer than the batch's cache, or no free slot: append rows instead.
                 self._compact()
                 if len(unplaced) < len(rows):
-                    index = torch.tensor(unplaced, dtype=torch.long, device=self.device)
-                    new.past_key_values.batch_select_indices(index)
-                    new.attention_mask = new.attention_mask.index_select(0, index)
-                    new.next_positions = new.next_positions.index_select(0, index)
-                self._merge(new)
+                    select_new_rows(new, unplaced)
+                merge_states(self._state, new)
                 self._slots.extend(rows[j] for j in unplaced)
         tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows],
                                     [r.generated for r in rows])
@@ -427,51 +445,15 @@ class Engine:
         return True
 
     def _add_free_slots(self, n: int) -> None:
-        """Append ``n`` free rows to the batch (nothing in their cache columns is attended to)."""
-        state = self._state
-        for layer in state.past_key_values.layers:
-            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
-            layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
-        state.attention_mask = torch.cat(
-            [state.attention_mask, state.attention_mask.new_zeros((n, state.attention_mask.shape[1]))])
-        state.next_positions = torch.cat([state.next_positions, state.next_positions.new_zeros(n)])
+        """Append ``n`` free rows to the batch."""
+        add_free_rows(self._state, n)
         self._slots.extend([None] * n)
 
     def _place(self, new: DecodeState, j: int, slot: int, row: Row) -> None:
-        """Write prefilled row ``j`` of ``new`` into free batch row ``slot``, right-aligned like every row."""
-        state, length = self._state, len(row.prompt_ids)
-        width = state.attention_mask.shape[1]
-        for layer, added in zip(state.past_key_values.layers, new.past_key_values.layers):
-            layer.keys[slot, :, width - length:] = added.keys[j, :, -length:]
-            layer.values[slot, :, width - length:] = added.values[j, :, -length:]
-        state.attention_mask[slot] = 0
-        state.attention_mask[slot, width - length:] = 1
-        state.next_positions[slot] = new.next_positions[j]
+        """Write prefilled row ``j`` of ``new`` into free batch row ``slot``."""
+        place_row(self._state, new, j, slot, len(row.prompt_ids))
         self._slots[slot] = row
         self._free_since.pop(slot, None)
-
-    def _merge(self, new: DecodeState) -> None:
-        """Append ``new``'s rows to the batch, left-padding the shorter cache."""
-        old = self._state
-        old_len, new_len = old.attention_mask.shape[1], new.attention_mask.shape[1]
-        width = max(old_len, new_len)
-
-        def pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-            if n == 0:
-                return t
-            shape = list(t.shape)
-            shape[-2 if t.dim() == 4 else -1] = n
-            return torch.cat([t.new_zeros(shape), t], dim=-2 if t.dim() == 4 else -1)
-
-        for layer, added in zip(old.past_key_values.layers, new.past_key_values.layers):
-            layer.keys = torch.cat([pad_left(layer.keys, width - old_len), pad_left(added.keys, width - new_len)])
-            layer.values = torch.cat(
-                [pad_left(layer.values, width - old_len), pad_left(added.values, width - new_len)]
-            )
-        old.attention_mask = torch.cat(
-            [pad_left(old.attention_mask, width - old_len), pad_left(new.attention_mask, width - new_len)]
-        )
-        old.next_positions = torch.cat([old.next_positions, new.next_positions])
 
     def _select_rows(self, keep: list[int]) -> None:
         """Keep only the batch rows ``keep`` and drop cache columns no remaining row uses."""
@@ -480,26 +462,7 @@ class Engine:
         if not keep:
             self._state = None
             return
-        state = self._state
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        state.attention_mask = state.attention_mask.index_select(0, index)
-        state.next_positions = state.next_positions.index_select(0, index)
-        if not self._mergeable:
-            state.past_key_values.batch_select_indices(index)
-            return
-        for layer in state.past_key_values.layers:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-        self._trim(min_columns=1)
-
-    def _trim(self, min_columns: int) -> None:
-        """Cut leading cache columns no row attends to any more, if there are ``min_columns`` of them."""
-        state = self._state
-        first = int(state.attention_mask.any(0).int().argmax())
-        if first >= min_columns:
-            state.attention_mask = state.attention_mask[:, first:]
-            for layer in state.past_key_values.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:, :], layer.values[:, :, first:, :]
+        select_rows(self._state, keep, preallocated=bool(self._mergeable))
 
     def _decode_step(self) -> None:
         slots = self._slots
@@ -519,46 +482,29 @@ class Engine:
                                     [r.generated for r in rows])
         self._accept(rows, tokens.tolist())
         if self._mergeable and self._state is not None and self._steps_total % self.TRIM_COLUMNS == 0:
-            self._trim(min_columns=self.TRIM_COLUMNS)
+            trim_columns(self._state, min_columns=self.TRIM_COLUMNS)
 
     # -------------------------------------------------------------- output
     def _accept(self, rows: list[Row], tokens: list[int]) -> None:
-        """Append each row's new token, emit text, and retire rows that are done."""
+        """Hand each row its new token, emit text, and retire rows that are done."""
         now = time.perf_counter()
-        finished: list[Row] = []
+        finished = False
         accepted = 0
         for row, token in zip(rows, tokens):
             if row.cancelled:
                 continue
             if row.first_token_at is None:
                 row.first_token_at = now
-            if token in self.eos_token_ids and not row.params.ignore_eos:
-                # EOS counts as a completion token (as in steer.generation and OpenAI's usage) but
-                # is not text.
-                row.generated.append(token)
-                accepted += 1
-                row.detok.finish()
-                self._emit_final(row, row.detok.text, "stop")
-                finished.append(row)
-                continue
             row.generated.append(token)
             accepted += 1
-            spent = len(row.generated) >= row.params.max_new_tokens
-            cut = row.detok.advance(token, row.stops, last=spent)
-            text = row.detok.text
-            if cut >= 0:
-                self._emit_final(row, text[:cut], "stop")
-                finished.append(row)
-            elif spent:
-                self._emit_final(row, text, "length")
-                finished.append(row)
-            else:
-                # Settled text holds no half character; only a possible start of a stop string
-                # at its end waits for the next tokens.
-                safe = streamable_length(text, row.stops) if text and text[-1] in row.stop_chars else len(text)
-                if safe > row.emitted_chars:
-                    row.sink(RowEvent(index=row.index, delta=text[row.emitted_chars:safe]))
-                    row.emitted_chars = safe
+            reply = row.reply
+            if reply.add(token):
+                self._finish(row, reply.finish_reason)
+                finished = True
+            elif row.sink is not None:
+                delta = reply.delta()
+                if delta:
+                    row.sink(RowEvent(index=row.index, delta=delta))
         self._tokens_total += accepted
         if accepted and self.on_token is not None:
             self.on_token(accepted)
@@ -570,21 +516,25 @@ class Engine:
                     if r.done:
                         self._release(r)
 
-    def _emit_final(self, row: Row, text: str, reason: str) -> None:
-        if len(text) > row.emitted_chars:
-            row.sink(RowEvent(index=row.index, delta=text[row.emitted_chars:]))
-            row.emitted_chars = len(text)
-        self._finish(row, reason, text=text)
-
-    def _finish(self, row: Row, reason: str, text: str = "", error: str | None = None) -> None:
+    def _finish(self, row: Row, reason: str, error: str | None = None) -> None:
+        """End ``row``: the rest of its text (if it ended well), then its final event."""
         if row.done:
             return
         row.done = True
         row.finished_at = time.perf_counter()
+        row.finish_reason, row.error = reason, error
         self._ended += 1
         if reason == "cancelled":
             self._cancelled_total += 1
         else:
             self._finished_total += 1
+        if row.sink is None:
+            return
+        ended_well = reason in ("stop", "length")
+        text = row.reply.text if ended_well else ""
+        if ended_well:
+            delta = row.reply.delta()
+            if delta:
+                row.sink(RowEvent(index=row.index, delta=delta))
         row.sink(RowEvent(index=row.index, finished=True, finish_reason=reason,
                           completion_tokens=len(row.generated), text=text, error=error))

@@ -1,0 +1,12 @@
+"""The decode runtime: the one place steer turns prompts into replies.
+
+- :mod:`~steer.runtime.scheduler`: the continuous-batching decode loop (admission, the batch's
+  slots, one step after another), run on a thread by ``steer serve`` and on the calling thread by
+- :mod:`~steer.runtime.generator`: :class:`SteerGenerator`, the library entry (``steer generate``,
+  best-of-n, the eval);
+- :mod:`~steer.runtime.model_runner` (prefill, decode step), :mod:`~steer.runtime.mixed_step`
+  (a decode step that prefills joining rows), :mod:`~steer.runtime.kv_cache` (the cache and the
+  batch's cache operations), :mod:`~steer.runtime.sampling`, :mod:`~steer.runtime.stopping` (where
+  a reply ends), :mod:`~steer.runtime.detokenize`, and :mod:`~steer.runtime.compat` (every
+  transformers-internals shim).
+"""
