@@ -54,14 +54,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from steer.apm import default_backbone
-    from steer.attributes import get_schema
+    from steer.models.apm import default_backbone
+    from steer.core.attributes import get_schema
     from steer.data import grouped_split, load_conversations
-    from steer.modeling import load_tokenizer
-    from steer.template import PromptTemplate
-    from training import apm_cv
-    from training.apm import ApmTrainConfig, FrozenBackbone, cross_validate, finetune, train_head, validate_config
-    from training.apm_data import headline_attributes, label_matrix, rated_items
+    from steer.models.modeling import load_tokenizer
+    from steer.core.template import PromptTemplate
+    from steer.training import apm_cv
+    from steer.training.apm import ApmTrainConfig, FrozenBackbone, cross_validate, finetune, train_head, validate_config
+    from steer.training.apm_data import headline_attributes, label_matrix, rated_items
 
     config = ApmTrainConfig(data=args.data, output_dir=args.out, format="oasst", cv=args.folds, bootstrap=args.bootstrap,
                             device="cpu", **({"recipe": args.recipe} if args.recipe else {}))
@@ -93,7 +93,7 @@ def main() -> None:
         head = train_head(config, frozen, dev)
         model_pred = apm_cv.apply_head(head, frozen.features(hold))
     else:
-        from steer.apm import AttributePredictor
+        from steer.models.apm import AttributePredictor
 
         model, norm, _ = finetune(config, backbone, schema, tokenizer, template, dev, args.out, quiet=True)
         predictor = AttributePredictor(model.eval(), tokenizer, schema, {"template": template.to_dict(),

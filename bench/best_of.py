@@ -35,9 +35,9 @@ def main() -> None:
 
     import torch
 
-    from steer.apm import AttributePredictor
+    from steer.models.apm import AttributePredictor
     from steer.runtime.generator import SteerGenerator
-    from training.steerability import load_prompts
+    from steer.training.steerability import load_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,8 +37,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from steer.demo_data import rated_path
-    from steer.export_gguf import ExportGgufConfig, export_policy
-    from steer.policy import load_policy
+    from steer.cli.export_gguf import ExportGgufConfig, export_policy
+    from steer.models.policy import load_policy
 
     policy = load_policy(args.policy, device="cpu", dtype="float32")
     start, end = (int(x) for x in args.conversations.split(":"))

@@ -136,7 +136,7 @@ def main() -> None:
     db = args.database_url or f"sqlite:///{tmp / 'sessions.db'}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "steer.cli", "serve", "--policy", str(policy), "--npcs", str(REPO / "examples" / "npcs"),
+    cmd = [sys.executable, "-m", "steer.cli.main", "serve", "--policy", str(policy), "--npcs", str(REPO / "examples" / "npcs"),
            "--database-url", db, "--port", str(port), "--no-ui", "--log-level", "warning"]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]

@@ -28,7 +28,7 @@ def main() -> None:
 
     import torch
 
-    from steer.apm import AttributePredictor
+    from steer.models.apm import AttributePredictor
     from steer.data import load_conversations
 
     if args.threads:

@@ -22,7 +22,7 @@ LEAK = re.compile(r"extra|_id|<extra|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 def run(base: str, out: Path, add: bool, steps: int, prompts: list[dict], seed: int) -> dict:
     from steer.demo_data import rated_path
     from steer.runtime.generator import GenerationRequest, SteerGenerator
-    from training.sft import SftConfig, main
+    from steer.training.sft import SftConfig, main
 
     policy = out / ("markers-added" if add else "markers-split")
     start = time.perf_counter()

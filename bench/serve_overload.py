@@ -130,7 +130,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
         server = subprocess.Popen(
-            [sys.executable, "-m", "steer.cli", "serve", "--policy", str(policy), "--port", str(port), "--no-ui",
+            [sys.executable, "-m", "steer.cli.main", "serve", "--policy", str(policy), "--port", str(port), "--no-ui",
              "--threads", str(args.threads), "--max_queue", str(args.max_queue),
              "--max_batch_size", str(args.max_batch_size), "--log_level", "warning"],
             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -17,7 +17,7 @@ report gives served/ceiling, the median over rounds of the round's speedup over 
 much of what batching could buy the server delivers.
 
 Without --policy, ../shared/models/stories260K is wrapped as a policy directory in a temp folder.
-The server runs as a subprocess (`python -m steer.cli serve`), so clients and server do not share
+The server runs as a subprocess (`python -m steer.cli.main serve`), so clients and server do not share
 a Python interpreter; the clients are a minimal asyncio HTTP/1.1 reader so that generating the
 load costs little CPU next to serving it. Both sides use the same seeds, so they generate the same
 tokens. Prints a JSON object (including CPU seconds per side and the 1-minute load average), then
@@ -56,9 +56,9 @@ ATTRIBUTE_SETS = [{"humor": 4}, {"creativity": 4}, {"helpfulness": 4, "humor": 0
 
 
 def wrap_stories260k(directory: Path) -> Path:
-    from steer.artifacts import save_steer_config
-    from steer.attributes import Attribute, AttributeSchema
-    from steer.template import PromptTemplate
+    from steer.core.artifacts import save_steer_config
+    from steer.core.attributes import Attribute, AttributeSchema
+    from steer.core.template import PromptTemplate
 
     source = Path(os.environ.get("STEER_SHARED", REPO.parent / "shared")) / "models" / "stories260K"
     if not source.is_dir():
@@ -198,7 +198,7 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
-            [sys.executable, "-m", "steer.cli", "--log-level", "WARNING", "serve", "--policy", policy, "--port",
+            [sys.executable, "-m", "steer.cli.main", "--log-level", "WARNING", "serve", "--policy", policy, "--port",
              str(port), "--no-ui", "--device", args.device, "--max-batch-size", str(max(16, args.clients)),
              "--log-level", "warning", "--threads", str(args.threads)],
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},

@@ -32,8 +32,8 @@ def measure(base: str, data: str, n: int, steps: int, batch_size: int, grouped: 
     import torch
     from transformers import Trainer
 
-    from steer.modeling import load_tokenizer
-    from training.sft import (
+    from steer.models.modeling import load_tokenizer
+    from steer.training.sft import (
         SftCollator,
         SftConfig,
         SftDataset,
@@ -48,7 +48,7 @@ def measure(base: str, data: str, n: int, steps: int, batch_size: int, grouped: 
                            max_steps=steps, train_sampling_strategy="group_by_length" if grouped else "random",
                            max_length=512, save_steps=10**6,
                            logging_steps=10**6)
-        from training.sft import load_sft_conversations
+        from steer.training.sft import load_sft_conversations
 
         convs, schema = load_sft_conversations(config)
         tok = load_tokenizer(base)

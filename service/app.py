@@ -2,8 +2,8 @@
 
 The model loads in the background once the server is up, so ``/health`` answers 503 while it
 loads and 200 after; API routes answer 503 until then. Nothing heavy happens at import time.
-The routes (``service.routes``, ``service.npc.routes``) read the state from ``app.state.server``;
-the middleware is in ``service.middleware`` and the error answers in ``service.errors``.
+The routes (``steer.service.routes``, ``steer.service.npc.routes``) read the state from ``app.state.server``;
+the middleware is in ``steer.service.middleware`` and the error answers in ``steer.service.errors``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.errors import install_error_handlers
-from service.metrics import ServerMetrics
-from service.middleware import AccessMiddleware, AdmissionMiddleware, BodyLimitMiddleware, RequestCountMiddleware
-from service.serving import ChatServing
-from service.settings import ServerSettings
+from steer.service.errors import install_error_handlers
+from steer.service.metrics import ServerMetrics
+from steer.service.middleware import AccessMiddleware, AdmissionMiddleware, BodyLimitMiddleware, RequestCountMiddleware
+from steer.service.serving import ChatServing
+from steer.service.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ServerState:
     def load(self) -> None:
         """Blocking: load the policy (and APM) and start the engine, in a child process unless
         ``engine_in_process``."""
-        from steer.policy import load_policy
+        from steer.models.policy import load_policy
 
         s = self.settings
         if s.threads > 0:
@@ -57,7 +57,7 @@ class ServerState:
             engine = self._process_engine()
         apm = None
         if s.apm:
-            from steer.apm import AttributePredictor
+            from steer.models.apm import AttributePredictor
 
             apm = AttributePredictor.load(s.apm, device=s.device)
         self.metrics.bind_engine(engine.stats)
@@ -86,7 +86,7 @@ class ServerState:
         return engine
 
     def _process_engine(self):
-        from service.engine_process import EngineProcess, EngineProcessConfig
+        from steer.service.engine_process import EngineProcess, EngineProcessConfig
 
         s = self.settings
         config = EngineProcessConfig(policy=s.policy, device=s.device, dtype=s.dtype, threads=s.threads,
@@ -156,8 +156,8 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
-    from service.npc.routes import npc_router
-    from service.routes import router
+    from steer.service.npc.routes import npc_router
+    from steer.service.routes import router
 
     app = FastAPI(
         title="steer",
@@ -187,7 +187,7 @@ def _mount_ui(app: FastAPI, settings: ServerSettings) -> None:
         logger.info("gradio is not installed; serving without the UI (pip install 'steer[ui]')")
         return
     try:
-        from ui.app import mount_ui
+        from steer.ui.app import mount_ui
 
         extra = {}
         if settings.api_keys:

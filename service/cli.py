@@ -1,6 +1,6 @@
 """``steer serve``: run the OpenAI-compatible API with uvicorn.
 
-The options are not written here: each is a field of ``service.settings.ServerSettings``, which
+The options are not written here: each is a field of ``steer.service.settings.ServerSettings``, which
 also names its ``STEER_*`` environment variable. A flag given on the command line wins.
 """
 
@@ -11,7 +11,7 @@ import sys
 from dataclasses import field, make_dataclass
 from typing import Any
 
-from service.settings import ServerSettings, SettingsError, env_var, flag_name, shown_default
+from steer.service.settings import ServerSettings, SettingsError, env_var, flag_name, shown_default
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ ServeConfig.__doc__ = "``steer serve`` options: one per ``ServerSettings`` field
 
 
 def main(config: ServeConfig) -> int:
-    from service.app import create_app
-    from steer.artifacts import load_steer_config
+    from steer.service.app import create_app
+    from steer.core.artifacts import load_steer_config
 
     settings = config.to_settings()
     if not settings.policy:
@@ -81,7 +81,7 @@ def main(config: ServeConfig) -> int:
 
         load_profiles(settings.npcs, schema)  # a bad profile fails here, naming its file and field
     if settings.npcs or settings.database_url:
-        from service.npc.db import DEFAULT_DATABASE_URL, open_database
+        from steer.service.npc.db import DEFAULT_DATABASE_URL, open_database
 
         # Reachable, and migrated to the current schema, before the server starts.
         open_database(settings.database_url or DEFAULT_DATABASE_URL).dispose()
@@ -96,7 +96,7 @@ def main(config: ServeConfig) -> int:
     # tokens promptly instead of waiting up to 5 ms each time (with the in-process engine, p50 time
     # to first token with 16 concurrent clients went 0.49 s -> 0.33 s in bench/serve_throughput.py).
     sys.setswitchinterval(0.001)
-    from service.shutdown import build_server
+    from steer.service.shutdown import build_server
 
     app = create_app(settings)
     build_server(app, settings.host, settings.port, config.log_level, settings.drain_timeout_s).run()

@@ -331,7 +331,7 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
         import torch
 
         from steer.runtime.model_runner import eos_token_ids
-        from steer.policy import load_policy
+        from steer.models.policy import load_policy
 
         policy = load_policy(config.policy, device=config.device, dtype=config.dtype)
         torch.set_num_threads(engine_threads(config.threads, policy.device))

@@ -1,4 +1,4 @@
-"""HTTP error answers: every one has OpenAI's body (``service.protocol.error_body``).
+"""HTTP error answers: every one has OpenAI's body (``steer.service.protocol.error_body``).
 
 The exception handlers turn what a request can raise into that body: a ``ServingError`` (user
 errors found by the serving layer), FastAPI's validation error (named by the field it is about),
@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.protocol import error_body
-from service.serving import ServingError
+from steer.service.protocol import error_body
+from steer.service.serving import ServingError
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hmac
 
-from service.errors import as_response, error_response, invalid_api_key
-from service.metrics import ServerMetrics
+from steer.service.errors import as_response, error_response, invalid_api_key
+from steer.service.metrics import ServerMetrics
 
 KNOWN_ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/attributes", "/health", "/metrics")
 

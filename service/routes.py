@@ -1,5 +1,5 @@
 """The API's routes: thin, at module level, reading the app's ``ServerState`` from
-``request.app.state.server`` (set by ``service.app.create_app``); the work is in ``ChatServing``."""
+``request.app.state.server`` (set by ``steer.service.app.create_app``); the work is in ``ChatServing``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from service.errors import invalid_api_key, model_not_ready
-from service.metrics import CONTENT_TYPE_LATEST
-from service.middleware import key_matches
-from service.protocol import (
+from steer.service.errors import invalid_api_key, model_not_ready
+from steer.service.metrics import CONTENT_TYPE_LATEST
+from steer.service.middleware import key_matches
+from steer.service.protocol import (
     AttributesResponse,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -20,10 +20,10 @@ from service.protocol import (
     HealthResponse,
     ModelList,
 )
-from service.serving import ChatServing, ServingError
+from steer.service.serving import ChatServing, ServingError
 
 if TYPE_CHECKING:
-    from service.app import ServerState
+    from steer.service.app import ServerState
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from service.engine_process import EngineFailedError, EngineProcess
-from service.metrics import ServerMetrics
-from service.protocol import (
+from steer.service.engine_process import EngineFailedError, EngineProcess
+from steer.service.metrics import ServerMetrics
+from steer.service.protocol import (
     AttributeInfo,
     AttributesResponse,
     ChatCompletionChunk,
@@ -35,10 +35,10 @@ from service.protocol import (
     completion_id,
     error_body,
 )
-from service.settings import ServerSettings
-from steer.best_of import BestOfError, CandidateGroup, best_of_target, check_weights, choose_best
+from steer.service.settings import ServerSettings
+from steer.runtime.best_of import BestOfError, CandidateGroup, best_of_target, check_weights, choose_best
 from steer.data.histogram import unseen_request_warnings
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 from steer.runtime.sampling import SamplingParams
 from steer.runtime.scheduler import EngineStoppedError, QueueFullError, Row, RowEvent, Scheduler
 from steer.runtime.stopping import reply_stops, token_budget
@@ -128,7 +128,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     params: SamplingParams
     stops: list[str]
-    # best_of (steer.best_of): candidates per choice, the values they are measured against, weights.
+    # best_of (steer.runtime.best_of): candidates per choice, the values they are measured against, weights.
     best_of: int = 1
     best_of_target: dict[str, int] | None = None
     best_of_weights: dict[str, float] | None = None
@@ -221,7 +221,7 @@ class Generation:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     chunk_prefix: str = ""  # "data: {...,"choices":[{"index":" for content chunks (ChatServing._content_chunk)
-    # best_of: rows c * best_of .. (c + 1) * best_of - 1 are choice c's candidates (steer.best_of).
+    # best_of: rows c * best_of .. (c + 1) * best_of - 1 are choice c's candidates (steer.runtime.best_of).
     best_of: int = 1
     best_of_target: dict[str, int] | None = None
     best_of_weights: dict[str, float] | None = None
@@ -383,7 +383,7 @@ class ChatServing:
         rows = []
         for i in range(req.n * prepared.best_of):
             # n > 1 with a seed: each choice gets its own stream (seed + i), still reproducible; with
-            # best_of, row i is candidate i % best_of of choice i // best_of (steer.best_of.candidate_seed).
+            # best_of, row i is candidate i % best_of of choice i // best_of (steer.runtime.best_of.candidate_seed).
             row_params = params if (params.seed is None or i == 0) else replace(
                 params, seed=(params.seed + i) % 2**63)
             rows.append(Row(prompt_ids=list(prepared.prompt_ids), params=row_params, stops=prepared.stops,
@@ -440,7 +440,7 @@ class ChatServing:
         return req.best_of, target, weights
 
     async def _pick_best(self, gen: Generation, texts: dict[int, str]):
-        """Each choice's winning row index and its :class:`steer.best_of.BestOfChoice`."""
+        """Each choice's winning row index and its :class:`steer.runtime.best_of.BestOfChoice`."""
         k = gen.best_of
         groups = [CandidateGroup(gen.messages, [texts[c * k + j] for j in range(k)], gen.best_of_target,
                                  gen.best_of_weights) for c in range(len(gen.rows) // k)]

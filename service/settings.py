@@ -2,8 +2,8 @@
 
 Each field gives its default, its bounds and its description; from that one declaration come the
 ``STEER_*`` environment variables (pydantic-settings reads them), the ``steer serve`` flags
-(``service.cli`` builds its config class from the fields) and the table in docs/serving.md
-(``python -m service.settings`` prints it; a test checks the file holds it). A flag wins over the
+(``steer.service.cli`` builds its config class from the fields) and the table in docs/serving.md
+(``python -m steer.service.settings`` prints it; a test checks the file holds it). A flag wins over the
 environment, the environment over the default. A bad value from any of them is a ``SettingsError``
 naming the field, its flag and its variable.
 """
@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 ENV_PREFIX = "STEER_"
 

@@ -29,7 +29,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 from steer.npc import NpcProfile
 
 DEFAULT_URL = "http://127.0.0.1:8000"

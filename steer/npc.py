@@ -2,7 +2,7 @@
 
 A profile is a YAML file (one per NPC) validated by ``NpcProfile``. It becomes a system prompt
 (``system_prompt``) and a conversation (``dialogue_messages``) that the policy's one prompt
-template (``steer.template``) renders; nothing here writes prompt markup of its own.
+template (``steer.core.template``) renders; nothing here writes prompt markup of its own.
 
 Bounds are what a game designer promises about a character: a town guard never jokes above
 humor 2, and no NPC is asked for (or allowed to say) anything above toxicity 0 unless its
@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from steer.attributes import AttributeSchema
-from steer.errors import SteerError
+from steer.core.attributes import AttributeSchema
+from steer.core.errors import SteerError
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
 NPC_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"

@@ -17,8 +17,8 @@ from pathlib import Path
 def main() -> int:
     from transformers import Trainer
 
-    import training.apm as apm
-    import training.sft as sft
+    import steer.training.apm as apm
+    import steer.training.sft as sft
     from steer import cli
 
     rank = int(os.environ.get("RANK", 0))

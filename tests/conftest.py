@@ -31,14 +31,14 @@ def shared_path():
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    from steer.modeling import load_tokenizer
+    from steer.models.modeling import load_tokenizer
 
     return load_tokenizer(_shared_path("tokenizers", "gpt2"))
 
 
 @pytest.fixture(scope="session")
 def llama_tokenizer():
-    from steer.modeling import load_tokenizer
+    from steer.models.modeling import load_tokenizer
 
     return load_tokenizer(_shared_path("models", "stories260K"))
 
@@ -137,8 +137,8 @@ def tiny_bert_backbone(tmp_path_factory):
     trains in seconds."""
     from transformers import BertConfig, BertModel
 
-    from steer.apm import default_backbone
-    from steer.modeling import load_tokenizer
+    from steer.models.apm import default_backbone
+    from steer.models.modeling import load_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = load_tokenizer(default_backbone())
@@ -154,8 +154,8 @@ def tiny_bert_backbone(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_apm_dir(tiny_bert_backbone, tmp_path_factory):
     """A (barely) trained APM on the helpsteer schema, saved as `steer apm train` saves it."""
-    from training.apm import ApmTrainConfig
-    from training.apm import main as train_main
+    from steer.training.apm import ApmTrainConfig
+    from steer.training.apm import main as train_main
 
     out = tmp_path_factory.mktemp("tiny-apm")
     train_main(ApmTrainConfig(
@@ -268,8 +268,8 @@ def postgres_url():
 @pytest.fixture(scope="module")
 def npc_live_server(tmp_path_factory):
     """A live server (thread) with the example NPCs over a tiny policy and a SQLite database."""
-    from service.app import create_app
-    from service.settings import ServerSettings
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
 
     root = tmp_path_factory.mktemp("npc-live")
     policy = artifacts.build_tiny_policy(root / "policy")
@@ -284,8 +284,8 @@ def ui_server(tmp_path_factory):
     """One live server (stories260K policy + random APM + the Gradio UI at /ui) shared by the UI
     tests and the browser test."""
     pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'steer[ui]')")
-    from service.app import create_app
-    from service.settings import ServerSettings
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
 
     root = tmp_path_factory.mktemp("ui")
     settings = ServerSettings(policy=str(artifacts.build_ui_policy(root / "policy")),

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from steer.apm import AttributePredictor, encode_for_apm
-from steer.artifacts import ArtifactError
-from steer.attributes import get_schema
-from steer.template import PromptTemplate
-from training.apm import ApmTrainConfig, ApmTrainError, masked_mse
-from training.apm import main as train_main
-from training.apm_eval import ApmEvalConfig, attribute_metrics
-from training.apm_eval import main as eval_main
+from steer.models.apm import AttributePredictor, encode_for_apm
+from steer.core.artifacts import ArtifactError
+from steer.core.attributes import get_schema
+from steer.core.template import PromptTemplate
+from steer.training.apm import ApmTrainConfig, ApmTrainError, masked_mse
+from steer.training.apm import main as train_main
+from steer.training.apm_eval import ApmEvalConfig, attribute_metrics
+from steer.training.apm_eval import main as eval_main
 
 SCHEMA_YAML = """\
 name: npc
@@ -72,8 +72,8 @@ def tiny_bert(workdir) -> Path:
     """A randomly initialised 2-layer BERT with MiniLM's (real) WordPiece tokenizer."""
     from transformers import BertConfig, BertModel
 
-    from steer.apm import default_backbone
-    from steer.modeling import load_tokenizer
+    from steer.models.apm import default_backbone
+    from steer.models.modeling import load_tokenizer
 
     tok = load_tokenizer(default_backbone())
     torch.manual_seed(0)
@@ -130,8 +130,8 @@ def test_masked_mse_gradient_is_zero_exactly_where_labels_are_missing():
 
 # -------------------------------------------------------------------------- inputs
 def test_encoding_keeps_the_reply_and_cuts_context_from_the_left():
-    from steer.apm import default_backbone
-    from steer.modeling import load_tokenizer
+    from steer.models.apm import default_backbone
+    from steer.models.modeling import load_tokenizer
 
     tok = load_tokenizer(default_backbone())
     template = PromptTemplate(get_schema("oasst"))
@@ -221,7 +221,7 @@ def test_lora_training_saves_a_merged_plain_model(workdir, data_file, tiny_bert,
 
 
 def test_resume_continues_from_the_last_checkpoint(workdir, data_file, tiny_bert, schema_file, monkeypatch):
-    import training.apm as apm_module
+    import steer.training.apm as apm_module
 
     out = workdir / "apm-resume"
     train_main(_config(data_file, out, tiny_bert, schema_file, max_steps=2, save_steps=2, eval_fraction=0.0,
@@ -250,7 +250,7 @@ def test_eval_json_matches_a_direct_scipy_computation(trained_bert, data_file, c
     from scipy import stats
 
     from steer.data import load_conversations
-    from training.apm import rated_items
+    from steer.training.apm import rated_items
 
     metrics = eval_main(ApmEvalConfig(model=str(trained_bert), data=str(data_file), format="steer", all=True,
                                       json=True, device="cpu"))
@@ -295,7 +295,7 @@ def test_metrics_report_null_for_constant_or_scarce_labels():
 
 # --------------------------------------------------------------------------- errors
 def _cli(argv, capsys):
-    from steer.cli import main
+    from steer.cli.main import main
 
     code = main(argv)
     err = capsys.readouterr().err.strip()
@@ -327,7 +327,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, data_file, tiny_bert):
 
 
 def test_load_rejects_a_policy_directory(tmp_path):
-    from steer.artifacts import save_steer_config
+    from steer.core.artifacts import save_steer_config
 
     save_steer_config(tmp_path, "policy", get_schema("oasst"))
     with pytest.raises(ArtifactError, match="not a 'apm'"):
@@ -336,7 +336,7 @@ def test_load_rejects_a_policy_directory(tmp_path):
 
 # ------------------------------------------------------------------ cross-validation
 def test_grouped_folds_keep_every_group_in_one_fold_and_stay_balanced():
-    from training.apm_cv import grouped_folds
+    from steer.training.apm_cv import grouped_folds
 
     rng = np.random.default_rng(0)
     groups = [f"tree{g}" for g in rng.integers(0, 60, size=500)] + ["big"] * 40
@@ -352,7 +352,7 @@ def test_grouped_folds_keep_every_group_in_one_fold_and_stay_balanced():
 
 
 def test_out_of_fold_predicts_every_item_exactly_once_from_other_groups():
-    from training.apm_cv import grouped_folds, out_of_fold
+    from steer.training.apm_cv import grouped_folds, out_of_fold
 
     groups = np.array([f"g{i // 3}" for i in range(61)])
     folds = grouped_folds(groups, 4)
@@ -382,7 +382,7 @@ def _linear_data(n_groups=200, per_group=3, dim=10, r=0.7, seed=0):
 
 
 def test_ridge_probe_recovers_a_known_linear_signal_with_an_interval_around_it():
-    from training.apm_cv import constant_baseline, grouped_folds, report, ridge_probe
+    from steer.training.apm_cv import constant_baseline, grouped_folds, report, ridge_probe
 
     schema = get_schema("helpsteer")
     x, y, groups = _linear_data(r=0.7)
@@ -407,7 +407,7 @@ def test_ridge_probe_recovers_a_known_linear_signal_with_an_interval_around_it()
 
 def test_cv_runs_the_recipe_and_both_baselines_on_the_same_folds(workdir, data_file, tiny_bert, schema_file,
                                                                monkeypatch, capsys):
-    import training.apm_cv as apm_cv
+    import steer.training.apm_cv as apm_cv
 
     calls = []
     real = apm_cv.out_of_fold
@@ -436,7 +436,7 @@ def test_default_recipe_saves_a_frozen_backbone_and_a_safetensors_head(workdir, 
     from safetensors.numpy import load_file
 
     from steer.data import load_conversations
-    from training.apm_cv import apply_head
+    from steer.training.apm_cv import apply_head
 
     out = workdir / "apm-head"
     cfg = _config(data_file, out, tiny_bert, schema_file, eval_fraction=0.25,
@@ -476,7 +476,7 @@ def test_cv_on_too_few_groups_is_a_clear_error_or_skipped_by_default(workdir, ti
 
 
 def test_held_out_headline_names_its_attributes_and_n_and_warns_when_small():
-    from training.apm import held_out_summary
+    from steer.training.apm import held_out_summary
 
     schema = get_schema("oasst")
     metrics = {"n_items": 95, "attributes": {n: {"pearson": 0.5} for n in schema.names}}
@@ -514,7 +514,7 @@ def test_finetune_is_quiet_and_deletes_its_checkpoints_unless_kept(workdir, tiny
 
 @pytest.mark.parametrize("command", ["train", "cv", "eval"])
 def test_apm_help_renders_and_states_the_checkpoint_policy(command, capsys):
-    from steer.cli import main
+    from steer.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["apm", command, "--help"])
@@ -528,7 +528,7 @@ def test_apm_help_renders_and_states_the_checkpoint_policy(command, capsys):
 
 
 def test_paired_difference_is_positive_for_a_better_model_and_zero_for_the_same():
-    from training.apm_cv import paired_difference
+    from steer.training.apm_cv import paired_difference
 
     schema = get_schema("helpsteer")
     x, y, groups = _linear_data(r=0.9)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from steer.attributes import BUILTIN_SCHEMAS, AttributeSchema, AttributeValueError, get_schema
+from steer.core.attributes import BUILTIN_SCHEMAS, AttributeSchema, AttributeValueError, get_schema
 
 
 def test_builtin_schemas_have_expected_order():
@@ -163,7 +163,7 @@ def test_schema_files_that_do_not_parse_name_the_file_and_line(tmp_path):
 
 
 def test_cli_reports_a_bad_schema_file_in_one_line(tmp_path, capsys):
-    from steer.cli import main
+    from steer.cli.main import main
 
     path = tmp_path / "npc.json"
     path.write_text(json.dumps({"attributes": [{"name": "humor", "max": 4.7}]}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steer.best_of import (
+from steer.runtime.best_of import (
     BestOfError,
     best_of_target,
     candidate_seed,
@@ -118,7 +118,7 @@ def test_rest_best_of_needs_an_apm(build_tiny_policy, hello, make_client, wait_r
 
 
 def test_rest_best_of_returns_the_candidate_the_apm_puts_closest(build_tiny_apm, build_tiny_policy, hello, make_client, sse_events, wait_ready, tmp_path):
-    from steer.apm import AttributePredictor
+    from steer.models.apm import AttributePredictor
 
     policy = build_tiny_policy(tmp_path / "policy")
     apm_dir = build_tiny_apm(tmp_path / "apm")
@@ -155,7 +155,7 @@ def test_rest_best_of_returns_the_candidate_the_apm_puts_closest(build_tiny_apm,
 def test_generate_cli_best_of(build_tiny_apm, build_tiny_policy, demo_schema, tmp_path, capsys):
     import json
 
-    from steer.cli import main as cli
+    from steer.cli.main import main as cli
 
     policy = build_tiny_policy(tmp_path / "policy")
     apm_dir = build_tiny_apm(tmp_path / "apm")

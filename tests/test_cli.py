@@ -1,4 +1,4 @@
-"""Command-line conventions shared by every ``steer`` command (steer/cli.py)."""
+"""Command-line conventions shared by every ``steer`` command (steer/cli/main.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from steer.cli import COMMANDS, HelpFormatter, build_parser, main
+from steer.cli.main import COMMANDS, HelpFormatter, build_parser, main
 
 
 def test_version(capsys):
@@ -36,7 +36,7 @@ def test_help_states_each_default_once(name):
 
 
 def test_required_options_are_shown_as_required(capsys):
-    module = importlib.import_module("training.sft")
+    module = importlib.import_module("steer.training.sft")
     parser = build_parser(module.SftConfig, prog="steer sft", description="")
     text = parser.format_help()
     usage = text.split("\n\n")[0]
@@ -53,7 +53,7 @@ def test_required_options_are_shown_as_required(capsys):
 
 def test_serve_ui_help_says_what_the_default_is():
     pytest.importorskip("fastapi")
-    module = importlib.import_module("service.cli")
+    module = importlib.import_module("steer.service.cli")
     text = " ".join(build_parser(module.ServeConfig, prog="steer serve", description="").format_help().split())
     ui_help = text.split("--ui [UI]")[-1].split("--no_ui")[0]  # the help entry, not the usage line
     assert "(the default)" in ui_help and "(default: False)" not in ui_help

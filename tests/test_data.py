@@ -153,7 +153,7 @@ def _steer_row(i, labels):
 
 
 def test_schema_mismatch_is_named_with_the_flag(tmp_path):
-    from training.sft import SftConfig, SftError, load_sft_conversations
+    from steer.training.sft import SftConfig, SftError, load_sft_conversations
 
     path = write_jsonl(tmp_path / "o.jsonl", [_steer_row(i, {"quality": 3, "humor": 1}) for i in range(4)])
     convs, report = load_conversations(path, "steer", schema="helpsteer")
@@ -188,10 +188,10 @@ def test_malformed_counts_say_conversations_and_rows(tmp_path):
 def test_sft_reports_truncation_and_drops_once(llama_tokenizer, caplog):
     import logging
 
-    from steer.attributes import get_schema
-    from steer.conversation import Conversation, Message
-    from steer.template import PromptTemplate
-    from training.sft import TokenizeStats, tokenize_conversations
+    from steer.core.attributes import get_schema
+    from steer.core.conversation import Conversation, Message
+    from steer.core.template import PromptTemplate
+    from steer.training.sft import TokenizeStats, tokenize_conversations
 
     schema = get_schema("helpsteer")
     template = PromptTemplate(schema)
@@ -199,7 +199,7 @@ def test_sft_reports_truncation_and_drops_once(llama_tokenizer, caplog):
     long_prompt = Conversation([Message("user", "word " * 200), Message("assistant", "ok", labels={"helpfulness": 3})])
     long_reply = Conversation([Message("user", "hi"), Message("assistant", "word " * 200, labels={"helpfulness": 3})])
     stats = TokenizeStats()
-    with caplog.at_level(logging.WARNING, logger="training.sft"):
+    with caplog.at_level(logging.WARNING, logger="steer.training.sft"):
         train = tokenize_conversations([short, long_prompt, long_reply], template, llama_tokenizer, 128, stats)
         held = tokenize_conversations([long_prompt], template, llama_tokenizer, 128, stats)
         assert caplog.records == []  # nothing said per split ...
@@ -214,8 +214,8 @@ def test_sft_reports_truncation_and_drops_once(llama_tokenizer, caplog):
 
 
 def test_unsupported_model_formats_say_what_the_file_is(shared_path, tmp_path, capsys):
-    from steer.cli import main as cli_main
-    from steer.modeling import unsupported_model_message
+    from steer.cli.main import main as cli_main
+    from steer.models.modeling import unsupported_model_message
 
     gguf_dir = shared_path("models", "smollm2-135m-instruct")
     gguf = gguf_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"

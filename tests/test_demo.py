@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from steer.demo import NO_RESULT_SETTINGS, STAGE_SETTINGS, STAGES, DemoConfig, Stages, format_report, main
+from steer.training.demo.pipeline import NO_RESULT_SETTINGS, STAGE_SETTINGS, STAGES, DemoConfig, Stages, format_report, main
 
 
 def _check_artifacts(work):
-    from steer.artifacts import load_steer_config
+    from steer.core.artifacts import load_steer_config
 
     config, schema = load_steer_config(work / "policy", kind="policy")
     assert schema.names == ["helpfulness", "humor", "creativity"]
@@ -32,7 +32,7 @@ def test_quick_demo_writes_artifacts_and_rerun_skips_stages(tmp_path, capsys, ca
         assert (work / "stages" / f"{stage}.done").exists()
 
     # A rerun reuses every finished stage: nothing is retrained or regenerated.
-    caplog.set_level("INFO", logger="steer.demo")
+    caplog.set_level("INFO", logger="steer.training.demo.pipeline")
     before = (work / "policy" / "adapter_model.safetensors").stat().st_mtime_ns
     assert main(DemoConfig(workdir=str(work), quick=True)) == 0
     assert (work / "policy" / "adapter_model.safetensors").stat().st_mtime_ns == before
@@ -129,7 +129,7 @@ def test_full_demo_is_steerable(tmp_path):
 def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(shared_path, tmp_path, capsys):
     """``--base-model``: LoRA on a real pretrained model (the stories260K GGUF) instead of a tiny
     one built here, with the policy set beside prompt steering of the unmodified base."""
-    from steer.artifacts import load_steer_config
+    from steer.core.artifacts import load_steer_config
 
     pytest.importorskip("gguf")
     base = shared_path("models", "stories260K", "stories260K.gguf")

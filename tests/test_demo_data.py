@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from steer.demo_data import DEMO_DATA_DIR
-from training.demo import build_data
+from steer.training.demo import build_data
 
 
 def test_shipped_demo_files_are_the_builders_output(tmp_path):

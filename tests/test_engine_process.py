@@ -11,7 +11,7 @@ import time
 import pytest
 
 from steer.runtime.scheduler import QueueFullError, Row
-from service.engine_process import EngineFailedError, EngineProcess, EngineProcessConfig
+from steer.service.engine_process import EngineFailedError, EngineProcess, EngineProcessConfig
 from steer.runtime.sampling import SamplingParams
 
 
@@ -41,7 +41,7 @@ def engine_process(tiny_policy):
 def test_process_engine_gives_the_thread_engines_text(make_row, tiny_policy, engine_process):
     from steer.runtime.scheduler import Scheduler as Engine
     from steer.runtime.model_runner import eos_token_ids
-    from steer.policy import load_policy
+    from steer.models.policy import load_policy
 
     policy = load_policy(tiny_policy, device="cpu")
     assert engine_process.max_context == policy.model.config.max_position_embeddings
@@ -64,7 +64,7 @@ def test_process_engine_gives_the_thread_engines_text(make_row, tiny_policy, eng
 
 
 def test_queue_limit_and_cancel_on_the_server_side(make_row, tiny_policy, engine_process):
-    from steer.policy import load_policy
+    from steer.models.policy import load_policy
 
     policy = load_policy(tiny_policy, load_model=False)
     # Two batch slots and one waiting place: the fourth row is refused at once.
@@ -83,9 +83,9 @@ def test_queue_limit_and_cancel_on_the_server_side(make_row, tiny_policy, engine
 
 
 def test_engine_process_that_cannot_load_fails_start_with_the_reason(tmp_path):
-    from steer.artifacts import save_steer_config
-    from steer.attributes import Attribute, AttributeSchema
-    from steer.template import PromptTemplate
+    from steer.core.artifacts import save_steer_config
+    from steer.core.attributes import Attribute, AttributeSchema
+    from steer.core.template import PromptTemplate
 
     schema = AttributeSchema(name="x", attributes=(Attribute("humor", 0, 4, 0, "funny"),))
     save_steer_config(tmp_path, "policy", schema, PromptTemplate(schema).to_dict(), base_model=str(tmp_path / "gone"),
@@ -136,7 +136,7 @@ def test_a_killed_engine_process_fails_requests_and_health(hello, make_client, w
 def test_engine_threads_leave_a_core_to_the_http_side(monkeypatch):
     import torch
 
-    from service import engine_process
+    from steer.service import engine_process
 
     assert engine_process.engine_threads(3, torch.device("cpu")) == 3
     monkeypatch.setattr(engine_process.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
@@ -149,7 +149,7 @@ def test_engine_threads_leave_a_core_to_the_http_side(monkeypatch):
 def test_cancel_command_tolerates_a_row_that_finished_in_between():
     """The engine thread removes a finished row from the shared dict at any moment; a cancel for it
     arriving just then must not end the command loop with a KeyError."""
-    from service.engine_process import handle_command
+    from steer.service.engine_process import handle_command
 
     class RowsPoppedMidCheck(dict):
         def __contains__(self, key):  # the engine thread pops the row right after the check

@@ -49,8 +49,8 @@ def stories_policy(tmp_path_factory):
     """A LoRA policy on the real stories260K, three steps of SFT (its template markers are added
     to the vocabulary, so embeddings are resized and trained too)."""
     from steer.demo_data import rated_path
-    from training.sft import SftConfig
-    from training.sft import main as sft
+    from steer.training.sft import SftConfig
+    from steer.training.sft import main as sft
 
     base = shared_path("models", "stories260K")
     out = tmp_path_factory.mktemp("stories") / "policy"
@@ -61,7 +61,7 @@ def stories_policy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(stories_policy):
-    from steer.policy import load_policy
+    from steer.models.policy import load_policy
 
     policy = load_policy(stories_policy, device="cpu", dtype="float32")
     ids = _held_out_ids(policy)
@@ -69,7 +69,7 @@ def reference(stories_policy):
 
 
 def _export(policy_dir, out: Path, dtype: str = "f32", **kw) -> Path:
-    from steer.export_gguf import ExportGgufConfig, export_policy
+    from steer.cli.export_gguf import ExportGgufConfig, export_policy
 
     return export_policy(ExportGgufConfig(policy=str(policy_dir), output=str(out), dtype=dtype, **kw))
 
@@ -92,7 +92,7 @@ def test_f32_export_agrees_with_the_policy_in_transformers(stories_f32, referenc
 def test_the_file_holds_tokenizer_names_and_steer_settings(stories_f32, stories_policy):
     from gguf import GGUFReader
 
-    from steer.gguf_files import read_string_field, read_steer_metadata
+    from steer.models.gguf_files import read_string_field, read_steer_metadata
 
     reader = GGUFReader(str(stories_f32))
     names = {t.name for t in reader.tensors}
@@ -104,7 +104,7 @@ def test_the_file_holds_tokenizer_names_and_steer_settings(stories_f32, stories_
     meta = read_steer_metadata(stories_f32)
     saved = json.loads((stories_policy / "steer_config.json").read_text())
     assert json.loads(meta["steer.schema"]) == saved["schema"]
-    assert json.loads(meta["steer.template"]) == saved["template"]
+    assert json.loads(meta["steer.core.template"]) == saved["template"]
     assert meta["steer.kind"] == "policy" and meta["steer.version"] and meta["general.type"] == "model"
 
 
@@ -116,7 +116,7 @@ def test_steer_loads_the_file_as_the_same_policy(stories_f32, stories_policy, re
     assert loaded.schema.to_dict() == policy.schema.to_dict()
     assert loaded.template.to_dict() == policy.template.to_dict()
     # The tokenizer inside the file tokenizes prompts exactly like the policy's own.
-    from steer.policy import load_policy
+    from steer.models.policy import load_policy
 
     from_file = load_policy(stories_f32, device="cpu", load_model=False)
     assert _held_out_ids(from_file) == ids
@@ -130,7 +130,7 @@ def test_steer_loads_the_file_as_the_same_policy(stories_f32, stories_policy, re
 
 
 def test_steer_generate_takes_the_file_as_policy(stories_f32, stories_policy, capsys):
-    from steer.cli import main
+    from steer.cli.main import main
 
     replies = []
     for policy in (stories_policy, stories_f32):
@@ -156,9 +156,9 @@ def test_reduced_precision_exports(stories_policy, reference, tmp_path, dtype, f
 
 def test_byte_level_tokenizer_policy_exports_as_gpt2_vocabulary(build_random_policy, tmp_path):
     """The demo's kind of policy: its own byte-level BPE tokenizer, a random LoRA on a tiny Llama."""
-    from steer.attributes import get_schema
-    from steer.gguf_files import read_string_field
-    from steer.policy import load_policy
+    from steer.core.attributes import get_schema
+    from steer.models.gguf_files import read_string_field
+    from steer.models.policy import load_policy
 
     policy_dir = build_random_policy(tmp_path / "policy", schema=get_schema("oasst"))
     path = _export(policy_dir, tmp_path / "tiny.gguf")
@@ -178,8 +178,8 @@ def test_byte_level_tokenizer_policy_exports_as_gpt2_vocabulary(build_random_pol
 def gguf_base_policy(tmp_path_factory):
     """A pure LoRA policy on stories260K's own GGUF file (no tokens added, so no embeddings trained)."""
     from steer.demo_data import rated_path
-    from training.sft import SftConfig
-    from training.sft import main as sft
+    from steer.training.sft import SftConfig
+    from steer.training.sft import main as sft
 
     work = tmp_path_factory.mktemp("gguf-base")
     base = work / "stories260K.gguf"
@@ -197,8 +197,8 @@ def test_adapter_only_export_is_a_llama_cpp_lora(gguf_base_policy, tmp_path):
     hand, it must give the merged policy's weights in llama.cpp's layout."""
     from gguf import GGUFReader
 
-    from steer.gguf_writer import llama_tensors
-    from steer.policy import load_policy
+    from steer.models.gguf_writer import llama_tensors
+    from steer.models.policy import load_policy
 
     base, policy_dir = gguf_base_policy
     path = _export(policy_dir, tmp_path / "adapter.gguf", adapter_only=True)
@@ -225,8 +225,8 @@ def test_adapter_only_export_is_a_llama_cpp_lora(gguf_base_policy, tmp_path):
 
 
 def test_adapter_only_refuses_what_a_lora_file_cannot_carry(stories_policy, tmp_path):
-    from steer.gguf_writer import GgufExportError, write_lora_gguf
-    from steer.modeling import load_causal_lm
+    from steer.models.gguf_writer import GgufExportError, write_lora_gguf
+    from steer.models.modeling import load_causal_lm
 
     with pytest.raises(GgufExportError, match="needs a policy trained on a .gguf base"):
         _export(stories_policy, tmp_path / "a.gguf", adapter_only=True)
@@ -237,9 +237,9 @@ def test_adapter_only_refuses_what_a_lora_file_cannot_carry(stories_policy, tmp_
 
 
 def test_bad_inputs_are_clear_cli_errors(stories_f32, tmp_path, capsys):
-    from steer.cli import main
-    from steer.errors import SteerError
-    from steer.policy import load_policy
+    from steer.cli.main import main
+    from steer.core.errors import SteerError
+    from steer.models.policy import load_policy
 
     assert main(["export", "gguf", "--policy", str(tmp_path / "missing"), "--output", str(tmp_path / "x.gguf")]) == 2
     assert "--policy" in capsys.readouterr().err
@@ -261,7 +261,7 @@ def test_bad_inputs_are_clear_cli_errors(stories_f32, tmp_path, capsys):
 
 
 def test_cli_writes_the_file(stories_policy, tmp_path, capsys):
-    from steer.cli import main
+    from steer.cli.main import main
 
     out = tmp_path / "cli.gguf"
     assert main(["export", "gguf", "--policy", str(stories_policy), "--output", str(out), "--dtype", "f16"]) == 0
@@ -272,7 +272,7 @@ def test_cli_writes_the_file(stories_policy, tmp_path, capsys):
 @pytest.mark.llamacpp
 def test_llama_cpp_loads_the_export_and_the_adapter(stories_f32, reference, gguf_base_policy, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [llamacpp] extra) is not installed")
-    from steer.policy import load_policy
+    from steer.models.policy import load_policy
 
     policy, ids, expected = reference
 
@@ -298,7 +298,7 @@ def test_llama_cpp_loads_the_export_and_the_adapter(stories_f32, reference, gguf
 def test_models_and_tokenizers_gguf_cannot_describe_are_refused(tiny_llama, tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from steer.gguf_writer import GgufExportError, write_llama_gguf
+    from steer.models.gguf_writer import GgufExportError, write_llama_gguf
 
     llama_vocab = AutoTokenizer.from_pretrained(str(shared_path("models", "stories260K")))
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=16, n_layer=1, n_head=2, n_positions=32))

@@ -4,11 +4,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from steer.attributes import AttributeValueError, get_schema
+from steer.core.attributes import AttributeValueError, get_schema
 from steer.runtime.generator import GenerationError, GenerationRequest, SteerGenerator
 from steer.runtime.model_runner import decode_step, left_pad, prefill
 from steer.runtime.sampling import SamplingError
-from steer.template import PromptTemplate
+from steer.core.template import PromptTemplate
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_decode_primitives_match_full_forward(generator):
 
 
 def _cli(argv, capsys):
-    from steer.cli import main
+    from steer.cli.main import main
 
     code = main(argv)
     out = capsys.readouterr()

@@ -14,7 +14,7 @@ gguf = pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
 def tiny_gguf(shared_path, tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from steer.gguf_writer import write_llama_gguf
+    from steer.models.gguf_writer import write_llama_gguf
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -30,7 +30,7 @@ def tiny_gguf(shared_path, tmp_path_factory):
 
 
 def test_a_gguf_written_here_loads_as_the_same_model(tiny_gguf):
-    from steer.modeling import load_causal_lm
+    from steer.models.modeling import load_causal_lm
 
     original, path = tiny_gguf
     loaded = load_causal_lm(path, device="cpu")
@@ -41,7 +41,7 @@ def test_a_gguf_written_here_loads_as_the_same_model(tiny_gguf):
 
 
 def test_real_stories260k_gguf_matches_its_safetensors_twin(shared_path, tmp_path):
-    from steer.modeling import load_causal_lm, load_tokenizer
+    from steer.models.modeling import load_causal_lm, load_tokenizer
 
     twin_dir = shared_path("models", "stories260K")
     # Alone in a folder, so nothing but the GGUF file can supply the tokenizer.
@@ -61,8 +61,8 @@ def test_real_stories260k_gguf_matches_its_safetensors_twin(shared_path, tmp_pat
 
 
 def test_missing_gguf_file_and_missing_package_are_clear_errors(shared_path, tmp_path, monkeypatch):
-    from steer.errors import SteerError
-    from steer.modeling import load_causal_lm, load_tokenizer
+    from steer.core.errors import SteerError
+    from steer.models.modeling import load_causal_lm, load_tokenizer
 
     with pytest.raises(SteerError, match="does not exist"):
         load_causal_lm(tmp_path / "nope.gguf")
@@ -73,9 +73,9 @@ def test_missing_gguf_file_and_missing_package_are_clear_errors(shared_path, tmp
 
 
 def test_sft_on_a_gguf_base_records_it_and_the_policy_reloads(tmp_path, tiny_gguf):
-    from steer.policy import load_policy
-    from training.sft import SftConfig
-    from training.sft import main as sft
+    from steer.models.policy import load_policy
+    from steer.training.sft import SftConfig
+    from steer.training.sft import main as sft
 
     _, path = tiny_gguf
     data = tmp_path / "data.jsonl"
@@ -94,7 +94,7 @@ def test_sft_on_a_gguf_base_records_it_and_the_policy_reloads(tmp_path, tiny_ggu
 
 @pytest.mark.slow
 def test_smollm2_gguf_loads_as_a_chat_model(shared_path):
-    from steer.modeling import load_causal_lm, load_tokenizer
+    from steer.models.modeling import load_causal_lm, load_tokenizer
 
     path = shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
     tok = load_tokenizer(path)
@@ -107,7 +107,7 @@ def test_smollm2_gguf_loads_as_a_chat_model(shared_path):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(shared_path):
-    from steer.modeling import load_tokenizer
+    from steer.models.modeling import load_tokenizer
 
     return load_tokenizer(shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
@@ -115,8 +115,8 @@ def smollm2_tokenizer(shared_path):
 def test_chat_template_golden_on_the_smollm2_gguf_tokenizer(smollm2_tokenizer):
     """SmolLM2 speaks ChatML: conditioning rides inside its own assistant turn, and what the policy
     is trained on and prompted with agree token for token."""
-    from steer.attributes import get_schema
-    from steer.template import IGNORE_INDEX, ChatTemplatePrompt
+    from steer.core.attributes import get_schema
+    from steer.core.template import IGNORE_INDEX, ChatTemplatePrompt
 
     tok = smollm2_tokenizer
     schema = get_schema("oasst")
@@ -146,8 +146,8 @@ def test_chat_template_golden_with_labels_in_the_system_message(smollm2_tokenize
     """The system placement on SmolLM2's ChatML: the reply is the model's own bare assistant turn,
     training and inference prompts agree token for token, and special-token text in a message
     cannot open a fake turn or add labels."""
-    from steer.attributes import get_schema
-    from steer.template import IGNORE_INDEX, ChatTemplatePrompt
+    from steer.core.attributes import get_schema
+    from steer.core.template import IGNORE_INDEX, ChatTemplatePrompt
 
     tok = smollm2_tokenizer
     schema = get_schema("oasst")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from steer.attributes import get_schema
-from steer.conversation import Conversation, Message
+from steer.core.attributes import get_schema
+from steer.core.conversation import Conversation, Message
 from steer.data import format_histogram, label_histogram, trained_values, unseen_request_warnings, unseen_values
 
 
@@ -31,10 +31,10 @@ def test_histogram_counts_values_and_names_the_unseen():
 
 
 def test_sft_prints_histogram_warns_and_records_trained_values(tmp_path, caplog):
-    from training.sft import report_label_histogram
+    from steer.training.sft import report_label_histogram
 
     schema = get_schema("helpsteer")
-    with caplog.at_level(logging.INFO, logger="training.sft"):
+    with caplog.at_level(logging.INFO, logger="steer.training.sft"):
         hist = report_label_histogram([conv(helpfulness=3, coherence=4)], schema)
     text = caplog.text
     assert "training labels" in text and "helpfulness  0:- 1:- 2:- 3:1 4:-" in text

@@ -45,7 +45,7 @@ def test_profile_files_are_validated_naming_file_and_field(demo_schema, npc_exam
 
 
 def test_serve_cli_rejects_a_bad_profile_before_starting(tiny_policy, tmp_path):
-    from service.cli import ServeConfig, main
+    from steer.service.cli import ServeConfig, main
     from steer.npc import NpcError
 
     (tmp_path / "x.yaml").write_text("id: x\nname: X\npersona: p\nbest_of: 0\n")
@@ -54,8 +54,8 @@ def test_serve_cli_rejects_a_bad_profile_before_starting(tiny_policy, tmp_path):
 
 
 def test_serve_cli_rejects_a_database_it_cannot_use(npc_examples, tiny_policy, tmp_path):
-    from service.cli import ServeConfig, main
-    from service.npc.db import DatabaseError
+    from steer.service.cli import ServeConfig, main
+    from steer.service.npc.db import DatabaseError
 
     with pytest.raises(DatabaseError, match=r"only sqlite:/// and postgresql:// are supported"):
         main(ServeConfig(policy=str(tiny_policy), npcs=str(npc_examples), database_url="mysql://u@h/db"))
@@ -179,8 +179,8 @@ def test_delete_export_and_import(say, client):
 def test_a_leased_session_refuses_a_second_line_with_409(say, client, tmp_path_factory):
     """The lease lives in the database row, so it holds against a request from any server process;
     here a second engine on the same SQLite file stands in for the other process."""
-    from service.npc.db import create_db_engine
-    from service.npc.store import NpcStore
+    from steer.service.npc.db import create_db_engine
+    from steer.service.npc.store import NpcStore
 
     url = client.app.state.server.settings.database_url
     sid = client.post("/v1/npcs/brom/sessions", json={"seed": 1}).json()["id"]
@@ -197,8 +197,8 @@ def test_a_leased_session_refuses_a_second_line_with_409(say, client, tmp_path_f
 def test_simultaneous_lines_to_one_session_never_interleave(live_server, npc_examples, tiny_policy, tmp_path):
     import httpx
 
-    from service.app import create_app
-    from service.settings import ServerSettings
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
 
     settings = ServerSettings(policy=str(tiny_policy), ui=False, threads=1, engine_in_process=True,
                               npcs=str(npc_examples), database_url=f"sqlite:///{tmp_path / 's.db'}")
@@ -239,8 +239,8 @@ def test_sessions_survive_a_restart(make_npc_client, say, wait_ready, tiny_polic
 def test_seeded_sessions_replay_the_same_lines_under_load(live_server, npc_examples, tiny_policy, tmp_path):
     import httpx
 
-    from service.app import create_app
-    from service.settings import ServerSettings
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
 
     lines = ["Hello there.", "Do you sell swords?", "What happened to the mine?"]
     settings = ServerSettings(policy=str(tiny_policy), ui=False, threads=1, engine_in_process=True,
@@ -289,9 +289,9 @@ def build_toxicity_apm(shared_path):
         import torch
         from transformers import LlamaConfig, LlamaForSequenceClassification
 
-        from steer.artifacts import save_steer_config
-        from steer.attributes import Attribute, AttributeSchema
-        from steer.template import PromptTemplate
+        from steer.core.artifacts import save_steer_config
+        from steer.core.attributes import Attribute, AttributeSchema
+        from steer.core.template import PromptTemplate
 
         schema = AttributeSchema(name="tox", attributes=(Attribute("toxicity", 0, 4, 0, "t"), Attribute("humor", 0, 4, 0, "h")))
         tokenizer_dir = shared_path("models", "stories260K")
@@ -373,7 +373,7 @@ def test_old_turns_are_dropped_to_fit_the_context(make_npc_client, say, wait_rea
 
 
 def test_toxicity_is_never_requested_above_the_profile_bound(npc_examples):
-    from steer.attributes import BUILTIN_SCHEMAS
+    from steer.core.attributes import BUILTIN_SCHEMAS
     from steer.npc import load_profile
 
     oasst = BUILTIN_SCHEMAS["oasst"]
@@ -391,8 +391,8 @@ def test_a_client_that_leaves_mid_stream_frees_the_session(live_server, npc_exam
 
     import httpx
 
-    from service.app import create_app
-    from service.settings import ServerSettings
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
 
     settings = ServerSettings(policy=str(tiny_policy), ui=False, threads=1, engine_in_process=True,
                               npcs=str(npc_examples), database_url=f"sqlite:///{tmp_path / 'gone.db'}")

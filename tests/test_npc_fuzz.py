@@ -9,8 +9,8 @@ import pytest
 
 @pytest.fixture(scope="module")
 def npc_server(build_tiny_policy, live_server, npc_examples, tmp_path_factory):
-    from service.app import create_app
-    from service.settings import ServerSettings
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
 
     root = tmp_path_factory.mktemp("npc-fuzz")
     settings = ServerSettings(policy=str(build_tiny_policy(root / "policy")), ui=False, threads=1,

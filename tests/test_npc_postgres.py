@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_migrations_run_once_when_servers_start_together_and_leases_hold_across_connections(postgres_url):
-    from service.npc.db import create_db_engine, upgrade
-    from service.npc.store import NpcStore, SessionBusy
+    from steer.service.npc.db import create_db_engine, upgrade
+    from steer.service.npc.store import NpcStore, SessionBusy
 
     engines = [create_db_engine(postgres_url) for _ in range(3)]
     errors = []
@@ -61,7 +61,7 @@ def test_a_conversation_survives_a_restart_on_postgres(make_npc_client, say, wai
 
 def _serve(policy: Path, npcs: Path, db_url: str, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "steer.cli", "serve", "--policy", str(policy), "--npcs", str(npcs),
+    cmd = [sys.executable, "-m", "steer.cli.main", "serve", "--policy", str(policy), "--npcs", str(npcs),
            "--database-url", db_url, "--port", str(port), "--engine-in-process", "--threads", "1", "--no-ui",
            "--log-level", "warning"]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)

@@ -10,7 +10,7 @@ pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'steer[ui
 
 def test_npc_tab_talks_through_a_session_and_resumes_it(npc_live_server):
     from steer.client import SteerClient
-    from ui import npc
+    from steer.ui import npc
 
     client = SteerClient(npc_live_server.url)
     assert [c[1] for c in npc.npc_choices(client)] == ["brom", "captain-ardent", "lysa"]
@@ -33,7 +33,7 @@ def test_npc_tab_talks_through_a_session_and_resumes_it(npc_live_server):
 
 
 def test_the_ui_has_the_npc_endpoints():
-    from ui.app import build_ui
+    from steer.ui.app import build_ui
 
     demo = build_ui("http://127.0.0.1:9")
     names = {d.api_name for d in demo.fns.values()}

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from steer.attributes import Attribute, AttributeSchema
-from steer.reward import RewardError, reward_from_predictions
-from training.preference import load_pairs, preference_accuracy, wilson_interval
+from steer.core.attributes import Attribute, AttributeSchema
+from steer.models.reward import RewardError, reward_from_predictions
+from steer.training.preference import load_pairs, preference_accuracy, wilson_interval
 
 SCHEMA = AttributeSchema(name="t", attributes=(Attribute("helpfulness", 0, 4, 2), Attribute("toxicity", 0, 4, 0),
                                                Attribute("humor", 0, 4, 0)))
@@ -76,7 +76,7 @@ def test_wilson_interval_known_values():
 
 
 def test_eval_preference_cli_prints_accuracy_json(tmp_path, tiny_apm_dir, capsys):
-    from steer.cli import main as cli
+    from steer.cli.main import main as cli
 
     _, hs = _write_pairs(tmp_path)
     assert cli(["eval", "preference", "--apm", str(tiny_apm_dir), "--data", str(hs), "--format", "helpsteer",

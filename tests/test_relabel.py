@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-from steer.cli import main as cli_main
+from steer.cli.main import main as cli_main
 from steer.data import load_conversations
-from training.relabel import RelabelConfig
-from training.relabel import main as relabel_main
+from steer.training.relabel import RelabelConfig
+from steer.training.relabel import main as relabel_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def test_relabel_annotates_every_assistant_turn(shared_path, tiny_apm_dir, tmp_p
 
 
 def test_batched_predictions_match_one_at_a_time(shared_path, tiny_apm_dir):
-    from steer.apm import AttributePredictor
+    from steer.models.apm import AttributePredictor
 
     predictor = AttributePredictor.load(tiny_apm_dir, device="cpu")
     convs, _ = load_conversations(shared_path("data", "helpsteer2", "sample.jsonl"), "helpsteer", limit=12)
@@ -62,7 +62,7 @@ def test_batched_predictions_match_one_at_a_time(shared_path, tiny_apm_dir):
 
 def test_scoring_leaves_cudnn_attention_out(shared_path, tiny_apm_dir, sdpa_backends):
     """Each scoring batch has its own length, and cuDNN attention would recompile for each."""
-    from steer.apm import AttributePredictor
+    from steer.models.apm import AttributePredictor
 
     predictor = AttributePredictor.load(tiny_apm_dir, device="cpu")
     convs, _ = load_conversations(shared_path("data", "helpsteer2", "sample.jsonl"), "helpsteer", limit=6)
@@ -148,7 +148,7 @@ def append_then_stop_midway(self, rows):
     os.kill(os.getpid(), signal.SIGSTOP)
 
 jsonl.ResumableJsonl.append = append_then_stop_midway
-from steer.cli import main
+from steer.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -168,7 +168,7 @@ def test_sigkill_then_rerun_gives_every_row_exactly_once(shared_path, tiny_apm_d
     proc.stderr.close()
     written = out.read_bytes()
     assert written.count(b"\n") == 4 and not written.endswith(b"\n")  # the first chunk, then a torn line
-    subprocess.run([sys.executable, "-m", "steer.cli", *args], env=env, check=True, stdout=subprocess.DEVNULL,
+    subprocess.run([sys.executable, "-m", "steer.cli.main", *args], env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=600)
     rows = read_jsonl(out)
     expected, _ = load_conversations(data, "hh", limit=300)
@@ -182,7 +182,7 @@ def test_parquet_output_is_nested_and_loads_back_with_format_steer(shared_path, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from training.sft import SftConfig, load_sft_conversations
+    from steer.training.sft import SftConfig, load_sft_conversations
 
     out = tmp_path / "hh.parquet"
     data = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
@@ -238,7 +238,7 @@ def test_relabel_with_default_format_keeps_meta_and_names_the_source(shared_path
 def test_relabel_prints_histogram_and_sidecar_counts_rows_mid_run(shared_path, tiny_apm_dir, tmp_path, caplog, monkeypatch):
     import logging
 
-    from training import relabel
+    from steer.training import relabel
 
     out = tmp_path / "o.jsonl"
     sidecar = tmp_path / "o.jsonl.relabel.json"
@@ -251,7 +251,7 @@ def test_relabel_prints_histogram_and_sidecar_counts_rows_mid_run(shared_path, t
 
     monkeypatch.setattr(relabel._JsonlSink, "write", recording_write)
     data = shared_path("data", "helpsteer2", "sample.jsonl")
-    with caplog.at_level(logging.INFO, logger="training.relabel"):
+    with caplog.at_level(logging.INFO, logger="steer.training.relabel"):
         relabel_main(RelabelConfig(model=str(tiny_apm_dir), data=str(data), format="helpsteer", output=str(out),
                                    limit=10, chunk_size=4))
     # Seen from inside each durable write: the sidecar counts every row written before it (it is

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from training import relabel
-from training.relabel import SIDECAR_SUFFIX, RelabelConfig, RelabelError
-from training.relabel import main as relabel_main
+from steer.training import relabel
+from steer.training.relabel import SIDECAR_SUFFIX, RelabelConfig, RelabelError
+from steer.training.relabel import main as relabel_main
 
 
 @pytest.fixture

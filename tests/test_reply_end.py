@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from steer.attributes import get_schema
-from steer.template import PromptTemplate
+from steer.core.attributes import get_schema
+from steer.core.template import PromptTemplate
 
 SCHEMA = get_schema("helpsteer")
 
@@ -17,18 +17,18 @@ SCHEMA = get_schema("helpsteer")
 @pytest.fixture
 def fresh_llama_tokenizer(shared_path):
     """stories260K's tokenizer, loaded afresh (the tests add tokens to it)."""
-    from steer.modeling import load_tokenizer
+    from steer.models.modeling import load_tokenizer
 
     return load_tokenizer(shared_path("models", "stories260K"))
 
 
 def test_split_markers_are_added_as_single_tokens_or_warned_about(fresh_llama_tokenizer, caplog):
-    from training.sft import prepare_marker_tokens
+    from steer.training.sft import prepare_marker_tokens
 
     template = PromptTemplate(SCHEMA)
     tok = fresh_llama_tokenizer
     assert len(tok(template.turn_marker, add_special_tokens=False)["input_ids"]) > 5  # the problem
-    with caplog.at_level(logging.WARNING, logger="training.sft"):
+    with caplog.at_level(logging.WARNING, logger="steer.training.sft"):
         assert prepare_marker_tokens(template, tok, add=False) == []
     assert "'<extra_id_1>' is" in caplog.text and "--no-add-marker-tokens" in caplog.text
     assert len(tok(template.turn_marker, add_special_tokens=False)["input_ids"]) > 5  # untouched
@@ -56,8 +56,8 @@ def test_sft_with_split_markers_saves_a_policy_that_loads(shared_path, tmp_path)
 
     from steer.demo_data import rated_path
     from steer.runtime.generator import SteerGenerator
-    from steer.policy import load_policy
-    from training.sft import SftConfig, main
+    from steer.models.policy import load_policy
+    from steer.training.sft import SftConfig, main
 
     out = tmp_path / "policy"
     main(SftConfig(base_model=str(shared_path("models", "stories260K")), data=str(rated_path()), output_dir=str(out),

@@ -52,8 +52,8 @@ def _streamed(client: httpx.Client, url: str, body: dict) -> tuple[str, str]:
 
 
 def test_a_seeded_request_gives_the_same_reply_through_every_client(policy, tmp_path):
-    from steer.generate_cli import GenerateConfig
-    from steer.generate_cli import main as generate_main
+    from steer.cli.generate import GenerateConfig
+    from steer.cli.generate import main as generate_main
     from steer.runtime.generator import SteerGenerator
 
     # 1. The library, one request at a time.

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from steer.artifacts import save_steer_config
+from steer.core.artifacts import save_steer_config
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_completion_shape_and_applied_attributes(hello, client):
 
 def test_prompt_comes_from_the_policy_template(hello, client, tiny_policy):
     """usage.prompt_tokens is exactly the template's inference prompt for the requested attributes."""
-    from steer.policy import load_policy
+    from steer.models.policy import load_policy
 
     policy = load_policy(tiny_policy)
     expected = policy.template.tokenize(hello, policy.tokenizer, mode="inference", attributes={"humor": 2})
@@ -187,7 +187,7 @@ def _engine(tiny_policy, **kw):
     import torch
 
     from steer.runtime.scheduler import Scheduler as Engine
-    from steer.policy import load_policy
+    from steer.models.policy import load_policy
 
     torch.set_num_threads(1)  # as the servers here; the module fixture restores it
     policy = load_policy(tiny_policy)
@@ -480,7 +480,7 @@ def test_cancel_frees_the_slot(make_row, tiny_policy):
 
 
 def test_score_returns_the_apm_measurement_of_each_reply(build_tiny_apm, demo_schema, hello, make_client, sse_events, wait_ready, tiny_policy, tmp_path):
-    from steer.apm import AttributePredictor
+    from steer.models.apm import AttributePredictor
 
     apm_dir = build_tiny_apm(tmp_path / "apm")
     with make_client(tiny_policy, apm=str(apm_dir)) as c:
@@ -503,8 +503,8 @@ def test_score_returns_the_apm_measurement_of_each_reply(build_tiny_apm, demo_sc
 
 # --------------------------------------------------------------- settings
 def test_settings_come_from_flags_over_environment(monkeypatch):
-    from service.cli import ServeConfig
-    from service.settings import ServerSettings, SettingsError
+    from steer.service.cli import ServeConfig
+    from steer.service.settings import ServerSettings, SettingsError
 
     for name, value in {"STEER_POLICY": "/env/policy", "STEER_MAX_BATCH_SIZE": "4", "STEER_API_KEYS": "a, b",
                         "STEER_UI": "0", "STEER_RETRY_AFTER": "7", "STEER_DRAIN_TIMEOUT": ""}.items():
@@ -521,7 +521,7 @@ def test_settings_come_from_flags_over_environment(monkeypatch):
         ServerSettings(policy="p", max_batch_size=0)
     assert info.value.field == "max_batch_size"
 
-    from steer.cli import build_parser
+    from steer.cli.main import build_parser
 
     for name in ("STEER_POLICY", "STEER_MAX_BATCH_SIZE", "STEER_API_KEYS", "STEER_UI", "STEER_RETRY_AFTER"):
         monkeypatch.delenv(name)
@@ -542,9 +542,9 @@ def test_settings_come_from_flags_over_environment(monkeypatch):
 
 def test_every_setting_has_a_flag_a_variable_and_a_row_in_the_docs():
     """The flags, the variables and the docs table all come from ServerSettings' fields."""
-    from service.cli import ServeConfig
-    from service.settings import ServerSettings, env_var, flag_name, settings_table
-    from steer.cli import build_parser
+    from steer.service.cli import ServeConfig
+    from steer.service.settings import ServerSettings, env_var, flag_name, settings_table
+    from steer.cli.main import build_parser
 
     options = {opt for action in build_parser(ServeConfig, prog="steer serve", description="")._actions
                for opt in action.option_strings}
@@ -553,7 +553,7 @@ def test_every_setting_has_a_flag_a_variable_and_a_row_in_the_docs():
         assert env_var(name).startswith("STEER_")
     assert env_var("drain_timeout_s") == "STEER_DRAIN_TIMEOUT" and flag_name("api_keys") == "api_key"
     docs = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
-    assert settings_table() in docs, "docs/serving.md's settings table is stale: paste `python -m service.settings`"
+    assert settings_table() in docs, "docs/serving.md's settings table is stale: paste `python -m steer.service.settings`"
     assert settings_table().count("\n| `--") == len(ServerSettings.model_fields)
 
 
@@ -564,7 +564,7 @@ def test_every_setting_has_a_flag_a_variable_and_a_row_in_the_docs():
     ([], {"STEER_ALLOW_NO_AUTH": "perhaps"}, "allow_no_auth", "STEER_ALLOW_NO_AUTH"),
 ])
 def test_serve_cli_names_the_setting_a_bad_value_is_for(args, env, field, source, tmp_path, capsys, monkeypatch):
-    from steer.cli import main
+    from steer.cli.main import main
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -574,7 +574,7 @@ def test_serve_cli_names_the_setting_a_bad_value_is_for(args, env, field, source
 
 
 def test_serve_cli_rejects_a_flag_value_of_the_wrong_type(tmp_path, capsys):
-    from steer.cli import main
+    from steer.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, before any setting is built
         main(["serve", "--policy", str(tmp_path), "--max-batch-size", "four"])
@@ -583,7 +583,7 @@ def test_serve_cli_rejects_a_flag_value_of_the_wrong_type(tmp_path, capsys):
 
 
 def test_serve_cli_rejects_a_missing_or_wrong_policy(tmp_path, capsys, monkeypatch):
-    from steer.cli import main
+    from steer.cli.main import main
 
     monkeypatch.delenv("STEER_POLICY", raising=False)
     assert main(["serve", "--no-ui"]) == 2
@@ -595,8 +595,8 @@ def test_serve_cli_rejects_a_missing_or_wrong_policy(tmp_path, capsys, monkeypat
 def test_fast_content_chunk_is_the_pydantic_chunk(hello):
     """Streaming renders content deltas from a cached prefix; the JSON must be what the protocol
     model gives, whatever the text holds."""
-    from service.protocol import ChatCompletionRequest, ChunkChoice, DeltaMessage
-    from service.serving import ChatServing, Generation
+    from steer.service.protocol import ChatCompletionRequest, ChunkChoice, DeltaMessage
+    from steer.service.serving import ChatServing, Generation
 
     serving = ChatServing.__new__(ChatServing)
     serving.model_name = 'tiny "steer" \\ é'
@@ -610,9 +610,9 @@ def test_fast_content_chunk_is_the_pydantic_chunk(hello):
 
 
 def test_every_error_body_comes_from_one_builder_with_the_documented_shape():
-    from service.errors import error_response, invalid_api_key
-    from service.protocol import ErrorResponse, error_body
-    from service.serving import ServingError
+    from steer.service.errors import error_response, invalid_api_key
+    from steer.service.protocol import ErrorResponse, error_body
+    from steer.service.serving import ServingError
 
     body = error_body("bad value", param="x", code="invalid_value")
     assert ErrorResponse.model_validate(body).model_dump() == body  # what /openapi.json documents

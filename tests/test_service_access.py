@@ -51,9 +51,9 @@ def test_uploads_are_closed(make_client, wait_ready, tiny_policy, keys):
 
 
 def test_a_reachable_interface_needs_a_key_or_allow_no_auth(tiny_policy, monkeypatch):
-    from service.cli import ServeConfig
-    from service.cli import main as serve_main
-    from service.settings import SettingsError
+    from steer.service.cli import ServeConfig
+    from steer.service.cli import main as serve_main
+    from steer.service.settings import SettingsError
 
     monkeypatch.delenv("STEER_API_KEYS", raising=False)
     monkeypatch.delenv("STEER_ALLOW_NO_AUTH", raising=False)

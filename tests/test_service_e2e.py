@@ -15,8 +15,8 @@ import pytest
 @pytest.fixture(scope="session")
 def live_steer_server(live_server):
     """``live_steer_server(**settings)``: a live server (thread) with these ServerSettings."""
-    from service.app import create_app
-    from service.settings import ServerSettings
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
 
     def serve(**settings):
         return live_server(create_app(ServerSettings(ui=False, **{"threads": 1, **settings})))

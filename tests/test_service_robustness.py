@@ -218,8 +218,8 @@ POSITIONAL = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
 @pytest.mark.parametrize("placement", ["reply", "system"])
 @pytest.mark.parametrize("chat_template", [CHATML, PIPES, POSITIONAL])
 def test_chat_template_prompts_render_in_one_pass_with_the_same_segments(gpt2_tokenizer, chat_template, placement):
-    from steer.attributes import Attribute, AttributeSchema
-    from steer.template import ChatTemplatePrompt
+    from steer.core.attributes import Attribute, AttributeSchema
+    from steer.core.template import ChatTemplatePrompt
 
     schema = AttributeSchema(name="t", attributes=(Attribute("humor", 0, 4, 0, "funny"),))
     tok = type(gpt2_tokenizer).from_pretrained(gpt2_tokenizer.name_or_path)

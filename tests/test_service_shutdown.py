@@ -51,9 +51,9 @@ def stream(hello):
 
 
 def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(stream, free_port, hello, policy_dir):
-    from service.app import create_app
-    from service.settings import ServerSettings
-    from service.shutdown import build_server
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
+    from steer.service.shutdown import build_server
 
     port = free_port()
     app = create_app(ServerSettings(policy=str(policy_dir), ui=False, threads=1, engine_in_process=True,
@@ -92,9 +92,9 @@ def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(stream, free_por
 
 
 def test_drain_timeout_ends_stragglers_with_a_clean_error(stream, free_port, policy_dir):
-    from service.app import create_app
-    from service.settings import ServerSettings
-    from service.shutdown import build_server
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
+    from steer.service.shutdown import build_server
 
     port = free_port()
     app = create_app(ServerSettings(policy=str(policy_dir), ui=False, threads=1, engine_in_process=True,

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from steer.artifacts import load_steer_config
-from steer.attributes import get_schema
-from steer.conversation import Message
-from steer.modeling import ModelLoadError
-from steer.template import IGNORE_INDEX, PromptTemplate
-from training.sft import (
+from steer.core.artifacts import load_steer_config
+from steer.core.attributes import get_schema
+from steer.core.conversation import Message
+from steer.models.modeling import ModelLoadError
+from steer.core.template import IGNORE_INDEX, PromptTemplate
+from steer.training.sft import (
     SftCollator,
     SftConfig,
     SftError,
@@ -79,7 +79,7 @@ def test_load_in_4bit_without_cuda_fails_at_once(tmp_path, capsys):
                     load_in_4bit=True)
     with pytest.raises(ModelLoadError, match="CUDA"):
         main(cfg)
-    from steer.cli import main as cli
+    from steer.cli.main import main as cli
 
     code = cli(["sft", "--base-model", "x", "--data", "y", "--output", str(tmp_path / "o"), "--load-in-4bit"])
     assert code == 2
@@ -91,8 +91,8 @@ def test_lora_steps_change_only_adapter_and_write_policy(sft_conversations, writ
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from steer.modeling import load_causal_lm, quiet_peft_deprecations
-    from steer.policy import load_policy
+    from steer.models.modeling import load_causal_lm, quiet_peft_deprecations
+    from steer.models.policy import load_policy
 
     data = write_conversations(tmp_path / "train.jsonl", sft_conversations(24))
     out = tmp_path / "policy"
@@ -135,8 +135,8 @@ def test_lora_steps_change_only_adapter_and_write_policy(sft_conversations, writ
 def test_trained_embeddings_stay_tied_to_the_output_head(sft_conversations, write_conversations, tiny_base, tmp_path):
     import warnings
 
-    from steer.modeling import load_causal_lm
-    from steer.policy import load_policy
+    from steer.models.modeling import load_causal_lm
+    from steer.models.policy import load_policy
 
     data = write_conversations(tmp_path / "train.jsonl", sft_conversations(24))
     out = tmp_path / "policy"
@@ -226,8 +226,8 @@ def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(shared_path, tm
     """Real pretrained tiny Llama, attribute-labelled NPC dialogue: a short LoRA SFT."""
 
     from steer.demo_data import rated_path
-    from steer.modeling import load_causal_lm
-    from steer.policy import load_policy
+    from steer.models.modeling import load_causal_lm
+    from steer.models.policy import load_policy
 
     base = shared_path("models", "stories260K")
     out = tmp_path / "policy"
@@ -255,7 +255,7 @@ def test_qlora_steps_on_half_billion_shaped_model(sft_conversations, write_conve
     pytest.importorskip("bitsandbytes")
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from steer.tiny_model import train_tokenizer
+    from steer.training.demo.tiny_model import train_tokenizer
 
     template = PromptTemplate(SCHEMA)
     convs = sft_conversations(64)

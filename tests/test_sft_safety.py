@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from training.sft import RUN_FILE, SftConfig, SftError, main
+from steer.training.sft import RUN_FILE, SftConfig, SftError, main
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_a_half_written_checkpoint_is_skipped_on_resume(sft_cfg, tiny_base, tmp_
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", save)
     checkpoints = tmp_path / "policy" / "checkpoints"
     assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / "trainer_state.json").exists()
-    with caplog.at_level(logging.WARNING, logger="training.sft"):
+    with caplog.at_level(logging.WARNING, logger="steer.training.sft"):
         metrics = main(SftConfig(**cfg, resume=True))
     assert metrics["global_step"] == 4
     assert any("checkpoint-4" in r.getMessage() and "incomplete" in r.getMessage() for r in caplog.records)
@@ -107,7 +107,7 @@ def test_a_finished_run_is_finished_and_another_run_never_overwrites_it(sft_cfg,
 
 
 def test_overwrite_renames_the_new_policy_into_place_and_leaves_nothing_old(sft_cfg, tiny_base, tmp_path, monkeypatch):
-    from training import sft
+    from steer.training import sft
 
     cfg = sft_cfg(tmp_path, merge=True)
     main(SftConfig(**cfg))

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from training.steerability_metrics import attribute_metrics, crosstalk, level_means
+from steer.training.steerability_metrics import attribute_metrics, crosstalk, level_means
 
 LEVELS = [0, 1, 2, 3, 4]
 
@@ -73,7 +73,7 @@ def test_crosstalk_separates_the_varied_attribute_from_the_others():
 def eval_run(build_tiny_apm, build_tiny_policy, tmp_path_factory):
     """A tiny random policy, two tiny random judges and the prompt baseline on the policy's base
     (no chat template: the fallback layout)."""
-    from training.steerability import SteerabilityConfig, main
+    from steer.training.steerability import SteerabilityConfig, main
 
     root = tmp_path_factory.mktemp("steerability")
     policy = build_tiny_policy(root / "policy")
@@ -126,7 +126,7 @@ def test_report_files_and_plots_exist_and_parse(eval_run):
 
 def test_a_rerun_reuses_the_cache_and_reproduces_the_report(eval_run, monkeypatch):
     from steer.runtime.generator import SteerGenerator
-    from training.steerability import main
+    from steer.training.steerability import main
 
     config, out = eval_run
     before = json.loads((out / "report.json").read_text())
@@ -146,9 +146,9 @@ def test_a_rerun_reuses_the_cache_and_reproduces_the_report(eval_run, monkeypatc
 
 def test_best_of_in_the_eval_is_what_the_api_picks(eval_run):
     """The eval's best-of-3 winner for a cell is the reply SteerGenerator(best_of=3) returns."""
-    from steer.apm import AttributePredictor
+    from steer.models.apm import AttributePredictor
     from steer.runtime.generator import SteerGenerator
-    from training.steerability import SEED_STRIDE, load_prompts
+    from steer.training.steerability import SEED_STRIDE, load_prompts
 
     config, out = eval_run
     report = json.loads((out / "report.json").read_text())
@@ -163,7 +163,7 @@ def test_best_of_in_the_eval_is_what_the_api_picks(eval_run):
 
 
 def test_bad_settings_name_the_option(tmp_path, capsys):
-    from steer.cli import main as cli
+    from steer.cli.main import main as cli
 
     assert cli(["eval", "steerability", "--policy", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "[apm]" in capsys.readouterr().err
@@ -182,7 +182,7 @@ def test_bad_settings_name_the_option(tmp_path, capsys):
 def test_prompt_baseline_writes_the_values_as_instructions(demo_schema, gpt2_tokenizer):
     import copy
 
-    from training.prompt_baseline import InstructionPrompt, instruction
+    from steer.training.prompt_baseline import InstructionPrompt, instruction
 
     assert instruction(demo_schema, "humor", 4) == "Humor: 4 of 4, be very funny."
     assert instruction(demo_schema, "humor", 0) == "Humor: 0 of 4, do not be funny at all."

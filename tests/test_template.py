@@ -1,8 +1,8 @@
 import pytest
 
-from steer.attributes import get_schema
-from steer.conversation import ConversationError
-from steer.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate, build_template
+from steer.core.attributes import get_schema
+from steer.core.conversation import ConversationError
+from steer.core.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate, build_template
 
 SCHEMA = get_schema("steerlm")
 # Relabeled data carries every attribute, as the inference prompt does.
@@ -213,7 +213,7 @@ def test_chat_template_variant_needs_a_template(gpt2_tokenizer):
 
 def test_tiny_tokenizer_keeps_label_items_atomic_and_prompts_identical():
     """The demo's tokenizer makes each ``name:value`` one token; training and inference still agree."""
-    from steer.tiny_model import train_tokenizer
+    from steer.training.demo.tiny_model import train_tokenizer
 
     schema = get_schema("steerlm")
     template = PromptTemplate(schema)
@@ -249,7 +249,7 @@ def chatml_tokenizer(shared_path):
 
 
 def _special_ids(tok) -> set[int]:
-    from steer.template import special_token_strings
+    from steer.core.template import special_token_strings
 
     return {tok.convert_tokens_to_ids(t) for t in special_token_strings(tok)}
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from steer.cli import build_parser
-from steer.cli import main as cli_main
-from training.apm import ApmCvConfig, ApmTrainConfig, ApmTrainError
-from training.sft import SftConfig, SftError
-from training.train_args import LoraArguments, config_dict, save_training_config, trainer_arguments
+from steer.cli.main import build_parser
+from steer.cli.main import main as cli_main
+from steer.training.apm import ApmCvConfig, ApmTrainConfig, ApmTrainError
+from steer.training.sft import SftConfig, SftError
+from steer.training.train_args import LoraArguments, config_dict, save_training_config, trainer_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = (SftConfig, ApmTrainConfig, ApmCvConfig)
@@ -130,23 +130,26 @@ def test_saved_config_holds_every_field_as_json(tmp_path):
     assert "secret" not in json.dumps(saved)  # tokens are masked, as TrainingArguments.to_dict does
 
 
+PACKAGE = "steer.training"  # training/ installs as steer.training
+
+
 def _training_imports() -> dict[str, set[str]]:
     """Module -> the training modules it imports anywhere (top level or inside functions)."""
     graph = {}
     for path in (ROOT / "training").glob("*.py"):
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "training":
-                deps |= {f"training.{a.name}" for a in node.names} if node.module == "training" else {node.module}
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
+                deps |= {f"{PACKAGE}.{a.name}" for a in node.names} if node.module == PACKAGE else {node.module}
             elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name.startswith("training.")}
-        graph[f"training.{path.stem}"] = deps
+                deps |= {a.name for a in node.names if a.name.startswith(PACKAGE + ".")}
+        graph[f"{PACKAGE}.{path.stem}"] = deps
     return graph
 
 
 def test_training_modules_import_each_other_without_cycles():
     graph = _training_imports()
-    assert "training.apm" not in graph["training.apm_eval"] and "training.apm_eval" in graph["training.apm"]
+    assert "steer.training.apm" not in graph["steer.training.apm_eval"] and "steer.training.apm_eval" in graph["steer.training.apm"]
     state: dict[str, str] = {}
 
     def visit(module, trail):
@@ -164,16 +167,16 @@ def test_training_modules_import_each_other_without_cycles():
 
 
 def test_apm_eval_and_apm_data_import_alone_in_a_fresh_interpreter():
-    code = ("import sys, training.apm_eval, training.apm_data, training.train_args; "
-            "assert 'training.apm' not in sys.modules and 'training.sft' not in sys.modules, sorted(sys.modules); "
-            "import training.apm, training.sft; print('ok')")
+    code = ("import sys, steer.training.apm_eval, steer.training.apm_data, steer.training.train_args; "
+            "assert 'steer.training.apm' not in sys.modules and 'steer.training.sft' not in sys.modules, sorted(sys.modules); "
+            "import steer.training.apm, steer.training.sft; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_apm_uses_the_one_evaluate():
-    import training.apm as apm
-    import training.apm_eval as apm_eval
+    import steer.training.apm as apm
+    import steer.training.apm_eval as apm_eval
 
     assert apm.evaluate is apm_eval.evaluate
     source = (ROOT / "training" / "apm.py").read_text(encoding="utf-8")

@@ -31,21 +31,21 @@ def gradio_client(ui_server):
 @pytest.fixture
 def server_schema(ui_schema):
     """The UI's view of ``ui_schema``, as the server would describe it."""
-    from ui.client import AttributeSpec, ServerSchema
+    from steer.ui.client import AttributeSpec, ServerSchema
 
     specs = tuple(AttributeSpec(a.name, a.min, a.max, a.default, a.description) for a in ui_schema.attributes)
     return ServerSchema("ui-test", specs, specs)
 
 
 def test_slider_order_puts_favourites_first_then_schema_order(server_schema):
-    from ui.app import slider_order
+    from steer.ui.app import slider_order
 
     assert [a.name for a in slider_order(server_schema)] == ["helpfulness", "humor", "creativity", "quality", "verbosity"]
 
 
 def test_slider_order_fills_the_front_from_a_schema_without_favourites():
-    from ui.app import slider_order
-    from ui.client import AttributeSpec, ServerSchema
+    from steer.ui.app import slider_order
+    from steer.ui.client import AttributeSpec, ServerSchema
 
     specs = tuple(AttributeSpec(n, 0, 4, 0) for n in ("correctness", "coherence", "complexity", "verbosity"))
     assert [a.name for a in slider_order(ServerSchema("hs", specs, None))] == [
@@ -53,7 +53,7 @@ def test_slider_order_fills_the_front_from_a_schema_without_favourites():
 
 
 def test_attributes_from_slots_maps_by_configured_names_and_ignores_unconfigured(server_schema):
-    from ui.app import attributes_from_slots
+    from steer.ui.app import attributes_from_slots
 
     schema = server_schema
     assert attributes_from_slots(schema, [4, 2.0, 1, 3, 5]) == {
@@ -65,7 +65,7 @@ def test_attributes_from_slots_maps_by_configured_names_and_ignores_unconfigured
 
 
 def test_conversation_for_server_drops_ui_notes_and_joins_parts():
-    from ui.app import conversation_for_server
+    from steer.ui.app import conversation_for_server
 
     history = [
         {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
@@ -83,8 +83,8 @@ def test_conversation_for_server_drops_ui_notes_and_joins_parts():
 
 
 def test_format_steering_shows_applied_and_measured_values(server_schema):
-    from ui.app import format_steering, slider_order
-    from ui.client import ChatResult
+    from steer.ui.app import format_steering, slider_order
+    from steer.ui.client import ChatResult
 
     schema = server_schema
     result = ChatResult(text="hi", finish_reason="stop", attributes={"humor": 3, "helpfulness": 2},
@@ -98,7 +98,7 @@ def test_format_steering_shows_applied_and_measured_values(server_schema):
 
 
 def test_ui_config_rejects_bad_urls_and_ports():
-    from ui.cli import UiConfig, UiConfigError
+    from steer.ui.cli import UiConfig, UiConfigError
 
     UiConfig(server="http://gpu:8000").validate()
     for kwargs, field in [({"server": "gpu:8000"}, "server"), ({"server": "http://gpu:8000/v1"}, "server"),
@@ -109,7 +109,7 @@ def test_ui_config_rejects_bad_urls_and_ports():
 
 
 def test_client_reports_an_unreachable_server_clearly():
-    from ui.client import ServerError, SteerClient
+    from steer.ui.client import ServerError, SteerClient
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -119,8 +119,8 @@ def test_client_reports_an_unreachable_server_clearly():
 
 
 def test_merge_streams_interleaves_and_closing_it_closes_every_stream():
-    from ui.app import merge_streams
-    from ui.client import ServerError
+    from steer.ui.app import merge_streams
+    from steer.ui.client import ServerError
 
     closed = []
 
@@ -164,7 +164,7 @@ class FakeClient:
         return "fake-model"
 
     def stream_chat(self, messages, attributes, **kwargs):
-        from ui.client import ChatResult
+        from steer.ui.client import ChatResult
 
         self.calls.append((messages, attributes, kwargs))
         yield from self.pieces
@@ -186,7 +186,7 @@ def test_chat_handlers_work_without_a_page():
     """The handlers are plain methods: called directly, with the values Gradio would pass."""
     import gradio as gr
 
-    from ui.app import MAX_ATTRIBUTES, ChatHandlers, slider_order
+    from steer.ui.app import MAX_ATTRIBUTES, ChatHandlers, slider_order
 
     schema = _schema()
     client = FakeClient(schema)
@@ -218,8 +218,8 @@ def test_chat_handlers_work_without_a_page():
 
 
 def test_chat_handlers_configure_reports_an_unreachable_server():
-    from ui.app import MAX_ATTRIBUTES, ChatHandlers
-    from ui.client import ServerError
+    from steer.ui.app import MAX_ATTRIBUTES, ChatHandlers
+    from steer.ui.client import ServerError
 
     handlers = ChatHandlers(FakeBackend(FakeClient(_schema(), error=ServerError("bad key", status=401))))
     status, names, *rest = handlers.configure(None, "wrong")
@@ -232,7 +232,7 @@ def test_chat_handlers_configure_reports_an_unreachable_server():
 
 # --------------------------------------------------------------------------- against the server
 def test_client_streams_from_the_real_server(ui_schema, ui_server):
-    from ui.client import ChatResult, ServerError, SteerClient
+    from steer.ui.client import ChatResult, ServerError, SteerClient
 
     client = SteerClient(ui_server.url)
     schema = client.schema()
@@ -326,7 +326,7 @@ def test_standalone_ui_talks_to_a_remote_server(live_server, ui_server):
     """``steer ui --server URL``: the UI alone at /, its handlers calling the given server."""
     from gradio_client import Client
 
-    from ui.cli import UiConfig, build_app
+    from steer.ui.cli import UiConfig, build_app
 
     with live_server(build_app(UiConfig(server=ui_server.url, port=7860)), health="/") as ui:
         client = Client(f"{ui.url}/", verbose=False, download_files=False)
@@ -344,7 +344,7 @@ def _generated_tokens(url: str) -> float:
 
 
 def test_stop_ends_the_generation_on_the_server(ui_server, gradio_client):
-    from ui.client import SteerClient
+    from steer.ui.client import SteerClient
 
     slots = [3, 2, 1, 4, 2] + [0] * 11
     args = dict(temperature=1.5, max_tokens=120, seed=3)

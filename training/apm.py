@@ -2,7 +2,7 @@
 regression) on rated replies, and measure how well its recipe generalises to unseen conversations.
 
 Every assistant turn with at least one label becomes an item: the conversation up to that turn,
-scored on each schema attribute (see ``training.apm_data``). Two recipes:
+scored on each schema attribute (see ``steer.training.apm_data``). Two recipes:
 
 - ``head`` (default): the backbone stays frozen; its pooled hidden states (plus a few length
   features) feed one ridge regression per attribute, each with its strength chosen on grouped inner
@@ -15,7 +15,7 @@ scored on each schema attribute (see ``training.apm_data``). Two recipes:
   checkpoints in the output directory let ``--resume`` continue.
 
 ``--cv K`` (and ``steer apm cv``) cross-validates the chosen recipe over whole conversation groups,
-with a constant and a frozen-embedding ridge probe on the same folds (``training.apm_cv``).
+with a constant and a frozen-embedding ridge probe on the same folds (``steer.training.apm_cv``).
 
     steer apm train --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output-dir runs/apm
     steer apm cv --data ../shared/data/oasst1-en/messages.jsonl --format oasst --output-dir runs/apm-cv
@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from steer.apm import (
+from steer.models.apm import (
     APM_KIND,
     DEFAULT_MAX_LENGTH,
     LENGTH_FEATURES,
@@ -49,14 +49,14 @@ from steer.apm import (
     quiet_model_loading,
     save_head,
 )
-from steer.artifacts import save_steer_config
-from steer.attributes import AttributeSchema, get_schema
+from steer.core.artifacts import save_steer_config
+from steer.core.attributes import AttributeSchema, get_schema
 from steer.data import DataError, grouped_split, load_conversations
 from steer.data.formats import DEFAULT_SCHEMA
-from steer.modeling import ModelLoadError, load_tokenizer, quiet_peft_deprecations
-from steer.template import PromptTemplate
-from training import apm_cv
-from training.apm_data import (  # noqa: F401  (re-exported: older code imports them from here)
+from steer.models.modeling import ModelLoadError, load_tokenizer, quiet_peft_deprecations
+from steer.core.template import PromptTemplate
+from steer.training import apm_cv
+from steer.training.apm_data import (  # noqa: F401  (re-exported: older code imports them from here)
     MIN_MEANINGFUL_HELD_OUT,
     RatedItem,
     headline_attributes,
@@ -64,9 +64,9 @@ from training.apm_data import (  # noqa: F401  (re-exported: older code imports 
     rated_items,
     target_normalization,
 )
-from training.apm_eval import evaluate
-from training.model_card import apm_card
-from training.train_args import (
+from steer.training.apm_eval import evaluate
+from steer.training.model_card import apm_card
+from steer.training.train_args import (
     SteerTrainingArguments,
     TrainingConfigError,
     is_main_process,
@@ -413,7 +413,7 @@ def _resolve_schema(config: ApmTrainConfig) -> AttributeSchema:
 
 # ------------------------------------------------------------------- frozen backbone + head
 class FrozenBackbone:
-    """The backbone loaded once, without a task head, to compute :func:`steer.apm.pooled_features`
+    """The backbone loaded once, without a task head, to compute :func:`steer.models.apm.pooled_features`
     for any item; the head recipe, the ridge probe and cross-validation all read these."""
 
     def __init__(self, config: ApmTrainConfig, backbone: str, tokenizer, template: PromptTemplate, schema):
@@ -456,7 +456,7 @@ class FrozenBackbone:
         """Features of ``items`` (the recipe's by default), laid out as the saved head reads them:
         the pooled layers in order, then the length features. Pooled rows are cached per item id,
         pooling and layer, so the probe, the head and repeated cross-validations share backbone passes."""
-        from steer.apm import length_features
+        from steer.models.apm import length_features
 
         pooling = pooling or self.config.pooling
         layers = [self.layer_index(layer) for layer in (layers if layers is not None else self.config.layers)]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from steer.attributes import AttributeSchema
+from steer.core.attributes import AttributeSchema
 
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
 # Fewer rated replies than this and a correlation means little; report null instead.

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from steer.attributes import AttributeSchema
-from steer.conversation import Conversation, Message
+from steer.core.attributes import AttributeSchema
+from steer.core.conversation import Conversation, Message
 
 # The attributes the headline figure averages, per schema: OpenAssistant's toxicity, violence and
 # not_appropriate are nearly always 0 on the shared data, so their correlations say little about a

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from steer.apm import AttributePredictor
-from steer.attributes import AttributeSchema
+from steer.models.apm import AttributePredictor
+from steer.core.attributes import AttributeSchema
 from steer.data import DataError, grouped_split, load_conversations
-from training.apm_data import MIN_MEANINGFUL_HELD_OUT, headline_attributes, label_matrix, rated_items
+from steer.training.apm_data import MIN_MEANINGFUL_HELD_OUT, headline_attributes, label_matrix, rated_items
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from steer.attributes import AttributeSchema
-from steer.conversation import Message
-from steer.template import PromptTemplate
+from steer.core.attributes import AttributeSchema
+from steer.core.conversation import Message
+from steer.core.template import PromptTemplate
 
 EXAMPLE_MESSAGES = [Message("user", "Can you fix my sword?")]
 
@@ -116,7 +116,7 @@ steer serve --policy POLICY --apm {name}                            # "score": t
 ```
 
 ```python
-from steer.apm import AttributePredictor
+from steer.models.apm import AttributePredictor
 
 apm = AttributePredictor.load("{name}")
 print(apm.predict_dicts([[{{"role": "user", "content": "Can you fix my sword?"}},

@@ -1,7 +1,7 @@
 """``steer eval preference``: the APM as a reward model, scored on preference pairs.
 
 Accuracy is the share of pairs where ``reward(chosen) > reward(rejected)`` (a tie counts half),
-with a 95% Wilson interval over pairs. The reward is :class:`steer.reward.ApmReward` (its
+with a 95% Wilson interval over pairs. The reward is :class:`steer.models.reward.ApmReward` (its
 documented default weights unless ``--weights`` says otherwise).
 
 Pairs:
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class PreferenceConfig:
                                                         "responses per prompt; the more helpful is chosen)."})
     weights: str | None = field(default=None, metadata={
         "help": "Reward weights as JSON, e.g. '{\"helpfulness\": 1, \"toxicity\": -1}' (default: "
-                "steer.reward.DEFAULT_REWARD_WEIGHTS)."})
+                "steer.models.reward.DEFAULT_REWARD_WEIGHTS)."})
     limit: int | None = field(default=None, metadata={"help": "Use at most this many pairs."})
     batch_size: int = field(default=32, metadata={"help": "APM batch size."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)."})
@@ -95,7 +95,7 @@ def load_pairs(path: str, format: str, limit: int | None = None) -> tuple[list[t
 
 
 def preference_accuracy(reward, pairs: list[tuple[list, list]], batch_size: int = 32) -> dict[str, Any]:
-    """``reward``: anything with ``score(conversations) -> [n]`` (an :class:`~steer.reward.ApmReward`)."""
+    """``reward``: anything with ``score(conversations) -> [n]`` (an :class:`~steer.models.reward.ApmReward`)."""
     items = [p[0] for p in pairs] + [p[1] for p in pairs]
     scores = np.asarray(reward.score(items, batch_size=batch_size, progress=len(items) > 256))
     chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
@@ -106,8 +106,8 @@ def preference_accuracy(reward, pairs: list[tuple[list, list]], batch_size: int 
 
 
 def main(config: PreferenceConfig) -> int:
-    from steer.apm import AttributePredictor
-    from steer.reward import ApmReward
+    from steer.models.apm import AttributePredictor
+    from steer.models.reward import ApmReward
 
     if not config.apm:
         raise PreferenceError("--apm is required", "apm")

@@ -18,9 +18,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from steer.attributes import AttributeSchema
-from steer.conversation import as_messages
-from steer.template import PromptTemplate, Segment
+from steer.core.attributes import AttributeSchema
+from steer.core.conversation import as_messages
+from steer.core.template import PromptTemplate, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class InstructionPrompt:
         return segments[:-1] + [Segment(last[: last.index(self._layout.label_marker)])]
 
     def tokenize(self, messages, tokenizer, mode: str = "inference", attributes=None):
-        from steer.template import TokenizedPrompt
+        from steer.core.template import TokenizedPrompt
 
         segments = self.render(messages, mode=mode, attributes=attributes)
         ids: list[int] = []
@@ -116,7 +116,7 @@ def load_baseline_generator(base_model: str, schema: AttributeSchema, device: st
                             trust_remote_code: bool = False):
     """A :class:`SteerGenerator` over the bare base model with :class:`InstructionPrompt`."""
     from steer.runtime.generator import SteerGenerator
-    from steer.modeling import load_causal_lm, load_tokenizer, resolve_device
+    from steer.models.modeling import load_causal_lm, load_tokenizer, resolve_device
 
     dev = resolve_device(device)
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)

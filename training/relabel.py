@@ -23,11 +23,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from steer.artifacts import load_steer_config
-from steer.conversation import Conversation
+from steer.core.artifacts import load_steer_config
+from steer.core.conversation import Conversation
 from steer.data import format_histogram, label_histogram, load_conversations
 from steer.data.jsonl import ResumableJsonl
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def annotate(
 
 
 def main(config: RelabelConfig) -> int:
-    from steer.apm import AttributePredictor
+    from steer.models.apm import AttributePredictor
 
     if config.chunk_size < 1 or config.batch_size < 1:
         raise RelabelError("--chunk-size and --batch-size must be positive", field="chunk_size")

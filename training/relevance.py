@@ -14,8 +14,8 @@ class SentenceEncoder:
     def __init__(self, path: str | None = None, device: str = "cpu", max_length: int = 256):
         from transformers import AutoModel
 
-        from steer.apm import default_backbone
-        from steer.modeling import load_tokenizer
+        from steer.models.apm import default_backbone
+        from steer.models.modeling import load_tokenizer
 
         path = path or default_backbone()
         self.tokenizer = load_tokenizer(path)

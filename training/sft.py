@@ -1,16 +1,16 @@
 """Attribute-conditioned supervised fine-tuning (``steer sft``): LoRA on any causal LM.
 
-Every assistant turn is rendered by :class:`steer.template.PromptTemplate` with its own labels
+Every assistant turn is rendered by :class:`steer.core.template.PromptTemplate` with its own labels
 in front of it (``<extra_id_2>helpfulness:3,humor:4,...``), and the loss covers only what the
 template marks trainable: the replies and the marker that ends them. The model thereby learns
 to write a reply *with* the attribute values it is given, which is what makes it steerable.
 
-Built on ``transformers.Trainer`` so ``accelerate launch -m steer.cli sft ...`` (or
+Built on ``transformers.Trainer`` so ``accelerate launch -m steer.cli.main sft ...`` (or
 ``accelerate launch $(which steer) sft ...``) scales it to several GPUs, with real epochs,
 an eval split that never shares a conversation group with training, step checkpoints and
 ``--resume`` after a crash. Batches are grouped by length so almost every token is real.
 
-The output directory is a policy directory as :mod:`steer.policy` documents it.
+The output directory is a policy directory as :mod:`steer.models.policy` documents it.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from steer.artifacts import load_steer_config, save_steer_config
-from steer.attributes import AttributeSchema, get_schema
-from steer.conversation import Conversation
+from steer.core.artifacts import load_steer_config, save_steer_config
+from steer.core.attributes import AttributeSchema, get_schema
+from steer.core.conversation import Conversation
 from steer.data import format_histogram, grouped_split, label_histogram, load_conversations, trained_values, unseen_values
-from steer.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate
-from training.model_card import policy_card
-from training.train_args import (
+from steer.core.template import IGNORE_INDEX, ChatTemplatePrompt, PromptTemplate
+from steer.training.model_card import policy_card
+from steer.training.train_args import (
     SteerTrainingArguments,
     TrainingConfigError,
     on_main_process,
@@ -173,7 +173,7 @@ def resolve_schema(spec: str | None, conversations: Sequence[Conversation] = ())
     if not used:
         raise SftError("the data carries no attribute labels; relabel it first (steer relabel) or pass --schema",
                        "schema")
-    from steer.attributes import BUILTIN_SCHEMAS
+    from steer.core.attributes import BUILTIN_SCHEMAS
 
     for builtin in BUILTIN_SCHEMAS.values():
         if set(builtin.names) == used:
@@ -185,7 +185,7 @@ def resolve_schema(spec: str | None, conversations: Sequence[Conversation] = ())
 
 
 def _all_builtin_schema() -> AttributeSchema:
-    from steer.attributes import BUILTIN_SCHEMAS
+    from steer.core.attributes import BUILTIN_SCHEMAS
 
     seen: dict[str, Any] = {}
     for schema in BUILTIN_SCHEMAS.values():
@@ -196,7 +196,7 @@ def _all_builtin_schema() -> AttributeSchema:
 
 def relabel_schema(data: str) -> AttributeSchema | None:
     """The schema of the APM that labelled ``data``, from the sidecar ``steer relabel`` writes beside it."""
-    from training.relabel import SIDECAR_SUFFIX
+    from steer.training.relabel import SIDECAR_SUFFIX
 
     sidecar = Path(str(data) + SIDECAR_SUFFIX)
     try:
@@ -386,7 +386,7 @@ def embedding_module_names(model) -> list[str]:
 def load_model_for_training(config: SftConfig, vocab_size: int | None = None):
     from peft import LoraConfig, get_peft_model
 
-    from steer.modeling import load_causal_lm, quiet_peft_deprecations
+    from steer.models.modeling import load_causal_lm, quiet_peft_deprecations
 
     if config.load_in_4bit:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -655,7 +655,7 @@ def training_arguments(config: SftConfig, output: Path, has_eval: bool):
 def validate_config(config: SftConfig) -> None:
     """Checks that need the machine (the field checks run when the config is built)."""
     if config.load_in_4bit:
-        from steer.modeling import check_4bit_available
+        from steer.models.modeling import check_4bit_available
 
         check_4bit_available()
 
@@ -677,7 +677,7 @@ def main(config: SftConfig) -> dict[str, Any]:
     validate_config(config)
     from transformers import Trainer, set_seed
 
-    from steer.modeling import load_tokenizer
+    from steer.models.modeling import load_tokenizer
 
     output = Path(config.output_dir)
     if not Path(config.data).exists() and config.format not in ("hub",):
@@ -833,7 +833,7 @@ def training_summary(model, config: SftConfig) -> dict[str, Any]:
 
 def merge_adapter(config: SftConfig, adapter_dir: Path, target: Path, tokenizer) -> None:
     """Fold the adapter into a full-precision copy of the base (never into 4-bit weights)."""
-    from steer.modeling import fit_embeddings, load_causal_lm, merge_adapter_into
+    from steer.models.modeling import fit_embeddings, load_causal_lm, merge_adapter_into
 
     dtype = "float32" if config.dtype == "auto" and not torch.cuda.is_available() else config.dtype
     base = load_causal_lm(config.base_model, device="cpu", dtype=dtype if dtype != "auto" else "bfloat16",

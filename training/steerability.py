@@ -4,13 +4,13 @@ or more APMs, with APM-guided best-of-n and an optional prompt-steering baseline
 The grid: for each attribute under test, its requested value runs over ``--values`` while the others
 stay at their defaults, over every prompt, ``--samples`` draws each. Draw ``k`` of prompt ``p`` has
 seed ``seed + 64 * (p * samples + k)`` at every level (common random numbers: levels differ only
-in the request), and best-of candidate ``i`` adds ``i`` to it (:func:`steer.best_of.candidate_seed`).
+in the request), and best-of candidate ``i`` adds ``i`` to it (:func:`steer.runtime.best_of.candidate_seed`).
 So the largest ``--best-of`` is drawn once, and smaller ones are its first candidates, exactly what
 ``best_of=N`` in the Python API or the REST API would draw and pick. The first ``--apm`` picks the
 winner and is the primary judge; the others only judge, so a policy (or a best-of selection) that
 games the primary judge shows up there.
 
-Generations go through :func:`steer.batch_generate.generate_file` into ``OUT/cache`` keyed by model
+Generations go through :func:`steer.cli.batch.generate_file` into ``OUT/cache`` keyed by model
 and request, and judge scores into per-judge cache files, so a rerun (or a run cut short) reuses
 everything already done. Results: ``OUT/report.json``, ``OUT/report.md`` and PNG plots.
 """
@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 
-SEED_STRIDE = 64  # == steer.best_of.MAX_BEST_OF: a cell's candidates never reuse another cell's seeds
+SEED_STRIDE = 64  # == steer.runtime.best_of.MAX_BEST_OF: a cell's candidates never reuse another cell's seeds
 
 
 class SteerabilityError(SteerError, ValueError):
@@ -109,7 +109,7 @@ def load_prompts(path: str | None) -> list[EvalPrompt]:
         rows = [json.loads(line) for line in prompts_path().read_text(encoding="utf-8").splitlines() if line.strip()]
         return [EvalPrompt(r["id"], tuple(([{"role": "system", "content": r["system"]}] if r.get("system") else [])
                                           + [{"role": "user", "content": r["user"]}])) for r in rows]
-    from steer.batch_generate import read_requests
+    from steer.cli.batch import read_requests
 
     defaults = {"system": None, "attributes": {}, "max_new_tokens": 1, "temperature": 1.0, "top_p": 1.0,
                 "stop": [], "seed": 0}
@@ -164,7 +164,7 @@ def request_key(model_key: str, messages, attributes: dict, seed: int, config: S
 # -------------------------------------------------------------- generation
 def generate_cached(generator, keyed: list[tuple[str, Any]], cache: Path, batch_size: int) -> dict[str, dict]:
     """Generate every (key, GenerationRequest) not yet in ``cache``; returns key -> result line."""
-    from steer.batch_generate import BatchItem, generate_file
+    from steer.cli.batch import BatchItem, generate_file
 
     unique = list(dict((k, r) for k, r in keyed).items())
     items = [BatchItem(k, r, where=f"grid request {i}") for i, (k, r) in enumerate(unique)]
@@ -209,7 +209,7 @@ def score_cached(apm, keyed: dict[str, tuple[Sequence, str]], cache: Path, chunk
 def figures(cells: list[Cell], winners: dict[Cell, str], scores: dict[str, dict], attributes: Sequence[str],
             n_boot: int, seed: int) -> dict[str, Any]:
     """Steerability per attribute and the cross-talk matrix, for the replies ``winners`` names."""
-    from training.steerability_metrics import attribute_metrics, crosstalk
+    from steer.training.steerability_metrics import attribute_metrics, crosstalk
 
     measured_names = [a for a in attributes if a in next(iter(scores.values()), {})]
     steer, varied = {}, {}
@@ -227,7 +227,7 @@ def figures(cells: list[Cell], winners: dict[Cell, str], scores: dict[str, dict]
 
 def relevance_figures(cells: list[Cell], winners: dict[Cell, str], replies: dict[str, str], prompts, encoder,
                       attributes: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
-    from training.steerability_metrics import level_means
+    from steer.training.steerability_metrics import level_means
 
     cos = encoder.cosine([prompts[c.prompt].user for c in cells], [replies[winners[c]] for c in cells])
     out = {}
@@ -253,7 +253,7 @@ def _check(config: SteerabilityConfig) -> list[int]:
         raise SteerabilityError(f"--baseline must be 'prompt', got {config.baseline!r}", "baseline")
     if config.baseline and not config.base_model:
         raise SteerabilityError("--baseline prompt needs --base-model (hub id or directory)", "base_model")
-    from steer.best_of import MAX_BEST_OF
+    from steer.runtime.best_of import MAX_BEST_OF
 
     best_of = parse_ints(config.best_of, "best_of") or [1]
     if best_of[0] < 1 or best_of[-1] > MAX_BEST_OF:
@@ -262,11 +262,11 @@ def _check(config: SteerabilityConfig) -> list[int]:
 
 
 def run(config: SteerabilityConfig) -> dict[str, Any]:
-    from steer.apm import AttributePredictor
-    from steer.artifacts import load_steer_config
-    from steer.best_of import best_of_target, candidate_seed, select_best
+    from steer.models.apm import AttributePredictor
+    from steer.core.artifacts import load_steer_config
+    from steer.runtime.best_of import best_of_target, candidate_seed, select_best
     from steer.runtime.generator import GenerationRequest, SteerGenerator
-    from training.relevance import SentenceEncoder
+    from steer.training.relevance import SentenceEncoder
 
     start = time.perf_counter()
     best_of = _check(config)
@@ -303,7 +303,7 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
     baseline_ids: dict[Cell, str] = {}
     baseline_desc = None
     if config.baseline:
-        from training.prompt_baseline import load_baseline_generator
+        from steer.training.prompt_baseline import load_baseline_generator
 
         t = time.perf_counter()
         base_key = "baseline-prompt-" + fingerprint(config.base_model)
@@ -334,7 +334,7 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
         del apm
     timings["score"] = round(time.perf_counter() - t, 1)
 
-    # Best-of-N winners, picked by the primary judge exactly as steer.best_of does for best_of=N.
+    # Best-of-N winners, picked by the primary judge exactly as steer.runtime.best_of does for best_of=N.
     primary = judges[0]
     winners: dict[int, dict[Cell, str]] = {}
     for n in best_of:
@@ -381,7 +381,7 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
                      "replies_generated": len(cells) * n_max + len(baseline_ids),
                      "seed_rule": f"draw k of prompt p: seed + {SEED_STRIDE} * (p * samples + k); best-of candidate i adds i",
                      "selection": "closest to the requested value of the varied attribute under the first --apm "
-                                  "(steer.best_of)",
+                                  "(steer.runtime.best_of)",
                      "baseline_prompt": baseline_desc})
     report["settings"] = settings
     timings["total"] = round(time.perf_counter() - start, 1)
@@ -406,8 +406,8 @@ def examples(cells, winners, baseline_ids, replies, prompts, scores, per_attribu
 
 
 def main(config: SteerabilityConfig) -> int:
-    from training.eval_plots import write_plots
-    from training.eval_report import format_summary, write_markdown
+    from steer.training.eval_plots import write_plots
+    from steer.training.eval_report import format_summary, write_markdown
 
     report = run(config)
     out = Path(config.output)

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from transformers import TrainingArguments
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 

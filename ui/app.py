@@ -27,8 +27,8 @@ from typing import Any
 
 import gradio as gr
 
-from ui.client import AttributeSpec, ChatResult, ServerError, ServerSchema, SteerClient
-from ui.npc import build_npc_tab
+from steer.ui.client import AttributeSpec, ChatResult, ServerError, ServerSchema, SteerClient
+from steer.ui.npc import build_npc_tab
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def build_app(config: UiConfig):
     """A FastAPI app serving only the UI at ``/``; its handlers talk to ``config.server``."""
     from fastapi import FastAPI
 
-    from ui.app import mount_ui
+    from steer.ui.app import mount_ui
 
     config.validate()
     app = FastAPI(title="steer UI", docs_url=None, redoc_url=None, openapi_url=None)
@@ -61,7 +61,7 @@ def build_app(config: UiConfig):
 def main(config: UiConfig) -> int:
     import uvicorn
 
-    from ui.client import ServerError, SteerClient
+    from steer.ui.client import ServerError, SteerClient
 
     config.validate()
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 

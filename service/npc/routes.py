@@ -1,4 +1,4 @@
-"""The NPC endpoints: thin routes over ``NpcServing``, included by ``service.app``.
+"""The NPC endpoints: thin routes over ``NpcServing``, included by ``steer.service.app``.
 
 Off unless the server was started with ``--npcs DIR`` or ``--database-url``; the router's
 lifespan then opens the database, runs its migrations and loads the profile files.
@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.npc.protocol import (
+from steer.service.npc.protocol import (
     CreateSessionRequest,
     Deleted,
     MessageList,
@@ -23,10 +23,10 @@ from service.npc.protocol import (
     SessionExport,
     SessionObject,
 )
-from service.errors import model_not_ready
-from service.npc.serving import NpcServing
-from service.routes import check_api_key
-from service.serving import ChatServing, ServingError
+from steer.service.errors import model_not_ready
+from steer.service.npc.serving import NpcServing
+from steer.service.routes import check_api_key
+from steer.service.serving import ChatServing, ServingError
 from steer.npc import NpcProfile
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def npc_router(state) -> APIRouter:
             yield
             return
         engine = await asyncio.to_thread(_open_database, settings)
-        from service.npc.store import NpcStore
+        from steer.service.npc.store import NpcStore
 
         holder["npc"] = NpcServing(NpcStore(engine), settings, chat)
         try:
@@ -152,9 +152,9 @@ def npc_router(state) -> APIRouter:
 
 def _open_database(settings):
     """Blocking: connect, migrate and load the profile files (the CLI has checked them already)."""
-    from service.npc.db import DEFAULT_DATABASE_URL, open_database
-    from service.npc.store import NpcStore
-    from steer.artifacts import load_steer_config
+    from steer.service.npc.db import DEFAULT_DATABASE_URL, open_database
+    from steer.service.npc.store import NpcStore
+    from steer.core.artifacts import load_steer_config
     from steer.npc import load_profiles
 
     url = settings.database_url or DEFAULT_DATABASE_URL

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from service.npc.protocol import (
+from steer.service.npc.protocol import (
     Clamp,
     CreateSessionRequest,
     MessageList,
@@ -27,11 +27,11 @@ from service.npc.protocol import (
     SessionExport,
     SessionObject,
 )
-from service.npc.store import NpcStore, SessionBusy, SessionInfo, SessionNotFound, TurnLease
-from service.protocol import ChatCompletionRequest
-from service.serving import ChatServing, ServingError, bad_request
-from service.settings import ServerSettings
-from steer.attributes import AttributeValueError
+from steer.service.npc.store import NpcStore, SessionBusy, SessionInfo, SessionNotFound, TurnLease
+from steer.service.protocol import ChatCompletionRequest
+from steer.service.serving import ChatServing, ServingError, bad_request
+from steer.service.settings import ServerSettings
+from steer.core.attributes import AttributeValueError
 from steer.npc import NpcError, NpcProfile, clean_line, dialogue_messages, fit_history, turn_seed
 
 logger = logging.getLogger(__name__)

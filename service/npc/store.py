@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.npc.db import MessageRow, ProfileRow, SessionRow
+from steer.service.npc.db import MessageRow, ProfileRow, SessionRow
 from steer.npc import NpcProfile
 
 # A lease older than this belongs to a request whose server died mid-reply; another may take it.

@@ -1,4 +1,4 @@
-"""Data ingestion: every source becomes a list of :class:`steer.conversation.Conversation`."""
+"""Data ingestion: every source becomes a list of :class:`steer.core.conversation.Conversation`."""
 
 from steer.data.formats import FORMATS, load_conversations, parse_column_map, parse_hh_dialogue
 from steer.data.histogram import format_histogram, label_histogram, trained_values, unseen_request_warnings, unseen_values

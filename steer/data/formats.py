@@ -1,4 +1,4 @@
-"""Loaders that turn each source format into :class:`~steer.conversation.Conversation` objects.
+"""Loaders that turn each source format into :class:`~steer.core.conversation.Conversation` objects.
 
 Formats:
 
@@ -25,8 +25,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from steer.attributes import AttributeSchema, AttributeValueError, get_schema
-from steer.conversation import Conversation, ConversationError, Message, as_messages, validate_messages
+from steer.core.attributes import AttributeSchema, AttributeValueError, get_schema
+from steer.core.conversation import Conversation, ConversationError, Message, as_messages, validate_messages
 from steer.data.records import DataError, LoadReport, iter_records
 
 logger = logging.getLogger(__name__)

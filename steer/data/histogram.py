@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from steer.attributes import AttributeSchema
-from steer.conversation import Conversation
+from steer.core.attributes import AttributeSchema
+from steer.core.conversation import Conversation
 
 
 def label_histogram(conversations: Iterable[Conversation], schema: AttributeSchema) -> dict[str, dict[int, int]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from steer.conversation import Conversation
+from steer.core.conversation import Conversation
 
 
 def _bucket(group: str, seed: int) -> float:

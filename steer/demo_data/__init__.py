@@ -2,7 +2,7 @@
 
 Players talk to NPCs (a blacksmith, an innkeeper, a guard, ...) and the NPC replies are rated
 0-4 on helpfulness, humor and creativity. The files are generated deterministically by
-:mod:`training.demo.build_data` from a hand-written fragment library (data, not library
+:mod:`steer.training.demo.build_data` from a hand-written fragment library (data, not library
 code, so it stays out of the installed package); see README.md here.
 """
 

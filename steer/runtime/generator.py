@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from steer.data.histogram import unseen_request_warnings
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 from steer.runtime.detokenize import TokenDecoder
 from steer.runtime.model_runner import context_limit, eos_token_ids
 from steer.runtime.sampling import SamplingParams
@@ -43,7 +43,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: Sequence[str] | None = None
     ignore_eos: bool = False
-    # APM-guided best-of-n (steer.best_of): draw this many candidates in one batch and return the
+    # APM-guided best-of-n (steer.runtime.best_of): draw this many candidates in one batch and return the
     # one the generator's APM measures closest to the explicitly requested values.
     best_of: int = 1
     best_of_weights: Mapping[str, float] | None = None
@@ -119,12 +119,12 @@ class SteerGenerator:
     @classmethod
     def load(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None,
              apm=None) -> SteerGenerator:
-        """``apm``: an APM directory or :class:`~steer.apm.AttributePredictor`, for ``best_of``."""
-        from steer.policy import load_policy
+        """``apm``: an APM directory or :class:`~steer.models.apm.AttributePredictor`, for ``best_of``."""
+        from steer.models.policy import load_policy
 
         policy = load_policy(policy_dir, device=device, dtype=dtype)
         if apm is not None and not hasattr(apm, "predict"):
-            from steer.apm import AttributePredictor
+            from steer.models.apm import AttributePredictor
 
             apm = AttributePredictor.load(apm, device=policy.device)
         return cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name, apm=apm,
@@ -181,8 +181,8 @@ class SteerGenerator:
 
     def _generate_best_of(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Every request's candidates (seeds ``seed + i``) decoded as one batch, then one APM call
-        scores them all and :func:`steer.best_of.choose_best` keeps each request's closest."""
-        from steer.best_of import BestOfError, CandidateGroup, best_of_target, candidate_seed, check_best_of, \
+        scores them all and :func:`steer.runtime.best_of.choose_best` keeps each request's closest."""
+        from steer.runtime.best_of import BestOfError, CandidateGroup, best_of_target, candidate_seed, check_best_of, \
             check_weights, choose_best
 
         if self.apm is None:

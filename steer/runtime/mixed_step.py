@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steer.modeling import inference_attention
+from steer.models.modeling import inference_attention
 from steer.runtime.compat import attention_implementation, register_attention, sdpa_attention_forward, \
     using_attention
 from steer.runtime.kv_cache import DecodeState, PreallocatedLayer, is_preallocated

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from steer.modeling import inference_attention
+from steer.models.modeling import inference_attention
 from steer.runtime.compat import attention_implementation, has_sliding_layers, last_logits_only, returned_cache, \
     with_cache
 from steer.runtime.kv_cache import DecodeState, new_kv_cache

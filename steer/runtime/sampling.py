@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS = 300  # OpenAI's limit

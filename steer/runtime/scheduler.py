@@ -1,6 +1,6 @@
 """Continuous batching: the one decode loop of steer. It decodes every running request together,
 admitting waiting requests into the running batch between decode steps. The server runs it on a
-background thread (:meth:`Scheduler.start`, in ``service.engine_process``); :class:`SteerGenerator`
+background thread (:meth:`Scheduler.start`, in ``steer.service.engine_process``); :class:`SteerGenerator`
 (``steer.runtime.generator``), and through it ``steer generate --input``, best-of-n and the eval,
 run a batch of requests to the end on the calling thread (:meth:`Scheduler.run`).
 
@@ -31,7 +31,7 @@ and, for small models, cheap.
 
 This module knows nothing about HTTP or processes: results leave through the ``sink`` callables
 (the serving layer turns them into ``loop.call_soon_threadsafe`` calls, or
-``service.engine_process`` into messages to the server process); a row without a sink is read
+``steer.service.engine_process`` into messages to the server process); a row without a sink is read
 when it is done (``row.reply``).
 """
 
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 from steer.runtime.detokenize import TokenDecoder
 from steer.runtime.kv_cache import DecodeState, add_free_rows, is_preallocated, merge_states, place_row, \
     select_new_rows, select_rows, trim_columns

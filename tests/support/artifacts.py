@@ -7,10 +7,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from steer.artifacts import save_steer_config
-from steer.attributes import Attribute, AttributeSchema
-from steer.conversation import Conversation, Message
-from steer.template import PromptTemplate
+from steer.core.artifacts import save_steer_config
+from steer.core.attributes import Attribute, AttributeSchema
+from steer.core.conversation import Conversation, Message
+from steer.core.template import PromptTemplate
 from tests.support.assets import shared_path
 
 DEMO_SCHEMA = AttributeSchema(
@@ -115,9 +115,9 @@ def build_random_policy(directory: str | Path, schema=None, texts: Sequence[str]
     ``steer_config.json``. Its replies are noise."""
     from peft import LoraConfig, get_peft_model
 
-    from steer.attributes import get_schema
-    from steer.modeling import quiet_peft_deprecations
-    from steer.tiny_model import TinyModelSpec, build_tiny_llama, save_model, train_tokenizer
+    from steer.core.attributes import get_schema
+    from steer.models.modeling import quiet_peft_deprecations
+    from steer.training.demo.tiny_model import TinyModelSpec, build_tiny_llama, save_model, train_tokenizer
 
     directory = Path(directory)
     schema = schema or get_schema("steerlm")
@@ -169,8 +169,8 @@ def write_conversations(path: Path, convs: Sequence[Conversation]) -> Path:
 
 def build_tiny_sft_base(directory: Path) -> Path:
     """A random tiny Llama with a tokenizer trained on the SFT conversations (no shared assets)."""
-    from steer.attributes import get_schema
-    from steer.tiny_model import TinyModelSpec, build_tiny_llama, save_model, train_tokenizer
+    from steer.core.attributes import get_schema
+    from steer.training.demo.tiny_model import TinyModelSpec, build_tiny_llama, save_model, train_tokenizer
 
     template = PromptTemplate(get_schema("oasst"))
     texts = [template.render_text(c.messages) for c in sft_conversations(60)]

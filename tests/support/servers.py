@@ -65,8 +65,8 @@ def wait_ready(client, timeout: float = 60.0) -> None:
 def make_client(policy: Path, **overrides):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.settings import ServerSettings
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
 
     # The engine runs in a thread here: these tests exercise the API, and a child process per app
     # would only add start-up time (tests/test_engine_process.py covers the process engine).
@@ -78,8 +78,8 @@ def make_npc_client(policy: Path, db: Path | str, npcs: Path | None = NPC_EXAMPL
     """An app serving the NPCs in ``npcs`` with sessions in ``db``: a SQLite file's path or a database URL."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.settings import ServerSettings
+    from steer.service.app import create_app
+    from steer.service.settings import ServerSettings
 
     settings = ServerSettings(policy=str(policy), ui=False, threads=1, engine_in_process=True,
                               npcs=str(npcs) if npcs else None, database_url=db if isinstance(db, str) else f"sqlite:///{db}",

@@ -22,7 +22,7 @@ class SteerServe:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "steer.cli", "serve", "--policy", str(policy), "--port", str(self.port),
+        self.args = [sys.executable, "-m", "steer.cli.main", "serve", "--policy", str(policy), "--port", str(self.port),
                      "--no-ui", "--threads", "1", "--log_level", "warning", *args]
         self.args = [a for a in self.args if a not in drop_args]
         self.new_session = new_session

@@ -1,4 +1,4 @@
-"""Deterministic generator for the bundled demo dataset (``python -m training.demo.build_data``).
+"""Deterministic generator for the bundled demo dataset (``python -m steer.training.demo.build_data``).
 
 Every example is a player talking to a fantasy-game NPC. The NPC's reply is assembled from
 three independent slots of a hand-written fragment library, and each slot alone decides one
@@ -27,9 +27,9 @@ instances, so the output is byte-identical on every run.
 
 Usage::
 
-    python -m training.demo.build_data            # (re)write the files next to this module
-    python -m training.demo.build_data --out DIR  # write them elsewhere
-    python -m training.demo.build_data --stats    # also print histograms and correlations
+    python -m steer.training.demo.build_data            # (re)write the files next to this module
+    python -m steer.training.demo.build_data --out DIR  # write them elsewhere
+    python -m steer.training.demo.build_data --stats    # also print histograms and correlations
 """
 
 from __future__ import annotations

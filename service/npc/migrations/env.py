@@ -1,8 +1,8 @@
-"""Alembic environment: migrations run on the connection ``service.npc.db.upgrade`` passes in."""
+"""Alembic environment: migrations run on the connection ``steer.service.npc.db.upgrade`` passes in."""
 
 from alembic import context
 
-from service.npc.db import Base
+from steer.service.npc.db import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:

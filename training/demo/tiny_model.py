@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from steer.template import PromptTemplate
+from steer.core.template import PromptTemplate
 
 logger = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ def stage_judge(config, work: Path) -> str | None:
         return config.judge_apm
     if not config.judge_data:
         return None
-    from training.apm import ApmTrainConfig
-    from training.apm import main as train_apm
+    from steer.training.apm import ApmTrainConfig
+    from steer.training.apm import main as train_apm
 
     out = work / "judge_apm"
     train_apm(ApmTrainConfig(data=config.judge_data, format=config.judge_format, output_dir=str(out), device="cpu"))
@@ -52,12 +52,12 @@ def judge_dir(config, work: Path) -> str | None:
 
 
 def stage_sft(config, work: Path) -> None:
-    from training.sft import SftConfig
-    from training.sft import main as sft
+    from steer.training.sft import SftConfig
+    from steer.training.sft import main as sft
 
-    from steer.demo import load_jsonl
+    from steer.training.demo.pipeline import load_jsonl
     from steer.demo_data import rated_path
-    from steer.modeling import load_tokenizer
+    from steer.models.modeling import load_tokenizer
 
     # SteerLM trains on human-rated data with its human labels plus the APM-relabeled data.
     data = work / "sft_data.jsonl"
@@ -126,8 +126,8 @@ def reply_loss(model, tokenizer, template, pairs, max_length: int = 512) -> floa
 def general_ability(config, work: Path) -> dict[str, Any]:
     """Held-out OpenAssistant reply loss and a few answers to general questions, base vs policy."""
     from steer.runtime.generator import GenerationRequest, SteerGenerator
-    from steer.modeling import load_causal_lm, load_tokenizer
-    from steer.policy import load_policy
+    from steer.models.modeling import load_causal_lm, load_tokenizer
+    from steer.models.policy import load_policy
 
     pairs = heldout_replies(config.judge_data, config.heldout_replies)
     base_tok = load_tokenizer(config.base_model)
@@ -149,9 +149,9 @@ def general_ability(config, work: Path) -> dict[str, Any]:
 
 
 def evaluate(config, work: Path) -> dict[str, Any]:
-    from steer.demo import load_jsonl
+    from steer.training.demo.pipeline import load_jsonl
     from steer.demo_data import prompts_path
-    from training.steerability import SteerabilityConfig, run
+    from steer.training.steerability import SteerabilityConfig, run
 
     prompts = work / "eval_prompts.jsonl"
     rows = load_jsonl(prompts_path(), config.eval_prompts)

@@ -4,11 +4,11 @@ Stages (each writes ``WORKDIR/stages/NAME.done`` with its settings when finished
 the same settings skips it; a stage whose settings changed runs again, and so do the ones after it):
 
 1. ``apm``: train the attribute prediction model on ``rated.jsonl`` (helpfulness, humor,
-   creativity, 0-4) with ``training.apm``;
-2. ``relabel``: annotate ``unrated.jsonl`` with it (``training.relabel``);
+   creativity, 0-4) with ``steer.training.apm``;
+2. ``relabel``: annotate ``unrated.jsonl`` with it (``steer.training.relabel``);
 3. ``base``: build a base model that needs no download: a byte-level BPE tokenizer trained on
    the unlabelled dialogue and a ~1M parameter Llama pretrained on that dialogue (no labels);
-4. ``sft``: attribute-conditioned LoRA SFT of that base on the relabeled data (``training.sft``),
+4. ``sft``: attribute-conditioned LoRA SFT of that base on the relabeled data (``steer.training.sft``),
    written as a policy directory ``WORKDIR/policy``;
 5. ``evaluate``: generate replies to held-out player lines over a grid of requested values and
    score them with the APM: the Spearman correlation between requested value and APM score is
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from steer.attributes import Attribute, AttributeSchema
-from steer.conversation import Conversation
-from steer.errors import SteerError
+from steer.core.attributes import Attribute, AttributeSchema
+from steer.core.conversation import Conversation
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class DemoConfig:
 
 def demo_schema() -> AttributeSchema:
     """The three attributes the bundled data is rated on."""
-    from steer.attributes import BUILTIN_SCHEMAS
+    from steer.core.attributes import BUILTIN_SCHEMAS
 
     desc = {a.name: a.description for a in BUILTIN_SCHEMAS["oasst"].attributes}
     return AttributeSchema(
@@ -248,13 +248,13 @@ def load_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 
 def stage_apm(config: DemoConfig, work: Path) -> None:
     from steer.demo_data import rated_path
-    from training.apm import ApmTrainConfig
-    from training.apm import main as train_apm
+    from steer.training.apm import ApmTrainConfig
+    from steer.training.apm import main as train_apm
 
     from transformers import BertConfig, BertModel
 
-    from steer.apm import default_backbone
-    from steer.modeling import load_tokenizer
+    from steer.models.apm import default_backbone
+    from steer.models.modeling import load_tokenizer
 
     schema_file = work / "schema.json"
     demo_schema().save(schema_file)
@@ -284,8 +284,8 @@ def stage_apm(config: DemoConfig, work: Path) -> None:
 
 def stage_relabel(config: DemoConfig, work: Path) -> None:
     from steer.demo_data import unrated_path
-    from training.relabel import RelabelConfig
-    from training.relabel import main as relabel
+    from steer.training.relabel import RelabelConfig
+    from steer.training.relabel import main as relabel
 
     relabel(RelabelConfig(
         model=str(work / "apm"), data=str(unrated_path()), output=str(work / "relabeled.jsonl"), format="steer",
@@ -296,8 +296,8 @@ def stage_relabel(config: DemoConfig, work: Path) -> None:
 def stage_base(config: DemoConfig, work: Path) -> None:
     """Tokenizer + tiny Llama pretrained on the unlabelled dialogue, saved as ``policy/base``."""
     from steer.demo_data import unrated_path
-    from steer.template import PromptTemplate
-    from steer.tiny_model import TinyModelSpec, build_tiny_llama, pack_documents, pretrain, save_model, train_tokenizer
+    from steer.core.template import PromptTemplate
+    from steer.training.demo.tiny_model import TinyModelSpec, build_tiny_llama, pack_documents, pretrain, save_model, train_tokenizer
 
     schema = demo_schema()
     template = PromptTemplate(schema)
@@ -321,8 +321,8 @@ def stage_base(config: DemoConfig, work: Path) -> None:
 
 
 def stage_sft(config: DemoConfig, work: Path) -> None:
-    from training.sft import SftConfig
-    from training.sft import main as sft
+    from steer.training.sft import SftConfig
+    from steer.training.sft import main as sft
 
     from steer.demo_data import rated_path
 
@@ -358,7 +358,7 @@ def _generate_all(generator, requests, batch_size: int = 48, desc: str = "genera
 def evaluate(config: DemoConfig, work: Path) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
-    from steer.apm import AttributePredictor
+    from steer.models.apm import AttributePredictor
     from steer.demo_data import prompts_path
     from steer.runtime.generator import GenerationRequest, SteerGenerator
 
@@ -456,7 +456,7 @@ def main(config: DemoConfig) -> int:
             __import__(f"training.{name}")
         except ImportError as e:
             raise DemoError(f"the demo needs training.{name}: {e}") from None
-    from training.relabel import SIDECAR_SUFFIX
+    from steer.training.relabel import SIDECAR_SUFFIX
 
     stages = Stages(work)
     start = time.perf_counter()
@@ -472,7 +472,7 @@ def main(config: DemoConfig) -> int:
     run("apm", lambda: stage_apm(config, work), "apm", "apm_backbone", "schema.json")
     run("relabel", lambda: stage_relabel(config, work), "relabeled.jsonl", "relabeled.jsonl" + SIDECAR_SUFFIX)
     if config.base_model:
-        from training import demo_pretrained
+        from steer.training import demo_pretrained
 
         run("judge", lambda: demo_pretrained.stage_judge(config, work), "judge_apm")
         stages.run("sft", lambda: demo_pretrained.stage_sft(config, work), stage_settings(config, "sft"),

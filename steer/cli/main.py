@@ -13,27 +13,27 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger("steer")
 
 # name -> (module, config class, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "apm train": ("training.apm", "ApmTrainConfig", "Train an attribute prediction model on rated conversations."),
-    "apm eval": ("training.apm_eval", "ApmEvalConfig", "Score an APM on held-out ratings (Pearson, Spearman, MAE)."),
-    "apm cv": ("training.apm", "ApmCvConfig", "Cross-validate the APM recipe over conversations, beside two baselines."),
-    "relabel": ("training.relabel", "RelabelConfig", "Annotate a dataset with an APM's attribute predictions."),
-    "sft": ("training.sft", "SftConfig", "Attribute-conditioned LoRA fine-tuning of a causal LM."),
-    "generate": ("steer.generate_cli", "GenerateConfig", "Generate a reply with chosen attribute values, or one per line of a request file (--input)."),
-    "demo": ("steer.demo", "DemoConfig", "Run the whole pipeline offline on the bundled game-NPC data."),
-    "eval steerability": ("training.steerability", "SteerabilityConfig",
+    "apm train": ("steer.training.apm", "ApmTrainConfig", "Train an attribute prediction model on rated conversations."),
+    "apm eval": ("steer.training.apm_eval", "ApmEvalConfig", "Score an APM on held-out ratings (Pearson, Spearman, MAE)."),
+    "apm cv": ("steer.training.apm", "ApmCvConfig", "Cross-validate the APM recipe over conversations, beside two baselines."),
+    "relabel": ("steer.training.relabel", "RelabelConfig", "Annotate a dataset with an APM's attribute predictions."),
+    "sft": ("steer.training.sft", "SftConfig", "Attribute-conditioned LoRA fine-tuning of a causal LM."),
+    "generate": ("steer.cli.generate", "GenerateConfig", "Generate a reply with chosen attribute values, or one per line of a request file (--input)."),
+    "demo": ("steer.training.demo.pipeline", "DemoConfig", "Run the whole pipeline offline on the bundled game-NPC data."),
+    "eval steerability": ("steer.training.steerability", "SteerabilityConfig",
                           "Measure how well a policy follows requested attribute values (plots, best-of-n, baseline)."),
-    "eval preference": ("training.preference", "PreferenceConfig",
+    "eval preference": ("steer.training.preference", "PreferenceConfig",
                         "Accuracy of the APM as a reward model on preference pairs (hh-rlhf, HelpSteer2)."),
-    "export gguf": ("steer.export_gguf", "ExportGgufConfig",
+    "export gguf": ("steer.cli.export_gguf", "ExportGgufConfig",
                     "Write a policy as one GGUF file (merged, tokenizer and steer settings inside) or a LoRA GGUF."),
-    "serve": ("service.cli", "ServeConfig", "Serve an OpenAI-compatible steerable chat API."),
-    "ui": ("ui.cli", "UiConfig", "Open the Gradio chat UI against a running steer server."),
+    "serve": ("steer.service.cli", "ServeConfig", "Serve an OpenAI-compatible steerable chat API."),
+    "ui": ("steer.ui.cli", "UiConfig", "Open the Gradio chat UI against a running steer server."),
 }
 
 

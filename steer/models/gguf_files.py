@@ -13,7 +13,7 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ STEER_VERSION_KEY = "steer.version"
 STEER_KIND_KEY = "steer.kind"
 STEER_NAME_KEY = "steer.name"
 STEER_SCHEMA_KEY = "steer.schema"
-STEER_TEMPLATE_KEY = "steer.template"
+STEER_TEMPLATE_KEY = "steer.core.template"
 STEER_TRAINED_VALUES_KEY = "steer.trained_values"
 
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from steer.artifacts import ArtifactError, load_steer_config
-from steer.attributes import AttributeSchema
-from steer.gguf_files import is_gguf_path
-from steer.modeling import fit_embeddings, load_causal_lm, load_tokenizer, merge_adapter_into, resolve_device
-from steer.template import PromptTemplate, build_template
+from steer.core.artifacts import ArtifactError, load_steer_config
+from steer.core.attributes import AttributeSchema
+from steer.models.gguf_files import is_gguf_path
+from steer.models.modeling import fit_embeddings, load_causal_lm, load_tokenizer, merge_adapter_into, resolve_device
+from steer.core.template import PromptTemplate, build_template
 
 logger = logging.getLogger(__name__)
 

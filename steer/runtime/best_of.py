@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 SEED_MODULUS = 2**63
 # A request with best_of above this is refused: the candidates are decoded as one batch.

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from steer.artifacts import ArtifactError, load_steer_config
-from steer.attributes import AttributeSchema
-from steer.conversation import Message
-from steer.modeling import ModelLoadError, inference_attention, load_tokenizer, resolve_device
-from steer.template import PromptTemplate, build_template
+from steer.core.artifacts import ArtifactError, load_steer_config
+from steer.core.attributes import AttributeSchema
+from steer.core.conversation import Message
+from steer.models.modeling import ModelLoadError, inference_attention, load_tokenizer, resolve_device
+from steer.core.template import PromptTemplate, build_template
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from steer.attributes import AttributeSchema
-from steer.conversation import ConversationError, Message, as_messages, validate_messages
+from steer.core.attributes import AttributeSchema
+from steer.core.conversation import ConversationError, Message, as_messages, validate_messages
 
 Mode = Literal["train", "inference", "apm"]
 MODES = ("train", "inference", "apm")

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm.auto import tqdm
 
 from steer.data.jsonl import ResumableJsonl
-from steer.errors import SteerError, validation_error_text
+from steer.core.errors import SteerError, validation_error_text
 from steer.runtime.generator import GenerationError, GenerationRequest, SteerGenerator
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from steer.errors import SteerError
-from steer.gguf_files import (forget_gguf_origin, gguf_location, is_gguf_path, repair_config, repair_tokenizer,
+from steer.core.errors import SteerError
+from steer.models.gguf_files import (forget_gguf_origin, gguf_location, is_gguf_path, repair_config, repair_tokenizer,
                               tolerant_gguf_reading)
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """``steer export gguf``: a policy as one GGUF file, for llama.cpp and for steer itself.
 
 The default writes the policy's base with its LoRA merged, the tokenizer (and chat template) and
-steer's own settings as metadata (``steer.schema``, ``steer.template``, ...), so ``steer generate
+steer's own settings as metadata (``steer.schema``, ``steer.core.template``, ...), so ``steer generate
 --policy FILE.gguf`` and ``steer serve`` steer the file without the policy directory.
 ``--adapter-only`` writes just the LoRA as a llama.cpp adapter GGUF, for a policy trained on a
 GGUF base (``llama-cli -m base.gguf --lora adapter.gguf``).
@@ -14,10 +14,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steer.artifacts import ArtifactError, load_steer_config
-from steer.gguf_files import (GGUF_SUFFIX, STEER_FORMAT_KEY, STEER_KIND_KEY, STEER_NAME_KEY, STEER_SCHEMA_KEY,
+from steer.core.artifacts import ArtifactError, load_steer_config
+from steer.models.gguf_files import (GGUF_SUFFIX, STEER_FORMAT_KEY, STEER_KIND_KEY, STEER_NAME_KEY, STEER_SCHEMA_KEY,
                               STEER_TEMPLATE_KEY, STEER_TRAINED_VALUES_KEY, STEER_VERSION_KEY, is_gguf_path, read_string_field)
-from steer.gguf_writer import DTYPES, GgufExportError, write_llama_gguf, write_lora_gguf
+from steer.models.gguf_writer import DTYPES, GgufExportError, write_llama_gguf, write_lora_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _check(config: ExportGgufConfig) -> tuple[Path, Path]:
 
 
 def export_policy(config: ExportGgufConfig) -> Path:
-    from steer.policy import load_policy, resolve_base_model
+    from steer.models.policy import load_policy, resolve_base_model
 
     policy_dir, output = _check(config)
     steer_config, _ = load_steer_config(policy_dir, kind="policy")
@@ -90,7 +90,7 @@ def export_policy(config: ExportGgufConfig) -> Path:
                                   "(export the merged model instead)", "adapter_only")
         if not steer_config.get("adapter"):
             raise GgufExportError(f"{policy_dir} has no LoRA adapter to export", "adapter_only")
-        from steer.modeling import load_gguf_config
+        from steer.models.modeling import load_gguf_config
 
         base_config = load_gguf_config(base)
         return write_lora_gguf(policy_dir / steer_config["adapter"], base_config, output, dtype=config.dtype,

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steer.attributes import AttributeSchema, AttributeValueError
-from steer.errors import SteerError
-from steer.gguf_files import is_gguf_path, steer_config_from_gguf
+from steer.core.attributes import AttributeSchema, AttributeValueError
+from steer.core.errors import SteerError
+from steer.models.gguf_files import is_gguf_path, steer_config_from_gguf
 
 STEER_CONFIG = "steer_config.json"
 FORMAT_VERSION = 1

@@ -1,5 +1,5 @@
 """``steer generate``: a reply from a policy, with attribute values set on the command line; or,
-with ``--input``/``--output``, one reply per line of a request file (:mod:`steer.batch_generate`)."""
+with ``--input``/``--output``, one reply per line of a request file (:mod:`steer.cli.batch`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from steer.attributes import AttributeSchema, AttributeValueError
+from steer.core.attributes import AttributeSchema, AttributeValueError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def parse_attr_flags(items: list[str], schema: AttributeSchema) -> dict[str, int
 
 
 def main(config: GenerateConfig) -> int:
-    from steer.artifacts import load_steer_config
+    from steer.core.artifacts import load_steer_config
     from steer.runtime.generator import GenerationError, SteerGenerator
 
     if not config.policy:
@@ -86,7 +86,7 @@ def main(config: GenerateConfig) -> int:
     _, schema = load_steer_config(config.policy, kind="policy")
     attributes = parse_attr_flags(config.attr, schema)
     if config.input:
-        from steer.batch_generate import generate_file, read_requests
+        from steer.cli.batch import generate_file, read_requests
 
         defaults = {"system": config.system, "attributes": attributes, "max_new_tokens": config.max_new_tokens,
                     "temperature": config.temperature, "top_p": config.top_p, "stop": config.stop, "seed": config.seed}

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 # Names users commonly type for the same attribute. Keys are aliases, values canonical names.
 DEFAULT_ALIASES: dict[str, str] = {"humour": "humor"}
@@ -233,7 +233,7 @@ class AttributeSchema:
         the file's name) starts every error message."""
         from pydantic import ValidationError
 
-        from steer.errors import validation_error_text
+        from steer.core.errors import validation_error_text
 
         try:
             spec = _SchemaFile.model_validate(data)

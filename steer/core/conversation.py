@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from steer.errors import SteerError
+from steer.core.errors import SteerError
 
 ROLES = ("system", "user", "assistant")
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from steer.gguf_files import GgufError, require_gguf
+from steer.models.gguf_files import GgufError, require_gguf
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from steer.attributes import AttributeSchema
-from steer.errors import SteerError
+from steer.core.attributes import AttributeSchema
+from steer.core.errors import SteerError
 
 DEFAULT_REWARD_WEIGHTS: dict[str, float] = {
     "helpfulness": 1.0,
@@ -66,7 +66,7 @@ def reward_from_predictions(predictions: np.ndarray, schema: AttributeSchema,
 
 
 class ApmReward:
-    """A reward model built on an :class:`~steer.apm.AttributePredictor`."""
+    """A reward model built on an :class:`~steer.models.apm.AttributePredictor`."""
 
     def __init__(self, apm, weights: Mapping[str, Any] | None = None):
         self.apm = apm

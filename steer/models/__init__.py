@@ -1,0 +1,2 @@
+"""Loading and prediction: base models (hub ids, directories, GGUF files), policies, the APM and
+its reward, and the GGUF writer."""
