@@ -9,8 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.live_serve import SteerServe
-from tests.test_service import build_tiny_policy, one_torch_thread  # noqa: F401
 
 # Seeded probes: different prompts, attributes, sampling settings and a stop string.
 PROBES = [
@@ -24,7 +22,7 @@ PROBES = [
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(build_tiny_policy, tmp_path_factory):
     return build_tiny_policy(tmp_path_factory.mktemp("runtime") / "policy")
 
 
@@ -51,7 +49,7 @@ def _streamed(client: httpx.Client, url: str, body: dict) -> tuple[str, str]:
     return text, reason
 
 
-def test_a_seeded_request_gives_the_same_reply_through_every_client(policy, tmp_path):
+def test_a_seeded_request_gives_the_same_reply_through_every_client(policy, steer_serve, tmp_path):
     from steer.cli.generate import GenerateConfig
     from steer.cli.generate import main as generate_main
     from steer.runtime.generator import SteerGenerator
@@ -77,7 +75,7 @@ def test_a_seeded_request_gives_the_same_reply_through_every_client(policy, tmp_
     assert batch == alone
 
     # 3. `steer serve`: alone, then each probe among concurrent streaming requests.
-    with SteerServe(policy, "--max-batch-size", "8") as server, httpx.Client() as client:
+    with steer_serve(policy, "--max-batch-size", "8") as server, httpx.Client() as client:
         for p in PROBES:
             reply = client.post(f"{server.url}/v1/chat/completions", json=_chat_body(p), timeout=120).json()
             choice = reply["choices"][0]
