@@ -19,7 +19,7 @@ def main() -> int:
 
     import steer.training.apm as apm
     import steer.training.sft as sft
-    from steer import cli
+    from steer.cli import main as cli
 
     rank = int(os.environ.get("RANK", 0))
     record = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", 1)), "train_ids": [], "writes": []}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from steer.demo_data import rated_path
-from tests.conftest import shared_path
+from tests.support.assets import shared_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "accelerate_probe.py"

@@ -182,13 +182,13 @@ class FakeBackend:
         return self._client
 
 
-def test_chat_handlers_work_without_a_page():
+def test_chat_handlers_work_without_a_page(server_schema):
     """The handlers are plain methods: called directly, with the values Gradio would pass."""
     import gradio as gr
 
     from steer.ui.app import MAX_ATTRIBUTES, ChatHandlers, slider_order
 
-    schema = _schema()
+    schema = server_schema
     client = FakeClient(schema)
     handlers = ChatHandlers(FakeBackend(client))
     names = [a.name for a in slider_order(schema)]
@@ -217,15 +217,15 @@ def test_chat_handlers_work_without_a_page():
     assert handlers.clear() == ([], "")
 
 
-def test_chat_handlers_configure_reports_an_unreachable_server():
+def test_chat_handlers_configure_reports_an_unreachable_server(server_schema):
     from steer.ui.app import MAX_ATTRIBUTES, ChatHandlers
     from steer.ui.client import ServerError
 
-    handlers = ChatHandlers(FakeBackend(FakeClient(_schema(), error=ServerError("bad key", status=401))))
+    handlers = ChatHandlers(FakeBackend(FakeClient(server_schema, error=ServerError("bad key", status=401))))
     status, names, *rest = handlers.configure(None, "wrong")
     assert status.startswith("**Not connected:** bad key") and "API key" in status
     assert names == [] and len(rest) == 3 * MAX_ATTRIBUTES + 1
-    ok = ChatHandlers(FakeBackend(FakeClient(_schema())))
+    ok = ChatHandlers(FakeBackend(FakeClient(server_schema)))
     status, names, *rest = ok.configure(None, "")
     assert "fake-model" in status and names[:3] == ["helpfulness", "humor", "creativity"]
 

@@ -152,7 +152,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "judge": ("judge_apm", "judge_data", "judge_format"),
     "base": ("limit", "vocab_size", "hidden_size", "num_layers", "pretrain_epochs"),
     "sft": ("base_model", "limit", "apm_limit", "lora_r", "sft_epochs", "sft_lr", "sft_steps", "sft_batch_size",
-            "sft_max_length"),
+            "sft_max_length", "label_placement"),
     "evaluate": ("base_model", "eval_prompts", "max_new_tokens", "samples", "seeds", "temperature", "best_of",
                  "heldout_replies", "judge_apm", "judge_data", "judge_format"),
 }
@@ -451,11 +451,6 @@ def main(config: DemoConfig) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    for name in ("apm", "relabel"):
-        try:
-            __import__(f"training.{name}")
-        except ImportError as e:
-            raise DemoError(f"the demo needs training.{name}: {e}") from None
     from steer.training.relabel import SIDECAR_SUFFIX
 
     stages = Stages(work)
@@ -472,7 +467,7 @@ def main(config: DemoConfig) -> int:
     run("apm", lambda: stage_apm(config, work), "apm", "apm_backbone", "schema.json")
     run("relabel", lambda: stage_relabel(config, work), "relabeled.jsonl", "relabeled.jsonl" + SIDECAR_SUFFIX)
     if config.base_model:
-        from steer.training import demo_pretrained
+        from steer.training.demo import pretrained as demo_pretrained
 
         run("judge", lambda: demo_pretrained.stage_judge(config, work), "judge_apm")
         stages.run("sft", lambda: demo_pretrained.stage_sft(config, work), stage_settings(config, "sft"),
