@@ -55,7 +55,7 @@ def measure(base: str, data: str, n: int, steps: int, batch_size: int, grouped: 
         tok.padding_side = "right"
         dataset = SftDataset(tokenize_conversations(convs, build_template(config, schema, tok), tok, 512))
         model = load_model_for_training(config)
-        args = training_arguments(config, Path(out), has_eval=False, steps_per_epoch=len(dataset) // batch_size)
+        args = training_arguments(config, Path(out), has_eval=False)
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=SftCollator(tok.pad_token_id),
                           processing_class=tok)
         real = total = 0

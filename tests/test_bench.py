@@ -37,3 +37,15 @@ def test_overload_bench_runs_and_reports_outcomes(shared_dir, shared_path):
     assert report["requests"] == sum(report["outcomes"].values()) > 0
     assert report["hung"] == 0 and report["unexpected"] == {}, report
     assert report["outcomes"].get("429+retry-after", 0) > 0  # 8 clients, 3 places: some were refused
+
+
+def test_sft_throughput_bench_runs_both_batchings(shared_dir, shared_path):
+    shared_path("models", "stories260K")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "sft_throughput.py"), "--conversations", "32", "--steps", "1",
+         "--batch-size", "4"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "STEER_SHARED": str(shared_dir), "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "length-grouped" in out.stdout and "random" in out.stdout
