@@ -169,3 +169,27 @@ def test_chat_template_golden_with_labels_in_the_system_message(smollm2_tokenize
     ids = template.tokenize(sneaky, tok, mode="inference", attributes={"humor": 0}).input_ids
     assert ids.count(start) == 3  # system, user, assistant: the user's text stays text
     assert tok.decode(ids).count("<extra_id_2>") == 1
+
+
+@pytest.mark.parametrize("recipe", ["head", "finetune"])
+def test_apm_trains_on_a_gguf_backbone_and_reloads(shared_path, tmp_path, recipe):
+    """A .gguf file works as the APM backbone too (a decoder read at its last token); the APM
+    directory then holds ordinary safetensors weights and loads without the GGUF."""
+    from steer.models.apm import AttributePredictor
+    from steer.training.apm import ApmTrainConfig
+    from steer.training.apm import main as train_apm
+
+    out = tmp_path / "apm"
+    extra = {"pooling": "last", "layers": [-1], "cv": 0} if recipe == "head" else {"max_steps": 2}
+    train_apm(ApmTrainConfig(
+        data=str(shared_path("data", "helpsteer2", "sample.jsonl")), format="helpsteer", output_dir=str(out),
+        backbone=str(shared_path("models", "stories260K", "stories260K.gguf")), recipe=recipe, max_length=96,
+        device="cpu", per_device_train_batch_size=8, **extra))
+    assert not list(out.glob("*.gguf"))
+    apm = AttributePredictor.load(out, device="cpu")
+    pred = apm.predict_dicts([[{"role": "user", "content": "What is two plus two?"},
+                               {"role": "assistant", "content": "Four."}],
+                              [{"role": "user", "content": "Tell me a story."},
+                               {"role": "assistant", "content": "Once upon a time there was a cat."}]])
+    assert len(pred) == 2 and set(pred[0]) == {"helpfulness", "correctness", "coherence", "complexity", "verbosity"}
+    assert all(0 <= v <= 4 for p in pred for v in p.values())

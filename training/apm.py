@@ -53,7 +53,7 @@ from steer.core.artifacts import save_steer_config
 from steer.core.attributes import AttributeSchema, get_schema
 from steer.data import DataError, grouped_split, load_conversations
 from steer.data.formats import DEFAULT_SCHEMA
-from steer.models.modeling import ModelLoadError, load_tokenizer, quiet_peft_deprecations
+from steer.models.modeling import ModelLoadError, load_pretrained, load_tokenizer, quiet_peft_deprecations
 from steer.core.template import PromptTemplate
 from steer.training import apm_cv
 from steer.training.apm_data import (  # noqa: F401  (re-exported: older code imports them from here)
@@ -279,14 +279,11 @@ def build_model(config: ApmTrainConfig, backbone: str, schema: AttributeSchema, 
 
     try:
         with quiet_model_loading():
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                backbone,
-                num_labels=len(schema),
-                problem_type="regression",
-                id2label=dict(enumerate(schema.names)),
-                label2id={n: i for i, n in enumerate(schema.names)},
-                trust_remote_code=config.trust_remote_code,
-                use_safetensors=True,
+            model, info = load_pretrained(
+                AutoModelForSequenceClassification, backbone, trust_remote_code=config.trust_remote_code,
+                config_overrides={"num_labels": len(schema), "problem_type": "regression",
+                                  "id2label": dict(enumerate(schema.names)),
+                                  "label2id": {n: i for i, n in enumerate(schema.names)}},
                 output_loading_info=True,
             )
     except (OSError, ValueError) as e:
@@ -421,8 +418,7 @@ class FrozenBackbone:
 
         try:
             with quiet_model_loading():
-                model = AutoModel.from_pretrained(backbone, trust_remote_code=config.trust_remote_code,
-                                                  use_safetensors=True)
+                model = load_pretrained(AutoModel, backbone, trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"could not load backbone {backbone!r}: {e}") from None
         if model.config.pad_token_id is None:

@@ -123,14 +123,8 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
-    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
-    source = str(name_or_path)
-    if is_gguf_path(name_or_path):
-        # A GGUF file is one self-describing file (no pickle inside), de-quantised on load into an
-        # ordinary model: fp32 on CPU, bf16 on CUDA, like any other base.
-        source, kwargs["gguf_file"] = gguf_location(name_or_path)
-        del kwargs["use_safetensors"]
-        kwargs["config"] = _gguf_config(source, kwargs["gguf_file"], trust_remote_code)
+    source, kwargs = pretrained_source(name_or_path, trust_remote_code)
+    kwargs["trust_remote_code"] = trust_remote_code
     if load_in_4bit:
         check_4bit_available()
         from transformers import BitsAndBytesConfig
@@ -155,6 +149,36 @@ def load_causal_lm(
     if not load_in_4bit:
         model.to(device)
     return model
+
+
+def pretrained_source(name_or_path: str | Path, trust_remote_code: bool = False) -> tuple[str, dict]:
+    """Where ``from_pretrained`` reads a model, and the arguments that say how: safetensors only for
+    hub ids and directories; for a ``.gguf`` file, its folder, ``gguf_file`` and the configuration
+    read (and repaired) from its metadata. A GGUF file is one self-describing file (no pickle
+    inside), de-quantised on load into an ordinary model: fp32 on CPU, bf16 on CUDA."""
+    if is_gguf_path(name_or_path):
+        folder, file = gguf_location(name_or_path)
+        return folder, {"gguf_file": file, "config": _gguf_config(folder, file, trust_remote_code)}
+    return str(name_or_path), {"use_safetensors": True}
+
+
+def load_pretrained(auto_class, name_or_path: str | Path, trust_remote_code: bool = False,
+                    config_overrides: dict | None = None, **kwargs):
+    """``auto_class.from_pretrained`` for a hub id, a directory or a ``.gguf`` file (the APM's
+    backbones: ``AutoModel``, ``AutoModelForSequenceClassification``). ``config_overrides`` set
+    configuration fields (``num_labels`` ...) either way. Errors pass through to the caller."""
+    source, extra = pretrained_source(name_or_path, trust_remote_code)
+    overrides = dict(config_overrides or {})
+    if "config" in extra:
+        # With a ready configuration, from_pretrained would hand these to the model's constructor.
+        for key, value in overrides.items():
+            setattr(extra["config"], key, value)
+        overrides = {}
+    with tolerant_gguf_reading() if "gguf_file" in extra else nullcontext():
+        loaded = auto_class.from_pretrained(source, trust_remote_code=trust_remote_code, **extra, **overrides, **kwargs)
+    if "gguf_file" in extra:
+        forget_gguf_origin(loaded[0] if isinstance(loaded, tuple) else loaded)
+    return loaded
 
 
 def load_gguf_config(path: str | Path, trust_remote_code: bool = False):
