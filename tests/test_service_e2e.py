@@ -148,7 +148,10 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server, mode):
     seen = []
 
     @given(case=schema.as_strategy(GenerationMode(mode)))
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    # Derandomized: the same cases every run, so whether the chat route is reached (checked below)
+    # cannot depend on the draw.
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)
     def check(case):
         response = case.call(base_url=fuzz_server.url, timeout=30)
         seen.append((case.method, case.path, response.status_code))
