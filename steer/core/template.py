@@ -253,6 +253,26 @@ class ChatTemplatePrompt(PromptTemplate):
         """The system message: its (escaped or placeholder) text, then the label text if any."""
         return {"role": "system", "content": "\n".join(t for t in (text, labels) if t)}
 
+    def _opening(self, msgs: list[Message], content, sys_labels: str) -> list[dict]:
+        """The system turn to add before ``msgs`` when they have none: the default system prompt,
+        the label text, or both; none when there is neither."""
+        if msgs[0].role == "system" or not (self.default_system or sys_labels):
+            return []
+        return [self._system_turn(content(self.escape(self.default_system)) if self.default_system else None,
+                                  sys_labels)]
+
+    def _context_turn(self, m: Message, content, sys_labels: str) -> dict:
+        """A system or user message as the chat template takes it."""
+        if m.role == "system":
+            return self._system_turn(content(self.escape(m.content)), sys_labels)
+        return {"role": m.role, "content": content(self.escape(m.content))}
+
+    def _reply_line(self, m: Message, mode: Mode, requested: dict[str, int]) -> str:
+        """The label line that opens an assistant turn ("" when the labels go elsewhere)."""
+        if mode == "apm" or self._labels_in_system:
+            return ""
+        return self.label_line(m.labels, fill_defaults=False) if m.labels else self.label_line(requested)
+
     @property
     def end_marker(self) -> str:
         return self.tokenizer.eos_token or ""
@@ -289,22 +309,13 @@ class ChatTemplatePrompt(PromptTemplate):
         if suffix is None or not any(m.role == "assistant" for m in msgs):
             return None
         sys_labels = self._system_labels(msgs, "inference", requested)
-        chat: list[dict] = []
-        if msgs[0].role != "system" and (self.default_system or sys_labels):
-            chat.append(self._system_turn(content(self.escape(self.default_system)) if self.default_system else None,
-                                          sys_labels))
+        chat = self._opening(msgs, content, sys_labels)
         replies = []
         for m in msgs:
-            if m.role == "system":
-                chat.append(self._system_turn(content(self.escape(m.content)), sys_labels))
-                continue
             if m.role != "assistant":
-                chat.append({"role": m.role, "content": content(self.escape(m.content))})
+                chat.append(self._context_turn(m, content, sys_labels))
                 continue
-            if self._labels_in_system:
-                line = ""
-            else:
-                line = self.label_line(m.labels, fill_defaults=False) if m.labels else self.label_line(requested)
+            line = self._reply_line(m, "inference", requested)
             replies.append((line, line + content(self.escape(m.content))))
             chat.append({"role": "assistant", "content": replies[-1][1]})
         whole = self._chat(chat, generation_prompt=True)
@@ -367,23 +378,15 @@ class ChatTemplatePrompt(PromptTemplate):
         content = fresh_content()
         sys_labels = self._system_labels(msgs, mode, requested)
         last_reply = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=-1)
-        chat: list[dict] = []
-        if msgs[0].role != "system" and (self.default_system or sys_labels):
-            chat.append(self._system_turn(content(self.escape(self.default_system)) if self.default_system else None,
-                                          sys_labels))
+        chat = self._opening(msgs, content, sys_labels)
         segments: list[Segment] = []
         done = ""  # text already emitted as segments
         for i, m in enumerate(msgs):
-            if m.role == "system":
-                chat.append(self._system_turn(content(self.escape(m.content)), sys_labels))
-                continue
             if m.role != "assistant":
-                chat.append({"role": m.role, "content": content(self.escape(m.content))})
+                chat.append(self._context_turn(m, content, sys_labels))
                 continue
             prefix = self._chat(chat, generation_prompt=True)
-            line = "" if mode == "apm" or self._labels_in_system else (
-                self.label_line(m.labels, fill_defaults=False) if m.labels else self.label_line(requested)
-            )
+            line = self._reply_line(m, mode, requested)
             chat.append({"role": "assistant", "content": line + content(self.escape(m.content))})
             full = self._chat(chat, generation_prompt=False)
             if not (prefix.startswith(done) and full.startswith(prefix + line)):
