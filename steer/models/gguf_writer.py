@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -276,11 +277,27 @@ def add_tokenizer(writer, tokenizer, n_vocab: int, pre: str | None = None) -> st
 
 
 # -------------------------------------------------------------------- files
-def _write(writer) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+@contextmanager
+def _gguf_writer(path: Path) -> Iterator[Any]:
+    """A llama-architecture ``GGUFWriter`` on ``PATH.partial``: written out and renamed to ``path``
+    when the block ends, so a reader never sees a half-written file under the final name; removed
+    when the block fails."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
 
 
 def write_llama_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", name: str | None = None,
@@ -296,10 +313,7 @@ def write_llama_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", nam
     check_llama_config(config)
     n_vocab = model.get_input_embeddings().weight.shape[0]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    try:
+    with _gguf_writer(path) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or path.stem)
         writer.add_file_type(file_type(dtype))
@@ -311,12 +325,6 @@ def write_llama_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", nam
         for tensor_name, array in llama_tensors(model):
             data, raw_dtype = encode_tensor(array, dtype)
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
-        _write(writer)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)  # a reader never sees a half-written file under the final name
     return path
 
 
@@ -362,10 +370,7 @@ def write_lora_gguf(adapter_dir: str | Path, base_config, path: str | Path, dtyp
         module = key.removeprefix("base_model.model.").split(".lora_")[0]
         pairs.setdefault(module, {})["A" if ".lora_A." in key else "B"] = tensor.to(torch.float32)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    try:
+    with _gguf_writer(path) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora_scale_alpha(adapter_config))
@@ -385,10 +390,4 @@ def write_lora_gguf(adapter_dir: str | Path, base_config, path: str | Path, dtyp
             for suffix, matrix in (("lora_a", a), ("lora_b", b)):
                 data, raw_dtype = encode_tensor(matrix.contiguous().numpy(), dtype)
                 writer.add_tensor(f"{cpp}.weight.{suffix}", data, raw_dtype=raw_dtype)
-        _write(writer)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
     return path
