@@ -83,6 +83,16 @@ class ReplyState:
                 return self._end(text[:cut], "stop")
         return self._end(text, "length") if spent else False
 
+    def close(self, reason: str = "length") -> bool:
+        """End the reply where its tokens stop, for an engine that stopped decoding on its own (an
+        upstream out of context): settle the text, cut a stop string still held back, ``reason`` else."""
+        if self.finish_reason is not None:
+            return True
+        self.detok.finish()
+        text = self.detok.text
+        cut = find_stop(text, self.stops)
+        return self._end(text[:cut], "stop") if cut >= 0 else self._end(text, reason)
+
     def _end(self, text: str, reason: str) -> bool:
         self._final, self.finish_reason = text, reason
         return True
