@@ -119,6 +119,13 @@ def build_random_policy():
     return artifacts.build_random_policy
 
 
+@pytest.fixture(scope="session")
+def build_ui_policy():
+    """``build_ui_policy(directory)``: a policy over the UI schema whose model is stories260K itself
+    (real, if tiny, story text; skips without the shared asset)."""
+    return artifacts.build_ui_policy
+
+
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory):
     """A tiny policy directory of the module's own (see ``build_tiny_policy``)."""
@@ -293,3 +300,12 @@ def ui_server(tmp_path_factory):
                               device="cpu", max_batch_size=4, ui=True, ui_path="/ui")
     with servers.LiveServer(create_app(settings)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def fake_upstream():
+    """``fake_upstream(model, tokenizer, name="policy", max_context=512)``: a stand-in for vLLM's and
+    llama-server's streaming completion APIs over a real model (``.app()``, ``.records``, knobs)."""
+    from tests.support.fake_upstream import FakeUpstream
+
+    return FakeUpstream

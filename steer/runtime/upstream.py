@@ -410,7 +410,9 @@ class UpstreamEngine:
             task.cancel()
 
     def _finish(self, row: Row, reason: str, error: str | None = None) -> None:
-        """Under the lock: end ``row`` (once) and wake run()."""
+        """Under the lock: end ``row`` (once), out of the active set (its task may still be closing
+        the connection), and wake run()."""
+        self._active.pop(row, None)
         if not row.done:
             self._book.finish(row, reason, error)
             self._done.notify_all()
@@ -470,6 +472,7 @@ class UpstreamEngine:
                     self._last_progress = time.monotonic()
                     for token in tokens:
                         if self._book.accept(row, token, now):
+                            self._active.pop(row, None)
                             self._done.notify_all()
                             return row.finish_reason, row.error
                 if upstream_end is not None:

@@ -1,0 +1,296 @@
+"""The HTTP-upstream engine (steer.runtime.upstream) against a fake vLLM / llama-server that decodes
+from a real tiny policy: same text as the torch engine, steer's stop rules, early close of the
+upstream stream, queueing, errors naming the upstream, seeds and API keys passed through, and
+ChatServing over it (plain and streaming)."""
+
+import asyncio
+import threading
+
+import pytest
+
+from steer.runtime.rows import Row
+from steer.runtime.sampling import SamplingParams
+from steer.runtime.scheduler import EngineFailedError, QueueFullError, Scheduler
+from steer.runtime.stopping import reply_stops
+from steer.runtime.upstream import UpstreamEngine, UpstreamError
+
+APIS = ["vllm", "llama-server"]
+WAIT_S = 60  # the most any test waits for an event; never a timing assertion
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, build_ui_policy):
+    return build_ui_policy(tmp_path_factory.mktemp("upstream") / "policy")
+
+
+@pytest.fixture(scope="module")
+def policy(policy_dir):
+    from steer.models.policy import load_policy
+
+    return load_policy(policy_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def eos_ids(policy):
+    from steer.runtime.model_runner import eos_token_ids
+
+    return sorted(eos_token_ids(policy.model, policy.tokenizer))
+
+
+@pytest.fixture(scope="module")
+def fake(policy, fake_upstream, live_server):
+    upstream = fake_upstream(policy.model, policy.tokenizer)
+    with live_server(upstream.app()) as server:
+        upstream.url = server.url
+        yield upstream
+
+
+@pytest.fixture
+def reset_fake(fake):
+    yield fake
+    fake.api_key, fake.fail, fake.token_ids_field, fake.tokens_per_event = None, None, False, 1
+    fake.records.clear()
+
+
+@pytest.fixture(scope="module")
+def prompt(policy):
+    attributes = policy.schema.validate({})
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    return list(policy.template.tokenize(messages, policy.tokenizer, mode="inference", attributes=attributes).input_ids)
+
+
+def make_row(policy, prompt, sink=None, stops=(), **params) -> Row:
+    params = SamplingParams(**{"max_new_tokens": 24, "temperature": 0.0, **params})
+    return Row(prompt_ids=list(prompt), params=params, stops=reply_stops(policy.template, list(stops)), sink=sink)
+
+
+@pytest.fixture(scope="module")
+def torch_reply(policy, prompt, eos_ids):
+    """The torch engine's greedy reply to ``prompt`` (its row), for ``max_new_tokens``."""
+    cache = {}
+
+    def reply(max_new_tokens=24, stops=()):
+        key = (max_new_tokens, tuple(stops))
+        if key not in cache:
+            scheduler = Scheduler(policy.model, policy.tokenizer, eos_token_ids=eos_ids, max_queue=0)
+            cache[key] = scheduler.run([make_row(policy, prompt, stops=stops, max_new_tokens=max_new_tokens)])[0]
+        return cache[key]
+
+    return reply
+
+
+@pytest.fixture
+def engine_for(reset_fake, policy, eos_ids):
+    engines = []
+
+    def make(api, **kw):
+        engine = UpstreamEngine(kw.pop("url", reset_fake.url), api=api, tokenizer=policy.tokenizer,
+                                eos_token_ids=eos_ids, **kw)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def decode(engine, rows):
+    engine.submit(rows)
+    for row in rows:
+        assert row.sink.done.wait(WAIT_S)
+    return rows
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_greedy_reply_equals_torch_engine(api, engine_for, policy, prompt, torch_reply, collector):
+    expected = torch_reply(40)
+    engine = engine_for(api)
+    engine.start()
+    assert engine.max_context == 512  # learned from the upstream
+    row, = decode(engine, [make_row(policy, prompt, collector(), max_new_tokens=40)])
+    assert row.generated == expected.generated
+    assert row.reply.text == expected.reply.text and row.finish_reason == expected.finish_reason
+    assert row.sink.text == expected.reply.text  # the streamed deltas add up to the reply
+    assert row.sink.final.completion_tokens == len(expected.generated)
+    stats = engine.stats()
+    assert stats.finished_total == 1 and stats.tokens_total == len(expected.generated) and stats.active == 0
+    assert engine.stalled_for() == 0.0
+
+
+def test_vllm_token_ids_field_and_several_tokens_per_event(engine_for, reset_fake, policy, prompt, torch_reply,
+                                                           collector):
+    reset_fake.token_ids_field, reset_fake.tokens_per_event = True, 3
+    engine = engine_for("vllm")
+    engine.start()
+    row, = decode(engine, [make_row(policy, prompt, collector())])
+    assert row.generated == torch_reply().generated and row.reply.text == torch_reply().reply.text
+    assert reset_fake.records[-1].body["return_token_ids"] is True
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_request_carries_prompt_ids_budget_and_no_upstream_stops(api, engine_for, reset_fake, policy, prompt,
+                                                                 collector):
+    engine = engine_for(api)
+    engine.start()
+    decode(engine, [make_row(policy, prompt, collector(), max_new_tokens=5, presence_penalty=0.5,
+                             logit_bias={3: -100.0})])
+    body = reset_fake.records[-1].body
+    assert body["prompt"] == prompt and body["stream"] is True and body["stop"] == []
+    assert body["presence_penalty"] == 0.5
+    if api == "vllm":
+        assert body["max_tokens"] == 5 and body["logprobs"] == 0 and body["return_tokens_as_token_ids"] is True
+        assert body["model"] == "policy" and body["ignore_eos"] is True and body["logit_bias"] == {"3": -100.0}
+    else:
+        assert body["n_predict"] == 5 and body["return_tokens"] is True and body["cache_prompt"] is True
+        assert body["ignore_eos"] is False and body["logit_bias"] == [[3, -100.0]]
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_stop_string_ends_reply_and_closes_upstream_stream(api, engine_for, reset_fake, policy, prompt, torch_reply,
+                                                           collector):
+    full = torch_reply(200).reply.text
+    assert len(full) > 12, full
+    stop = full[6:9]
+    cut = full.find(stop)
+    engine = engine_for(api)
+    engine.start()
+    row, = decode(engine, [make_row(policy, prompt, collector(), stops=[stop], max_new_tokens=200)])
+    assert row.finish_reason == "stop" and row.reply.text == full[:cut] == row.sink.text
+    record = reset_fake.records[-1]
+    assert record.ended.wait(WAIT_S)
+    assert record.closed_early and record.sent < 200
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_cancel_closes_upstream_stream(api, engine_for, reset_fake, policy, prompt, collector):
+    first = threading.Event()
+    sink = collector()
+
+    def on_event(event):
+        sink(event)
+        first.set()
+
+    on_event.done = sink.done
+    engine = engine_for(api)
+    engine.start()
+    row = make_row(policy, prompt, on_event, max_new_tokens=400, ignore_eos=True)
+    engine.submit([row])
+    assert first.wait(WAIT_S)
+    engine.cancel([row])
+    assert sink.done.wait(WAIT_S)
+    assert sink.final.finish_reason == "cancelled" and sink.final.error is None
+    record = reset_fake.records[-1]
+    assert record.ended.wait(WAIT_S)
+    assert record.closed_early and record.sent < 400
+    assert engine.stats().cancelled_total == 1
+
+
+def test_queue_full_and_waiting_rows(engine_for, policy, prompt, collector):
+    engine = engine_for("vllm", max_batch_size=1, max_queue=1)
+    rows = [make_row(policy, prompt, collector(), max_new_tokens=3) for _ in range(3)]
+    engine.submit(rows[:2])  # one may stream, one may wait
+    with pytest.raises(QueueFullError):
+        engine.submit(rows[2:])
+    assert engine.stats().waiting == 2 and engine.stalled_for() >= 0.0
+    engine.start()  # the waiting rows run once the engine starts, one at a time
+    for row in rows[:2]:
+        assert row.sink.done.wait(WAIT_S) and row.finish_reason in ("stop", "length")
+    assert engine.stats().max_batch_seen == 1
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_unreachable_upstream(api, engine_for, free_port, policy, prompt, collector):
+    dead = f"http://127.0.0.1:{free_port()}"
+    engine = engine_for(api, url=dead)
+    with pytest.raises(EngineFailedError, match=dead):
+        engine.start()
+    with pytest.raises(EngineFailedError, match="not running"):
+        engine.submit([make_row(policy, prompt, collector())])
+
+
+def test_upstream_gone_after_start_fails_the_row(engine_for, free_port, policy, prompt, collector):
+    engine = engine_for("vllm")
+    engine.start()
+    engine.url = dead = f"http://127.0.0.1:{free_port()}"  # the server went away
+    row, = decode(engine, [make_row(policy, prompt, collector())])
+    assert row.finish_reason == "error" and dead in row.error and "vllm" in row.error
+    assert row.sink.final.finish_reason == "error"
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_http_error_from_upstream_fails_the_row_with_its_message(api, engine_for, reset_fake, policy, prompt,
+                                                                 collector):
+    engine = engine_for(api)
+    engine.start()
+    reset_fake.fail = (400, "This model's maximum context length is 512 tokens")
+    row, = decode(engine, [make_row(policy, prompt, collector())])
+    assert row.finish_reason == "error"
+    assert "HTTP 400" in row.error and "maximum context length is 512" in row.error and reset_fake.url in row.error
+    with pytest.raises(UpstreamError, match="HTTP 400"):
+        engine.run([make_row(policy, prompt)])
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_seed_is_passed_through_and_repeats(api, engine_for, reset_fake, policy, prompt, collector):
+    engine = engine_for(api)
+    engine.start()
+    rows = decode(engine, [make_row(policy, prompt, collector(), temperature=1.0, seed=s) for s in (7, 7, 8)])
+    assert [r.body["seed"] for r in reset_fake.records[-3:]] == [7, 7, 8]
+    assert rows[0].generated == rows[1].generated
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_api_key_is_sent_as_bearer(api, engine_for, reset_fake, policy, prompt, collector):
+    reset_fake.api_key = "sk-upstream"
+    with pytest.raises(EngineFailedError, match="401"):
+        engine_for(api).start()
+    engine = engine_for(api, api_key="sk-upstream")
+    engine.start()
+    row, = decode(engine, [make_row(policy, prompt, collector(), max_new_tokens=4)])
+    assert row.finish_reason in ("stop", "length")
+    assert reset_fake.records[-1].headers["authorization"] == "Bearer sk-upstream"
+
+
+def test_run_decodes_on_an_engine_not_started(engine_for, policy, prompt, torch_reply):
+    engine = engine_for("llama-server", max_batch_size=2)
+    rows = engine.run([make_row(policy, prompt) for _ in range(3)])  # past max_batch_size: they take turns
+    assert all(r.reply.text == torch_reply().reply.text for r in rows)
+    assert engine.stats().max_batch_seen <= 2
+
+
+def test_vllm_needs_a_served_model_name(engine_for):
+    with pytest.raises(EngineFailedError, match="does not serve 'other'"):
+        engine_for("vllm", model="other").start()
+
+
+def test_chat_serving_over_upstream(engine_for, policy_dir, torch_reply, policy, sse_events):
+    from steer.models.policy import load_policy
+    from steer.service.metrics import ServerMetrics
+    from steer.service.protocol import ChatCompletionRequest
+    from steer.service.serving import ChatServing
+    from steer.service.settings import ServerSettings
+
+    light = load_policy(policy_dir, device="cpu", load_model=False)
+    assert light.model is None
+    engine = engine_for("vllm")
+    engine.start()
+    serving = ChatServing(light, engine, ServerSettings(policy=str(policy_dir)), ServerMetrics())
+    body = {"messages": [{"role": "user", "content": "Tell me a story about a cat."}], "temperature": 0,
+            "max_tokens": 24}
+
+    async def both():
+        response = await serving.complete(await serving.start_async(ChatCompletionRequest(**body)))
+        chunks = [c async for c in serving.stream(await serving.start_async(
+            ChatCompletionRequest(**body, stream=True, stream_options={"include_usage": True})))]
+        return response, chunks
+
+    response, chunks = asyncio.run(both())
+    expected = torch_reply()
+    assert response.choices[0].message.content == expected.reply.text
+    assert response.choices[0].finish_reason == expected.finish_reason
+    assert response.usage.completion_tokens == len(expected.generated)
+    events = sse_events("".join(chunks))
+    assert events[-1] == "[DONE]"
+    streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.get("choices"))
+    assert streamed == expected.reply.text
+    assert events[-2]["usage"]["completion_tokens"] == len(expected.generated)
