@@ -132,8 +132,9 @@ def test_request_carries_prompt_ids_budget_and_no_upstream_stops(api, engine_for
                                                                  collector):
     engine = engine_for(api)
     engine.start()
-    decode(engine, [make_row(policy, prompt, collector(), max_new_tokens=5, presence_penalty=0.5,
-                             logit_bias={3: -100.0})])
+    row, = decode(engine, [make_row(policy, prompt, collector(), max_new_tokens=5, presence_penalty=0.5,
+                                    logit_bias={3: -100.0})])
+    assert row.finish_reason == "length" and len(row.generated) == 5
     body = reset_fake.records[-1].body
     assert body["prompt"] == prompt and body["stream"] is True and body["stop"] == []
     assert body["presence_penalty"] == 0.5
@@ -294,3 +295,17 @@ def test_chat_serving_over_upstream(engine_for, policy_dir, torch_reply, policy,
     streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.get("choices"))
     assert streamed == expected.reply.text
     assert events[-2]["usage"]["completion_tokens"] == len(expected.generated)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_eos_ends_the_reply_as_on_torch(api, engine_for, reset_fake, policy, prompt, eos_ids, collector):
+    # A bias that makes EOS the third token's choice is hard to arrange; one that forces it at once is not.
+    force = {eos_ids[0]: 100.0}
+    scheduler = Scheduler(policy.model, policy.tokenizer, eos_token_ids=eos_ids, max_queue=0)
+    expected, = scheduler.run([make_row(policy, prompt, logit_bias=force)])
+    engine = engine_for(api)
+    engine.start()
+    row, = decode(engine, [make_row(policy, prompt, collector(), logit_bias=force)])
+    assert row.finish_reason == expected.finish_reason == "stop"
+    assert row.generated == expected.generated == [eos_ids[0]] and row.reply.text == ""
+    assert reset_fake.records[-1].ended.wait(WAIT_S)

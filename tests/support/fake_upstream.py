@@ -18,6 +18,8 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from steer.runtime.compat import returned_cache, with_cache
+
 
 @dataclass
 class StreamRecord:
@@ -56,9 +58,9 @@ class FakeUpstream:
         past, ids = None, torch.tensor([prompt])
         for _ in range(max_tokens):
             with torch.inference_mode():
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[0, -1].float()
+                out = self.model(input_ids=ids, use_cache=True, **with_cache(self.model, past))
+            past = returned_cache(out)
+            logits = out.logits[0, -1].float().clone()
             for token, bias in logit_bias.items():
                 logits[token] += bias
             if temperature <= 0:
