@@ -65,6 +65,18 @@ class UpstreamInfo:
     max_context: int | None
 
 
+@dataclass
+class StreamEvent:
+    """What one event of an upstream stream says."""
+
+    tokens: list[int]
+    end: str | None = None  # the upstream's finish reason, on its last event
+    # llama-server: tokens decoded so far, and the text this event settles. Its stream withholds
+    # the ids of tokens that end inside a UTF-8 character; these two tell how many and their text.
+    predicted: int | None = None
+    content: str = ""
+
+
 # ------------------------------------------------------------------ the two APIs
 class VllmCompletions:
     """vLLM's OpenAI ``/v1/completions``: a prompt of token ids, ids back either as the chunk's
@@ -107,13 +119,12 @@ class VllmCompletions:
             body["logit_bias"] = {str(t): float(b) for t, b in p.logit_bias.items()}
         return body
 
-    def read(self, event: dict[str, Any]) -> tuple[list[int], str | None]:
-        """The event's token ids and, on its last event, the upstream's finish reason."""
+    def read(self, event: dict[str, Any]) -> StreamEvent:
         choices = event.get("choices")
         if not isinstance(choices, list):
             raise ValueError("no choices")
         if not choices:
-            return [], None  # a usage-only chunk
+            return StreamEvent([])  # a usage-only chunk
         choice = choices[0]
         ids = choice.get("token_ids")
         if ids is None:
@@ -123,7 +134,7 @@ class VllmCompletions:
                     raise ValueError("text without token ids (is this vLLM with return_tokens_as_token_ids?)")
                 tokens = []
             ids = [int(t.removeprefix("token_id:")) if t.startswith("token_id:") else _bad_token(t) for t in tokens]
-        return [int(t) for t in ids], choice.get("finish_reason")
+        return StreamEvent([int(t) for t in ids], choice.get("finish_reason"))
 
 
 class LlamaServerCompletion:
@@ -162,12 +173,14 @@ class LlamaServerCompletion:
             body["logit_bias"] = [[int(t), float(b)] for t, b in p.logit_bias.items()]
         return body
 
-    def read(self, event: dict[str, Any]) -> tuple[list[int], str | None]:
+    def read(self, event: dict[str, Any]) -> StreamEvent:
         tokens = event.get("tokens")
         if not isinstance(tokens, list):
             raise ValueError("no tokens (is this llama-server with return_tokens?)")
-        ids = [int(t) for t in tokens]
-        return ids, (event.get("stop_type") or "stop") if event.get("stop") else None
+        predicted = event.get("tokens_predicted")
+        return StreamEvent([int(t) for t in tokens], (event.get("stop_type") or "stop") if event.get("stop") else None,
+                           int(predicted) if isinstance(predicted, int) and not event.get("stop") else None,
+                           str(event.get("content") or ""))
 
 
 def _bad_token(token: str) -> int:
@@ -227,6 +240,7 @@ class UpstreamEngine:
         self._events_total = 0  # stream events read: the "steps" of an upstream
         self._max_batch_seen = 0
         self._last_progress = time.monotonic()
+        self._byte_ids: dict[int, int] | None = None  # byte -> token id, worked out when first needed
 
     def __repr__(self) -> str:
         return f"UpstreamEngine({self.url!r}, api={self.api.name!r}, model={self.model!r})"
@@ -447,6 +461,7 @@ class UpstreamEngine:
         """Read the row's stream, feeding every id to its ``ReplyState``. Returns how the row ends
         when the stream ends first; leaving the ``async with`` early closes the connection."""
         body = self.api.body(row, self.model)
+        received = 0  # tokens the upstream has decoded for this row, by its count
         async with self._client.stream("POST", self.url + self.api.path, json=body) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode("utf-8", "replace")
@@ -463,9 +478,16 @@ class UpstreamEngine:
                         raise ValueError("not an object")
                     if "error" in event:
                         return "error", f"{self._where()} reported an error: {_error_text(json.dumps(event))}"
-                    tokens, upstream_end = self.api.read(event)
+                    read = self.api.read(event)
                 except ValueError as e:
                     return "error", f"{self._where()} sent a malformed stream event ({e}): {payload[:200]!r}"
+                tokens = read.tokens
+                if read.predicted is not None and read.predicted > received + len(tokens):
+                    tokens = self._spell_withheld(row, read, received)
+                    if tokens is None:
+                        return "error", (f"{self._where()} withheld the ids of tokens inside a UTF-8 character, and "
+                                         "this tokenizer cannot spell their bytes as tokens")
+                received = read.predicted if read.predicted is not None else received + len(read.tokens)
                 now = time.perf_counter()
                 with self._lock:
                     self._events_total += 1
@@ -475,9 +497,25 @@ class UpstreamEngine:
                             self._active.pop(row, None)
                             self._done.notify_all()
                             return row.finish_reason, row.error
-                if upstream_end is not None:
-                    return self._ended_upstream(row, upstream_end)
+                if read.end is not None:
+                    return self._ended_upstream(row, read.end)
         return "error", f"{self._where()} closed the stream before the reply was finished"
+
+    def _spell_withheld(self, row: Row, read: StreamEvent, received: int) -> list[int] | None:
+        """llama-server sends no event for a token that leaves a UTF-8 character unfinished, so its
+        id never arrives; the event that finishes the character carries the text of all of them.
+        That text is fed as byte tokens (``<0xE2>``, or byte-level BPE's byte symbols), which decode
+        to the same bytes, so the reply's text and stop strings come out as the upstream decoded them.
+        The budget is widened by the extra tokens, so it still counts the upstream's tokens."""
+        if self._byte_ids is None:
+            self._byte_ids = byte_token_ids(self.tokenizer)
+        if not self._byte_ids:
+            return None
+        ids = [self._byte_ids[b] for b in read.content.encode("utf-8")]
+        extra = len(ids) - (read.predicted - received)
+        if extra > 0:
+            row.reply.max_tokens += extra
+        return ids
 
     def _ended_upstream(self, row: Row, upstream_end: str) -> tuple[str, str | None]:
         """The upstream stopped before steer's rules ended the reply: its context ran out (or its
@@ -486,6 +524,18 @@ class UpstreamEngine:
             return "error", f"{self._where()} ended the reply with finish reason {upstream_end!r}"
         row.reply.close("length" if upstream_end in ("length", "limit") else "stop")
         return row.reply.finish_reason, None
+
+
+def byte_token_ids(tokenizer) -> dict[int, int]:
+    """Each byte's own token: SentencePiece byte fallback (``<0xE2>``) or byte-level BPE's byte
+    symbols; empty when the vocabulary cannot spell every byte."""
+    vocab = tokenizer.get_vocab()
+    spelled = {b: vocab.get(f"<0x{b:02X}>") for b in range(256)}
+    if None in spelled.values():
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        spelled = {b: vocab.get(symbol) for b, symbol in bytes_to_unicode().items()}
+    return spelled if None not in spelled.values() else {}
 
 
 def _error_text(text: str) -> str:

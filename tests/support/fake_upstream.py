@@ -31,6 +31,7 @@ class StreamRecord:
     sent: int = 0  # tokens sent
     completed: bool = False  # the fake sent the whole reply
     last: int | None = None  # the last token sent
+    decoded: int = 0  # llama-server: tokens decoded, sent or not
     ended: threading.Event = field(default_factory=threading.Event)  # set once the stream is over, either way
 
     @property
@@ -50,10 +51,15 @@ class FakeUpstream:
         self.delay_s = 0.005  # between events, so a client has time to close a stream early
         self.eos_token_id = tokenizer.eos_token_id
         self.records: list[StreamRecord] = []
+        # Token ids to send instead of the model's (then the reply ends as if out of budget).
+        self.script: list[int] | None = None
 
     # --------------------------------------------------------------- decoding
     def _tokens(self, prompt: list[int], max_tokens: int, temperature: float, seed: int | None,
                 ignore_eos: bool, logit_bias: dict[int, float]):
+        if self.script is not None:
+            yield from self.script[:max_tokens]
+            return
         generator = torch.Generator().manual_seed(seed if seed is not None else 12345)
         past, ids = None, torch.tensor([prompt])
         for _ in range(max_tokens):
@@ -129,15 +135,31 @@ class FakeUpstream:
     async def _events(self, record: StreamRecord, tokens, llama: bool):
         try:
             batch: list[int] = []
+            pending = b""  # llama-server: bytes of tokens it sent no event for (an unfinished character)
             for token in tokens:
+                if llama:
+                    # Like llama-server: a token that leaves a UTF-8 character unfinished gets no
+                    # event (its id is never sent); the event that finishes it carries all their text.
+                    pending += self._piece(token)
+                    record.decoded += 1
+                    try:
+                        content = pending.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        if e.reason == "unexpected end of data":
+                            continue
+                        content = pending.decode("utf-8", "replace")
+                    pending = b""
+                    yield self._llama_event(record, token, content)
+                    await asyncio.sleep(self.delay_s)
+                    continue
                 batch.append(token)
                 if len(batch) < self.tokens_per_event:
                     continue
-                yield self._event(record, batch, llama)
+                yield self._event(record, batch)
                 batch = []
                 await asyncio.sleep(self.delay_s)
             if batch:
-                yield self._event(record, batch, llama)
+                yield self._event(record, batch)
             reason = "eos" if record.last == self.eos_token_id else "limit"
             if llama:
                 yield _sse({"content": "", "tokens": [], "stop": True, "stop_type": reason})
@@ -149,12 +171,22 @@ class FakeUpstream:
         finally:
             record.ended.set()
 
-    def _event(self, record: StreamRecord, batch: list[int], llama: bool) -> str:
+    def _piece(self, token: int) -> bytes:
+        """The bytes llama.cpp's token_to_piece gives for a SentencePiece token."""
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def _llama_event(self, record: StreamRecord, token: int, content: str) -> str:
+        record.sent += 1
+        record.last = token
+        return _sse({"content": content, "tokens": [token], "stop": False, "tokens_predicted": record.decoded})
+
+    def _event(self, record: StreamRecord, batch: list[int]) -> str:
         record.sent += len(batch)
         record.last = batch[-1]
         text = self.tokenizer.decode(batch)
-        if llama:
-            return _sse({"content": text, "tokens": batch, "stop": False, "tokens_predicted": record.sent})
         choice = {"index": 0, "text": text, "finish_reason": None,
                   "logprobs": {"tokens": [f"token_id:{t}" for t in batch], "token_logprobs": [-1.0] * len(batch)}}
         if self.token_ids_field and record.body.get("return_token_ids"):
