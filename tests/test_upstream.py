@@ -329,3 +329,29 @@ def test_characters_split_across_tokens(api, engine_for, reset_fake, policy, pro
         assert record.sent < len(script)  # ids were withheld
     else:
         assert row.generated == script
+
+
+def test_stop_ends_streaming_and_waiting_rows(engine_for, reset_fake, policy, prompt, collector):
+    from steer.runtime.rows import STOPPED_MESSAGE
+
+    first = threading.Event()
+    engine = engine_for("llama-server", max_batch_size=1)
+    engine.start()
+    streaming, waiting = collector(), collector()
+
+    def on_event(event):
+        streaming(event)
+        first.set()
+
+    rows = [make_row(policy, prompt, on_event, max_new_tokens=400, ignore_eos=True),
+            make_row(policy, prompt, waiting, max_new_tokens=400)]
+    engine.submit(rows)
+    assert first.wait(WAIT_S)
+    assert engine.stalled_for() > 0.0 and engine.stats().waiting == 1
+    engine.stop()
+    for sink in (streaming, waiting):
+        assert sink.done.is_set() and sink.final.finish_reason == "cancelled" and sink.final.error == STOPPED_MESSAGE
+    assert reset_fake.records[-1].ended.wait(WAIT_S) and reset_fake.records[-1].closed_early
+    assert len(reset_fake.records) == 1  # the waiting row never reached the upstream
+    with pytest.raises(Exception, match="shutting down"):
+        engine.submit([make_row(policy, prompt)])
