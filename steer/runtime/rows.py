@@ -94,6 +94,12 @@ class RowBook:
         """Rows submitted and not yet ended (waiting, being admitted or decoding)."""
         return self.submitted - self.ended
 
+    def stats(self, *, waiting: int, active: int, steps_total: int, max_batch_seen: int) -> EngineStats:
+        """The engine's ``EngineStats``: its queue and batch, and this book's counters."""
+        return EngineStats(waiting=waiting, active=active, cancelled_total=self.cancelled_total,
+                           finished_total=self.finished_total, tokens_total=self.tokens_total,
+                           steps_total=steps_total, max_batch_seen=max_batch_seen)
+
     def admit(self, row: Row, now: float | None = None) -> None:
         """A row enters the engine: stamp it, give it its random stream and its ``ReplyState``."""
         row.submitted_at = time.perf_counter() if now is None else now

@@ -389,11 +389,8 @@ class UpstreamEngine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            book = self._book
-            return EngineStats(waiting=len(self._waiting), active=len(self._active),
-                               cancelled_total=book.cancelled_total, finished_total=book.finished_total,
-                               tokens_total=book.tokens_total, steps_total=self._events_total,
-                               max_batch_seen=self._max_batch_seen)
+            return self._book.stats(waiting=len(self._waiting), active=len(self._active),
+                                    steps_total=self._events_total, max_batch_seen=self._max_batch_seen)
 
     def stalled_for(self) -> float:
         """Seconds since the upstream last sent anything while rows were waiting or streaming (0 when
