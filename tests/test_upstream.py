@@ -104,7 +104,8 @@ def decode(engine, rows):
 @pytest.mark.parametrize("api", APIS)
 def test_greedy_reply_equals_torch_engine(api, engine_for, policy, prompt, torch_reply, collector):
     expected = torch_reply(40)
-    engine = engine_for(api)
+    counted = []
+    engine = engine_for(api, on_token=counted.append)
     engine.start()
     assert engine.max_context == 512  # learned from the upstream
     row, = decode(engine, [make_row(policy, prompt, collector(), max_new_tokens=40)])
@@ -113,8 +114,11 @@ def test_greedy_reply_equals_torch_engine(api, engine_for, policy, prompt, torch
     assert row.sink.text == expected.reply.text  # the streamed deltas add up to the reply
     assert row.sink.final.completion_tokens == len(expected.generated)
     stats = engine.stats()
-    assert stats.finished_total == 1 and stats.tokens_total == len(expected.generated) and stats.active == 0
+    assert stats.finished_total == 1 and stats.tokens_total == len(expected.generated)
+    assert stats.active == 0 and stats.steps_total >= 1
     assert engine.stalled_for() == 0.0
+    engine.stop()  # joins the loop thread: every on_token call has been made
+    assert sum(counted) == len(expected.generated)
 
 
 def test_vllm_token_ids_field_and_several_tokens_per_event(engine_for, reset_fake, policy, prompt, torch_reply,

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,6 +205,7 @@ class UpstreamEngine:
         eos_token_ids: Sequence[int] = (),
         max_context: int | None = None,
         timeout_s: float = 600.0,
+        on_token: Callable[[int], None] | None = None,
     ):
         if api not in PROTOCOLS:
             raise ValueError(f"api must be one of {', '.join(APIS)}, not {api!r}")
@@ -220,6 +221,8 @@ class UpstreamEngine:
         # None: learned from the upstream at start() (vLLM's max_model_len, llama-server's n_ctx).
         self.max_context = max_context
         self.timeout_s = timeout_s
+        # Called with the number of tokens each stream event brought (the server's token counter).
+        self.on_token = on_token
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._book = RowBook(TokenDecoder.for_tokenizer(tokenizer), eos_token_ids)
         self.eos_token_ids = self._book.eos_token_ids
@@ -439,8 +442,8 @@ class UpstreamEngine:
         except asyncio.CancelledError:
             reason = "cancelled"
             error = STOPPED_MESSAGE if self._stop and not row.cancelled else None
-        except httpx.TimeoutException:
-            error = f"{self._where()} sent nothing for {self.timeout_s:g} s; the reply was abandoned"
+        except httpx.TimeoutException as e:
+            error = f"{self._where()} did not answer within {self.timeout_s:g} s ({type(e).__name__}); the reply was abandoned"
         except httpx.HTTPError as e:
             error = f"{self._where()} failed: {type(e).__name__}: {e}"
         except Exception as e:  # a bug here must fail the row, not leave its client waiting
@@ -486,14 +489,21 @@ class UpstreamEngine:
                                          "this tokenizer cannot spell their bytes as tokens")
                 received = read.predicted if read.predicted is not None else received + len(read.tokens)
                 now = time.perf_counter()
+                accepted, ended = 0, False
                 with self._lock:
                     self._events_total += 1
                     self._last_progress = time.monotonic()
                     for token in tokens:
+                        accepted += 1
                         if self._book.accept(row, token, now):
                             self._active.pop(row, None)
                             self._done.notify_all()
-                            return row.finish_reason, row.error
+                            ended = True
+                            break
+                if accepted and self.on_token is not None:
+                    self.on_token(accepted)
+                if ended:
+                    return row.finish_reason, row.error
                 if read.end is not None:
                     return self._ended_upstream(row, read.end)
         return "error", f"{self._where()} closed the stream before the reply was finished"
