@@ -359,3 +359,50 @@ def test_stop_ends_streaming_and_waiting_rows(engine_for, reset_fake, policy, pr
     assert len(reset_fake.records) == 1  # the waiting row never reached the upstream
     with pytest.raises(Exception, match="shutting down"):
         engine.submit([make_row(policy, prompt)])
+
+
+@pytest.mark.llamacpp
+def test_real_llama_server_greedy(engine_for, policy, prompt, torch_reply, shared_path, free_port, collector):
+    """Against llama.cpp's own server on stories260K's F32 GGUF (the same weights as the policy):
+    set STEER_LLAMA_SERVER to the llama-server binary (or put it on PATH) and run ``-m llamacpp``."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    import httpx
+
+    binary = os.environ.get("STEER_LLAMA_SERVER") or shutil.which("llama-server")
+    if not binary:
+        pytest.skip("no llama-server binary (set STEER_LLAMA_SERVER)")
+    gguf = shared_path("models", "stories260K", "stories260K.gguf")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", "2",
+                               "-c", "1024", "-t", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, "llama-server exited"
+            time.sleep(0.2)
+        engine = engine_for("llama-server", url=url, max_batch_size=2)
+        engine.start()
+        assert 0 < engine.max_context <= 512  # -c 1024 over 2 slots, at most the model's training context
+        expected = torch_reply(40)
+        rows = decode(engine, [make_row(policy, prompt, collector(), max_new_tokens=40) for _ in range(2)])
+        for row in rows:
+            assert row.finish_reason == expected.finish_reason, row.error
+            # Other kernels: greedy replies agree at least until the first near-tie.
+            assert row.generated[:8] == expected.generated[:8]
+        assert rows[0].generated == rows[1].generated
+        stop = expected.reply.text[6:9]
+        row, = decode(engine, [make_row(policy, prompt, collector(), stops=[stop], max_new_tokens=40)])
+        assert row.finish_reason == "stop" and stop not in row.reply.text
+    finally:
+        server.terminate()
+        server.wait(30)
