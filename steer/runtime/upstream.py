@@ -266,7 +266,7 @@ class UpstreamEngine:
             loop.close()
             if isinstance(e, EngineFailedError):
                 raise
-            raise EngineFailedError(f"the {self.api.name} upstream at {self.url} could not be used: {e}") from e
+            raise EngineFailedError(f"{self._where()} could not be used: {type(e).__name__}: {e}") from e
         self.model = info.model
         if self.max_context is None:
             self.max_context = info.max_context
@@ -294,16 +294,15 @@ class UpstreamEngine:
         try:
             response = await client.get(self.url + path, timeout=min(self.timeout_s, PROBE_TIMEOUT_S))
         except httpx.HTTPError as e:
-            raise EngineFailedError(f"the {self.api.name} upstream at {self.url} is unreachable: "
-                                    f"{type(e).__name__}: {e}") from None
+            raise EngineFailedError(f"{self._where()} is unreachable: {type(e).__name__}: {e}") from None
         if response.status_code != 200:
-            raise EngineFailedError(f"the {self.api.name} upstream at {self.url} answered GET {path} with HTTP "
-                                    f"{response.status_code}: {_error_text(response.text)}")
+            raise EngineFailedError(f"{self._where()} answered GET {path} with HTTP {response.status_code}: "
+                                    f"{_error_text(response.text)}")
         try:
             out = response.json()
         except ValueError:
-            raise EngineFailedError(f"the {self.api.name} upstream at {self.url} answered GET {path} with "
-                                    f"something that is not JSON: {response.text[:200]!r}") from None
+            raise EngineFailedError(f"{self._where()} answered GET {path} with something that is not JSON: "
+                                    f"{response.text[:200]!r}") from None
         return out if isinstance(out, dict) else {}
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -368,6 +367,8 @@ class UpstreamEngine:
                 if not row.done:
                     row.cancelled = True
             loop = self._loop
+            if loop is None:  # not started: nothing streams, the rows leave the queue now
+                self._drop_cancelled()
         if loop is not None:
             loop.call_soon_threadsafe(self._drop_cancelled)
 
@@ -387,7 +388,7 @@ class UpstreamEngine:
                 self.stop()
         failed = next((r for r in rows if r.finish_reason == "error"), None)
         if failed is not None:
-            raise UpstreamError(failed.error or f"the {self.api.name} upstream at {self.url} failed")
+            raise UpstreamError(failed.error or f"{self._where()} failed")
         return list(rows)
 
     def stats(self) -> EngineStats:
