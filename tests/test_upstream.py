@@ -410,3 +410,17 @@ def test_real_llama_server_greedy(engine_for, policy, prompt, torch_reply, share
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_many_rows_take_turns_in_the_batch(api, engine_for, reset_fake, policy, prompt, torch_reply, collector):
+    full = torch_reply(40).reply.text
+    stop = full[6:9]
+    engine = engine_for(api, max_batch_size=4, max_queue=8)
+    engine.start()
+    rows = decode(engine, [make_row(policy, prompt, collector(), max_new_tokens=40, stops=[stop] if i % 2 else [])
+                           for i in range(10)])
+    for i, row in enumerate(rows):
+        assert row.reply.text == (full[:full.find(stop)] if i % 2 else full) == row.sink.text
+    stats = engine.stats()
+    assert stats.max_batch_seen == 4 and stats.finished_total == 10 and stats.waiting == stats.active == 0
