@@ -49,3 +49,17 @@ def test_sft_throughput_bench_runs_both_batchings(shared_dir, shared_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "length-grouped" in out.stdout and "random" in out.stdout
+
+
+def test_upstream_overhead_bench_runs_both_clients(shared_dir, shared_path):
+    shared_path("models", "stories260K")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "upstream_overhead.py"), "--streams", "2", "--tokens", "16",
+         "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "STEER_SHARED": str(shared_dir), "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report, = json.loads(out.stdout[: out.stdout.index("\n]\n") + 2])
+    assert report["streams"] == 2 and report["raw_tokens_per_s"] > 0 and report["steer_tokens_per_s"] > 0
+    assert report["steer_over_raw"] == round(report["steer_tokens_per_s"] / report["raw_tokens_per_s"], 3)

@@ -26,6 +26,7 @@ begun streaming is never sent again, since its text has reached the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -467,47 +468,57 @@ class UpstreamEngine:
             if response.status_code != 200:
                 text = (await response.aread()).decode("utf-8", "replace")
                 return "error", f"{self._where()} answered HTTP {response.status_code}: {_error_text(text)}"
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, comments (": ping"), event names
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                try:
-                    event = json.loads(payload)
-                    if not isinstance(event, dict):
-                        raise ValueError("not an object")
-                    if "error" in event:
-                        return "error", f"{self._where()} reported an error: {_error_text(json.dumps(event))}"
-                    read = self.api.read(event)
-                except ValueError as e:
-                    return "error", f"{self._where()} sent a malformed stream event ({e}): {payload[:200]!r}"
-                tokens = read.tokens
-                if read.predicted is not None and read.predicted > received + len(tokens):
-                    tokens = self._spell_withheld(row, read, received)
-                    if tokens is None:
-                        return "error", (f"{self._where()} withheld the ids of tokens inside a UTF-8 character, and "
-                                         "this tokenizer cannot spell their bytes as tokens")
-                received = read.predicted if read.predicted is not None else received + len(read.tokens)
-                now = time.perf_counter()
-                accepted, ended = 0, False
-                with self._lock:
-                    self._events_total += 1
-                    self._last_progress = time.monotonic()
-                    for token in tokens:
-                        accepted += 1
-                        if self._book.accept(row, token, now):
-                            self._active.pop(row, None)
-                            self._done.notify_all()
-                            ended = True
-                            break
-                if accepted and self.on_token is not None:
-                    self.on_token(accepted)
-                if ended:
-                    return row.finish_reason, row.error
-                if read.end is not None:
-                    return self._ended_upstream(row, read.end)
+            # aclosing: a reply steer ends early leaves the line iterator at once, not at loop exit.
+            async with contextlib.aclosing(response.aiter_lines()) as lines:
+                async for line in lines:
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments (": ping"), event names
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    end, received = self._take(row, payload, received)
+                    if end is not None:
+                        return end
         return "error", f"{self._where()} closed the stream before the reply was finished"
+
+    def _take(self, row: Row, payload: str, received: int) -> tuple[tuple[str, str | None] | None, int]:
+        """One stream event: its ids to the row's ``ReplyState``. Returns how the row ends (None
+        while it goes on) and the upstream's count of tokens decoded so far."""
+        try:
+            event = json.loads(payload)
+            if not isinstance(event, dict):
+                raise ValueError("not an object")
+            if "error" in event:
+                return ("error", f"{self._where()} reported an error: {_error_text(payload)}"), received
+            read = self.api.read(event)
+        except ValueError as e:
+            return ("error", f"{self._where()} sent a malformed stream event ({e}): {payload[:200]!r}"), received
+        tokens = read.tokens
+        if read.predicted is not None and read.predicted > received + len(tokens):
+            tokens = self._spell_withheld(row, read, received)
+            if tokens is None:
+                return ("error", f"{self._where()} withheld the ids of tokens inside a UTF-8 character, and this "
+                                 "tokenizer cannot spell their bytes as tokens"), received
+        received = read.predicted if read.predicted is not None else received + len(read.tokens)
+        now = time.perf_counter()
+        accepted, ended = 0, False
+        with self._lock:
+            self._events_total += 1
+            self._last_progress = time.monotonic()
+            for token in tokens:
+                accepted += 1
+                if self._book.accept(row, token, now):
+                    self._active.pop(row, None)
+                    self._done.notify_all()
+                    ended = True
+                    break
+        if accepted and self.on_token is not None:
+            self.on_token(accepted)
+        if ended:
+            return (row.finish_reason, row.error), received
+        if read.end is not None:
+            return self._ended_upstream(row, read.end), received
+        return None, received
 
     def _spell_withheld(self, row: Row, read: StreamEvent, received: int) -> list[int] | None:
         """llama-server sends no event for a token that leaves a UTF-8 character unfinished, so its
