@@ -49,6 +49,7 @@ def fake(policy, fake_upstream, live_server):
 def reset_fake(fake):
     yield fake
     fake.api_key, fake.fail, fake.token_ids_field, fake.tokens_per_event, fake.script = None, None, False, 1, None
+    fake.inject, fake.delay_s = None, 0.005
     fake.records.clear()
 
 
@@ -424,3 +425,25 @@ def test_many_rows_take_turns_in_the_batch(api, engine_for, reset_fake, policy, 
         assert row.reply.text == (full[:full.find(stop)] if i % 2 else full) == row.sink.text
     stats = engine.stats()
     assert stats.max_batch_seen == 4 and stats.finished_total == 10 and stats.waiting == stats.active == 0
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_malformed_stream_and_error_events_fail_the_row(api, engine_for, reset_fake, policy, prompt, collector):
+    engine = engine_for(api)
+    engine.start()
+    reset_fake.inject = "data: {not json"
+    row, = decode(engine, [make_row(policy, prompt, collector())])
+    assert row.finish_reason == "error" and "malformed stream event" in row.error and reset_fake.url in row.error
+    reset_fake.inject = 'data: {"error": {"code": 500, "message": "CUDA out of memory", "type": "server_error"}}'
+    row, = decode(engine, [make_row(policy, prompt, collector())])
+    assert row.finish_reason == "error" and "reported an error: CUDA out of memory" in row.error
+    assert reset_fake.records[-1].ended.wait(WAIT_S) and reset_fake.records[-1].closed_early
+
+
+def test_silent_upstream_times_out(engine_for, reset_fake, policy, prompt, collector):
+    engine = engine_for("vllm", timeout_s=0.5)
+    engine.start()
+    reset_fake.delay_s = 30  # one event, then silence
+    row, = decode(engine, [make_row(policy, prompt, collector())])
+    assert row.finish_reason == "error" and "did not answer within 0.5 s" in row.error
+    assert len(row.generated) == 1 and row.sink.final.text == ""

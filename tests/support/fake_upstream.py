@@ -53,6 +53,7 @@ class FakeUpstream:
         self.records: list[StreamRecord] = []
         # Token ids to send instead of the model's (then the reply ends as if out of budget).
         self.script: list[int] | None = None
+        self.inject: str | None = None  # a raw line sent after the first event (a broken upstream)
 
     # --------------------------------------------------------------- decoding
     def _tokens(self, prompt: list[int], max_tokens: int, temperature: float, seed: int | None,
@@ -150,12 +151,14 @@ class FakeUpstream:
                         content = pending.decode("utf-8", "replace")
                     pending = b""
                     yield self._llama_event(record, token, content)
+                    yield self._injected(record)
                     await asyncio.sleep(self.delay_s)
                     continue
                 batch.append(token)
                 if len(batch) < self.tokens_per_event:
                     continue
                 yield self._event(record, batch)
+                yield self._injected(record)
                 batch = []
                 await asyncio.sleep(self.delay_s)
             if batch:
@@ -170,6 +173,9 @@ class FakeUpstream:
             record.completed = True
         finally:
             record.ended.set()
+
+    def _injected(self, record: StreamRecord) -> str:
+        return f"{self.inject}\n\n" if self.inject is not None and record.sent == 1 else ""
 
     def _piece(self, token: int) -> bytes:
         """The bytes llama.cpp's token_to_piece gives for a SentencePiece token."""
