@@ -37,12 +37,14 @@ def serve(port: int, tokens: list[int], api: str) -> None:
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    def event(i: int, token: int) -> dict:
+        if api == "llama-server":
+            return {"content": "", "tokens": [token], "stop": False, "tokens_predicted": i + 1}
+        return {"choices": [{"index": 0, "text": "", "logprobs": {"tokens": [f"token_id:{token}"]}, "finish_reason": None}]}
+
     async def events(n: int):
         for i, token in enumerate(tokens[:n]):
-            if api == "llama-server":
-                yield f"data: {json.dumps({'content': '', 'tokens': [token], 'stop': False, 'tokens_predicted': i + 1})}\n\n"
-            else:
-                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': '', 'logprobs': {'tokens': [f'token_id:{token}']}, 'finish_reason': None}]})}\n\n"
+            yield f"data: {json.dumps(event(i, token))}\n\n"
         if api == "llama-server":
             yield 'data: {"content": "", "tokens": [], "stop": true, "stop_type": "limit"}\n\n'
         else:
@@ -50,7 +52,8 @@ def serve(port: int, tokens: list[int], api: str) -> None:
 
     async def completion(request):
         body = await request.json()
-        return StreamingResponse(events(body.get("n_predict") or body.get("max_tokens")), media_type="text/event-stream")
+        n = body.get("n_predict") or body.get("max_tokens")
+        return StreamingResponse(events(n), media_type="text/event-stream")
 
     routes = [Route("/health", lambda r: JSONResponse({"status": "ok"})),
               Route("/props", lambda r: JSONResponse({"default_generation_settings": {"n_ctx": 4096}})),

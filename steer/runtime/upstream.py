@@ -445,7 +445,8 @@ class UpstreamEngine:
             reason = "cancelled"
             error = STOPPED_MESSAGE if self._stop and not row.cancelled else None
         except httpx.TimeoutException as e:
-            error = f"{self._where()} did not answer within {self.timeout_s:g} s ({type(e).__name__}); the reply was abandoned"
+            error = (f"{self._where()} did not answer within {self.timeout_s:g} s ({type(e).__name__}); "
+                     "the reply was abandoned")
         except httpx.HTTPError as e:
             error = f"{self._where()} failed: {type(e).__name__}: {e}"
         except Exception as e:  # a bug here must fail the row, not leave its client waiting
