@@ -40,7 +40,8 @@ def serve(port: int, tokens: list[int], api: str) -> None:
     def event(i: int, token: int) -> dict:
         if api == "llama-server":
             return {"content": "", "tokens": [token], "stop": False, "tokens_predicted": i + 1}
-        return {"choices": [{"index": 0, "text": "", "logprobs": {"tokens": [f"token_id:{token}"]}, "finish_reason": None}]}
+        choice = {"index": 0, "text": "", "logprobs": {"tokens": [f"token_id:{token}"]}, "finish_reason": None}
+        return {"choices": [choice]}
 
     async def events(n: int):
         for i, token in enumerate(tokens[:n]):
