@@ -233,6 +233,8 @@ class UpstreamEngine:
         self._done = threading.Condition(self._lock)
         self._waiting: deque[Row] = deque()
         self._active: dict[Row, asyncio.Task] = {}
+        # Every stream task until it is over, also one whose row has ended while it closes its connection.
+        self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client: httpx.AsyncClient | None = None
@@ -328,7 +330,7 @@ class UpstreamEngine:
             self._active.clear()
 
     async def _shutdown(self) -> None:
-        tasks = list(self._active.values())
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -413,7 +415,9 @@ class UpstreamEngine:
                 if row.cancelled:
                     self._finish(row, "cancelled")
                     continue
-                self._active[row] = self._loop.create_task(self._stream(row))
+                task = self._active[row] = self._loop.create_task(self._stream(row))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             self._max_batch_seen = max(self._max_batch_seen, len(self._active))
 
     def _drop_cancelled(self) -> None:
