@@ -226,6 +226,7 @@ def main() -> None:
                 counters = _engine_counters(url)
                 served_tokens = sum(r["tokens"] for r in results)
                 ceiling = _ceiling(generator, ceiling_prepared, args.max_tokens, time_decode)
+                alone_tokens, alone_s = _engine_alone(generator, bodies, args.clients)
                 rounds.append({
                     "sequential_tokens": seq_tokens, "sequential_s": seq_time, "sequential_cpu_s": seq_cpu,
                     "served_tokens": served_tokens, "served_s": wall, "server_cpu_s": server_cpu,
@@ -233,6 +234,8 @@ def main() -> None:
                     "engine_tokens": counters["tokens"] - counters0["tokens"],
                     "engine_steps": counters["steps"] - counters0["steps"],
                     "speedup": (served_tokens / wall) / (seq_tokens / seq_time),
+                    "engine_alone_speedup": (alone_tokens / alone_s) / (seq_tokens / seq_time),
+                    "served_over_engine_alone": (served_tokens / wall) / (alone_tokens / alone_s),
                     **ceiling,
                 })
             server_ttft = _server_mean_ttft(url)
@@ -256,6 +259,8 @@ def main() -> None:
     forward_ceiling = statistics.median(r["batching_ceiling"] for r in rounds)
     of_ceiling = statistics.median(r["speedup"] / r["ceiling_with_sampling"] for r in rounds)
     of_forward_ceiling = statistics.median(r["speedup"] / r["batching_ceiling"] for r in rounds)
+    alone_of_ceiling = statistics.median(r["engine_alone_speedup"] / r["ceiling_with_sampling"] for r in rounds)
+    served_of_alone = statistics.median(r["served_over_engine_alone"] for r in rounds)
     served_tokens_all = sum(r["served_tokens"] for r in rounds)
     report = {
         "policy": args.policy or "stories260K (wrapped)",
@@ -286,6 +291,7 @@ def main() -> None:
         "rounds_detail": [
             {"sequential_tokens_per_s": round(r["sequential_tokens"] / r["sequential_s"], 1),
              "served_tokens_per_s": round(r["served_tokens"] / r["served_s"], 1), "speedup": round(r["speedup"], 2),
+             "engine_alone_speedup": round(r["engine_alone_speedup"], 2),
              "ceiling_with_sampling": round(r["ceiling_with_sampling"], 2),
              "batching_ceiling": round(r["batching_ceiling"], 2)}
             for r in rounds
@@ -300,6 +306,11 @@ def main() -> None:
         "batching_ceiling": round(forward_ceiling, 2),
         "served_over_ceiling": round(of_ceiling, 3),
         "served_over_forward_ceiling": round(of_forward_ceiling, 3),
+        # Where the rest goes: the same load through the scheduler in this process (no HTTP, no
+        # engine process, each client's next request submitted the moment its last one ends),
+        # over the ceiling; and the server's tokens/s over that.
+        "engine_alone_over_ceiling": round(alone_of_ceiling, 3),
+        "served_over_engine_alone": round(served_of_alone, 3),
         # Tokens per CPU-second, served (server + clients) over sequential.
         "cpu_speedup": round((served_tokens_all / served_cpu) / (seq_tokens / seq_cpu), 2),
         "targets": {"speedup>=8": speedup >= 8, "ttft_p50<=0.3s": percentile(ttfts, 50) <= 0.3,
@@ -319,6 +330,8 @@ def main() -> None:
     print(f"{'rows per decode step':<28}{'':>12}{report['served']['rows_per_step']:>14.2f}")
     print(f"{'batching ceiling (median)':<28}{'':>12}{ceiling:>13.2f}x  (forward alone {forward_ceiling:.2f}x)")
     print(f"{'served / ceiling':<28}{'':>12}{of_ceiling:>14.3f}  (of the forward's {of_forward_ceiling:.3f})")
+    print(f"{'engine alone / ceiling':<28}{'':>12}{alone_of_ceiling:>14.3f}  (no HTTP, no engine process)")
+    print(f"{'served / engine alone':<28}{'':>12}{served_of_alone:>14.3f}")
 
 
 def _ceiling(generator, prepared, tokens: int, time_decode) -> dict[str, float]:
@@ -333,6 +346,48 @@ def _ceiling(generator, prepared, tokens: int, time_decode) -> dict[str, float]:
     n = len(prepared)
     return {"batching_ceiling": n * one["step_ms"] / many["step_ms"],
             "ceiling_with_sampling": n * (one["step_ms"] + one["sample_ms"]) / (many["step_ms"] + many["sample_ms"])}
+
+
+def _engine_alone(generator, bodies: list[dict], clients: int) -> tuple[int, float]:
+    """The served load without the server: ``clients`` streams of ``bodies`` through one
+    :class:`~steer.runtime.scheduler.Scheduler` on its own thread in this process, each stream's
+    next request submitted from the sink the moment its previous reply ends. Returns (tokens, s)."""
+    import threading
+
+    from steer.runtime.generator import GenerationRequest
+    from steer.runtime.scheduler import Row, Scheduler
+
+    prepared = [generator.prepare(GenerationRequest(**_gen_kwargs(b))) for b in bodies]
+    engine = Scheduler(generator.model, generator.tokenizer, max_batch_size=clients, max_queue=len(prepared),
+                       eos_token_ids=generator.eos_ids, device=generator.device)
+    queues = [prepared[c::clients] for c in range(clients)]
+    left = [len(prepared)]
+    done = threading.Event()
+
+    def row_for(client: int) -> Row:
+        p = queues[client].pop(0)
+        return Row(prompt_ids=list(p.prompt_ids), params=p.params, stops=p.stops, sink=sink_for(client))
+
+    def sink_for(client: int):
+        def sink(event) -> None:
+            if not event.finished:
+                return
+            left[0] -= 1
+            if queues[client]:
+                engine.submit([row_for(client)])
+            elif left[0] == 0:
+                done.set()
+        return sink
+
+    first = [row_for(c) for c in range(clients) if queues[c]]
+    engine.start()
+    start = time.perf_counter()
+    engine.submit(first)
+    done.wait()
+    elapsed = time.perf_counter() - start
+    tokens = engine.stats().tokens_total
+    engine.stop()
+    return tokens, elapsed
 
 
 def _cpu_seconds(pid: int) -> float:
