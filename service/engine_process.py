@@ -47,6 +47,10 @@ class EngineProcessConfig:
     """What the child needs to load the policy and build its engine (it is pickled across)."""
 
     policy: str
+    # "torch", or "llama.cpp": the policy is a .gguf file decoded in llama.cpp, and ``schema`` gives
+    # the attribute schema of a file that carries none.
+    engine: str = "torch"
+    schema: str | None = None
     device: str | None = None
     dtype: str | None = None
     threads: int = 0
@@ -313,6 +317,40 @@ def handle_command(engine: Scheduler, rows: dict[int, Row], sink_for: Callable[[
         logger.warning("engine process: unknown command %r", kind)
 
 
+def build_engine(config: EngineProcessConfig, on_step: Callable[[], None]) -> Scheduler:
+    """The child's engine: the policy loaded, and a scheduler over the configured engine's batch.
+
+    The llama.cpp engine runs here too, in the child, rather than on a thread of the server: its
+    steps release the interpreter lock, but everything around them (sampling, detokenizing, stop
+    strings, events) is Python that would otherwise take turns with the HTTP side on one lock."""
+    import torch
+
+    from steer.models.policy import load_policy
+    from steer.runtime.model_runner import eos_token_ids
+
+    max_queue = 1 << 30  # the server side enforces the queue limit
+    if config.engine == "llama.cpp":
+        from steer.runtime.llamacpp import llamacpp_engine
+
+        # Only the tokenizer and the schema: llama.cpp reads the weights. torch only samples, one
+        # small op at a time, so one thread, leaving the cores to llama.cpp.
+        torch.set_num_threads(1)
+        policy = load_policy(config.policy, load_model=False, schema=config.schema)
+        return llamacpp_engine(config.policy, policy.tokenizer, max_batch_size=config.max_batch_size,
+                               max_queue=max_queue, threads=config.threads, on_step=on_step)
+    policy = load_policy(config.policy, device=config.device, dtype=config.dtype, schema=config.schema)
+    torch.set_num_threads(engine_threads(config.threads, policy.device))
+    return Scheduler(
+        policy.model,
+        policy.tokenizer,
+        max_batch_size=config.max_batch_size,
+        max_queue=max_queue,
+        eos_token_ids=eos_token_ids(policy.model, policy.tokenizer),
+        device=policy.device,
+        on_step=on_step,
+    )
+
+
 def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     """The child's main: load the policy, run an engine, relay rows in and events out."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -328,13 +366,7 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        import torch
-
-        from steer.runtime.model_runner import eos_token_ids
-        from steer.models.policy import load_policy
-
-        policy = load_policy(config.policy, device=config.device, dtype=config.dtype)
-        torch.set_num_threads(engine_threads(config.threads, policy.device))
+        engine = build_engine(config, on_step=lambda: flush())
     except Exception as e:  # reported to the server, which fails its start with this message
         events.send(("failed", f"{type(e).__name__}: {e}"))
         return
@@ -366,15 +398,6 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
 
         return sink
 
-    engine = Scheduler(
-        policy.model,
-        policy.tokenizer,
-        max_batch_size=config.max_batch_size,
-        max_queue=1 << 30,  # the server side enforces the queue limit
-        eos_token_ids=eos_token_ids(policy.model, policy.tokenizer),
-        device=policy.device,
-        on_step=flush,
-    )
     engine.start()
     events.send(("ready", {"max_context": engine.max_context}))
     try:
