@@ -213,6 +213,21 @@ def test_greedy_matches_llama_cpp_reference(stories_engine_parts):
 
 
 @pytest.mark.llamacpp
+def test_a_step_longer_than_one_llama_decode_call_is_split(stories_engine_parts):
+    """Prompts joining together beyond n_batch tokens go in several calls, logits in the last."""
+    tok = stories_engine_parts
+    engine = _engine(tok, n_batch=16)
+    prompts = [tok("Once upon a time there was a little girl named Lily who loved").input_ids,
+               tok("The big red dog ran to the park").input_ids]
+    assert sum(map(len, prompts)) > 16
+    rows = [_row(ids, max_new=10, ignore_eos=True) for ids in prompts]
+    engine.run(rows)
+    assert engine.batch.decode_calls > engine.batch.steps
+    for ids, row in zip(prompts, rows):
+        assert row.generated == _reference_greedy(_stories(), ids, 10)
+
+
+@pytest.mark.llamacpp
 def test_exported_policy_greedy_matches_reference(build_random_policy, tmp_path):
     pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
     from steer.cli.export_gguf import ExportGgufConfig, export_policy

@@ -156,15 +156,13 @@ class LlamaCppBatch:
             rows.append(row)
         self._joining.clear()
         entries = prefix + last
-        # The logits rows come last, so they all land in the final call when the step is too
-        # long for one (n_batch); a sequence's positions still arrive in order.
-        cut = len(entries)
-        while cut > self.n_batch:
-            cut -= self.n_batch
-        if cut < len(entries):
-            for start in range(0, len(entries) - cut, self.n_batch):
-                self._decode(entries[start:start + self.n_batch], 0)
-        self._decode(entries[len(entries) - cut:], len(last))
+        # A step longer than one call may take (n_batch: long prompts joining) goes in several;
+        # the rows that want logits come last, so they all land in the final call (there are at
+        # most n_seq_max <= n_batch of them), and a sequence's positions still arrive in order.
+        final = max(0, len(entries) - self.n_batch)
+        for start in range(0, final, self.n_batch):
+            self._decode(entries[start:min(start + self.n_batch, final)], 0)
+        self._decode(entries[final:], len(last))
         self.steps += 1
         out = np.ctypeslib.as_array(self._llama.llama_get_logits(self._ctx.ctx), shape=(len(last), self.n_vocab))
         return rows, torch.from_numpy(out.copy())
@@ -205,12 +203,12 @@ class LlamaCppBatch:
 
 
 def llamacpp_engine(path: str | Path, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64, threads: int = 0,
-                    eos_token_ids=(), **scheduler_kwargs):
+                    eos_token_ids=(), n_batch: int = 2048, **scheduler_kwargs):
     """A :class:`~steer.runtime.scheduler.Scheduler` whose batch runs in llama.cpp on the GGUF file
     ``path``. Ends of replies: ``eos_token_ids``, the tokenizer's EOS and the file's EOS/EOT."""
     from steer.runtime.scheduler import Scheduler
 
-    batch = LlamaCppBatch(path, n_seq_max=max_batch_size, threads=threads)
+    batch = LlamaCppBatch(path, n_seq_max=max_batch_size, threads=threads, n_batch=n_batch)
     eos = set(eos_token_ids) | batch.eos_token_ids
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
