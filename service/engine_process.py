@@ -219,7 +219,7 @@ class EngineProcess:
         finally:
             if not self._stopping:
                 self._process.join(1)
-                self._after_exit(f"the engine process exited (exit code {self._process.exitcode})")
+                self._after_exit(exit_reason(self._process.exitcode))
 
     def _after_exit(self, reason: str, ran_well: bool | None = None) -> None:
         """The child is gone: fail what it held, then restart it (bounded, with backoff) or give up."""
@@ -283,6 +283,17 @@ class EngineProcess:
             if not row.done:
                 row.done = True
                 row.sink(RowEvent(index=row.index, finished=True, finish_reason=reason, error=error))
+
+
+def exit_reason(code: int | None) -> str:
+    """Why the engine process is gone, as the server reports it."""
+    reason = f"the engine process exited (exit code {code})"
+    if code == -signal.SIGILL:
+        # Seen with llama.cpp built for the build machine's CPU (GGML_NATIVE) on a VM that does
+        # not expose all of it (AMX tiles): quantized models crash on their first step.
+        reason += (": an illegal CPU instruction; the native library (llama.cpp, torch) was built for a CPU feature "
+                   "this machine lacks: rebuild it for this CPU (llama-cpp-python: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\")")
+    return reason
 
 
 def engine_threads(requested: int, device) -> int:

@@ -96,6 +96,15 @@ def test_a_gguf_without_steer_metadata_needs_a_schema():
     assert schema.name == "helpsteer" and config["kind"] == "policy"
 
 
+def test_an_engine_killed_by_an_illegal_instruction_says_how_to_rebuild():
+    import signal
+
+    from steer.service.engine_process import exit_reason
+
+    assert "GGML_NATIVE=OFF" in exit_reason(-signal.SIGILL)
+    assert exit_reason(1) == "the engine process exited (exit code 1)"
+
+
 class ScriptedBatch:
     """A runner whose model always puts the most mass on the next token of a script (per row):
     the scheduler's sampling, stop strings, EOS and budget are then exercised without a model."""
