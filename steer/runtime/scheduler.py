@@ -142,6 +142,10 @@ class BatchRunner(Protocol):
 
 
 class Scheduler:
+    """The decode loop. ``model``: a transformers model, decoded by a
+    :class:`~steer.runtime.torch_batch.TorchBatch`; or None when ``batch`` gives the runner
+    (:class:`~steer.runtime.llamacpp.LlamaCppBatch`, ...)."""
+
     def __init__(
         self,
         model,
