@@ -415,3 +415,30 @@ def test_in_process_llamacpp_engine_serves(make_client, wait_ready, hello):
         for t in threads:
             t.join(60)
         assert c.app.state.server.engine.stats().finished_total == 4
+
+
+@pytest.mark.llamacpp
+def test_steerability_eval_runs_on_the_llamacpp_engine(build_tiny_policy, build_tiny_apm, tmp_path):
+    """`steer eval steerability --engine llama.cpp` on an exported policy: the same grid, generated
+    by llama.cpp, cached apart from the torch engine's generations."""
+    if not HAVE_LLAMA_CPP:
+        pytest.skip('llama-cpp-python is not installed: pip install "steer[llamacpp]"')
+    pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
+    from steer.cli.export_gguf import ExportGgufConfig, export_policy
+    from steer.training.steerability import SteerabilityConfig, main
+
+    path = export_policy(ExportGgufConfig(policy=str(build_tiny_policy(tmp_path / "policy")),
+                                          output=str(tmp_path / "policy.gguf"), dtype="f32"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Can you fix my sword?"}\n{"prompt": "A room, please."}\n')
+    config = SteerabilityConfig(policy=str(path), apm=[str(build_tiny_apm(tmp_path / "apm"))], output=str(tmp_path / "out"),
+                                prompts=str(prompts), attributes="humor", values="0,4", samples=1, best_of="1,2",
+                                max_new_tokens=4, seed=3, batch_size=8, bootstrap=50, device="cpu",
+                                engine="llama.cpp", threads=1)
+    assert main(config) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["steerability"]) == {"humor"}
+    caches = [p.name for p in (tmp_path / "out" / "cache").glob("*.generations.jsonl")]
+    assert len(caches) == 1 and "-llama.cpp" in caches[0]
+    lines = (tmp_path / "out" / "cache" / caches[0]).read_text().splitlines()
+    assert len(lines) == 2 * 2 * 2  # prompts x values x the largest best-of
