@@ -129,6 +129,8 @@ def start_server(kind: str, args, port: int) -> subprocess.Popen:
             command += ["--schema", args.schema]
         if kind == "llama.cpp" or args.torch_threads:
             command += ["--threads", str(args.threads if kind == "llama.cpp" else args.torch_threads)]
+        if args.in_process:
+            command += ["--engine-in-process"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if args.quiet else None)
 
 
@@ -190,6 +192,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=16, help="batch slots (llama-server -np, steer --max-batch-size)")
     parser.add_argument("--context", type=int, default=1024, help="llama-server context per slot")
     parser.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
+    parser.add_argument("--in-process", action="store_true", help="steer's engines on a thread of the server "
+                        "(--engine-in-process) instead of the engine process")
     parser.add_argument("--quiet", action="store_true", help="hide the servers' logs")
     args = parser.parse_args()
     if args.policy is None:
@@ -199,7 +203,7 @@ def main() -> None:
             args.policy, args.schema = str(SMOL_BASE), args.schema or "helpsteer"
     args.clients = [int(c) for c in args.clients.split(",")]
     report = {"policy": args.policy, "max_tokens": args.max_tokens, "lines_per_client": args.lines_per_client,
-              "threads": args.threads, "parallel": args.parallel, "cpus": os.cpu_count(),
+              "threads": args.threads, "parallel": args.parallel, "in_process": args.in_process, "cpus": os.cpu_count(),
               "load_avg_1m": os.getloadavg()[0], "engines": {}, "notes": []}
     for kind in args.engines.split(","):
         if kind == "llama-server" and not args.llama_server.exists():

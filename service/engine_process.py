@@ -331,9 +331,12 @@ def handle_command(engine: Scheduler, rows: dict[int, Row], sink_for: Callable[[
 def build_engine(config: EngineProcessConfig, on_step: Callable[[], None]) -> Scheduler:
     """The child's engine: the policy loaded, and a scheduler over the configured engine's batch.
 
-    The llama.cpp engine runs here too, in the child, rather than on a thread of the server: its
-    steps release the interpreter lock, but everything around them (sampling, detokenizing, stop
-    strings, events) is Python that would otherwise take turns with the HTTP side on one lock."""
+    The llama.cpp engine runs here too, in the child, rather than on a thread of the server. Its
+    steps release the interpreter lock, so a thread costs little: on the 2-core VM (SmolLM2 q8_0,
+    bench/engines.py, 2 threads) a thread and the child served 1 client at 50 and 49 tokens/s and
+    16 clients at 110 and 95-107 tokens/s, within that machine's run-to-run noise. The child wins
+    on isolation: a crash inside llama.cpp (an illegal instruction from a build for another CPU, a
+    bad file) kills the child, which the server reports and restarts, not the server."""
     import torch
 
     from steer.models.policy import load_policy
