@@ -121,7 +121,8 @@ def bodies(n: int, max_tokens: int, steer: bool) -> list[dict]:
 def start_server(kind: str, args, port: int) -> subprocess.Popen:
     if kind == "llama-server":
         command = [str(args.llama_server), "-m", args.policy, "-t", str(args.threads), "-np", str(args.parallel),
-                   "-c", str(args.parallel * args.context), "--host", "127.0.0.1", "--port", str(port)]
+                   "-c", str(args.parallel * args.context), "--host", "127.0.0.1", "--port", str(port),
+                   *args.llama_server_args.split()]
     else:
         command = [sys.executable, "-m", "steer.cli.main", "serve", "--engine", kind, "--policy", args.policy,
                    "--port", str(port), "--max-batch-size", str(args.parallel), "--no-ui"]
@@ -192,6 +193,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=16, help="batch slots (llama-server -np, steer --max-batch-size)")
     parser.add_argument("--context", type=int, default=1024, help="llama-server context per slot")
     parser.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
+    parser.add_argument("--llama-server-args", default="", help="extra llama-server flags, e.g. \"-nr\" (no weight "
+                        "repacking: what avoids AMX on a VM whose CPU reports AMX it cannot run)")
     parser.add_argument("--in-process", action="store_true", help="steer's engines on a thread of the server "
                         "(--engine-in-process) instead of the engine process")
     parser.add_argument("--quiet", action="store_true", help="hide the servers' logs")
@@ -209,7 +212,10 @@ def main() -> None:
         if kind == "llama-server" and not args.llama_server.exists():
             report["notes"].append(f"llama-server skipped: {args.llama_server} does not exist (--llama-server PATH)")
             continue
-        report["engines"][kind] = measure(kind, args)
+        try:
+            report["engines"][kind] = measure(kind, args)
+        except RuntimeError as e:  # one engine failing (a crash on this CPU) leaves the others' numbers
+            report["notes"].append(f"{kind} failed: {e}")
     print(json.dumps(report, indent=2))
     print(f"\n{'engine':<14}{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'line p50':>10}")
     for kind, by_clients in report["engines"].items():
