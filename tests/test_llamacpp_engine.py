@@ -285,7 +285,7 @@ def test_seeded_text_is_the_same_alone_and_among_concurrent_rows(stories_engine_
 
 
 @pytest.mark.llamacpp
-def test_cancelling_frees_the_slot_and_its_sequence(stories_engine_parts, collector):
+def test_cancelling_frees_the_slot_and_the_next_row_reuses_it(stories_engine_parts, collector):
     tok = stories_engine_parts
     engine = _engine(tok, max_batch_size=2)
     engine.start()
@@ -302,15 +302,37 @@ def test_cancelling_frees_the_slot_and_its_sequence(stories_engine_parts, collec
         deadline = time.monotonic() + 30
         while engine.batch.slots and time.monotonic() < deadline:
             time.sleep(0.002)
-        assert engine.batch.slots == [] and engine.batch.sequence_length(0) == 0
-        # The slot is reused, and the new row decodes as it does on a fresh engine.
+        assert engine.batch.slots == [] and engine.stats().active == 0
+        # The slot is reused: the sequence keeps only what the new prompt shares with the old one
+        # (here its first token), and the new row decodes as it does on a fresh engine.
         sink = collector()
-        row = _row(tok("Lily").input_ids, max_new=10, ignore_eos=True, sink=sink)
+        ids = tok("Lily").input_ids
+        row = _row(ids, max_new=10, ignore_eos=True, sink=sink)
         engine.submit([row])
         assert sink.done.wait(30)
-        assert row.generated == _reference_greedy(_stories(), tok("Lily").input_ids, 10)
+        assert row.generated == _reference_greedy(_stories(), ids, 10)
+        assert engine.batch.sequence_length(0) == len(ids) + 9  # the last generated token is never fed
     finally:
         engine.stop()
+
+
+@pytest.mark.llamacpp
+def test_a_prompt_reuses_the_cached_prefix_of_a_finished_one(stories_engine_parts):
+    """A new request takes the free slot whose cached tokens share the longest prefix with its
+    prompt, and only the rest of its prompt is fed; the text is what a fresh engine gives."""
+    tok = stories_engine_parts
+    engine = _engine(tok, max_batch_size=2)
+    story = tok("Once upon a time there was a little girl named Lily").input_ids
+    other = tok("The big red dog").input_ids
+    first = [_row(other, max_new=4, ignore_eos=True), _row(story, max_new=4, ignore_eos=True)]
+    engine.run(first)
+    fed = engine.batch.tokens_fed
+    follow = story + tok(" who loved to play", add_special_tokens=False).input_ids
+    row = _row(follow, max_new=8, ignore_eos=True)
+    engine.run([row])
+    # Slot 1 held the story and its first generated tokens: the follow-up shares the whole story.
+    assert engine.batch.tokens_fed - fed == (len(follow) - len(story)) + 7
+    assert row.generated == _reference_greedy(_stories(), follow, 8)
 
 
 @pytest.mark.llamacpp

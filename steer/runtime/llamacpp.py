@@ -9,8 +9,13 @@ Each batch slot is one llama.cpp sequence (``seq_id`` = slot, ``n_seq_max`` = th
 its own KV cells. A step is ONE ``llama_decode`` carrying every running row's pending token at its
 next position plus the whole prompt of each row joining the batch (continuous batching, as
 ``llama-server -np N`` does); only each row's last token asks for logits, which come back as one
-[rows, vocab] tensor for the scheduler's sampler. A row that ends has its sequence removed from the
-cache (``llama_memory_seq_rm``) and its slot taken by the next request.
+[rows, vocab] tensor for the scheduler's sampler.
+
+A row that ends frees its slot but leaves its tokens in that sequence's cache, as ``llama-server``
+does: the next request takes the free slot whose cached tokens share the longest prefix with its
+prompt, the rest of that sequence is removed (``llama_memory_seq_rm``), and only the prompt's new
+tokens are fed. steer prompts of one policy start alike (the system turn and the attribute
+line), so a joining request often skips most of its prompt.
 
 The KV cache is not unified: each sequence gets ``n_ctx`` cells of its own (the total is ``n_ctx *
 n_seq_max``), which llama.cpp recommends when sequences share no prefix, and which makes a row's
@@ -105,7 +110,11 @@ class LlamaCppBatch:
         self.eos_token_ids = {t for t in (llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)) if t >= 0}
         self.slots: list = []
         self._positions: list[int] = []  # slot -> tokens its sequence holds
-        self._joining: set[int] = set()  # slots whose row's prompt the next step feeds
+        # slot -> where its row's prompt starts to be fed (what precedes is already cached).
+        self._joining: dict[int, int] = {}
+        # sequence -> the tokens its cache holds, in order, kept after its row ends for the next.
+        self._cached: dict[int, list[int]] = {}
+        self.tokens_fed = 0
         self.steps = 0
         self.decode_calls = 0
 
@@ -119,7 +128,7 @@ class LlamaCppBatch:
     # ------------------------------------------------------------ interface
     def reset(self) -> None:
         self._llama.llama_memory_clear(self._ctx.memory, True)
-        self.slots, self._positions, self._joining = [], [], set()
+        self.slots, self._positions, self._joining, self._cached = [], [], {}, {}
 
     def admit(self, rows: list, first_logits: Callable[[list, torch.Tensor], None]) -> None:
         """Every row takes a free slot (or a new one) and is prefilled by the next :meth:`step`."""
@@ -127,15 +136,23 @@ class LlamaCppBatch:
             if len(row.prompt_ids) > self.max_context:
                 raise LlamaCppError(f"a {len(row.prompt_ids)}-token prompt does not fit this engine's "
                                     f"{self.max_context}-token context", "messages")
-            free = next((i for i, r in enumerate(self.slots) if r is None), None)
-            if free is None:
-                if len(self.slots) >= self.n_seq_max:
-                    raise LlamaCppError(f"more rows than the engine's {self.n_seq_max} sequences")
-                free = len(self.slots)
+            free = [i for i in range(self.n_seq_max) if i >= len(self.slots) or self.slots[i] is None]
+            if not free:
+                raise LlamaCppError(f"more rows than the engine's {self.n_seq_max} sequences")
+            # The free sequence that shares the longest prefix with the prompt (the lowest on a tie);
+            # the prompt's last token is always fed, for its logits.
+            shared = {i: _common_prefix(self._cached.get(i, ()), row.prompt_ids, len(row.prompt_ids) - 1)
+                      for i in free}
+            slot = max(free, key=lambda i: (shared[i], -i))
+            while len(self.slots) <= slot:
                 self.slots.append(None)
                 self._positions.append(0)
-            self.slots[free], self._positions[free] = row, 0
-            self._joining.add(free)
+            keep = shared[slot]
+            if keep < len(self._cached.get(slot, ())):
+                self._llama.llama_memory_seq_rm(self._ctx.memory, slot, keep, -1)
+            self._cached[slot] = list(row.prompt_ids[:keep])
+            self.slots[slot], self._positions[slot] = row, keep
+            self._joining[slot] = keep
 
     def step(self) -> tuple[list, torch.Tensor]:
         """One ``llama_decode``: each running row's pending token and each joining row's prompt."""
@@ -146,15 +163,18 @@ class LlamaCppBatch:
             if row is None:
                 continue
             if slot in self._joining:
-                prompt = row.prompt_ids
-                prefix.extend((t, p, slot) for p, t in enumerate(prompt[:-1]))
+                prompt, start = row.prompt_ids, self._joining[slot]
+                prefix.extend((prompt[p], p, slot) for p in range(start, len(prompt) - 1))
                 last.append((prompt[-1], len(prompt) - 1, slot))
+                self._cached[slot].extend(prompt[start:])
                 self._positions[slot] = len(prompt)
             else:
                 last.append((row.generated[-1], self._positions[slot], slot))
+                self._cached[slot].append(row.generated[-1])
                 self._positions[slot] += 1
             rows.append(row)
         self._joining.clear()
+        self.tokens_fed += len(prefix) + len(last)
         entries = prefix + last
         # A step longer than one call may take (n_batch: long prompts joining) goes in several;
         # the rows that want logits come last, so they all land in the final call (there are at
@@ -168,17 +188,19 @@ class LlamaCppBatch:
         return rows, torch.from_numpy(out.copy())
 
     def release(self, row) -> None:
+        """Free ``row``'s slot; its sequence's cached tokens stay for the next request to share."""
         slot = next(i for i, r in enumerate(self.slots) if r is row)
-        self._llama.llama_memory_seq_rm(self._ctx.memory, slot, -1, -1)
+        if slot in self._joining:  # cancelled before its prompt was fed: the cache holds the shared part
+            self._joining.pop(slot)
         self.slots[slot] = None
         self._positions[slot] = 0
-        self._joining.discard(slot)
         while self.slots and self.slots[-1] is None:  # no row: no batch
             self.slots.pop()
             self._positions.pop()
 
     def idle(self) -> None:
-        """Nothing to compact: a free slot is an empty sequence, which costs no compute."""
+        """Nothing to compact: a free slot costs no compute (its cached tokens wait for a prompt
+        that shares them)."""
 
     def sequence_length(self, slot: int) -> int:
         """Tokens sequence ``slot`` holds in llama.cpp's cache (0 when empty)."""
@@ -200,6 +222,15 @@ class LlamaCppBatch:
         self.decode_calls += 1
         if code != 0:
             raise LlamaCppError(f"llama_decode failed with code {code} ({len(entries)} tokens)")
+
+
+def _common_prefix(a, b, limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
 
 
 def llamacpp_engine(path: str | Path, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64, threads: int = 0,
