@@ -44,17 +44,17 @@ class ServerState:
         from steer.models.policy import load_policy
 
         s = self.settings
-        if s.threads > 0:
+        if s.threads > 0 and s.engine == "torch":
             import torch
 
             torch.set_num_threads(s.threads)
-        if s.engine_in_process:
-            policy = load_policy(s.policy, device=s.device, dtype=s.dtype)
+        if s.engine_in_process and s.engine == "torch":
+            policy = load_policy(s.policy, device=s.device, dtype=s.dtype, schema=s.attribute_schema)
             engine = self._thread_engine(policy)
         else:
             # This process only renders and tokenizes prompts: it needs no weights.
-            policy = load_policy(s.policy, device=s.device, load_model=False)
-            engine = self._process_engine()
+            policy = load_policy(s.policy, device=s.device, load_model=False, schema=s.attribute_schema)
+            engine = self._llamacpp_thread_engine(policy) if s.engine_in_process else self._process_engine()
         apm = None
         if s.apm:
             from steer.models.apm import AttributePredictor
@@ -85,11 +85,22 @@ class ServerState:
         engine.start()
         return engine
 
+    def _llamacpp_thread_engine(self, policy):
+        from steer.runtime.llamacpp import llamacpp_engine
+
+        s = self.settings
+        engine = llamacpp_engine(s.policy, policy.tokenizer, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                                 threads=s.threads, on_token=self.metrics.tokens.inc)
+        engine.max_restarts, engine.restart_backoff_s = s.engine_max_restarts, s.engine_restart_backoff_s
+        engine.start()
+        return engine
+
     def _process_engine(self):
         from steer.service.engine_process import EngineProcess, EngineProcessConfig
 
         s = self.settings
-        config = EngineProcessConfig(policy=s.policy, device=s.device, dtype=s.dtype, threads=s.threads,
+        config = EngineProcessConfig(policy=s.policy, engine=s.engine, schema=s.attribute_schema, device=s.device,
+                                     dtype=s.dtype, threads=s.threads,
                                      max_batch_size=s.max_batch_size, log_level=logging.getLogger().level,
                                      sigterm_grace_s=s.drain_timeout_s + 30)
         engine = EngineProcess(config, max_queue=s.max_queue, on_token=self.metrics.tokens.inc,

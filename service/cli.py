@@ -68,14 +68,17 @@ ServeConfig.__doc__ = "``steer serve`` options: one per ``ServerSettings`` field
 
 
 def main(config: ServeConfig) -> int:
-    from steer.service.app import create_app
     from steer.core.artifacts import load_steer_config
+    from steer.models.policy import policy_config
+    from steer.runtime.engines import check_engine
+    from steer.service.app import create_app
 
     settings = config.to_settings()
     if not settings.policy:
         raise SettingsError("no policy: pass --policy DIR or set STEER_POLICY", "policy")
     # Fail now, with one clear line, rather than after the server is up.
-    _, schema = load_steer_config(settings.policy, kind="policy")
+    check_engine(settings.engine, settings.policy)
+    _, schema = policy_config(settings.policy, settings.attribute_schema)
     if settings.npcs:
         from steer.npc import load_profiles
 

@@ -47,6 +47,10 @@ class EngineProcessConfig:
     """What the child needs to load the policy and build its engine (it is pickled across)."""
 
     policy: str
+    # "torch", or "llama.cpp": the policy is a .gguf file decoded in llama.cpp, and ``schema`` gives
+    # the attribute schema of a file that carries none.
+    engine: str = "torch"
+    schema: str | None = None
     device: str | None = None
     dtype: str | None = None
     threads: int = 0
@@ -215,7 +219,7 @@ class EngineProcess:
         finally:
             if not self._stopping:
                 self._process.join(1)
-                self._after_exit(f"the engine process exited (exit code {self._process.exitcode})")
+                self._after_exit(exit_reason(self._process.exitcode))
 
     def _after_exit(self, reason: str, ran_well: bool | None = None) -> None:
         """The child is gone: fail what it held, then restart it (bounded, with backoff) or give up."""
@@ -281,6 +285,17 @@ class EngineProcess:
                 row.sink(RowEvent(index=row.index, finished=True, finish_reason=reason, error=error))
 
 
+def exit_reason(code: int | None) -> str:
+    """Why the engine process is gone, as the server reports it."""
+    reason = f"the engine process exited (exit code {code})"
+    if code == -signal.SIGILL:
+        # Seen with llama.cpp built for the build machine's CPU (GGML_NATIVE) on a VM that does
+        # not expose all of it (AMX tiles): quantized models crash on their first step.
+        reason += (": an illegal CPU instruction; the native library (llama.cpp, torch) was built for a CPU feature "
+                   "this machine lacks: rebuild it for this CPU (llama-cpp-python: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\")")
+    return reason
+
+
 def engine_threads(requested: int, device) -> int:
     """torch threads for the engine process: ``requested``, or by default on a CPU every core this
     process may use but one, which the HTTP side needs (with both on two cores, serving the demo
@@ -313,6 +328,43 @@ def handle_command(engine: Scheduler, rows: dict[int, Row], sink_for: Callable[[
         logger.warning("engine process: unknown command %r", kind)
 
 
+def build_engine(config: EngineProcessConfig, on_step: Callable[[], None]) -> Scheduler:
+    """The child's engine: the policy loaded, and a scheduler over the configured engine's batch.
+
+    The llama.cpp engine runs here too, in the child, rather than on a thread of the server. Its
+    steps release the interpreter lock, so a thread costs little: on the 2-core VM (SmolLM2 q8_0,
+    bench/engines.py, 2 threads) a thread and the child served 1 client at 50 and 49 tokens/s and
+    16 clients at 110 and 95-107 tokens/s, within that machine's run-to-run noise. The child wins
+    on isolation: a crash inside llama.cpp (an illegal instruction from a build for another CPU, a
+    bad file) kills the child, which the server reports and restarts, not the server."""
+    import torch
+
+    from steer.models.policy import load_policy
+    from steer.runtime.model_runner import eos_token_ids
+
+    max_queue = 1 << 30  # the server side enforces the queue limit
+    if config.engine == "llama.cpp":
+        from steer.runtime.llamacpp import llamacpp_engine
+
+        # Only the tokenizer and the schema: llama.cpp reads the weights. torch only samples, one
+        # small op at a time, so one thread, leaving the cores to llama.cpp.
+        torch.set_num_threads(1)
+        policy = load_policy(config.policy, load_model=False, schema=config.schema)
+        return llamacpp_engine(config.policy, policy.tokenizer, max_batch_size=config.max_batch_size,
+                               max_queue=max_queue, threads=config.threads, on_step=on_step)
+    policy = load_policy(config.policy, device=config.device, dtype=config.dtype, schema=config.schema)
+    torch.set_num_threads(engine_threads(config.threads, policy.device))
+    return Scheduler(
+        policy.model,
+        policy.tokenizer,
+        max_batch_size=config.max_batch_size,
+        max_queue=max_queue,
+        eos_token_ids=eos_token_ids(policy.model, policy.tokenizer),
+        device=policy.device,
+        on_step=on_step,
+    )
+
+
 def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
     """The child's main: load the policy, run an engine, relay rows in and events out."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -328,13 +380,7 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        import torch
-
-        from steer.runtime.model_runner import eos_token_ids
-        from steer.models.policy import load_policy
-
-        policy = load_policy(config.policy, device=config.device, dtype=config.dtype)
-        torch.set_num_threads(engine_threads(config.threads, policy.device))
+        engine = build_engine(config, on_step=lambda: flush())
     except Exception as e:  # reported to the server, which fails its start with this message
         events.send(("failed", f"{type(e).__name__}: {e}"))
         return
@@ -366,15 +412,6 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
 
         return sink
 
-    engine = Scheduler(
-        policy.model,
-        policy.tokenizer,
-        max_batch_size=config.max_batch_size,
-        max_queue=1 << 30,  # the server side enforces the queue limit
-        eos_token_ids=eos_token_ids(policy.model, policy.tokenizer),
-        device=policy.device,
-        on_step=flush,
-    )
     engine.start()
     events.send(("ready", {"max_context": engine.max_context}))
     try:

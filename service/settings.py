@@ -45,7 +45,14 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, validate_by_name=True,
                                       validate_by_alias=True, extra="forbid")
 
-    policy: str = setting("", "policy directory (steer sft / steer demo output)", shown_default="(required)")
+    policy: str = setting("", "policy directory (steer sft / steer demo output), or a .gguf file (steer export gguf; "
+                              "the llama.cpp engine takes only these)", shown_default="(required)")
+    engine: str = setting("torch", "what decodes: torch (transformers) or llama.cpp (the --policy .gguf file in "
+                                   "llama.cpp, the [llamacpp] extra); steer samples, stops and steers for both")
+    # Not "schema": pydantic's BaseModel has an attribute of that name.
+    attribute_schema: str | None = setting(None, "attribute schema (a built-in name or a file) for a .gguf --policy "
+                                                 "that has no steer metadata, i.e. one not written by steer export gguf",
+                                           flag="schema", env="STEER_SCHEMA")
     apm: str | None = setting(None, "attribute prediction model directory; enables `score: true`")
     npcs: str | None = setting(None, "directory of NPC profile files (*.yaml) served under /v1/npcs with dialogue "
                                      "sessions (docs/npc.md)")
@@ -56,8 +63,9 @@ class ServerSettings(BaseSettings):
     device: str | None = setting(None, "cpu, cuda, cuda:1 ...", shown_default="cuda if available")
     dtype: str | None = setting(None, "float32, bfloat16 or float16", shown_default="bf16 on GPU, fp32 on CPU")
     # Threads that outnumber free cores spin against each other, hence one core left to HTTP.
-    threads: int = setting(0, "torch CPU threads of the engine process (the last core serves HTTP); 1 is fastest "
-                              "for tiny models on a busy CPU", shown_default="all cores but one", ge=0)
+    threads: int = setting(0, "CPU threads of the engine: torch's (the last core serves HTTP; 1 is fastest for tiny "
+                              "models on a busy CPU) or llama.cpp's (every core by default)",
+                           shown_default="all cores but one (torch), all cores (llama.cpp)", ge=0)
     model_name: str | None = setting(None, "the name /v1/models reports (and a request's `model` is checked against)",
                                      shown_default="the policy's name")
     max_batch_size: int = setting(16, "rows decoded together", ge=1)
@@ -106,6 +114,15 @@ class ServerSettings(BaseSettings):
                                    file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
         # No .env or secrets files: what configures a server is its flags and its environment.
         return init_settings, env_settings
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        from steer.runtime.engines import ENGINES
+
+        if value not in ENGINES:
+            raise ValueError(f"unknown engine; use one of {', '.join(ENGINES)}")
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

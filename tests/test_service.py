@@ -246,7 +246,7 @@ def make_row(collector):
 def test_seeded_request_gives_the_same_text_alone_or_batched(make_row, tiny_policy, admission):
     policy, engine = _engine(tiny_policy, max_batch_size=8, max_queue=16, mixed_steps=admission == "mixed-step")
     if admission == "re-prefill":
-        engine._mergeable = False  # the path models with sliding-window caches take
+        engine.batch._mergeable = False  # the path models with sliding-window caches take
     engine.start()
     try:
         alone, alone_sink = make_row(policy, "Once upon a time", seed=1234)
@@ -294,8 +294,8 @@ def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(
         alone_engine.stop()
 
     prefilled = []
-    prefill = engine._prefill
-    engine._prefill = lambda sequences: (prefilled.append(len(sequences)), prefill(sequences))[1]
+    prefill = engine.batch._prefill
+    engine.batch._prefill = lambda sequences: (prefilled.append(len(sequences)), prefill(sequences))[1]
     engine.start()
     try:
         running, running_sink = make_row(policy, "a story that goes on and on and on and on and on", seed=9, max_new=100_000, temperature=0)
@@ -338,15 +338,15 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(collecto
                    stops=["\x00never"], sink=sink), sink
 
     placed = []
-    place, claim = engine._place, engine._claim_slots
-    engine._place = lambda new, j, slot, r: (placed.append(slot), place(new, j, slot, r))
+    place, claim = engine.batch._place, engine.batch._claim_slots
+    engine.batch._place = lambda new, j, slot, r: (placed.append(slot), place(new, j, slot, r))
 
     def claim_spy(rows):
         claimed = claim(rows)
-        placed.extend(slot for slot, r in engine._joining if any(r is x for x in rows))
+        placed.extend(slot for slot, r in engine.batch._joining if any(r is x for x in rows))
         return claimed
 
-    engine._claim_slots = claim_spy
+    engine.batch._claim_slots = claim_spy
     engine.start()
     try:
         alone, alone_sink = row("Once upon a time", 1234, 12)
@@ -360,13 +360,13 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(collecto
         engine.submit([target])
         assert target_sink.done.wait(30)
         assert placed == [1]  # the short row's slot
-        assert engine._mixed is mixed_steps
+        assert engine.batch._mixed is mixed_steps
         assert (target_sink.text, target_sink.final.completion_tokens) == (alone_sink.text, 12)
         # Nobody takes the slot the target left: after a few steps the batch is one row again.
         deadline = time.monotonic() + 30
-        while len(engine._slots) != 1 and time.monotonic() < deadline:
+        while len(engine.batch.slots) != 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine._slots == [long_row] and not long_sink.done.is_set()
+        assert engine.batch.slots == [long_row] and not long_sink.done.is_set()
         engine.cancel([long_row])
         assert long_sink.done.wait(30) and long_sink.final.finish_reason == "cancelled"
     finally:

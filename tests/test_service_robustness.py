@@ -183,14 +183,14 @@ def test_a_hung_engine_is_reported_by_health(hello, make_client, wait_ready, tin
         wait_ready(c)
         engine = c.app.state.server.engine
         release, entered = threading.Event(), threading.Event()
-        prefill = engine._prefill
+        prefill = engine.batch._prefill
 
         def hang(sequences):
             entered.set()
             release.wait(60)
             return prefill(sequences)
 
-        engine._prefill = hang
+        engine.batch._prefill = hang
         worker = threading.Thread(target=lambda: c.post("/v1/chat/completions",
                                                         json={"messages": hello, "max_tokens": 4}))
         worker.start()

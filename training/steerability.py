@@ -66,6 +66,10 @@ class SteerabilityConfig:
     batch_size: int = field(default=32, metadata={"help": "Replies decoded together."})
     bootstrap: int = field(default=1000, metadata={"help": "Bootstrap samples for the 95%% intervals."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)."})
+    engine: str = field(default="torch", metadata={
+        "help": "What decodes the policy: torch, or llama.cpp for a .gguf --policy (the [llamacpp] extra). Sampling "
+                "is steer's own on both; seeds reproduce within an engine, not across engines."})
+    threads: int = field(default=0, metadata={"help": "llama.cpp engine: CPU threads (0: every core)."})
     json: bool = field(default=False, metadata={"help": "Print report.json to stdout instead of the summary table."})
 
 
@@ -270,6 +274,9 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     best_of = _check(config)
+    from steer.runtime.engines import check_engine
+
+    check_engine(config.engine, config.policy)
     _, schema = load_steer_config(config.policy, kind="policy")
     attributes = ([schema.canonical_name(a) for a in config.attributes.split(",") if a.strip()]
                   if config.attributes else schema.names)
@@ -282,7 +289,8 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
 
     # Policy: the largest best-of's candidates for every cell, in one resumable pass.
     n_max = best_of[-1]
-    policy_key = "policy-" + fingerprint(config.policy)
+    # The engine is part of the key: the same seed draws different text on another engine.
+    policy_key = "policy-" + fingerprint(config.policy) + ("" if config.engine == "torch" else "-" + config.engine)
     keyed, candidates = [], {}
     for c in cells:
         ids = []
@@ -295,7 +303,8 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
             ids.append(k)
         candidates[c] = ids
     t = time.perf_counter()
-    generator = SteerGenerator.load(config.policy, device=config.device)
+    generator = SteerGenerator.load(config.policy, device=config.device, engine=config.engine, threads=config.threads,
+                                    max_batch_size=config.batch_size)
     lines = generate_cached(generator, keyed, out / "cache" / f"{policy_key}.generations.jsonl", config.batch_size)
     del generator
     timings["generate_policy"] = round(time.perf_counter() - t, 1)

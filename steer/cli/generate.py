@@ -14,7 +14,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GenerateConfig:
-    policy: str = field(metadata={"help": "Policy directory (written by `steer sft` or `steer demo`)."})
+    policy: str = field(metadata={"help": "Policy directory (written by `steer sft` or `steer demo`), or a .gguf file "
+                                          "(`steer export gguf`)."})
     prompt: str = field(default=None, metadata={"help": "The user's message."})
     system: str | None = field(default=None, metadata={"help": "System prompt (default: the policy's own)."})
     attr: list[str] = field(
@@ -32,6 +33,11 @@ class GenerateConfig:
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     stop: list[str] = field(default_factory=list, metadata={"help": "Extra stop string, repeatable."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available)."})
+    engine: str = field(default="torch", metadata={
+        "help": "What decodes: torch (transformers) or llama.cpp (a .gguf --policy in llama.cpp; the [llamacpp] extra)."})
+    schema: str | None = field(default=None, metadata={
+        "help": "Attribute schema (built-in name or file) for a .gguf --policy without steer metadata."})
+    threads: int = field(default=0, metadata={"help": "llama.cpp engine: CPU threads (0: every core)."})
     json: bool = field(default=False, metadata={"help": "Print the result as JSON (text, tokens, attributes)."})
     input: str | None = field(
         default=None,
@@ -66,7 +72,8 @@ def parse_attr_flags(items: list[str], schema: AttributeSchema) -> dict[str, int
 
 
 def main(config: GenerateConfig) -> int:
-    from steer.core.artifacts import load_steer_config
+    from steer.models.policy import policy_config
+    from steer.runtime.engines import check_engine
     from steer.runtime.generator import GenerationError, SteerGenerator
 
     if not config.policy:
@@ -83,7 +90,9 @@ def main(config: GenerateConfig) -> int:
         if config.input:
             raise GenerationError("--best-of works with --prompt, not --input", "best_of")
     # Check the flags (and the request file) against the saved schema before loading the model.
-    _, schema = load_steer_config(config.policy, kind="policy")
+    check_engine(config.engine, config.policy)
+    _, schema = policy_config(config.policy, config.schema)
+    engine = {"engine": config.engine, "schema": config.schema, "threads": config.threads}
     attributes = parse_attr_flags(config.attr, schema)
     if config.input:
         from steer.cli.batch import generate_file, read_requests
@@ -91,12 +100,13 @@ def main(config: GenerateConfig) -> int:
         defaults = {"system": config.system, "attributes": attributes, "max_new_tokens": config.max_new_tokens,
                     "temperature": config.temperature, "top_p": config.top_p, "stop": config.stop, "seed": config.seed}
         items = read_requests(config.input, defaults)
-        generator = SteerGenerator.load(config.policy, device=config.device)
+        generator = SteerGenerator.load(config.policy, device=config.device, max_batch_size=config.batch_size, **engine)
         summary = generate_file(generator, items, config.output, batch_size=config.batch_size)
         if config.json:
             print(json.dumps(summary))
         return 0
-    generator = SteerGenerator.load(config.policy, device=config.device, apm=config.apm if config.best_of != 1 else None)
+    generator = SteerGenerator.load(config.policy, device=config.device, apm=config.apm if config.best_of != 1 else None,
+                                    max_batch_size=max(1, config.best_of), **engine)
     messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
         {"role": "user", "content": config.prompt}
     ]

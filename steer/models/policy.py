@@ -57,14 +57,17 @@ def load_policy(
     use_merged: bool | None = None,
     trust_remote_code: bool = False,
     load_model: bool = True,
+    schema: str | AttributeSchema | None = None,
 ) -> Policy:
     """Load a policy directory for inference. ``use_merged=None`` uses ``merged/`` when present.
 
     ``load_model=False`` loads everything but the weights (``model`` is None): what a process that
-    only renders prompts and tokenizes them needs, such as the server's HTTP side."""
+    only renders prompts and tokenizes them needs, such as the server's HTTP side (or any process
+    whose engine is llama.cpp). ``schema`` (a built-in name, a file or a schema) makes a GGUF model
+    without steer metadata a policy: one not written by ``steer export gguf``."""
     policy_dir = Path(path)
     if is_gguf_path(policy_dir):
-        return _load_gguf_policy(policy_dir, device, dtype, trust_remote_code, load_model)
+        return _load_gguf_policy(policy_dir, device, dtype, trust_remote_code, load_model, schema)
     config, schema = load_steer_config(policy_dir, kind="policy")
     dev = resolve_device(device)
     model = _load_policy_model(policy_dir, config, dev, dtype, use_merged, trust_remote_code) if load_model else None
@@ -100,11 +103,35 @@ def _load_policy_model(policy_dir: Path, config: dict[str, Any], dev: torch.devi
     return model.eval()
 
 
+def policy_config(path: str | Path, schema: str | AttributeSchema | None = None) -> tuple[dict[str, Any], AttributeSchema]:
+    """The saved config and schema of a policy: a directory, a GGUF file from ``steer export gguf``
+    (its ``steer.*`` metadata), or any other GGUF model given ``schema`` (with the default template).
+    A GGUF without steer metadata and no ``schema`` is an error naming ``--schema``."""
+    if not is_gguf_path(path):
+        return load_steer_config(path, kind="policy")
+    from steer.core.attributes import get_schema
+    from steer.models.gguf_files import STEER_SCHEMA_KEY, gguf_location, read_steer_metadata
+
+    gguf_location(path)  # a clear error when the file or the gguf package is missing
+    if STEER_SCHEMA_KEY in read_steer_metadata(path):
+        if schema is not None:
+            logger.warning("%s carries its own schema (steer export gguf); --schema is ignored", path)
+        return load_steer_config(path, kind="policy")
+    if schema is None:
+        raise ArtifactError(f"{path} is a GGUF model without steer metadata: pass --schema (a built-in schema name "
+                            "such as helpsteer, or a schema file) to steer it, or export a policy with "
+                            "`steer export gguf`", "schema")
+    schema = get_schema(schema) if not isinstance(schema, AttributeSchema) else schema
+    return {"kind": "policy", "schema": schema.to_dict(), "template": None, "name": Path(path).stem,
+            "base_model": str(path), "adapter": None, "merged": None}, schema
+
+
 def _load_gguf_policy(path: Path, device: str | None, dtype: str | None, trust_remote_code: bool,
-                      load_model: bool) -> Policy:
+                      load_model: bool, schema: str | AttributeSchema | None = None) -> Policy:
     """A policy exported as one GGUF file (``steer export gguf``): the merged model and tokenizer
-    from the file, schema and template from its ``steer.*`` metadata."""
-    config, schema = load_steer_config(path, kind="policy")
+    from the file, schema and template from its ``steer.*`` metadata (or ``schema`` and the default
+    template for a GGUF model that has none)."""
+    config, schema = policy_config(path, schema)
     dev = resolve_device(device)
     model = load_causal_lm(path, device=dev, dtype=dtype, trust_remote_code=trust_remote_code).eval() \
         if load_model else None

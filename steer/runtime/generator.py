@@ -100,8 +100,11 @@ class SteerGenerator:
     """Generate replies from a policy with requested attribute values."""
 
     def __init__(self, model, tokenizer, schema, template, device: torch.device | str = "cpu", name: str = "policy",
-                 apm=None, trained_values: Mapping[str, list[int]] | None = None):
+                 apm=None, trained_values: Mapping[str, list[int]] | None = None, engine=None):
         self.model = model
+        # What decodes: None, a scheduler over ``model`` built per batch; else any engine with
+        # ``run(rows)`` and ``max_context`` (a Scheduler over llama.cpp, an upstream server...).
+        self.engine = engine
         # An AttributePredictor; needed only for best_of > 1.
         self.apm = apm
         # Attribute values seen in training (steer_config.json); requests for others get a warning.
@@ -113,22 +116,38 @@ class SteerGenerator:
         self.name = name
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.max_context = context_limit(model)
+        self.max_context = context_limit(model) if engine is None else engine.max_context
         self._decoder = TokenDecoder.for_tokenizer(tokenizer)
 
     @classmethod
     def load(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None,
-             apm=None) -> SteerGenerator:
-        """``apm``: an APM directory or :class:`~steer.models.apm.AttributePredictor`, for ``best_of``."""
+             apm=None, engine: str = "torch", schema: str | None = None, threads: int = 0,
+             max_batch_size: int = 16) -> SteerGenerator:
+        """``apm``: an APM directory or :class:`~steer.models.apm.AttributePredictor`, for ``best_of``.
+        ``engine``: ``torch``, or ``llama.cpp`` for a ``.gguf`` policy (``schema`` for one without
+        steer metadata; ``threads`` and ``max_batch_size``, its rows decoded together)."""
         from steer.models.policy import load_policy
+        from steer.runtime.engines import check_engine
 
-        policy = load_policy(policy_dir, device=device, dtype=dtype)
+        check_engine(engine, str(policy_dir))
+        runner = None
+        if engine == "llama.cpp":
+            from steer.runtime.llamacpp import llamacpp_engine
+
+            policy = load_policy(policy_dir, device=device, load_model=False, schema=schema)
+            runner = llamacpp_engine(policy_dir, policy.tokenizer, max_batch_size=max_batch_size, max_queue=1 << 30,
+                                     threads=threads)
+        else:
+            policy = load_policy(policy_dir, device=device, dtype=dtype, schema=schema)
         if apm is not None and not hasattr(apm, "predict"):
             from steer.models.apm import AttributePredictor
 
             apm = AttributePredictor.load(apm, device=policy.device)
-        return cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name, apm=apm,
-                   trained_values=policy.config.get("trained_values"))
+        generator = cls(policy.model, policy.tokenizer, policy.schema, policy.template, policy.device, policy.name,
+                        apm=apm, trained_values=policy.config.get("trained_values"), engine=runner)
+        if runner is not None:
+            generator.eos_ids = set(runner.eos_token_ids)
+        return generator
 
     # -- one request
     def generate(
@@ -220,9 +239,9 @@ class SteerGenerator:
         them prefilled together and decoded to their ends by the runtime's scheduler."""
         if not prepared:
             return []
-        scheduler = Scheduler(self.model, self.tokenizer, max_batch_size=len(prepared), max_queue=0,
-                              eos_token_ids=self.eos_ids, device=self.device, decoder=self._decoder)
-        rows = scheduler.run([p.row() for p in prepared])
+        engine = self.engine or Scheduler(self.model, self.tokenizer, max_batch_size=len(prepared), max_queue=0,
+                                          eos_token_ids=self.eos_ids, device=self.device, decoder=self._decoder)
+        rows = engine.run([p.row() for p in prepared])
         return [GenerationResult(row.reply.text, len(row.prompt_ids), len(row.generated), p.attributes,
                                  row.finish_reason or "length", warnings=list(p.warnings))
                 for p, row in zip(prepared, rows)]

@@ -7,27 +7,21 @@ run a batch of requests to the end on the calling thread (:meth:`Scheduler.run`)
 Each pass of the loop:
 
 1. free the batch slots of rows whose client went away;
-2. admit waiting rows up to ``max_batch_size``. Once a batch runs, a row whose prompt fits the
-   batch's cache claims a slot (a batch row whose request ended, or an empty row added for it) and
-   is prefilled inside the next decode step (``steer.runtime.mixed_step``), which then costs little more
-   than a plain one. The first batch, prompts longer than the cache and models that cannot take
-   that path are prefilled on their own (left-padded together); each one's KV cache is written into
-   a free slot, right-aligned like every row, or appended (left-padding the shorter cache), and
-   their first token is sampled;
+2. admit waiting rows up to ``max_batch_size`` into the batch's runner (:class:`BatchRunner`):
+   :class:`steer.runtime.torch_batch.TorchBatch` on a transformers model (prefilled on their own or
+   inside the next decode step), :class:`steer.runtime.llamacpp.LlamaCppBatch` in llama.cpp (one
+   sequence per slot); rows prefilled at once sample their first token;
 3. one batched decode step over all rows; each row samples from its own logits with its own
    random stream (``steer.runtime.sampling``), so a seeded request gives the same text alone or batched;
 4. detokenize and end replies (``steer.runtime.stopping``), emit text deltas through each row's
-   ``sink`` callback and free the slots of finished rows. Slots nobody takes over for a few steps are compacted away, and
-   leading cache columns that only padding still uses are trimmed now and then.
+   ``sink`` callback and free the slots of finished rows.
 
 Every running row has exactly one sampled token that is not yet in the cache (its "pending" token);
 the decode step feeds those (free slots are fed padding, and their outputs are ignored). A row
 that claimed a slot has no token yet: the step feeds its prompt and samples its first token.
 
-Writing into and merging caches is done by ``steer.runtime.kv_cache``, on caches that store plain
-``[batch, heads, seq, dim]`` tensors per layer. Caches of other shapes (sliding-window layers)
-fall back to re-prefilling the whole batch on admission and compacting at once, which is correct
-and, for small models, cheap.
+The runner only runs the model: sampling, stopping, events, cancellation and statistics are this
+module's, the same whichever engine decodes.
 
 This module knows nothing about HTTP or processes: results leave through the ``sink`` callables
 (the serving layer turns them into ``loop.call_soon_threadsafe`` calls, or
@@ -49,10 +43,8 @@ import torch
 
 from steer.core.errors import SteerError
 from steer.runtime.detokenize import TokenDecoder
-from steer.runtime.kv_cache import DecodeState, add_free_rows, is_preallocated, merge_states, place_row, \
-    select_new_rows, select_rows, trim_columns
-from steer.runtime.mixed_step import fits, mixed_step, supports_mixed_step
-from steer.runtime.model_runner import context_limit, decode_step, left_pad, prefill
+from typing import Protocol
+
 from steer.runtime.sampling import SamplingParams, sample_next_tokens
 from steer.runtime.stopping import ReplyState
 
@@ -123,7 +115,37 @@ class EngineStats:
     max_batch_seen: int
 
 
+class BatchRunner(Protocol):
+    """The batch the scheduler decodes: its slots, its model state and its forward passes
+    (:class:`steer.runtime.torch_batch.TorchBatch`, :class:`steer.runtime.llamacpp.LlamaCppBatch`).
+    Only the scheduler's thread calls it. Logits come back as a [rows, vocab] tensor, so every
+    runner samples, stops and detokenizes through the same code here."""
+
+    max_context: int | None
+    slots: list  # batch slot -> its Row, None when free; empty when no batch runs
+
+    def admit(self, rows: list[Row], first_logits: Callable[[list[Row], torch.Tensor], None]) -> None:
+        """Give ``rows`` slots; rows prefilled right away hand their logits to ``first_logits``,
+        the others are prefilled by the next :meth:`step` (and sampled from its logits)."""
+
+    def step(self) -> tuple[list[Row], torch.Tensor]:
+        """One forward pass over every running row: those rows, and their next logits."""
+
+    def release(self, row: Row) -> None:
+        """Free ``row``'s slot (and its state); the scheduler no longer decodes it."""
+
+    def idle(self) -> None:
+        """Called between steps when nothing waits: a chance to compact."""
+
+    def reset(self) -> None:
+        """Drop the whole batch (after an error, or on stop)."""
+
+
 class Scheduler:
+    """The decode loop. ``model``: a transformers model, decoded by a
+    :class:`~steer.runtime.torch_batch.TorchBatch`; or None when ``batch`` gives the runner
+    (:class:`~steer.runtime.llamacpp.LlamaCppBatch`, ...)."""
+
     def __init__(
         self,
         model,
@@ -137,33 +159,29 @@ class Scheduler:
         on_step: Callable[[], None] | None = None,
         mixed_steps: bool = True,
         decoder: TokenDecoder | None = None,
+        batch: BatchRunner | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if batch is None:
+            from steer.runtime.torch_batch import TorchBatch
+
+            device = torch.device(device) if device is not None else next(model.parameters()).device
+            batch = TorchBatch(model, self.pad_token_id, device, mixed_steps=mixed_steps)
+        # The running batch: its slots, its model state and its forward passes.
+        self.batch: BatchRunner = batch
         self.on_token = on_token
         # Called after every pass of the loop, outside the lock, once that pass's events are out.
         self.on_step = on_step
-        self.max_context = context_limit(model)
+        self.max_context = batch.max_context
         # How ids become text (incrementally, per row: steer.runtime.detokenize), worked out once.
         self._decoder = decoder or TokenDecoder.for_tokenizer(tokenizer)
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
-        # Batch row i of the KV cache belongs to _slots[i]; None marks a free slot, which decodes
-        # padding until a new row takes it over or the batch is compacted.
-        self._slots: list[Row | None] = []
-        self._free_since: dict[int, int] = {}  # free slot -> the step it was freed at
-        # The running batch's KV cache, attention mask (1 where a real token sits) and positions.
-        self._state: DecodeState | None = None
-        self._mergeable: bool | None = None
-        # Whether admitted rows may be prefilled inside the decode step (steer.mixed_step), decided
-        # when the first batch exists; and the (slot, row) pairs that claimed a slot for the next step.
-        self._mixed: bool | None = None if mixed_steps else False
-        self._joining: list[tuple[int, Row]] = []
         self._stop = False
         self._thread: threading.Thread | None = None
         self._cancelled_total = 0
@@ -288,7 +306,7 @@ class Scheduler:
     def _iterate(self) -> bool:
         """One pass of the background loop: wait for work, then :meth:`_step`. False once stopped."""
         with self._cv:
-            while not self._stop and not self._waiting and not self._slots:
+            while not self._stop and not self._waiting and not self.batch.slots:
                 self._cv.wait()
             if self._stop:
                 return False
@@ -311,13 +329,12 @@ class Scheduler:
             room = self.max_batch_size - len(self._live_rows())
             while self._waiting and len(admit) < room:
                 admit.append(self._waiting.popleft())
-            idle_free_slots = not self._waiting and self._free_since and \
-                self._steps_total - min(self._free_since.values()) >= self.HOLD_FREE_SLOT_STEPS
+            idle = not self._waiting
         if admit:
             self._admit(admit)
-        elif idle_free_slots:
-            self._compact()
-        if self._slots:
+        elif idle:
+            self.batch.idle()
+        if self.batch.slots:
             self._decode_step()
 
     def run(self, rows: Sequence[Row]) -> list[Row]:
@@ -327,12 +344,12 @@ class Scheduler:
             raise RuntimeError("run() drives a scheduler that is not running on its own thread")
         self.submit(rows)
         with torch.inference_mode():
-            while self._waiting or self._slots:
+            while self._waiting or self.batch.slots:
                 self._step([])
         return list(rows)
 
     def _live_rows(self) -> list[Row]:
-        return [r for r in self._slots if r is not None]
+        return [r for r in self.batch.slots if r is not None]
 
     def _drop_cancelled(self) -> None:
         """Under the lock: remove cancelled rows from the queue and free their batch slots."""
@@ -345,144 +362,30 @@ class Scheduler:
                 self._release(row)
 
     # ---------------------------------------------------------- the batch
-    # A row that ends leaves a free slot rather than a copy of the whole cache without it: under
-    # load the next request takes the slot over a step or two later (its prompt written into that
-    # batch row), and the batch is compacted only when slots stay free. Before, every finished
-    # and every admitted row copied every layer's cache, a tenth of the server's time.
-    HOLD_FREE_SLOT_STEPS = 4
-    # Leading cache columns that only padding still uses are cut once there are this many.
-    TRIM_COLUMNS = 32
-
     def _reset_batch(self) -> None:
-        self._slots, self._free_since, self._state, self._joining = [], {}, None, []
+        self.batch.reset()
 
     def _release(self, row: Row) -> None:
-        slot = next(i for i, r in enumerate(self._slots) if r is row)
-        self._slots[slot] = None
-        if not self._live_rows():
-            self._reset_batch()
-            return
-        self._free_since[slot] = self._steps_total
-        # From now on the free row attends only to the padding it is fed, so it stays finite and
-        # holds no column of the cache.
-        self._state.attention_mask[slot] = 0
-        if not self._mergeable:
-            self._compact()  # other cache layouts cannot take a new row into a slot
-
-    def _compact(self) -> None:
-        """Drop free slots from the batch."""
-        keep = [i for i, r in enumerate(self._slots) if r is not None]
-        if len(keep) < len(self._slots):
-            self._select_rows(keep)
-
-    def _prefill(self, sequences: list[list[int]]) -> tuple[torch.Tensor, DecodeState]:
-        return prefill(self.model, *left_pad(sequences, self.pad_token_id, self.device))
+        self.batch.release(row)
 
     def _admit(self, rows: list[Row]) -> None:
-        # Rows that can be prefilled inside the next decode step claim their slots; the others
-        # (the first batch, prompts longer than the batch's cache) are prefilled now, first, since
-        # appending them may compact the batch.
-        joining = [r for r in rows if self._mixed and self._state is not None and fits(self._state, len(r.prompt_ids))]
-        apart = [r for r in rows if not any(r is j for j in joining)]
-        if apart:
-            self._prefill_and_place(apart)
-        if joining and not self._claim_slots(joining):
-            self._prefill_and_place(joining)
-
-    def _prefill_and_place(self, rows: list[Row]) -> None:
-        logits, new = self._prefill([r.prompt_ids for r in rows])
-        if self._mergeable is None:
-            self._mergeable = is_preallocated(new.past_key_values)
-            if not self._mergeable:
-                logger.info("this model's KV cache cannot be merged; admission re-prefills the batch")
-        if self._state is None:
-            self._state, self._slots = new, list(rows)
-            if self._mixed is None:
-                self._mixed = supports_mixed_step(self.model, new)  # implies a mergeable cache
-        elif not self._mergeable:
-            # Rebuild the whole batch: running rows re-prefill everything except their pending token.
-            running = self._live_rows()
-            _, self._state = self._prefill(
-                [r.prompt_ids + r.generated[:-1] for r in running] + [r.prompt_ids for r in rows]
-            )
-            self._slots, self._free_since = running + list(rows), {}
-        else:
-            width = self._state.attention_mask.shape[1]
-            free = [i for i, r in enumerate(self._slots) if r is None]
-            unplaced = []
-            for j, row in enumerate(rows):
-                if free and len(row.prompt_ids) <= width:
-                    self._place(new, j, free.pop(0), row)
-                else:
-                    unplaced.append(j)
-            if unplaced:
-                # A prompt longer than the batch's cache, or no free slot: append rows instead.
-                self._compact()
-                if len(unplaced) < len(rows):
-                    select_new_rows(new, unplaced)
-                merge_states(self._state, new)
-                self._slots.extend(rows[j] for j in unplaced)
-        tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows],
-                                    [r.generated for r in rows])
+        self.batch.admit(rows, self._sample_first)
         self._max_batch_seen = max(self._max_batch_seen, len(self._live_rows()))
-        self._accept(rows, tokens.tolist())
 
-    def _claim_slots(self, rows: list[Row]) -> bool:
-        """Give every row a free slot to be prefilled in by the next decode step, if all of them fit."""
-        if self._state is None or not all(fits(self._state, len(r.prompt_ids)) for r in rows):
-            return False
-        free = [i for i, r in enumerate(self._slots) if r is None]
-        if len(free) < len(rows):
-            # Empty rows cost one copy of the cache; a prefill of their own would cost a forward pass.
-            first = len(self._slots)
-            self._add_free_slots(len(rows) - len(free))
-            free += range(first, len(self._slots))
-        for slot, row in zip(free, rows):
-            self._slots[slot] = row
-            self._free_since.pop(slot, None)
-            self._joining.append((slot, row))
+    def _sample_first(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Rows prefilled on admission: their first token."""
         self._max_batch_seen = max(self._max_batch_seen, len(self._live_rows()))
-        return True
-
-    def _add_free_slots(self, n: int) -> None:
-        """Append ``n`` free rows to the batch."""
-        add_free_rows(self._state, n)
-        self._slots.extend([None] * n)
-
-    def _place(self, new: DecodeState, j: int, slot: int, row: Row) -> None:
-        """Write prefilled row ``j`` of ``new`` into free batch row ``slot``."""
-        place_row(self._state, new, j, slot, len(row.prompt_ids))
-        self._slots[slot] = row
-        self._free_since.pop(slot, None)
-
-    def _select_rows(self, keep: list[int]) -> None:
-        """Keep only the batch rows ``keep`` and drop cache columns no remaining row uses."""
-        self._slots = [self._slots[i] for i in keep]
-        self._free_since = {}
-        if not keep:
-            self._state = None
-            return
-        select_rows(self._state, keep, preallocated=bool(self._mergeable))
+        self._sample_and_accept(rows, logits)
 
     def _decode_step(self) -> None:
-        slots = self._slots
-        pending = torch.tensor([r.generated[-1] if r is not None and r.generated else self.pad_token_id
-                                for r in slots], dtype=torch.long, device=self.device)
-        if self._joining:
-            joining, self._joining = self._joining, []
-            logits = mixed_step(self.model, pending, self._state, [(slot, r.prompt_ids) for slot, r in joining])
-        else:
-            logits = decode_step(self.model, pending, self._state)
+        rows, logits = self.batch.step()
         self._steps_total += 1
-        live = [i for i, r in enumerate(slots) if r is not None]
-        if len(live) < len(slots):
-            logits = logits.index_select(0, torch.tensor(live, dtype=torch.long, device=logits.device))
-        rows = [slots[i] for i in live]
+        self._sample_and_accept(rows, logits)
+
+    def _sample_and_accept(self, rows: list[Row], logits: torch.Tensor) -> None:
         tokens = sample_next_tokens(logits, [r.params for r in rows], [r.rng for r in rows],
                                     [r.generated for r in rows])
         self._accept(rows, tokens.tolist())
-        if self._mergeable and self._state is not None and self._steps_total % self.TRIM_COLUMNS == 0:
-            trim_columns(self._state, min_columns=self.TRIM_COLUMNS)
 
     # -------------------------------------------------------------- output
     def _accept(self, rows: list[Row], tokens: list[int]) -> None:

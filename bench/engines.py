@@ -1,0 +1,229 @@
+"""Engines side by side on one GGUF file: `steer serve --engine llama.cpp`, `steer serve --engine torch`
+and llama.cpp's own `llama-server`, at 1 client and at 16 concurrent clients, in the same run.
+
+    python bench/engines.py [--policy FILE.gguf] [--schema NAME] [--clients 1,16] [--lines-per-client 4]
+                            [--max-tokens 40] [--threads 2] [--llama-server /work/llama-bin/llama-server]
+
+Every request is a streaming chat completion of exactly --max-tokens tokens (``ignore_eos``), so
+the engines do the same amount of work per line; each client sends its lines one after another.
+Reported per engine and concurrency: tokens/s (all completion tokens over the wall time), p50 time
+to first token and p50 full-line latency. llama-server renders the prompt with the GGUF's own chat
+template and steer with the steer template, so prompts differ by a few tokens (``prompt_tokens``).
+
+Defaults: the SmolLM2 demo policy exported to /tmp/smol-policy.gguf when that exists
+(`steer export gguf --policy /work/exp/smol2/demo/policy --output /tmp/smol-policy.gguf --dtype q8_0`),
+else the SmolLM2-135M-Instruct Q4_1 base from ../shared with --schema helpsteer. llama-server is
+skipped, with a note, when its binary is missing. Prints a JSON object, then a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_throughput import PROMPTS, free_port, percentile  # noqa: E402
+
+SMOL_POLICY = Path("/tmp/smol-policy.gguf")
+SMOL_BASE = REPO.parent / "shared" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_SERVER = Path("/work/llama-bin/llama-server")
+
+
+async def timed_line(url: str, body: dict) -> dict:
+    """One streaming chat completion: latency, time to the first content chunk, and tokens (from
+    the final usage, or one per content chunk when a server sends no usage)."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), len(payload)) + payload)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if int(head.split(b" ", 2)[1]) != 200:
+        raise RuntimeError(f"{url}: {(head + await reader.read()).decode(errors='replace')}")
+    buffer, first = b"", None
+    chunked = b"transfer-encoding: chunked" in head.lower()
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            break
+        buffer += data
+        if first is None and any(_content(e) for e in _sse_events(buffer, chunked, partial=True)):
+            first = time.perf_counter() - start
+    writer.close()
+    end = time.perf_counter()
+    chunks, usage = 0, None
+    for event in _sse_events(buffer, chunked):
+        usage = event.get("usage") or usage
+        chunks += bool(_content(event))
+    return {"latency": end - start, "ttft": first if first is not None else end - start,
+            "tokens": (usage or {}).get("completion_tokens") or chunks,
+            "prompt_tokens": (usage or {}).get("prompt_tokens")}
+
+
+def _content(event: dict) -> str:
+    return (event["choices"][0].get("delta") or {}).get("content") or "" if event.get("choices") else ""
+
+
+def _sse_events(raw: bytes, chunked: bool, partial: bool = False) -> list[dict]:
+    """The ``data:`` events of a response body; ``partial``: a body still arriving (an event cut
+    off at its end is skipped)."""
+    if chunked:  # undo chunked transfer encoding
+        out, rest = b"", raw
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        raw = out
+    events = []
+    for block in raw.split(b"\n\n"):
+        block = block.strip()
+        if block.startswith(b"data: {"):
+            try:
+                events.append(json.loads(block[6:]))
+            except json.JSONDecodeError:
+                if not partial:
+                    raise
+    return events
+
+
+async def load(url: str, bodies: list[dict], clients: int) -> tuple[list[dict], float]:
+    async def client(mine):
+        return [await timed_line(url, b) for b in mine]
+
+    t0 = time.perf_counter()
+    per_client = await asyncio.gather(*(client(bodies[c::clients]) for c in range(clients)))
+    return [r for rs in per_client for r in rs], time.perf_counter() - t0
+
+
+def bodies(n: int, max_tokens: int, steer: bool) -> list[dict]:
+    out = []
+    for i in range(n):
+        body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": max_tokens,
+                "temperature": 0.7, "seed": i, "ignore_eos": True}
+        if steer:
+            body["attributes"] = {}
+        out.append(body)
+    return out
+
+
+def start_server(kind: str, args, port: int) -> subprocess.Popen:
+    if kind == "llama-server":
+        command = [str(args.llama_server), "-m", args.policy, "-t", str(args.threads), "-np", str(args.parallel),
+                   "-c", str(args.parallel * args.context), "--host", "127.0.0.1", "--port", str(port),
+                   *args.llama_server_args.split()]
+    else:
+        command = [sys.executable, "-m", "steer.cli.main", "serve", "--engine", kind, "--policy", args.policy,
+                   "--port", str(port), "--max-batch-size", str(args.parallel), "--no-ui"]
+        if args.schema:
+            command += ["--schema", args.schema]
+        if kind == "llama.cpp" or args.torch_threads:
+            command += ["--threads", str(args.threads if kind == "llama.cpp" else args.torch_threads)]
+        if args.in_process:
+            command += ["--engine-in-process"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if args.quiet else None)
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("the server did not become healthy")
+
+
+def measure(kind: str, args) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(kind, args, port)
+    try:
+        wait_healthy(url, server)
+        steer = kind != "llama-server"
+        asyncio.run(load(url, bodies(2, args.max_tokens, steer), 1))  # warm-up
+        out = {}
+        for clients in args.clients:
+            results, wall = asyncio.run(load(url, bodies(clients * args.lines_per_client, args.max_tokens, steer),
+                                             clients))
+            tokens = sum(r["tokens"] for r in results)
+            out[str(clients)] = {
+                "lines": len(results), "tokens": tokens, "wall_s": round(wall, 3),
+                "tokens_per_s": round(tokens / wall, 1),
+                "ttft_p50_s": round(percentile([r["ttft"] for r in results], 50), 3),
+                "latency_p50_s": round(percentile([r["latency"] for r in results], 50), 3),
+                "prompt_tokens": statistics.median([r["prompt_tokens"] for r in results if r["prompt_tokens"]] or [0]),
+            }
+        return out
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", default=None, help="GGUF file (default: see above)")
+    parser.add_argument("--schema", default=None, help="schema for a GGUF without steer metadata")
+    parser.add_argument("--engines", default="llama.cpp,torch,llama-server")
+    parser.add_argument("--clients", default="1,16")
+    parser.add_argument("--lines-per-client", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (steer's engine and llama-server)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch engine threads (0: its default)")
+    parser.add_argument("--parallel", type=int, default=16, help="batch slots (llama-server -np, steer --max-batch-size)")
+    parser.add_argument("--context", type=int, default=1024, help="llama-server context per slot")
+    parser.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
+    parser.add_argument("--llama-server-args", default="", help="extra llama-server flags, e.g. \"-nr\" (no weight "
+                        "repacking: what avoids AMX on a VM whose CPU reports AMX it cannot run)")
+    parser.add_argument("--in-process", action="store_true", help="steer's engines on a thread of the server "
+                        "(--engine-in-process) instead of the engine process")
+    parser.add_argument("--quiet", action="store_true", help="hide the servers' logs")
+    args = parser.parse_args()
+    if args.policy is None:
+        if SMOL_POLICY.exists():
+            args.policy = str(SMOL_POLICY)
+        else:
+            args.policy, args.schema = str(SMOL_BASE), args.schema or "helpsteer"
+    args.clients = [int(c) for c in args.clients.split(",")]
+    report = {"policy": args.policy, "max_tokens": args.max_tokens, "lines_per_client": args.lines_per_client,
+              "threads": args.threads, "parallel": args.parallel, "in_process": args.in_process, "cpus": os.cpu_count(),
+              "load_avg_1m": os.getloadavg()[0], "engines": {}, "notes": []}
+    for kind in args.engines.split(","):
+        if kind == "llama-server" and not args.llama_server.exists():
+            report["notes"].append(f"llama-server skipped: {args.llama_server} does not exist (--llama-server PATH)")
+            continue
+        try:
+            report["engines"][kind] = measure(kind, args)
+        except RuntimeError as e:  # one engine failing (a crash on this CPU) leaves the others' numbers
+            report["notes"].append(f"{kind} failed: {e}")
+    print(json.dumps(report, indent=2))
+    print(f"\n{'engine':<14}{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'line p50':>10}")
+    for kind, by_clients in report["engines"].items():
+        for clients, r in by_clients.items():
+            print(f"{kind:<14}{clients:>8}{r['tokens_per_s']:>10.1f}{r['ttft_p50_s']:>10.3f}{r['latency_p50_s']:>10.3f}")
+    for note in report["notes"]:
+        print("note:", note)
+
+
+if __name__ == "__main__":
+    main()

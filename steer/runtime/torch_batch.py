@@ -1,0 +1,200 @@
+"""The running batch on a transformers model: :class:`TorchBatch`, the scheduler's torch runner.
+
+The scheduler (:mod:`steer.runtime.scheduler`) owns the loop: the queue, admission, sampling, where
+replies end, events. A runner owns the batch's slots and its model state, and does the forward
+passes; :class:`TorchBatch` does them with :mod:`steer.runtime.model_runner` and
+:mod:`steer.runtime.mixed_step` on a KV cache kept by :mod:`steer.runtime.kv_cache`
+(:mod:`steer.runtime.llamacpp` is the other runner).
+
+Admission: once a batch runs, a row whose prompt fits the batch's cache claims a slot (a batch
+row whose request ended, or an empty row added for it) and is prefilled inside the next decode
+step (``steer.runtime.mixed_step``), which then costs little more than a plain one. The first
+batch, prompts longer than the cache and models that cannot take that path are prefilled on their
+own (left-padded together); each one's KV cache is written into a free slot, right-aligned like
+every row, or appended (left-padding the shorter cache), and their first logits go back to the
+scheduler at once.
+
+Caches of other shapes than plain ``[batch, heads, seq, dim]`` tensors per layer (sliding-window
+layers) fall back to re-prefilling the whole batch on admission and compacting at once, which is
+correct and, for small models, cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from steer.runtime.kv_cache import DecodeState, add_free_rows, is_preallocated, merge_states, place_row, \
+    select_new_rows, select_rows, trim_columns
+from steer.runtime.mixed_step import fits, mixed_step, supports_mixed_step
+from steer.runtime.model_runner import context_limit, decode_step, left_pad, prefill
+
+logger = logging.getLogger(__name__)
+
+
+class TorchBatch:
+    """Batch row ``i`` of the KV cache belongs to ``slots[i]``; None marks a free slot, which decodes
+    padding until a new row takes it over or the batch is compacted."""
+
+    # A row that ends leaves a free slot rather than a copy of the whole cache without it: under
+    # load the next request takes the slot over a step or two later (its prompt written into that
+    # batch row), and the batch is compacted only when slots stay free. Before, every finished
+    # and every admitted row copied every layer's cache, a tenth of the server's time.
+    HOLD_FREE_SLOT_STEPS = 4
+    # Leading cache columns that only padding still uses are cut once there are this many.
+    TRIM_COLUMNS = 32
+
+    def __init__(self, model, pad_token_id: int, device: torch.device, mixed_steps: bool = True):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self.max_context = context_limit(model)
+        self.slots: list = []
+        self._free_since: dict[int, int] = {}  # free slot -> the step it was freed at
+        # The running batch's KV cache, attention mask (1 where a real token sits) and positions.
+        self._state: DecodeState | None = None
+        self._mergeable: bool | None = None
+        # Whether admitted rows may be prefilled inside the decode step (steer.mixed_step), decided
+        # when the first batch exists; and the (slot, row) pairs that claimed a slot for the next step.
+        self._mixed: bool | None = None if mixed_steps else False
+        self._joining: list[tuple[int, object]] = []
+        self._steps = 0
+
+    # ------------------------------------------------------------ interface
+    def reset(self) -> None:
+        self.slots, self._free_since, self._state, self._joining = [], {}, None, []
+
+    def live_rows(self) -> list:
+        return [r for r in self.slots if r is not None]
+
+    def admit(self, rows: list, first_logits: Callable[[list, torch.Tensor], None]) -> None:
+        """Take ``rows`` into the batch. Rows prefilled now hand their logits to ``first_logits``;
+        the others are prefilled by the next :meth:`step`."""
+        # Rows that can be prefilled inside the next decode step claim their slots; the others
+        # (the first batch, prompts longer than the batch's cache) are prefilled now, first, since
+        # appending them may compact the batch.
+        joining = [r for r in rows if self._mixed and self._state is not None and fits(self._state, len(r.prompt_ids))]
+        apart = [r for r in rows if not any(r is j for j in joining)]
+        if apart:
+            first_logits(apart, self._prefill_and_place(apart))
+        if joining and not self._claim_slots(joining):
+            first_logits(joining, self._prefill_and_place(joining))
+
+    def step(self) -> tuple[list, torch.Tensor]:
+        """One decode step over every slot: the live rows, and their next logits."""
+        slots = self.slots
+        pending = torch.tensor([r.generated[-1] if r is not None and r.generated else self.pad_token_id
+                                for r in slots], dtype=torch.long, device=self.device)
+        if self._joining:
+            joining, self._joining = self._joining, []
+            logits = mixed_step(self.model, pending, self._state, [(slot, r.prompt_ids) for slot, r in joining])
+        else:
+            logits = decode_step(self.model, pending, self._state)
+        self._steps += 1
+        live = [i for i, r in enumerate(slots) if r is not None]
+        if len(live) < len(slots):
+            logits = logits.index_select(0, torch.tensor(live, dtype=torch.long, device=logits.device))
+        if self._mergeable and self._state is not None and self._steps % self.TRIM_COLUMNS == 0:
+            trim_columns(self._state, min_columns=self.TRIM_COLUMNS)
+        return [slots[i] for i in live], logits
+
+    def release(self, row) -> None:
+        slot = next(i for i, r in enumerate(self.slots) if r is row)
+        self.slots[slot] = None
+        if not self.live_rows():
+            self.reset()
+            return
+        self._free_since[slot] = self._steps
+        # From now on the free row attends only to the padding it is fed, so it stays finite and
+        # holds no column of the cache.
+        self._state.attention_mask[slot] = 0
+        if not self._mergeable:
+            self._compact()  # other cache layouts cannot take a new row into a slot
+
+    def idle(self) -> None:
+        """Nothing waits: drop slots that stayed free for a few steps."""
+        if self._free_since and self._steps - min(self._free_since.values()) >= self.HOLD_FREE_SLOT_STEPS:
+            self._compact()
+
+    # ------------------------------------------------------------ internals
+    def _compact(self) -> None:
+        """Drop free slots from the batch."""
+        keep = [i for i, r in enumerate(self.slots) if r is not None]
+        if len(keep) < len(self.slots):
+            self._select_rows(keep)
+
+    def _prefill(self, sequences: list[list[int]]) -> tuple[torch.Tensor, DecodeState]:
+        return prefill(self.model, *left_pad(sequences, self.pad_token_id, self.device))
+
+    def _prefill_and_place(self, rows: list) -> torch.Tensor:
+        logits, new = self._prefill([r.prompt_ids for r in rows])
+        if self._mergeable is None:
+            self._mergeable = is_preallocated(new.past_key_values)
+            if not self._mergeable:
+                logger.info("this model's KV cache cannot be merged; admission re-prefills the batch")
+        if self._state is None:
+            self._state, self.slots = new, list(rows)
+            if self._mixed is None:
+                self._mixed = supports_mixed_step(self.model, new)  # implies a mergeable cache
+        elif not self._mergeable:
+            # Rebuild the whole batch: running rows re-prefill everything except their pending token.
+            running = self.live_rows()
+            _, self._state = self._prefill(
+                [r.prompt_ids + r.generated[:-1] for r in running] + [r.prompt_ids for r in rows]
+            )
+            self.slots, self._free_since = running + list(rows), {}
+        else:
+            width = self._state.attention_mask.shape[1]
+            free = [i for i, r in enumerate(self.slots) if r is None]
+            unplaced = []
+            for j, row in enumerate(rows):
+                if free and len(row.prompt_ids) <= width:
+                    self._place(new, j, free.pop(0), row)
+                else:
+                    unplaced.append(j)
+            if unplaced:
+                # A prompt longer than the batch's cache, or no free slot: append rows instead.
+                self._compact()
+                if len(unplaced) < len(rows):
+                    select_new_rows(new, unplaced)
+                merge_states(self._state, new)
+                self.slots.extend(rows[j] for j in unplaced)
+        return logits
+
+    def _claim_slots(self, rows: list) -> bool:
+        """Give every row a free slot to be prefilled in by the next decode step, if all of them fit."""
+        if self._state is None or not all(fits(self._state, len(r.prompt_ids)) for r in rows):
+            return False
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        if len(free) < len(rows):
+            # Empty rows cost one copy of the cache; a prefill of their own would cost a forward pass.
+            first = len(self.slots)
+            self._add_free_slots(len(rows) - len(free))
+            free += range(first, len(self.slots))
+        for slot, row in zip(free, rows):
+            self.slots[slot] = row
+            self._free_since.pop(slot, None)
+            self._joining.append((slot, row))
+        return True
+
+    def _add_free_slots(self, n: int) -> None:
+        """Append ``n`` free rows to the batch."""
+        add_free_rows(self._state, n)
+        self.slots.extend([None] * n)
+
+    def _place(self, new: DecodeState, j: int, slot: int, row) -> None:
+        """Write prefilled row ``j`` of ``new`` into free batch row ``slot``."""
+        place_row(self._state, new, j, slot, len(row.prompt_ids))
+        self.slots[slot] = row
+        self._free_since.pop(slot, None)
+
+    def _select_rows(self, keep: Sequence[int]) -> None:
+        """Keep only the batch rows ``keep`` and drop cache columns no remaining row uses."""
+        self.slots = [self.slots[i] for i in keep]
+        self._free_since = {}
+        if not keep:
+            self._state = None
+            return
+        select_rows(self._state, list(keep), preallocated=bool(self._mergeable))
