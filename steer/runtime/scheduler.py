@@ -32,21 +32,20 @@ when it is done (``row.reply``).
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from steer.core.errors import SteerError
 from steer.runtime.detokenize import TokenDecoder
-from typing import Protocol
 
-from steer.runtime.sampling import SamplingParams, sample_next_tokens
-from steer.runtime.stopping import ReplyState
+# Row, RowEvent, EngineStats and STOPPED_MESSAGE are imported from here too.
+from steer.runtime.rows import STOPPED_MESSAGE, EngineStats, Row, RowBook, RowEvent  # noqa: F401
+from steer.runtime.sampling import sample_next_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -61,58 +60,6 @@ class EngineStoppedError(SteerError, RuntimeError):
 
 class EngineFailedError(EngineStoppedError):
     """The engine (its thread or its process) failed and is not running."""
-
-
-# What a request still running when the engine stops is told.
-STOPPED_MESSAGE = "the server stopped before this reply was finished; retry the request"
-
-
-@dataclass
-class RowEvent:
-    """What a row reports: new text, and once, the end."""
-
-    index: int
-    delta: str = ""
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    completion_tokens: int = 0
-    text: str = ""  # the full reply, on the final event
-    error: str | None = None
-
-
-@dataclass(eq=False)
-class Row:
-    """One reply to decode: its prompt, sampling settings and stop strings (``reply_stops``)."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    stops: list[str]
-    # Gets the row's events; None: nobody streams it, the caller reads ``reply`` once ``done``.
-    sink: Callable[[RowEvent], None] | None = None
-    index: int = 0
-    rng: random.Random | None = None
-    generated: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    done: bool = False
-    submitted_at: float = 0.0
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    # Text and end of the reply, token by token (set when the scheduler accepts the row).
-    reply: ReplyState | None = field(default=None, repr=False)
-    # How the row ended: "stop" | "length" | "cancelled" | "error", and the error's message.
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class EngineStats:
-    waiting: int
-    active: int
-    cancelled_total: int
-    finished_total: int
-    tokens_total: int
-    steps_total: int
-    max_batch_seen: int
 
 
 class BatchRunner(Protocol):
@@ -165,7 +112,6 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if batch is None:
             from steer.runtime.torch_batch import TorchBatch
@@ -180,13 +126,13 @@ class Scheduler:
         self.max_context = batch.max_context
         # How ids become text (incrementally, per row: steer.runtime.detokenize), worked out once.
         self._decoder = decoder or TokenDecoder.for_tokenizer(tokenizer)
+        # Per-row bookkeeping (ReplyState, events, counters), shared with every engine: steer.runtime.rows.
+        self._book = RowBook(self._decoder, eos_token_ids)
+        self.eos_token_ids = self._book.eos_token_ids
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._cancelled_total = 0
-        self._finished_total = 0
-        self._tokens_total = 0
         self._steps_total = 0
         self._max_batch_seen = 0
         # Supervision: a loop that dies (a step's own errors are caught below; this is for the
@@ -196,10 +142,6 @@ class Scheduler:
         self.restarts_total = 0
         self.error: str | None = None
         self._last_progress = time.monotonic()
-        # Rows submitted and rows ended: the difference is in flight (waiting, being admitted or
-        # running). Two counters, each written by one thread, so no count is lost to a race.
-        self._submitted = 0
-        self._ended = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -230,20 +172,15 @@ class Scheduler:
             if self.error is not None:
                 raise EngineFailedError(f"the engine is not running ({self.error})")
             running = len(self._live_rows())
-            if self._submitted == self._ended:
+            if self._book.in_flight == 0:
                 self._last_progress = time.monotonic()  # the stall clock starts with the first row
             if len(self._waiting) + len(rows) > self.max_queue + max(0, self.max_batch_size - running):
                 raise QueueFullError(
                     f"the server is busy ({running} running, {len(self._waiting)} waiting); retry later"
                 )
             for row in rows:
-                row.submitted_at = now
-                if row.rng is None:
-                    row.rng = row.params.make_rng()
-                row.reply = ReplyState(self._decoder.detokenizer(), row.stops, row.params.max_new_tokens,
-                                       frozenset() if row.params.ignore_eos else self.eos_token_ids)
+                self._book.admit(row, now)
                 self._waiting.append(row)
-                self._submitted += 1
             self._cv.notify_all()
 
     def cancel(self, rows: Sequence[Row]) -> None:
@@ -256,15 +193,8 @@ class Scheduler:
 
     def stats(self) -> EngineStats:
         with self._cv:
-            return EngineStats(
-                waiting=len(self._waiting),
-                active=len(self._live_rows()),
-                cancelled_total=self._cancelled_total,
-                finished_total=self._finished_total,
-                tokens_total=self._tokens_total,
-                steps_total=self._steps_total,
-                max_batch_seen=self._max_batch_seen,
-            )
+            return self._book.stats(waiting=len(self._waiting), active=len(self._live_rows()),
+                                    steps_total=self._steps_total, max_batch_seen=self._max_batch_seen)
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -301,7 +231,7 @@ class Scheduler:
 
     def stalled_for(self) -> float:
         """Seconds since the last decode step while rows were waiting or running (0 when idle)."""
-        return time.monotonic() - self._last_progress if self._submitted > self._ended else 0.0
+        return time.monotonic() - self._last_progress if self._book.in_flight > 0 else 0.0
 
     def _iterate(self) -> bool:
         """One pass of the background loop: wait for work, then :meth:`_step`. False once stopped."""
@@ -396,19 +326,8 @@ class Scheduler:
         for row, token in zip(rows, tokens):
             if row.cancelled:
                 continue
-            if row.first_token_at is None:
-                row.first_token_at = now
-            row.generated.append(token)
             accepted += 1
-            reply = row.reply
-            if reply.add(token):
-                self._finish(row, reply.finish_reason)
-                finished = True
-            elif row.sink is not None:
-                delta = reply.delta()
-                if delta:
-                    row.sink(RowEvent(index=row.index, delta=delta))
-        self._tokens_total += accepted
+            finished |= self._book.accept(row, token, now)
         if accepted and self.on_token is not None:
             self.on_token(accepted)
         if finished or any(r.cancelled for r in rows):
@@ -421,23 +340,4 @@ class Scheduler:
 
     def _finish(self, row: Row, reason: str, error: str | None = None) -> None:
         """End ``row``: the rest of its text (if it ended well), then its final event."""
-        if row.done:
-            return
-        row.done = True
-        row.finished_at = time.perf_counter()
-        row.finish_reason, row.error = reason, error
-        self._ended += 1
-        if reason == "cancelled":
-            self._cancelled_total += 1
-        else:
-            self._finished_total += 1
-        if row.sink is None:
-            return
-        ended_well = reason in ("stop", "length")
-        text = row.reply.text if ended_well else ""
-        if ended_well:
-            delta = row.reply.delta()
-            if delta:
-                row.sink(RowEvent(index=row.index, delta=delta))
-        row.sink(RowEvent(index=row.index, finished=True, finish_reason=reason,
-                          completion_tokens=len(row.generated), text=text, error=error))
+        self._book.finish(row, reason, error)
