@@ -1,8 +1,9 @@
-"""Engines side by side on one GGUF file: `steer serve --engine llama.cpp`, `steer serve --engine torch`
-and llama.cpp's own `llama-server`, at 1 client and at 16 concurrent clients, in the same run.
+"""Engines side by side on one GGUF file: `steer serve --engine llama.cpp`, `steer serve --engine torch`,
+llama.cpp's own `llama-server`, and steer over that llama-server (`steer serve --engine llama.cpp
+--upstream URL`), at 1 client and at 16 concurrent clients, in the same run.
 
     python bench/engines.py [--policy FILE.gguf] [--schema NAME] [--clients 1,16] [--lines-per-client 4]
-                            [--max-tokens 40] [--threads 2] [--llama-server /work/llama-bin/llama-server]
+                            [--max-tokens 40] [--threads 2] [--llama-server PATH]
 
 Every request is a streaming chat completion of exactly --max-tokens tokens (``ignore_eos``), so
 the engines do the same amount of work per line; each client sends its lines one after another.
@@ -11,9 +12,10 @@ to first token and p50 full-line latency. llama-server renders the prompt with t
 template and steer with the steer template, so prompts differ by a few tokens (``prompt_tokens``).
 
 Defaults: the SmolLM2 demo policy exported to /tmp/smol-policy.gguf when that exists
-(`steer export gguf --policy /work/exp/smol2/demo/policy --output /tmp/smol-policy.gguf --dtype q8_0`),
-else the SmolLM2-135M-Instruct Q4_1 base from ../shared with --schema helpsteer. llama-server is
-skipped, with a note, when its binary is missing. Prints a JSON object, then a short table.
+(`steer export gguf --policy runs/smol-demo/policy --output /tmp/smol-policy.gguf --dtype q8_0`),
+else the SmolLM2-135M-Instruct Q4_1 base from ../shared with --schema helpsteer. The llama-server
+binary: --llama-server, else $STEER_LLAMA_SERVER, else `llama-server` on PATH; without one, the
+llama-server rows are skipped with a note. Prints a JSON object, then a short table.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +38,7 @@ from serve_throughput import PROMPTS, free_port, percentile  # noqa: E402
 
 SMOL_POLICY = Path("/tmp/smol-policy.gguf")
 SMOL_BASE = REPO.parent / "shared" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-LLAMA_SERVER = Path("/work/llama-bin/llama-server")
+LLAMA_SERVER = os.environ.get("STEER_LLAMA_SERVER") or shutil.which("llama-server") or "llama-server"
 
 
 async def timed_line(url: str, body: dict) -> dict:
@@ -118,21 +121,39 @@ def bodies(n: int, max_tokens: int, steer: bool) -> list[dict]:
     return out
 
 
-def start_server(kind: str, args, port: int) -> subprocess.Popen:
-    if kind == "llama-server":
-        command = [str(args.llama_server), "-m", args.policy, "-t", str(args.threads), "-np", str(args.parallel),
-                   "-c", str(args.parallel * args.context), "--host", "127.0.0.1", "--port", str(port),
-                   *args.llama_server_args.split()]
-    else:
-        command = [sys.executable, "-m", "steer.cli.main", "serve", "--engine", kind, "--policy", args.policy,
-                   "--port", str(port), "--max-batch-size", str(args.parallel), "--no-ui"]
-        if args.schema:
-            command += ["--schema", args.schema]
-        if kind == "llama.cpp" or args.torch_threads:
-            command += ["--threads", str(args.threads if kind == "llama.cpp" else args.torch_threads)]
-        if args.in_process:
-            command += ["--engine-in-process"]
+UPSTREAM_KIND = "llama-server+steer"  # steer serve --engine llama.cpp --upstream <a llama-server>
+
+
+def _popen(command: list[str], args) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if args.quiet else None)
+
+
+def _llama_server(args, port: int) -> subprocess.Popen:
+    return _popen([str(args.llama_server), "-m", args.policy, "-t", str(args.threads), "-np", str(args.parallel),
+                   "-c", str(args.parallel * args.context), "--host", "127.0.0.1", "--port", str(port),
+                   *args.llama_server_args.split()], args)
+
+
+def start_servers(kind: str, args, port: int) -> list[subprocess.Popen]:
+    """The server to measure on ``port`` (last in the list), after any upstream it needs."""
+    if kind == "llama-server":
+        return [_llama_server(args, port)]
+    command = [sys.executable, "-m", "steer.cli.main", "serve", "--policy", args.policy, "--port", str(port),
+               "--max-batch-size", str(args.parallel), "--no-ui"]
+    if args.schema:
+        command += ["--schema", args.schema]
+    if kind == UPSTREAM_KIND:
+        upstream_port = free_port()
+        upstream = _llama_server(args, upstream_port)
+        wait_healthy(f"http://127.0.0.1:{upstream_port}", upstream)
+        return [upstream, _popen(command + ["--engine", "llama.cpp", "--upstream", f"http://127.0.0.1:{upstream_port}"],
+                                 args)]
+    command += ["--engine", kind]
+    if kind == "llama.cpp" or args.torch_threads:
+        command += ["--threads", str(args.threads if kind == "llama.cpp" else args.torch_threads)]
+    if args.in_process:
+        command += ["--engine-in-process"]
+    return [_popen(command, args)]
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
@@ -154,10 +175,10 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> No
 def measure(kind: str, args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(kind, args, port)
+    servers = start_servers(kind, args, port)
     try:
-        wait_healthy(url, server)
-        steer = kind != "llama-server"
+        wait_healthy(url, servers[-1])
+        steer = kind != "llama-server"  # llama-server alone knows no `attributes`
         asyncio.run(load(url, bodies(2, args.max_tokens, steer), 1))  # warm-up
         out = {}
         for clients in args.clients:
@@ -173,18 +194,21 @@ def measure(kind: str, args) -> dict:
             }
         return out
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        for server in reversed(servers):
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", default=None, help="GGUF file (default: see above)")
     parser.add_argument("--schema", default=None, help="schema for a GGUF without steer metadata")
-    parser.add_argument("--engines", default="llama.cpp,torch,llama-server")
+    parser.add_argument("--engines", default=f"llama.cpp,torch,llama-server,{UPSTREAM_KIND}",
+                        help=f"which to measure: llama.cpp, torch (steer serve --engine), llama-server (alone) and "
+                             f"{UPSTREAM_KIND} (steer serve --engine llama.cpp --upstream, over a llama-server)")
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--lines-per-client", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=40)
@@ -209,18 +233,18 @@ def main() -> None:
               "threads": args.threads, "parallel": args.parallel, "in_process": args.in_process, "cpus": os.cpu_count(),
               "load_avg_1m": os.getloadavg()[0], "engines": {}, "notes": []}
     for kind in args.engines.split(","):
-        if kind == "llama-server" and not args.llama_server.exists():
-            report["notes"].append(f"llama-server skipped: {args.llama_server} does not exist (--llama-server PATH)")
+        if kind in ("llama-server", UPSTREAM_KIND) and not args.llama_server.exists():
+            report["notes"].append(f"{kind} skipped: {args.llama_server} does not exist (--llama-server PATH)")
             continue
         try:
             report["engines"][kind] = measure(kind, args)
         except RuntimeError as e:  # one engine failing (a crash on this CPU) leaves the others' numbers
             report["notes"].append(f"{kind} failed: {e}")
     print(json.dumps(report, indent=2))
-    print(f"\n{'engine':<14}{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'line p50':>10}")
+    print(f"\n{'engine':<20}{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'line p50':>10}")
     for kind, by_clients in report["engines"].items():
         for clients, r in by_clients.items():
-            print(f"{kind:<14}{clients:>8}{r['tokens_per_s']:>10.1f}{r['ttft_p50_s']:>10.3f}{r['latency_p50_s']:>10.3f}")
+            print(f"{kind:<20}{clients:>8}{r['tokens_per_s']:>10.1f}{r['ttft_p50_s']:>10.3f}{r['latency_p50_s']:>10.3f}")
     for note in report["notes"]:
         print("note:", note)
 

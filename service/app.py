@@ -54,7 +54,12 @@ class ServerState:
         else:
             # This process only renders and tokenizes prompts: it needs no weights.
             policy = load_policy(s.policy, device=s.device, load_model=False, schema=s.attribute_schema)
-            engine = self._llamacpp_thread_engine(policy) if s.engine_in_process else self._process_engine()
+            if s.upstream:
+                engine = self._upstream_engine(policy)
+            elif s.engine_in_process:
+                engine = self._llamacpp_thread_engine(policy)
+            else:
+                engine = self._process_engine()
         apm = None
         if s.apm:
             from steer.models.apm import AttributePredictor
@@ -83,6 +88,18 @@ class ServerState:
         )
         engine.max_restarts, engine.restart_backoff_s = s.engine_max_restarts, s.engine_restart_backoff_s
         engine.start()
+        return engine
+
+    def _upstream_engine(self, policy):
+        # The upstream server does the decoding; this process only reads its token stream, so no
+        # engine process is needed (steer.runtime.upstream).
+        from steer.runtime.engines import upstream_engine
+
+        s = self.settings
+        engine = upstream_engine(s.engine, s.upstream, policy.tokenizer, model=s.upstream_model,
+                                 api_key=s.upstream_api_key, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                                 on_token=self.metrics.tokens.inc)
+        engine.start()  # learns the upstream's context length and model; fails naming the URL
         return engine
 
     def _llamacpp_thread_engine(self, policy):

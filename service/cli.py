@@ -77,7 +77,7 @@ def main(config: ServeConfig) -> int:
     if not settings.policy:
         raise SettingsError("no policy: pass --policy DIR or set STEER_POLICY", "policy")
     # Fail now, with one clear line, rather than after the server is up.
-    check_engine(settings.engine, settings.policy)
+    check_engine(settings.engine, settings.policy, settings.upstream)
     _, schema = policy_config(settings.policy, settings.attribute_schema)
     if settings.npcs:
         from steer.npc import load_profiles

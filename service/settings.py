@@ -47,8 +47,15 @@ class ServerSettings(BaseSettings):
 
     policy: str = setting("", "policy directory (steer sft / steer demo output), or a .gguf file (steer export gguf; "
                               "the llama.cpp engine takes only these)", shown_default="(required)")
-    engine: str = setting("torch", "what decodes: torch (transformers) or llama.cpp (the --policy .gguf file in "
-                                   "llama.cpp, the [llamacpp] extra); steer samples, stops and steers for both")
+    engine: str = setting("torch", "what decodes: torch (transformers), llama.cpp (the --policy .gguf file in "
+                                   "llama.cpp, the [llamacpp] extra; or a llama-server at --upstream) or vllm (a "
+                                   "vLLM server at --upstream); steer stops and steers for all")
+    upstream: str | None = setting(None, "URL of a server that decodes for steer: a vLLM OpenAI server (--engine vllm) "
+                                         "or a llama-server (--engine llama.cpp); steer keeps the template, stop rules "
+                                         "and detokenizing")
+    upstream_model: str | None = setting(None, "the model (or LoRA adapter) name on the vLLM upstream",
+                                         shown_default="the one it serves")
+    upstream_api_key: str | None = setting(None, "Bearer key the upstream expects")
     # Not "schema": pydantic's BaseModel has an attribute of that name.
     attribute_schema: str | None = setting(None, "attribute schema (a built-in name or a file) for a .gguf --policy "
                                                  "that has no steer metadata, i.e. one not written by steer export gguf",

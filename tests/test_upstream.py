@@ -15,6 +15,7 @@ from steer.runtime.stopping import reply_stops
 from steer.runtime.upstream import UpstreamEngine, UpstreamError
 
 APIS = ["vllm", "llama-server"]
+PATHS = {"vllm": "/v1/completions", "llama-server": "/completion"}
 WAIT_S = 60  # the most any test waits for an event; never a timing assertion
 
 
@@ -447,3 +448,92 @@ def test_silent_upstream_times_out(engine_for, reset_fake, policy, prompt, colle
     row, = decode(engine, [make_row(policy, prompt, collector())])
     assert row.finish_reason == "error" and "did not answer within 0.5 s" in row.error
     assert len(row.generated) == 1 and row.sink.final.text == ""
+
+
+# ------------------------------------------------------------------- wiring: --engine vllm / --upstream
+def test_engine_choice_names_the_upstream_field():
+    from steer.runtime.engines import EngineChoiceError, check_engine
+
+    with pytest.raises(EngineChoiceError, match="--upstream URL") as e:
+        check_engine("vllm", "policy")
+    assert e.value.field == "upstream"
+    with pytest.raises(EngineChoiceError, match="--engine vllm") as e:
+        check_engine("torch", "policy", "http://127.0.0.1:8000")
+    assert e.value.field == "upstream"
+    with pytest.raises(EngineChoiceError, match="http") as e:
+        check_engine("vllm", "policy", "127.0.0.1:8000")
+    assert e.value.field == "upstream"
+    # A llama-server upstream needs no llama.cpp here, and takes a policy directory for the tokenizer.
+    assert check_engine("llama.cpp", "policy-dir", "http://127.0.0.1:8080") == "llama.cpp"
+    assert check_engine("vllm", "policy-dir", "https://gpu-host:8000/v1") == "vllm"
+
+
+@pytest.mark.parametrize("engine,api", [("vllm", "vllm"), ("llama.cpp", "llama-server")])
+def test_steer_generator_decodes_on_an_upstream(engine, api, reset_fake, policy_dir, torch_reply):
+    from steer.runtime.generator import SteerGenerator
+
+    generator = SteerGenerator.load(policy_dir, engine=engine, upstream=reset_fake.url)
+    try:
+        assert generator.model is None and generator.max_context == 512  # learned from the upstream
+        result = generator.generate([{"role": "user", "content": "Tell me a story about a cat."}], temperature=0.0,
+                                    max_new_tokens=24)
+    finally:
+        generator.engine.stop()
+    expected = torch_reply()
+    assert result.text == expected.reply.text and result.completion_tokens == len(expected.generated)
+    assert reset_fake.records and reset_fake.records[-1].path == PATHS[api]
+
+
+def test_steer_serve_over_a_vllm_upstream(reset_fake, policy_dir, torch_reply, make_client, wait_ready, sse_events):
+    reset_fake.api_key = "upstream-secret"
+    body = {"messages": [{"role": "user", "content": "Tell me a story about a cat."}], "temperature": 0,
+            "max_tokens": 24}
+    expected = torch_reply()
+    with make_client(policy_dir, engine="vllm", upstream=reset_fake.url, upstream_api_key="upstream-secret",
+                     engine_in_process=False) as client:
+        wait_ready(client)
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected.reply.text
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(streamed.text)[:-1]
+                       if e.get("choices"))
+        assert text == expected.reply.text
+        assert client.get("/metrics").text.count("steer_") > 0
+    assert reset_fake.records and all(r.path == PATHS["vllm"] for r in reset_fake.records)
+    assert all(r.headers.get("authorization") == "Bearer upstream-secret" for r in reset_fake.records)
+
+
+def test_steer_serve_reports_an_upstream_that_is_down(policy_dir, make_client, free_port):
+    url = f"http://127.0.0.1:{free_port()}"
+    with make_client(policy_dir, engine="vllm", upstream=url, engine_in_process=False) as client:
+        for _ in range(1200):
+            health = client.get("/health")
+            if health.json()["status"] != "loading":
+                break
+            threading.Event().wait(0.05)
+        assert health.status_code == 503 and health.json()["status"].startswith("failed")
+        assert url in health.json()["status"]
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+        assert reply.status_code == 503 and url in reply.json()["error"]["message"]
+
+
+def test_cli_vllm_engine_without_upstream_names_the_field(policy_dir, capsys):
+    from steer.cli.main import main
+
+    code = main(["generate", "--policy", str(policy_dir), "--prompt", "hi", "--engine", "vllm"])
+    assert code != 0
+    assert "error [upstream]: --engine vllm decodes on a vLLM server you run" in capsys.readouterr().err
+
+
+def test_cli_generate_on_a_llama_server_upstream(reset_fake, policy_dir, torch_reply, capsys):
+    import json
+
+    from steer.cli.main import main
+
+    code = main(["generate", "--policy", str(policy_dir), "--prompt", "Tell me a story about a cat.", "--engine",
+                 "llama.cpp", "--upstream", reset_fake.url, "--temperature", "0", "--max-new-tokens", "24", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == torch_reply().reply.text
+    assert reset_fake.records[-1].path == PATHS["llama-server"]

@@ -70,6 +70,11 @@ class SteerabilityConfig:
         "help": "What decodes the policy: torch, or llama.cpp for a .gguf --policy (the [llamacpp] extra). Sampling "
                 "is steer's own on both; seeds reproduce within an engine, not across engines."})
     threads: int = field(default=0, metadata={"help": "llama.cpp engine: CPU threads (0: every core)."})
+    upstream: str | None = field(default=None, metadata={
+        "help": "URL of a vLLM server (--engine vllm) or llama-server (--engine llama.cpp) that decodes the policy; "
+                "its API key from STEER_UPSTREAM_API_KEY."})
+    upstream_model: str | None = field(default=None, metadata={
+        "help": "The model or LoRA adapter name on the vLLM upstream (default: the one it serves)."})
     json: bool = field(default=False, metadata={"help": "Print report.json to stdout instead of the summary table."})
 
 
@@ -276,7 +281,7 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
     best_of = _check(config)
     from steer.runtime.engines import check_engine
 
-    check_engine(config.engine, config.policy)
+    check_engine(config.engine, config.policy, config.upstream)
     _, schema = load_steer_config(config.policy, kind="policy")
     attributes = ([schema.canonical_name(a) for a in config.attributes.split(",") if a.strip()]
                   if config.attributes else schema.names)
@@ -291,6 +296,8 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
     n_max = best_of[-1]
     # The engine is part of the key: the same seed draws different text on another engine.
     policy_key = "policy-" + fingerprint(config.policy) + ("" if config.engine == "torch" else "-" + config.engine)
+    if config.upstream:
+        policy_key += "-upstream-" + fingerprint(f"{config.upstream} {config.upstream_model}")
     keyed, candidates = [], {}
     for c in cells:
         ids = []
@@ -304,7 +311,8 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
         candidates[c] = ids
     t = time.perf_counter()
     generator = SteerGenerator.load(config.policy, device=config.device, engine=config.engine, threads=config.threads,
-                                    max_batch_size=config.batch_size)
+                                    max_batch_size=config.batch_size, upstream=config.upstream,
+                                    upstream_model=config.upstream_model)
     lines = generate_cached(generator, keyed, out / "cache" / f"{policy_key}.generations.jsonl", config.batch_size)
     del generator
     timings["generate_policy"] = round(time.perf_counter() - t, 1)

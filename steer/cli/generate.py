@@ -38,6 +38,11 @@ class GenerateConfig:
     schema: str | None = field(default=None, metadata={
         "help": "Attribute schema (built-in name or file) for a .gguf --policy without steer metadata."})
     threads: int = field(default=0, metadata={"help": "llama.cpp engine: CPU threads (0: every core)."})
+    upstream: str | None = field(default=None, metadata={
+        "help": "URL of a vLLM server (--engine vllm) or llama-server (--engine llama.cpp) that decodes; its API key "
+                "from STEER_UPSTREAM_API_KEY."})
+    upstream_model: str | None = field(default=None, metadata={
+        "help": "The model or LoRA adapter name on the vLLM upstream (default: the one it serves)."})
     json: bool = field(default=False, metadata={"help": "Print the result as JSON (text, tokens, attributes)."})
     input: str | None = field(
         default=None,
@@ -90,9 +95,10 @@ def main(config: GenerateConfig) -> int:
         if config.input:
             raise GenerationError("--best-of works with --prompt, not --input", "best_of")
     # Check the flags (and the request file) against the saved schema before loading the model.
-    check_engine(config.engine, config.policy)
+    check_engine(config.engine, config.policy, config.upstream)
     _, schema = policy_config(config.policy, config.schema)
-    engine = {"engine": config.engine, "schema": config.schema, "threads": config.threads}
+    engine = {"engine": config.engine, "schema": config.schema, "threads": config.threads,
+              "upstream": config.upstream, "upstream_model": config.upstream_model}
     attributes = parse_attr_flags(config.attr, schema)
     if config.input:
         from steer.cli.batch import generate_file, read_requests

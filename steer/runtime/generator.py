@@ -10,6 +10,7 @@ seeded request gives the same text alone, batched or served), stopping and detok
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -122,16 +123,26 @@ class SteerGenerator:
     @classmethod
     def load(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None,
              apm=None, engine: str = "torch", schema: str | None = None, threads: int = 0,
-             max_batch_size: int = 16) -> SteerGenerator:
+             max_batch_size: int = 16, upstream: str | None = None, upstream_model: str | None = None,
+             upstream_api_key: str | None = None) -> SteerGenerator:
         """``apm``: an APM directory or :class:`~steer.models.apm.AttributePredictor`, for ``best_of``.
-        ``engine``: ``torch``, or ``llama.cpp`` for a ``.gguf`` policy (``schema`` for one without
-        steer metadata; ``threads`` and ``max_batch_size``, its rows decoded together)."""
+        ``engine``: ``torch``, ``llama.cpp`` for a ``.gguf`` policy (``schema`` for one without
+        steer metadata; ``threads`` and ``max_batch_size``, its rows decoded together), or with
+        ``upstream`` (a URL) ``vllm`` / ``llama.cpp`` for a vLLM server / llama-server that decodes
+        (``upstream_model``: the model or adapter name there; ``upstream_api_key``, default the
+        ``STEER_UPSTREAM_API_KEY`` variable)."""
         from steer.models.policy import load_policy
-        from steer.runtime.engines import check_engine
+        from steer.runtime.engines import check_engine, upstream_engine
 
-        check_engine(engine, str(policy_dir))
+        check_engine(engine, str(policy_dir), upstream)
         runner = None
-        if engine == "llama.cpp":
+        if upstream:
+            policy = load_policy(policy_dir, device=device, load_model=False, schema=schema)
+            runner = upstream_engine(engine, upstream, policy.tokenizer, model=upstream_model,
+                                     api_key=upstream_api_key or os.environ.get("STEER_UPSTREAM_API_KEY"),
+                                     max_batch_size=max_batch_size, max_queue=1 << 30)
+            runner.start()  # learns the upstream's context length; fails naming the URL
+        elif engine == "llama.cpp":
             from steer.runtime.llamacpp import llamacpp_engine
 
             policy = load_policy(policy_dir, device=device, load_model=False, schema=schema)
