@@ -159,7 +159,10 @@ class LlamaServerCompletion:
             # steer's sampling: penalties over the whole reply, temperature, then the nucleus. No
             # top-k, min-p, repeat penalty, DRY or XTC (llama-server turns some on by default).
             "samplers": ["penalties", "temperature", "top_p"],
-            "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "repeat_last_n": -1,
+            # The penalties' window: everything so far (the prompt too, as llama.cpp counts); 0 turns
+            # it off when there is nothing to penalise (llama-server refuses the older -1).
+            "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0,
+            "repeat_last_n": len(row.prompt_ids) + p.max_new_tokens if p.presence_penalty or p.frequency_penalty else 0,
             "dry_multiplier": 0.0, "xtc_probability": 0.0,
             "presence_penalty": float(p.presence_penalty), "frequency_penalty": float(p.frequency_penalty),
             # llama-server's ignore_eos bans EOS outright, so it is sent only when the row asks for it;
