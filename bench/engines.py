@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import PROMPTS, free_port, percentile  # noqa: E402
+from serve_throughput import PROMPTS, free_port, open_chat_stream, percentile  # noqa: E402
 
 SMOL_POLICY = Path("/tmp/smol-policy.gguf")
 SMOL_BASE = REPO.parent / "shared" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,15 +44,8 @@ LLAMA_SERVER = os.environ.get("STEER_LLAMA_SERVER") or shutil.which("llama-serve
 async def timed_line(url: str, body: dict) -> dict:
     """One streaming chat completion: latency, time to the first content chunk, and tokens (from
     the final usage, or one per content chunk when a server sends no usage)."""
-    host, port = url.removeprefix("http://").split(":")
-    payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
     start = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), len(payload)) + payload)
-    head = await reader.readuntil(b"\r\n\r\n")
-    if int(head.split(b" ", 2)[1]) != 200:
-        raise RuntimeError(f"{url}: {(head + await reader.read()).decode(errors='replace')}")
+    reader, writer, head = await open_chat_stream(url, body)
     buffer, first = b"", None
     chunked = b"transfer-encoding: chunked" in head.lower()
     while True:

@@ -96,6 +96,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def open_chat_stream(url: str, body: dict):
+    """POST a streaming chat completion (usage included) on a fresh connection; returns the reader,
+    the writer and the response head once the status is 200, else raises with the body."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), len(payload)) + payload)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if status != 200:
+        raise RuntimeError(f"{url}: HTTP {status}: {(head + await reader.read()).decode(errors='replace')}")
+    return reader, writer, head
+
+
 async def stream_one(url: str, body: dict) -> dict:
     """One streaming chat completion over a plain asyncio connection.
 
@@ -103,16 +118,8 @@ async def stream_one(url: str, body: dict) -> dict:
     machinery (httpcore, h11, anyio) cost a third of what the server spent serving them, CPU taken
     from the server on a 2-core machine. This client does the minimum: HTTP/1.1, chunked
     transfer decoding, and one ``json.loads`` per server-sent event."""
-    host, port = url.removeprefix("http://").split(":")
-    payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
     start = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), len(payload)) + payload)
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    if status != 200:
-        raise RuntimeError(f"HTTP {status}: {(head + await reader.read()).decode(errors='replace')}")
+    reader, writer, head = await open_chat_stream(url, body)
     chunked = b"transfer-encoding: chunked" in head.lower()
     arrivals: list[float] = []
     usage = None

@@ -21,9 +21,34 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from random import Random
 
+from steer.core.errors import SteerError
 from steer.runtime.detokenize import TokenDecoder
 from steer.runtime.sampling import SamplingParams
 from steer.runtime.stopping import ReplyState
+
+class QueueFullError(SteerError, RuntimeError):
+    """The waiting queue is full; the client should retry later."""
+
+
+class EngineStoppedError(SteerError, RuntimeError):
+    pass
+
+
+class EngineFailedError(EngineStoppedError):
+    """The engine (its thread or its process) failed and is not running."""
+
+
+def check_admission(*, stopping: bool, error: str | None, adding: int, waiting: int, running: int,
+                    max_queue: float, max_batch_size: int) -> None:
+    """The one admission rule of an engine: nothing while it stops or after it failed; and no more
+    than ``max_queue`` rows waiting beyond the batch's free slots (``QueueFullError``, a 429)."""
+    if stopping:
+        raise EngineStoppedError("the server is shutting down")
+    if error is not None:
+        raise EngineFailedError(f"the engine is not running ({error})")
+    if waiting + adding > max_queue + max(0, max_batch_size - running):
+        raise QueueFullError(f"the server is busy ({running} running, {waiting} waiting); retry later")
+
 
 # What a request still running when the engine stops is told.
 STOPPED_MESSAGE = "the server stopped before this reply was finished; retry the request"

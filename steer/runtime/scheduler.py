@@ -40,26 +40,23 @@ from typing import Protocol
 
 import torch
 
-from steer.core.errors import SteerError
 from steer.runtime.detokenize import TokenDecoder
 
-# Row, RowEvent, EngineStats and STOPPED_MESSAGE are imported from here too.
-from steer.runtime.rows import STOPPED_MESSAGE, EngineStats, Row, RowBook, RowEvent  # noqa: F401
+# Row, RowEvent, EngineStats, STOPPED_MESSAGE and the engine errors are imported from here too.
+from steer.runtime.rows import (  # noqa: F401
+    STOPPED_MESSAGE,
+    EngineFailedError,
+    EngineStats,
+    EngineStoppedError,
+    QueueFullError,
+    Row,
+    RowBook,
+    RowEvent,
+    check_admission,
+)
 from steer.runtime.sampling import sample_next_tokens
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFullError(SteerError, RuntimeError):
-    """The waiting queue is full; the client should retry later."""
-
-
-class EngineStoppedError(SteerError, RuntimeError):
-    pass
-
-
-class EngineFailedError(EngineStoppedError):
-    """The engine (its thread or its process) failed and is not running."""
 
 
 class BatchRunner(Protocol):
@@ -167,17 +164,11 @@ class Scheduler:
         """Queue ``rows`` together (a request's ``n`` choices), or none of them."""
         now = time.perf_counter()
         with self._cv:
-            if self._stop:
-                raise EngineStoppedError("the server is shutting down")
-            if self.error is not None:
-                raise EngineFailedError(f"the engine is not running ({self.error})")
-            running = len(self._live_rows())
+            check_admission(stopping=self._stop, error=self.error, adding=len(rows), waiting=len(self._waiting),
+                            running=len(self._live_rows()), max_queue=self.max_queue,
+                            max_batch_size=self.max_batch_size)
             if self._book.in_flight == 0:
                 self._last_progress = time.monotonic()  # the stall clock starts with the first row
-            if len(self._waiting) + len(rows) > self.max_queue + max(0, self.max_batch_size - running):
-                raise QueueFullError(
-                    f"the server is busy ({running} running, {len(self._waiting)} waiting); retry later"
-                )
             for row in rows:
                 self._book.admit(row, now)
                 self._waiting.append(row)

@@ -40,8 +40,14 @@ import httpx
 
 from steer.core.errors import SteerError
 from steer.runtime.detokenize import TokenDecoder
-from steer.runtime.rows import STOPPED_MESSAGE, EngineStats, Row, RowBook
-from steer.runtime.scheduler import EngineFailedError, EngineStoppedError, QueueFullError
+from steer.runtime.rows import (
+    STOPPED_MESSAGE,
+    EngineFailedError,
+    EngineStats,
+    Row,
+    RowBook,
+    check_admission,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -349,14 +355,9 @@ class UpstreamEngine:
     def _enqueue(self, rows: Sequence[Row], limit: bool) -> None:
         now = time.perf_counter()
         with self._lock:
-            if self._stop:
-                raise EngineStoppedError("the server is shutting down")
-            if self.error is not None:
-                raise EngineFailedError(f"the engine is not running ({self.error})")
-            running = len(self._active)
-            if limit and len(self._waiting) + len(rows) > self.max_queue + max(0, self.max_batch_size - running):
-                raise QueueFullError(
-                    f"the server is busy ({running} running, {len(self._waiting)} waiting); retry later")
+            check_admission(stopping=self._stop, error=self.error, adding=len(rows), waiting=len(self._waiting),
+                            running=len(self._active), max_queue=self.max_queue if limit else float("inf"),
+                            max_batch_size=self.max_batch_size)
             if self._book.in_flight == 0:
                 self._last_progress = time.monotonic()  # the stall clock starts with the first row
             for row in rows:
