@@ -134,6 +134,15 @@ class RowBook:
                                frozenset() if row.params.ignore_eos else self.eos_token_ids)
         self.submitted += 1
 
+    def enqueue(self, rows: Iterable[Row], waiting, now: float | None = None) -> bool:
+        """:meth:`admit` each of ``rows`` and append it to the engine's ``waiting`` queue. True when
+        nothing was in flight before: the engine's stall clock starts now."""
+        was_idle = self.in_flight == 0
+        for row in rows:
+            self.admit(row, now)
+            waiting.append(row)
+        return was_idle
+
     def accept(self, row: Row, token: int, now: float | None = None) -> bool:
         """Hand ``row`` its next token: a text delta to its sink, or its end. True when the row is
         done (ended here or before); a cancelled or ended row takes no more tokens."""

@@ -358,11 +358,8 @@ class UpstreamEngine:
             check_admission(stopping=self._stop, error=self.error, adding=len(rows), waiting=len(self._waiting),
                             running=len(self._active), max_queue=self.max_queue if limit else float("inf"),
                             max_batch_size=self.max_batch_size)
-            if self._book.in_flight == 0:
+            if self._book.enqueue(rows, self._waiting, now):
                 self._last_progress = time.monotonic()  # the stall clock starts with the first row
-            for row in rows:
-                self._book.admit(row, now)
-                self._waiting.append(row)
             loop = self._loop
         if loop is not None:
             loop.call_soon_threadsafe(self._pump)
