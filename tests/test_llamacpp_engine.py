@@ -238,6 +238,7 @@ def test_a_step_longer_than_one_llama_decode_call_is_split(stories_engine_parts)
 
 @pytest.mark.llamacpp
 def test_exported_policy_greedy_matches_reference(build_random_policy, tmp_path):
+    pytest.importorskip("llama_cpp", reason='llama-cpp-python is not installed: pip install "steer[llamacpp]"')
     pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
     from steer.cli.export_gguf import ExportGgufConfig, export_policy
     from steer.runtime.generator import GenerationRequest, SteerGenerator
