@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import PROMPTS, free_port, open_chat_stream, percentile  # noqa: E402
+from serve_throughput import PROMPTS, free_port, open_chat_stream, percentile, wait_healthy  # noqa: E402
 
 SMOL_POLICY = Path("/tmp/smol-policy.gguf")
 SMOL_BASE = REPO.parent / "shared" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -138,7 +138,7 @@ def start_servers(kind: str, args, port: int) -> list[subprocess.Popen]:
     if kind == UPSTREAM_KIND:
         upstream_port = free_port()
         upstream = _llama_server(args, upstream_port)
-        wait_healthy(f"http://127.0.0.1:{upstream_port}", upstream)
+        wait_healthy(f"http://127.0.0.1:{upstream_port}", upstream, timeout=300)
         return [upstream, _popen(command + ["--engine", "llama.cpp", "--upstream", f"http://127.0.0.1:{upstream_port}"],
                                  args)]
     command += ["--engine", kind]
@@ -149,28 +149,12 @@ def start_servers(kind: str, args, port: int) -> list[subprocess.Popen]:
     return [_popen(command, args)]
 
 
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with code {server.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("the server did not become healthy")
-
-
 def measure(kind: str, args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     servers = start_servers(kind, args, port)
     try:
-        wait_healthy(url, servers[-1])
+        wait_healthy(url, servers[-1], timeout=300)
         steer = kind != "llama-server"  # llama-server alone knows no `attributes`
         asyncio.run(load(url, bodies(2, args.max_tokens, steer), 1))  # warm-up
         out = {}

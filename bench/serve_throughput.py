@@ -435,20 +435,29 @@ def _gen_kwargs(body: dict) -> dict:
             "temperature": body["temperature"], "top_p": body["top_p"], "seed": body["seed"]}
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``server`` answers /health with 200; RuntimeError if it exits or takes longer."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            sys.exit(f"the server exited with code {server.returncode}")
+            raise RuntimeError(f"the server exited with code {server.returncode}")
         try:
-            if httpx.get(f"{url}/health").status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
-        except httpx.TransportError:
+        except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    sys.exit("the server did not become healthy")
+    raise RuntimeError("the server did not become healthy")
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    """:func:`wait_healthy` for a benchmark that cannot go on without its server: exit with the reason."""
+    try:
+        wait_healthy(url, server, timeout)
+    except RuntimeError as e:
+        sys.exit(str(e))
 
 
 if __name__ == "__main__":
