@@ -1,15 +1,21 @@
-"""Engines side by side on one GGUF file: `steer serve --engine llama.cpp`, `steer serve --engine torch`,
-llama.cpp's own `llama-server`, and steer over that llama-server (`steer serve --engine llama.cpp
---upstream URL`), at 1 client and at 16 concurrent clients, in the same run.
+"""Engines side by side on one GGUF file: `steer serve --engine llama.cpp` (its engine in a child
+process, the default, or ``llama.cpp-in-process``: on a thread of the server), `steer serve --engine
+torch`, llama.cpp's own `llama-server`, and steer over that llama-server (`steer serve --engine
+llama.cpp --upstream URL`), at 1 client and at 16 concurrent clients, in the same run.
 
-    python bench/engines.py [--policy FILE.gguf] [--schema NAME] [--clients 1,16] [--lines-per-client 4]
-                            [--max-tokens 40] [--threads 2] [--llama-server PATH]
+    python bench/engines.py [--policy FILE.gguf] [--schema NAME] [--engines llama.cpp,llama-server,...]
+                            [--clients 1,16] [--lines-per-client 4] [--rounds 3] [--max-tokens 40]
+                            [--threads 2] [--llama-server PATH]
 
 Every request is a streaming chat completion of exactly --max-tokens tokens (``ignore_eos``), so
 the engines do the same amount of work per line; each client sends its lines one after another.
-Reported per engine and concurrency: tokens/s (all completion tokens over the wall time), p50 time
-to first token and p50 full-line latency. llama-server renders the prompt with the GGUF's own chat
-template and steer with the steer template, so prompts differ by a few tokens (``prompt_tokens``).
+All servers run at once and are measured in alternation, --rounds times (the machine's speed
+drifts by a fifth from one minute to the next). Reported per engine and concurrency: tokens/s (all
+completion tokens over the wall time; the median over rounds, and each round's), p50 time to first
+token and p50 full-line latency over all lines. llama-server renders the prompt with the GGUF's own
+chat template and steer with its template (for a chat GGUF without steer metadata: the same chat
+template, with the attribute labels in the system message), so prompts differ by a few tokens
+(``prompt_tokens``).
 
 Defaults: the SmolLM2 demo policy exported to /tmp/smol-policy.gguf when that exists
 (`steer export gguf --policy runs/smol-demo/policy --output /tmp/smol-policy.gguf --dtype q8_0`),
@@ -115,10 +121,12 @@ def bodies(n: int, max_tokens: int, steer: bool) -> list[dict]:
 
 
 UPSTREAM_KIND = "llama-server+steer"  # steer serve --engine llama.cpp --upstream <a llama-server>
+THREAD_KIND = "llama.cpp-in-process"  # steer serve --engine llama.cpp --engine-in-process
+KINDS = ("llama.cpp", THREAD_KIND, "torch", "llama-server", UPSTREAM_KIND)
 
 
 def _popen(command: list[str], args) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if args.quiet else None)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if args.quiet else None)
 
 
 def _llama_server(args, port: int) -> subprocess.Popen:
@@ -141,42 +149,79 @@ def start_servers(kind: str, args, port: int) -> list[subprocess.Popen]:
         wait_healthy(f"http://127.0.0.1:{upstream_port}", upstream, timeout=300)
         return [upstream, _popen(command + ["--engine", "llama.cpp", "--upstream", f"http://127.0.0.1:{upstream_port}"],
                                  args)]
-    command += ["--engine", kind]
-    if kind == "llama.cpp" or args.torch_threads:
-        command += ["--threads", str(args.threads if kind == "llama.cpp" else args.torch_threads)]
-    if args.in_process:
+    engine = "llama.cpp" if kind == THREAD_KIND else kind
+    command += ["--engine", engine]
+    if engine == "llama.cpp" or args.torch_threads:
+        command += ["--threads", str(args.threads if engine == "llama.cpp" else args.torch_threads)]
+    if args.in_process or kind == THREAD_KIND:
         command += ["--engine-in-process"]
     return [_popen(command, args)]
 
 
-def measure(kind: str, args) -> dict:
+def started(kind: str, args) -> tuple[str, list[subprocess.Popen]]:
+    """Start ``kind``'s server(s) and warm it up; (its URL, the processes to stop afterwards)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     servers = start_servers(kind, args, port)
     try:
         wait_healthy(url, servers[-1], timeout=300)
-        steer = kind != "llama-server"  # llama-server alone knows no `attributes`
-        asyncio.run(load(url, bodies(2, args.max_tokens, steer), 1))  # warm-up
-        out = {}
-        for clients in args.clients:
-            results, wall = asyncio.run(load(url, bodies(clients * args.lines_per_client, args.max_tokens, steer),
-                                             clients))
-            tokens = sum(r["tokens"] for r in results)
-            out[str(clients)] = {
-                "lines": len(results), "tokens": tokens, "wall_s": round(wall, 3),
-                "tokens_per_s": round(tokens / wall, 1),
-                "ttft_p50_s": round(percentile([r["ttft"] for r in results], 50), 3),
-                "latency_p50_s": round(percentile([r["latency"] for r in results], 50), 3),
-                "prompt_tokens": statistics.median([r["prompt_tokens"] for r in results if r["prompt_tokens"]] or [0]),
-            }
-        return out
-    finally:
-        for server in reversed(servers):
-            server.terminate()
+        asyncio.run(load(url, bodies(2, args.max_tokens, kind != "llama-server"), 1))  # warm-up
+    except BaseException:
+        stop(servers)
+        raise
+    return url, servers
+
+
+def stop(servers: list[subprocess.Popen]) -> None:
+    for server in reversed(servers):
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def measure_round(kind: str, url: str, clients: int, args) -> list[dict]:
+    """One round of ``clients`` concurrent clients, each sending --lines-per-client lines."""
+    steer = kind != "llama-server"  # llama-server alone knows no `attributes`
+    results, wall = asyncio.run(load(url, bodies(clients * args.lines_per_client, args.max_tokens, steer), clients))
+    return [{**r, "wall": wall} for r in results]
+
+
+def summarize(rounds: list[list[dict]]) -> dict:
+    """Tokens/s: the median over rounds; TTFT and line latency: p50 over every line of every round."""
+    lines = [r for rnd in rounds for r in rnd]
+    per_round = [sum(r["tokens"] for r in rnd) / rnd[0]["wall"] for rnd in rounds]
+    return {
+        "lines": len(lines), "rounds": len(rounds), "tokens_per_s": round(statistics.median(per_round), 1),
+        "tokens_per_s_by_round": [round(x, 1) for x in per_round],
+        "ttft_p50_s": round(percentile([r["ttft"] for r in lines], 50), 3),
+        "latency_p50_s": round(percentile([r["latency"] for r in lines], 50), 3),
+        "prompt_tokens": statistics.median([r["prompt_tokens"] for r in lines if r["prompt_tokens"]] or [0]),
+    }
+
+
+def measure_all(kinds: list[str], args, notes: list[str]) -> dict:
+    """Every kind's server runs at once; each of --rounds rounds measures every kind and
+    concurrency in turn, starting with a different kind each round, so the machine's drift (a shared
+    VM) falls on all of them alike."""
+    running: dict[str, tuple[str, list[subprocess.Popen]]] = {}
+    try:
+        for kind in kinds:
             try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+                running[kind] = started(kind, args)
+            except RuntimeError as e:  # one engine failing (a crash on this CPU) leaves the others' numbers
+                notes.append(f"{kind} failed: {e}")
+        order = list(running)
+        results: dict[str, dict[int, list[list[dict]]]] = {k: {c: [] for c in args.clients} for k in order}
+        for rnd in range(args.rounds):
+            for kind in order[rnd % len(order):] + order[:rnd % len(order)] if order else []:
+                for clients in args.clients:
+                    results[kind][clients].append(measure_round(kind, running[kind][0], clients, args))
+        return {kind: {str(c): summarize(rounds) for c, rounds in by.items()} for kind, by in results.items()}
+    finally:
+        for _, servers in running.values():
+            stop(servers)
 
 
 def main() -> None:
@@ -184,10 +229,12 @@ def main() -> None:
     parser.add_argument("--policy", default=None, help="GGUF file (default: see above)")
     parser.add_argument("--schema", default=None, help="schema for a GGUF without steer metadata")
     parser.add_argument("--engines", default=f"llama.cpp,torch,llama-server,{UPSTREAM_KIND}",
-                        help=f"which to measure: llama.cpp, torch (steer serve --engine), llama-server (alone) and "
-                             f"{UPSTREAM_KIND} (steer serve --engine llama.cpp --upstream, over a llama-server)")
+                        help=f"which to measure: llama.cpp, {THREAD_KIND}, torch (steer serve --engine), llama-server "
+                             f"(alone) and {UPSTREAM_KIND} (steer serve --engine llama.cpp --upstream, over a llama-server)")
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--lines-per-client", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="measure every engine this many times, in alternation; "
+                        "tokens/s is the median over rounds")
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (steer's engine and llama-server)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch engine threads (0: its default)")
@@ -207,16 +254,17 @@ def main() -> None:
             args.policy, args.schema = str(SMOL_BASE), args.schema or "helpsteer"
     args.clients = [int(c) for c in args.clients.split(",")]
     report = {"policy": args.policy, "max_tokens": args.max_tokens, "lines_per_client": args.lines_per_client,
-              "threads": args.threads, "parallel": args.parallel, "in_process": args.in_process, "cpus": os.cpu_count(),
+              "rounds": args.rounds, "threads": args.threads, "parallel": args.parallel, "in_process": args.in_process, "cpus": os.cpu_count(),
               "load_avg_1m": os.getloadavg()[0], "engines": {}, "notes": []}
+    kinds = []
     for kind in args.engines.split(","):
+        if kind not in KINDS:
+            parser.error(f"--engines: unknown engine {kind!r} (choose from {', '.join(KINDS)})")
         if kind in ("llama-server", UPSTREAM_KIND) and not args.llama_server.exists():
             report["notes"].append(f"{kind} skipped: {args.llama_server} does not exist (--llama-server PATH)")
             continue
-        try:
-            report["engines"][kind] = measure(kind, args)
-        except RuntimeError as e:  # one engine failing (a crash on this CPU) leaves the others' numbers
-            report["notes"].append(f"{kind} failed: {e}")
+        kinds.append(kind)
+    report["engines"] = measure_all(kinds, args, report["notes"])
     print(json.dumps(report, indent=2))
     print(f"\n{'engine':<20}{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'line p50':>10}")
     for kind, by_clients in report["engines"].items():

@@ -63,3 +63,26 @@ def test_upstream_overhead_bench_runs_both_clients(shared_dir, shared_path):
     report, = json.loads(out.stdout[: out.stdout.index("\n]\n") + 2])
     assert report["streams"] == 2 and report["raw_tokens_per_s"] > 0 and report["steer_tokens_per_s"] > 0
     assert report["steer_over_raw"] == round(report["steer_tokens_per_s"] / report["raw_tokens_per_s"], 3)
+
+
+def test_engines_bench_alternates_rounds_and_reports_each(shared_dir, shared_path):
+    """Two rounds of the torch engine on a GGUF without steer metadata (no llama.cpp needed): each
+    concurrency reports every round's tokens/s and their median; an unknown engine is refused."""
+    gguf = shared_path("models", "stories260K", "stories260K.gguf")
+    env = {**os.environ, "STEER_SHARED": str(shared_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    base = [sys.executable, str(REPO / "bench" / "engines.py"), "--policy", str(gguf), "--schema", "helpsteer",
+            "--clients", "1,2", "--lines-per-client", "1", "--rounds", "2", "--max-tokens", "4", "--quiet"]
+    out = subprocess.run(base + ["--engines", "torch"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout[: out.stdout.index("\n}\n") + 2])
+    assert report["rounds"] == 2 and report["notes"] == []
+    for clients in ("1", "2"):
+        measured = report["engines"]["torch"][clients]
+        assert measured["rounds"] == 2 and len(measured["tokens_per_s_by_round"]) == 2
+        assert measured["lines"] == 2 * int(clients) and measured["tokens_per_s"] > 0
+        low, high = sorted(measured["tokens_per_s_by_round"])
+        assert low <= measured["tokens_per_s"] <= high
+    bad = subprocess.run(base + ["--engines", "torch,sglang"], capture_output=True, text=True, timeout=120,
+                         cwd=REPO, env=env)
+    assert bad.returncode == 2 and "unknown engine 'sglang'" in bad.stderr

@@ -94,6 +94,31 @@ def test_a_gguf_without_steer_metadata_needs_a_schema():
     assert e.value.field == "schema" and "--schema" in str(e.value)
     config, schema = policy_config(path, "helpsteer")
     assert schema.name == "helpsteer" and config["kind"] == "policy"
+    assert config["template"] is None  # no chat template in the file: the SteerLM template
+
+
+def test_a_chat_gguf_without_steer_metadata_is_prompted_in_its_own_chat_format():
+    """SmolLM2's GGUF carries a ChatML template: the attribute labels close its system message, so
+    the reply starts right after the model's own assistant header, and prompts that differ only in
+    the user's line share their opening tokens (what llama.cpp's prefix cache reuses)."""
+    pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
+    from steer.models.policy import load_policy
+
+    path = shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    policy = load_policy(path, load_model=False, schema="helpsteer")
+    assert policy.config["template"] == {"type": "chat_template", "label_placement": "system"}
+
+    def prompt(text, **attributes):
+        ids = policy.template.tokenize([{"role": "user", "content": text}], policy.tokenizer, mode="inference",
+                                       attributes=policy.schema.validate(attributes)).input_ids
+        return policy.tokenizer.decode(ids)
+
+    dragon = prompt("Tell me a story about a dragon.", verbosity=0)
+    assert dragon.startswith("<|im_start|>system\n") and dragon.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "verbosity:0<|im_end|>\n<|im_start|>user\nTell me a story about a dragon.<|im_end|>" in dragon
+    sky = prompt("Why is the sky blue?", verbosity=0)
+    shared = dragon[:dragon.index("Tell me")]
+    assert sky.startswith(shared) and "verbosity:0" in shared
 
 
 def test_an_engine_killed_by_an_illegal_instruction_says_how_to_rebuild():
@@ -288,7 +313,7 @@ def test_seeded_text_is_the_same_alone_and_among_concurrent_rows(stories_engine_
 @pytest.mark.llamacpp
 def test_cancelling_frees_the_slot_and_the_next_row_reuses_it(stories_engine_parts, collector):
     tok = stories_engine_parts
-    engine = _engine(tok, max_batch_size=2)
+    engine = _engine(tok, max_batch_size=1)  # one sequence: the next row must take the cancelled one's
     engine.start()
     try:
         long_sink = collector()
@@ -334,6 +359,58 @@ def test_a_prompt_reuses_the_cached_prefix_of_a_finished_one(stories_engine_part
     # Slot 1 held the story and its first generated tokens: the follow-up shares the whole story.
     assert engine.batch.tokens_fed - fed == (len(follow) - len(story)) + 7
     assert row.generated == _reference_greedy(_stories(), follow, 8)
+
+
+@pytest.mark.llamacpp
+def test_each_conversation_keeps_its_cache_for_its_next_turn(stories_engine_parts):
+    """Two conversations take turns. The second does not overwrite the first's cache (they share
+    only the BOS token): it takes the unused slot, and each conversation's next turn finds its whole
+    previous turn still cached."""
+    tok = stories_engine_parts
+    engine = _engine(tok, max_batch_size=2)
+    a = tok("Once upon a time there was a little girl named Lily").input_ids
+    b = tok("The big red dog ran to the park").input_ids
+    rows = {}
+    for name, ids in (("a", a), ("b", b)):
+        rows[name] = _row(ids, max_new=4, ignore_eos=True)
+        engine.run([rows[name]])
+    assert engine.batch.sequence_length(0) > 0 and engine.batch.sequence_length(1) > 0  # one slot each
+    for name, ids in (("a", a), ("b", b)):
+        follow = ids + rows[name].generated[:3] + tok(" and then", add_special_tokens=False).input_ids
+        fed = engine.batch.tokens_fed
+        row = _row(follow, max_new=2, ignore_eos=True)
+        engine.run([row])
+        # Only the new words (and the decode steps) are fed: the previous turn was still cached.
+        new = len(follow) - len(ids) - 3
+        assert engine.batch.tokens_fed - fed == new + 1, name
+        assert row.generated == _reference_greedy(_stories(), follow, 2)
+
+
+@pytest.mark.llamacpp
+def test_a_new_conversation_copies_the_shared_prefix_instead_of_evicting(stories_engine_parts):
+    """A prompt that shares a long opening with a cached conversation (one NPC's system turn) but
+    goes on differently takes a free slot and copies that opening's cache into it; the cached
+    conversation stays whole, and both decode as a fresh engine does."""
+    tok = stories_engine_parts
+    engine = _engine(tok, max_batch_size=2)
+    opening = tok("Once upon a time there was a little girl named Lily. She liked to play in the park").input_ids
+    first = opening + tok(" with her dog", add_special_tokens=False).input_ids
+    second = opening + tok(" on sunny days", add_special_tokens=False).input_ids
+    engine.run([_row(first, max_new=3, ignore_eos=True)])
+    held = engine.batch.sequence_length(0)
+    fed, copied = engine.batch.tokens_fed, engine.batch.sequences_copied
+    row = _row(second, max_new=4, ignore_eos=True)
+    engine.run([row])
+    assert engine.batch.sequences_copied == copied + 1
+    common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert common >= len(opening)
+    assert engine.batch.tokens_fed - fed == (len(second) - common) + 3  # the rest, then 3 steps
+    assert engine.batch.sequence_length(0) == held  # the first conversation is intact
+    assert row.generated == _reference_greedy(_stories(), second, 4)
+    again = _row(first + [1], max_new=2, ignore_eos=True)  # ... and it can still continue from its cache
+    fed = engine.batch.tokens_fed
+    engine.run([again])
+    assert engine.batch.tokens_fed - fed <= 3
 
 
 @pytest.mark.llamacpp

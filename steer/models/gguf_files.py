@@ -25,6 +25,7 @@ SPECIAL_TOKEN_FIELDS = {
     "tokenizer.ggml.unknown_token_id": "unk_token",
     "tokenizer.ggml.padding_token_id": "pad_token",
 }
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 # steer's own settings inside a GGUF that `steer export gguf` wrote (JSON strings where structured).
 STEER_FORMAT_KEY = "steer.format_version"
 STEER_VERSION_KEY = "steer.version"

@@ -105,12 +105,19 @@ def _load_policy_model(policy_dir: Path, config: dict[str, Any], dev: torch.devi
 
 def policy_config(path: str | Path, schema: str | AttributeSchema | None = None) -> tuple[dict[str, Any], AttributeSchema]:
     """The saved config and schema of a policy: a directory, a GGUF file from ``steer export gguf``
-    (its ``steer.*`` metadata), or any other GGUF model given ``schema`` (with the default template).
-    A GGUF without steer metadata and no ``schema`` is an error naming ``--schema``."""
+    (its ``steer.*`` metadata), or any other GGUF model given ``schema``. A GGUF without steer
+    metadata and no ``schema`` is an error naming ``--schema``.
+
+    Such a model is prompted in its own chat format when the file carries a chat template, with the
+    attribute labels closing the system message (the layout ``steer demo --base-model`` trains):
+    an instruction-tuned model reads its system message as instructions, its replies stay in the
+    format it was tuned on, and prompts of one session share their opening tokens, which llama.cpp
+    keeps cached. Without a chat template it gets the SteerLM template."""
     if not is_gguf_path(path):
         return load_steer_config(path, kind="policy")
     from steer.core.attributes import get_schema
-    from steer.models.gguf_files import STEER_SCHEMA_KEY, gguf_location, read_steer_metadata
+    from steer.models.gguf_files import CHAT_TEMPLATE_KEY, STEER_SCHEMA_KEY, gguf_location, read_steer_metadata, \
+        read_string_field
 
     gguf_location(path)  # a clear error when the file or the gguf package is missing
     if STEER_SCHEMA_KEY in read_steer_metadata(path):
@@ -122,7 +129,9 @@ def policy_config(path: str | Path, schema: str | AttributeSchema | None = None)
                             "such as helpsteer, or a schema file) to steer it, or export a policy with "
                             "`steer export gguf`", "schema")
     schema = get_schema(schema) if not isinstance(schema, AttributeSchema) else schema
-    return {"kind": "policy", "schema": schema.to_dict(), "template": None, "name": Path(path).stem,
+    template = {"type": "chat_template", "label_placement": "system"} \
+        if read_string_field(path, CHAT_TEMPLATE_KEY) else None
+    return {"kind": "policy", "schema": schema.to_dict(), "template": template, "name": Path(path).stem,
             "base_model": str(path), "adapter": None, "merged": None}, schema
 
 

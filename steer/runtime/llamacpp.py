@@ -15,7 +15,11 @@ A row that ends frees its slot but leaves its tokens in that sequence's cache, a
 does: the next request takes the free slot whose cached tokens share the longest prefix with its
 prompt, the rest of that sequence is removed (``llama_memory_seq_rm``), and only the prompt's new
 tokens are fed. steer prompts of one policy start alike (the system turn and the attribute
-line), so a joining request often skips most of its prompt.
+line), so a joining request often skips most of its prompt. A request does not overwrite another
+conversation's cache to get there: unless a free slot's whole cache starts its prompt (its own
+previous turn), it takes the least recently used free slot and copies the shared prefix into it
+from whichever sequence has the most of it (``llama_state_seq_get_data`` / ``set_data``, what
+llama-server's prompt cache does), so recent conversations stay cached for their next turn.
 
 The KV cache is not unified: each sequence gets ``n_ctx`` cells of its own (the total is ``n_ctx *
 n_seq_max``), which llama.cpp recommends when sequences share no prefix, and which makes a row's
@@ -24,6 +28,7 @@ room independent of its neighbours'.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Callable
@@ -40,6 +45,8 @@ INSTALL_HINT = ('pip install "steer[llamacpp]" (llama-cpp-python; it builds llam
                 'cmake and a C++ compiler and takes several minutes)')
 # Per-sequence context when the model's own is longer: every slot's cells are allocated up front.
 DEFAULT_CONTEXT = 4096
+# A joining prompt copies another sequence's cache when that saves feeding at least this many tokens.
+MIN_COPIED_TOKENS = 8
 
 
 class LlamaCppError(SteerError, RuntimeError):
@@ -114,7 +121,11 @@ class LlamaCppBatch:
         self._joining: dict[int, int] = {}
         # sequence -> the tokens its cache holds, in order, kept after its row ends for the next.
         self._cached: dict[int, list[int]] = {}
+        # sequence -> when a row last took it (admissions counted); for least-recently-used ties.
+        self._taken_at: dict[int, int] = {}
+        self._admissions = 0
         self.tokens_fed = 0
+        self.sequences_copied = 0
         self.steps = 0
         self.decode_calls = 0
 
@@ -128,7 +139,7 @@ class LlamaCppBatch:
     # ------------------------------------------------------------ interface
     def reset(self) -> None:
         self._llama.llama_memory_clear(self._ctx.memory, True)
-        self.slots, self._positions, self._joining, self._cached = [], [], {}, {}
+        self.slots, self._positions, self._joining, self._cached, self._taken_at = [], [], {}, {}, {}
 
     def admit(self, rows: list, first_logits: Callable[[list, torch.Tensor], None]) -> None:
         """Every row takes a free slot (or a new one) and is prefilled by the next :meth:`step`."""
@@ -139,20 +150,58 @@ class LlamaCppBatch:
             free = [i for i in range(self.n_seq_max) if i >= len(self.slots) or self.slots[i] is None]
             if not free:
                 raise LlamaCppError(f"more rows than the engine's {self.n_seq_max} sequences")
-            # The free sequence that shares the longest prefix with the prompt (the lowest on a tie);
-            # the prompt's last token is always fed, for its logits.
-            shared = {i: _common_prefix(self._cached.get(i, ()), row.prompt_ids, len(row.prompt_ids) - 1)
-                      for i in free}
-            slot = max(free, key=lambda i: (shared[i], -i))
+            slot, source, shared = self._choose(row.prompt_ids, free)
+            self._admissions += 1
+            self._taken_at[slot] = self._admissions
             while len(self.slots) <= slot:
                 self.slots.append(None)
                 self._positions.append(0)
             keep = shared[slot]
+            if source != slot:
+                self._copy_sequence(source, slot)
+                keep = shared[source]
             if keep < len(self._cached.get(slot, ())):
                 self._llama.llama_memory_seq_rm(self._ctx.memory, slot, keep, -1)
             self._cached[slot] = list(row.prompt_ids[:keep])
             self.slots[slot], self._positions[slot] = row, keep
             self._joining[slot] = keep
+
+    def _choose(self, prompt: list[int], free: list[int]) -> tuple[int, int, dict[int, int]]:
+        """(the free sequence the prompt takes, the sequence to copy its cached prefix from, each
+        sequence's shared prefix with the prompt). The prompt's last token is always fed, for its
+        logits, so at most all but it is shared.
+
+        A free sequence whose whole cache starts the prompt (the previous turn of this conversation)
+        loses nothing: it is taken, the longest such first. Otherwise the least recently used free
+        sequence is (never used ones first), and when another sequence, free or running, shares at
+        least :data:`MIN_COPIED_TOKENS` more of the prompt, its cache is copied over first: a copy
+        costs far less than feeding those tokens again."""
+        limit = len(prompt) - 1
+        shared = {i: _common_prefix(cached, prompt, limit) for i, cached in self._cached.items()}
+        for i in free:
+            shared.setdefault(i, 0)
+        intact = [i for i in free if 0 < shared[i] == len(self._cached.get(i, ()))]
+        if intact:
+            slot = max(intact, key=lambda i: (shared[i], -i))
+        else:
+            slot = min(free, key=lambda i: (self._taken_at.get(i, -1), i))
+        source = max(shared, key=lambda i: (shared[i], i == slot))
+        if shared[source] < shared[slot] + MIN_COPIED_TOKENS:
+            source = slot
+        return slot, source, shared
+
+    def _copy_sequence(self, source: int, target: int) -> None:
+        """Replace sequence ``target``'s cache with a copy of ``source``'s (its cells' keys and values:
+        llama.cpp's per-sequence state, as llama-server's prompt cache saves and restores it)."""
+        llama, ctx = self._llama, self._ctx.ctx
+        size = llama.llama_state_seq_get_size(ctx, source)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data(ctx, buffer, size, source)
+        llama.llama_memory_seq_rm(self._ctx.memory, target, -1, -1)
+        if written != size or llama.llama_state_seq_set_data(ctx, buffer, written, target) != written:
+            raise LlamaCppError(f"copying sequence {source}'s cache to sequence {target} failed")
+        self._cached[target] = list(self._cached[source])
+        self.sequences_copied += 1
 
     def step(self) -> tuple[list, torch.Tensor]:
         """One ``llama_decode``: each running row's pending token and each joining row's prompt."""
