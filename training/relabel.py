@@ -271,7 +271,10 @@ def annotate(
     for ci, mi in wanted:
         msg = conversations[ci].messages[mi]
         key = msg.id if msg.id is not None else f"#{ci}:{mi}"
-        predictions = dict(zip(schema.names, cache[key]))
+        # Stored to 4 decimals, and the labels are rounded from what is stored, so a row always
+        # reads labels == round(predictions) (a value such as 0.50004 would otherwise label 1 and
+        # be stored as 0.5, which rounds to 0).
+        predictions = {k: round(v, 4) for k, v in zip(schema.names, cache[key])}
         labels = schema.round_and_clip(predictions)
         out = rows[ci]["messages"][mi]
         if keep_human_labels and msg.labels:
@@ -281,7 +284,7 @@ def annotate(
         else:
             out.pop("scores", None)  # the source's scores are not the labels being written
         out["labels"] = labels
-        out["predictions"] = {k: round(v, 4) for k, v in predictions.items()}
+        out["predictions"] = predictions
         out["label_string"] = schema.format_labels(labels)
         if msg.id is None:
             cache.pop(key, None)
