@@ -9,6 +9,7 @@ special tokens that the tokenizer conversion leaves unnamed).
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,15 +86,21 @@ def read_string_field(path: str | Path, key: str) -> str | None:
 
 
 def read_steer_metadata(path: str | Path) -> dict[str, str]:
-    """The ``steer.*`` keys and ``general.type`` of a GGUF file, as strings (absent keys left out)."""
+    """The ``steer.*`` keys, ``general.type`` and the chat template of a GGUF file, as strings
+    (absent keys left out). Parsing a real model's metadata takes seconds (its vocabulary is
+    in it), so each version of a file is read once however many loaders ask."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return dict(_read_steer_metadata(str(resolved), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_steer_metadata(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
-    out = {}
-    for key, field in reader.fields.items():
-        if (key.startswith("steer.") or key == "general.type") and field.data:
-            out[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
-    return out
+    reader = GGUFReader(path)
+    return tuple((key, bytes(field.parts[field.data[0]]).decode("utf-8")) for key, field in reader.fields.items()
+                 if (key.startswith("steer.") or key in ("general.type", CHAT_TEMPLATE_KEY)) and field.data)
 
 
 def steer_config_from_gguf(path: str | Path) -> dict:

@@ -116,11 +116,11 @@ def policy_config(path: str | Path, schema: str | AttributeSchema | None = None)
     if not is_gguf_path(path):
         return load_steer_config(path, kind="policy")
     from steer.core.attributes import get_schema
-    from steer.models.gguf_files import CHAT_TEMPLATE_KEY, STEER_SCHEMA_KEY, gguf_location, read_steer_metadata, \
-        read_string_field
+    from steer.models.gguf_files import CHAT_TEMPLATE_KEY, STEER_SCHEMA_KEY, gguf_location, read_steer_metadata
 
     gguf_location(path)  # a clear error when the file or the gguf package is missing
-    if STEER_SCHEMA_KEY in read_steer_metadata(path):
+    metadata = read_steer_metadata(path)
+    if STEER_SCHEMA_KEY in metadata:
         if schema is not None:
             logger.warning("%s carries its own schema (steer export gguf); --schema is ignored", path)
         return load_steer_config(path, kind="policy")
@@ -129,8 +129,7 @@ def policy_config(path: str | Path, schema: str | AttributeSchema | None = None)
                             "such as helpsteer, or a schema file) to steer it, or export a policy with "
                             "`steer export gguf`", "schema")
     schema = get_schema(schema) if not isinstance(schema, AttributeSchema) else schema
-    template = {"type": "chat_template", "label_placement": "system"} \
-        if read_string_field(path, CHAT_TEMPLATE_KEY) else None
+    template = {"type": "chat_template", "label_placement": "system"} if metadata.get(CHAT_TEMPLATE_KEY) else None
     return {"kind": "policy", "schema": schema.to_dict(), "template": template, "name": Path(path).stem,
             "base_model": str(path), "adapter": None, "merged": None}, schema
 
