@@ -7,7 +7,8 @@ speedup of serving over one-at-a-time generation cannot exceed N x t(1) / t(N), 
 decode step at batch B. On a GPU, t(N) stays close to t(1) for small models; on a CPU the batch's
 matrix products and attention over its KV cache are real work, and t(N) grows. This prints that
 bound ("batching_ceiling", the forward alone; "ceiling_with_sampling" adds drawing each row's
-token), next to the cost of a step that also prefills one joining request (the engine's mixed step).
+token), next to the cost of a step that also prefills one joining request (the engine's mixed step),
+fed whole or only past the start it shares with a running row (copied from that row's cache).
 
 Each timing is the median over a real decode of --tokens steps (the KV cache grows as it would),
 after a warm-up; CUDA is synchronised around every step. Uses the serving benchmark's prompts and
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_throughput import _gen_kwargs, requests_for, wrap_stories260k  # noqa: E402
 
+from steer.runtime.rows import common_prefix_length  # noqa: E402
+
 
 def time_decode(generator, prepared, tokens: int, sync) -> dict[str, float]:
     """Median milliseconds of a decode step and of sampling, decoding ``prepared`` as one batch."""
@@ -57,23 +60,30 @@ def time_decode(generator, prepared, tokens: int, sync) -> dict[str, float]:
     return {"step_ms": statistics.median(steps) * 1e3, "sample_ms": statistics.median(draws) * 1e3}
 
 
-def time_mixed(generator, prepared, joining, tokens: int, sync) -> float:
-    """Median milliseconds of a mixed step: the batch's decode step plus one joining prompt."""
+def time_mixed(generator, prepared, joining, tokens: int, sync, copy: bool = False) -> float:
+    """Median milliseconds of a mixed step: the batch's decode step plus one joining prompt. With
+    ``copy``, the prompt copies what it shares with a running row's prompt (the template's
+    opening) from that row's cache, as the engine does, and is fed only the rest."""
     import torch
 
     from steer.runtime.model_runner import left_pad, prefill
-    from steer.runtime.mixed_step import mixed_step, supports_mixed_step
+    from steer.runtime.mixed_step import JoiningPrompt, mixed_step, supports_mixed_step
+    from steer.runtime.rows import common_prefix_length
 
     ids, mask = left_pad([p.prompt_ids for p in prepared], generator.pad_token_id, generator.device)
     _, state = prefill(generator.model, ids, mask)
     if not supports_mixed_step(generator.model, state):
         return float("nan")
     pending = torch.zeros(len(prepared), dtype=torch.long, device=generator.device)
+    prompt = joining.prompt_ids
     times = []
     for i in range(tokens + 3):
+        # The prompt joins in row 0 each step, copying from row 1.
+        row, source = 0, 1
+        copied = common_prefix_length(prepared[source].prompt_ids, prompt, len(prompt) - 1) if copy else 0
         sync()
         start = time.perf_counter()
-        mixed_step(generator.model, pending, state, [(i % len(prepared), joining.prompt_ids)])
+        mixed_step(generator.model, pending, state, [JoiningPrompt(row, prompt, source, copied)])
         sync()
         if i >= 3:
             times.append(time.perf_counter() - start)
@@ -102,11 +112,16 @@ def main() -> None:
     try:
         policy = args.policy or str(wrap_stories260k(Path(tmp) / "policy"))
         generator = SteerGenerator.load(policy, device=args.device, dtype=args.dtype)
-        bodies = requests_for(args.batch + 1, args.tokens)
+        bodies = requests_for(args.batch, args.tokens)
+        # The joining request is none of the batch's: it shares only the template's opening with them.
+        bodies.append({**bodies[0], "messages": [{"role": "user", "content": "Name three birds that cannot fly."}],
+                       "attributes": {"humor": 2, "creativity": 3}})
         prepared = [generator.prepare(GenerationRequest(**_gen_kwargs(b))) for b in bodies]
         one = time_decode(generator, prepared[:1], args.tokens, sync)
         many = time_decode(generator, prepared[: args.batch], args.tokens, sync)
         mixed_ms = time_mixed(generator, prepared[: args.batch], prepared[-1], args.tokens, sync)
+        copied_ms = time_mixed(generator, prepared[: args.batch], prepared[-1], args.tokens, sync, copy=True)
+        shared = common_prefix_length(prepared[1].prompt_ids, prepared[-1].prompt_ids)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -120,6 +135,10 @@ def main() -> None:
         "decode_step_ms": {"1": round(one["step_ms"], 3), str(n): round(many["step_ms"], 3)},
         "sample_ms": {"1": round(one["sample_ms"], 3), str(n): round(many["sample_ms"], 3)},
         "mixed_step_ms": round(mixed_ms, 3),
+        # The same, with the joining prompt's opening copied from a running row's cache.
+        "mixed_step_copied_ms": round(copied_ms, 3),
+        "joining_prompt_tokens": len(prepared[-1].prompt_ids),
+        "joining_prompt_shared_tokens": shared,
         "forward_tokens_per_s": {"1": round(1e3 / one["step_ms"], 1), str(n): round(n * 1e3 / many["step_ms"], 1)},
         # The most any batching scheduler could gain over one-at-a-time decoding, forward passes only.
         "batching_ceiling": round(n * one["step_ms"] / many["step_ms"], 2),
@@ -132,6 +151,8 @@ def main() -> None:
     print(f"{'decode step (ms)':<26}{one['step_ms']:>10.3f}{many['step_ms']:>10.3f}")
     print(f"{'sampling (ms)':<26}{one['sample_ms']:>10.3f}{many['sample_ms']:>10.3f}")
     print(f"{'mixed step, 1 joining (ms)':<26}{'':>10}{mixed_ms:>10.3f}")
+    print(f"{'  its shared start copied':<26}{'':>10}{copied_ms:>10.3f}  "
+          f"({shared} of {len(prepared[-1].prompt_ids)} prompt tokens)")
     print(f"{'forward tokens/s':<26}{1e3 / one['step_ms']:>10.1f}{n * 1e3 / many['step_ms']:>10.1f}")
     print(f"batching ceiling: {report['batching_ceiling']:.2f}x (forward), "
           f"{report['ceiling_with_sampling']:.2f}x (with sampling)")

@@ -8,9 +8,10 @@ Each client sends its requests one after another, so 16 are in flight until the 
 where the batch drains as replies end and the last, longest reply sets the wall time.
 
 The machine's speed drifts (a shared VM: the same sequential run varies by a third from one minute
-to the next), so the two sides are measured in alternation: each of `--rounds` rounds runs its
-share of the requests one at a time, then all of them through the server; the speedup reported is
-the median over rounds of served tokens/s over the sequential tokens/s measured just before.
+to the next), so the two sides are measured in alternation: each of `--rounds` rounds runs half its
+share of the requests one at a time, then all of them through the server, then the other half one
+at a time; the speedup reported is the median over rounds of served tokens/s over the sequential
+tokens/s measured around it.
 Each round also measures the batching ceiling (``bench/decode_step.py``: --clients x one decode
 step at batch 1 over one step at batch --clients, here in the same process and run), and the
 report gives served/ceiling, the median over rounds of the round's speedup over its ceiling: how
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4,
                         help="requests each client sends one after another (1: a single wave)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=4,
+    parser.add_argument("--rounds", type=int, default=6,
                         help="alternate this many sequential and served measurements (see the module docstring)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
@@ -222,15 +223,22 @@ def main() -> None:
                 seq_ttft.append(time.perf_counter() - start)
             ceiling_prepared = [generator.prepare(GenerationRequest(**_gen_kwargs(b))) for b in bodies[:args.clients]]
             rounds = []
-            for share in shares:
+            def one_at_a_time(part: list[dict]) -> tuple[int, float, float]:
                 t0, cpu0 = time.perf_counter(), time.process_time()
-                seq_tokens = sum(generator.generate(**_gen_kwargs(body)).completion_tokens for body in share)
-                seq_time, seq_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                tokens = sum(generator.generate(**_gen_kwargs(body)).completion_tokens for body in part)
+                return tokens, time.perf_counter() - t0, time.process_time() - cpu0
+
+            for share in shares:
+                # Half the sequential requests just before the served run and half just after: a
+                # drift of the machine's speed across the round then weighs on both sides alike.
+                before = one_at_a_time(share[:len(share) // 2])
                 server_cpu0, client_cpu0 = _cpu_seconds(server.pid), time.process_time()
                 counters0 = _engine_counters(url)
                 results, wall = asyncio.run(run_concurrent(url, bodies, args.clients))
                 server_cpu, client_cpu = _cpu_seconds(server.pid) - server_cpu0, time.process_time() - client_cpu0
                 counters = _engine_counters(url)
+                after = one_at_a_time(share[len(share) // 2:])
+                seq_tokens, seq_time, seq_cpu = (a + b for a, b in zip(before, after))
                 served_tokens = sum(r["tokens"] for r in results)
                 ceiling = _ceiling(generator, ceiling_prepared, args.max_tokens, time_decode)
                 alone_tokens, alone_s = _engine_alone(generator, bodies, args.clients)

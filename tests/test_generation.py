@@ -1,4 +1,5 @@
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -52,6 +53,30 @@ def test_batch_rows_match_single_requests(generator):
                                    req.seed, req.stop)
         assert got == alone
     assert [r.completion_tokens for r in batched] == [12, 20, 16, 8]
+
+
+def test_alike_prompts_copy_their_shared_start_from_one_another_and_still_match_single_requests(generator):
+    from steer.runtime.scheduler import Scheduler
+
+    requests = [GenerationRequest(USER, {"humor": 4}, max_new_tokens=10, temperature=0.8, seed=1),
+                GenerationRequest(USER, {"humor": 0}, max_new_tokens=10, temperature=0.8, seed=2),
+                GenerationRequest(USER, {"humor": 4}, max_new_tokens=10, temperature=0.8, seed=3),
+                GenerationRequest(LONGER, None, max_new_tokens=10, temperature=0.0)]
+    prepared = [generator.prepare(r) for r in requests]
+    engine = Scheduler(generator.model, generator.tokenizer, max_batch_size=4, max_queue=0,
+                       eos_token_ids=generator.eos_ids)
+    rows = engine.run([p.row() for p in prepared])
+    # The first row is prefilled; the others copy what they share with it (the third all but its
+    # last token; the fourth, whose system turn differs, too little to copy) and feed only the rest.
+    first, lengths = prepared[0].prompt_ids, [len(p.prompt_ids) for p in prepared]
+    shared = [len(os.path.commonprefix([first, p.prompt_ids[:-1]])) for p in prepared[1:]]
+    assert shared[0] > 8 and shared[1] == lengths[2] - 1 and shared[2] < 8
+    assert engine.batch.tokens_copied == shared[0] + shared[1]
+    assert engine.batch.tokens_prefilled + engine.batch.tokens_copied == sum(lengths)
+    for request, row in zip(requests, rows):
+        alone = generator.generate(request.messages, request.attributes, request.max_new_tokens, request.temperature,
+                                   seed=request.seed)
+        assert row.reply.text == alone.text
 
 
 def test_attributes_are_validated_and_reported_in_full(generator):

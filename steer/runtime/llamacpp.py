@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from steer.core.errors import SteerError
+from steer.runtime.rows import MIN_COPIED_TOKENS, common_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ INSTALL_HINT = ('pip install "steer[llamacpp]" (llama-cpp-python; it builds llam
                 'cmake and a C++ compiler and takes several minutes)')
 # Per-sequence context when the model's own is longer: every slot's cells are allocated up front.
 DEFAULT_CONTEXT = 4096
-# A joining prompt copies another sequence's cache when that saves feeding at least this many tokens.
-MIN_COPIED_TOKENS = 8
 
 
 class LlamaCppError(SteerError, RuntimeError):
@@ -177,7 +176,7 @@ class LlamaCppBatch:
         least :data:`MIN_COPIED_TOKENS` more of the prompt, its cache is copied over first: a copy
         costs far less than feeding those tokens again."""
         limit = len(prompt) - 1
-        shared = {i: _common_prefix(cached, prompt, limit) for i, cached in self._cached.items()}
+        shared = {i: common_prefix_length(cached, prompt, limit) for i, cached in self._cached.items()}
         for i in free:
             shared.setdefault(i, 0)
         intact = [i for i in free if 0 < shared[i] == len(self._cached.get(i, ()))]
@@ -271,15 +270,6 @@ class LlamaCppBatch:
         self.decode_calls += 1
         if code != 0:
             raise LlamaCppError(f"llama_decode failed with code {code} ({len(entries)} tokens)")
-
-
-def _common_prefix(a, b, limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if n >= limit or x != y:
-            break
-        n += 1
-    return n
 
 
 def llamacpp_engine(path: str | Path, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64, threads: int = 0,

@@ -50,6 +50,29 @@ def check_admission(*, stopping: bool, error: str | None, adding: int, waiting: 
         raise QueueFullError(f"the server is busy ({running} running, {waiting} waiting); retry later")
 
 
+# A joining prompt reuses another row's cached keys and values for the prefix they share (the
+# system turn, the template, a best-of-n sibling) when that saves feeding at least this many tokens.
+MIN_COPIED_TOKENS = 8
+
+
+def common_prefix_length(a, b, limit: int | None = None) -> int:
+    """How many leading tokens the sequences ``a`` and ``b`` share, at most ``limit``.
+
+    Slices compare in C, so this halves the range with slice comparisons rather than stepping token
+    by token: it runs for every pair of joining and running rows of a step."""
+    n = min(len(a), len(b)) if limit is None else min(len(a), len(b), limit)
+    if n <= 0 or a[:n] == b[:n]:
+        return max(n, 0)
+    low, high = 0, n  # a[:low] == b[:low] and a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 # What a request still running when the engine stops is told.
 STOPPED_MESSAGE = "the server stopped before this reply was finished; retry the request"
 

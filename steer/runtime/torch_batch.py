@@ -14,6 +14,12 @@ own (left-padded together); each one's KV cache is written into a free slot, rig
 every row, or appended (left-padding the shorter cache), and their first logits go back to the
 scheduler at once.
 
+A joining prompt that shares at least :data:`~steer.runtime.rows.MIN_COPIED_TOKENS` leading tokens
+with a running row's prompt copies those from that row's cache instead of feeding them
+(:class:`~steer.runtime.mixed_step.JoiningPrompt`), as llama.cpp's runner copies a sequence. So
+that a first batch of alike prompts gets there too, its first row is prefilled alone and the others
+join it in the next step.
+
 Caches of other shapes than plain ``[batch, heads, seq, dim]`` tensors per layer (sliding-window
 layers) fall back to re-prefilling the whole batch on admission and compacting at once, which is
 correct and, for small models, cheap.
@@ -28,8 +34,9 @@ import torch
 
 from steer.runtime.kv_cache import DecodeState, add_free_rows, is_preallocated, merge_states, place_row, \
     select_new_rows, select_rows, trim_columns
-from steer.runtime.mixed_step import fits, mixed_step, supports_mixed_step
+from steer.runtime.mixed_step import JoiningPrompt, fits, mixed_step, supports_mixed_step
 from steer.runtime.model_runner import context_limit, decode_step, left_pad, prefill
+from steer.runtime.rows import MIN_COPIED_TOKENS, common_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,9 @@ class TorchBatch:
         self._mixed: bool | None = None if mixed_steps else False
         self._joining: list[tuple[int, object]] = []
         self._steps = 0
+        # Prompt tokens prefilled, and those copied from another row's cache instead.
+        self.tokens_prefilled = 0
+        self.tokens_copied = 0
 
     # ------------------------------------------------------------ interface
     def reset(self) -> None:
@@ -74,7 +84,13 @@ class TorchBatch:
         the others are prefilled by the next :meth:`step`."""
         # Rows that can be prefilled inside the next decode step claim their slots; the others
         # (the first batch, prompts longer than the batch's cache) are prefilled now, first, since
-        # appending them may compact the batch.
+        # appending them may compact the batch. A first batch whose prompts start alike is
+        # prefilled one row only, so that the others copy its cache for what they share.
+        if self._state is None and self._mixed is not False and len(rows) > 1 and any(
+                common_prefix_length(rows[0].prompt_ids, r.prompt_ids, len(r.prompt_ids) - 1) >= MIN_COPIED_TOKENS
+                for r in rows[1:]):
+            first_logits(rows[:1], self._prefill_and_place(rows[:1]))
+            rows = rows[1:]
         joining = [r for r in rows if self._mixed and self._state is not None and fits(self._state, len(r.prompt_ids))]
         apart = [r for r in rows if not any(r is j for j in joining)]
         if apart:
@@ -89,7 +105,7 @@ class TorchBatch:
                                 for r in slots], dtype=torch.long, device=self.device)
         if self._joining:
             joining, self._joining = self._joining, []
-            logits = mixed_step(self.model, pending, self._state, [(slot, r.prompt_ids) for slot, r in joining])
+            logits = mixed_step(self.model, pending, self._state, self._joining_prompts(joining))
         else:
             logits = decode_step(self.model, pending, self._state)
         self._steps += 1
@@ -126,6 +142,7 @@ class TorchBatch:
             self._select_rows(keep)
 
     def _prefill(self, sequences: list[list[int]]) -> tuple[torch.Tensor, DecodeState]:
+        self.tokens_prefilled += sum(len(s) for s in sequences)
         return prefill(self.model, *left_pad(sequences, self.pad_token_id, self.device))
 
     def _prefill_and_place(self, rows: list) -> torch.Tensor:
@@ -178,6 +195,27 @@ class TorchBatch:
             self._free_since.pop(slot, None)
             self._joining.append((slot, row))
         return True
+
+    def _joining_prompts(self, joining: list[tuple[int, object]]) -> list[JoiningPrompt]:
+        """Each joining row's prompt, with the running row whose cache holds most of its start."""
+        taken = {slot for slot, _ in joining}
+        sources = [(i, r.prompt_ids) for i, r in enumerate(self.slots) if r is not None and i not in taken]
+        prompts = []
+        for slot, row in joining:
+            prompt = row.prompt_ids
+            source, copied = -1, 0
+            for i, cached in sources:  # a running row's cache holds at least its whole prompt
+                shared = common_prefix_length(cached, prompt, len(prompt) - 1)
+                if shared > copied:
+                    source, copied = i, shared
+                    if shared == len(prompt) - 1:
+                        break
+            if copied < MIN_COPIED_TOKENS:
+                source, copied = -1, 0
+            self.tokens_copied += copied
+            self.tokens_prefilled += len(prompt) - copied
+            prompts.append(JoiningPrompt(slot, prompt, source, copied))
+        return prompts
 
     def _add_free_slots(self, n: int) -> None:
         """Append ``n`` free rows to the batch."""
