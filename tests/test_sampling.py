@@ -127,12 +127,51 @@ def test_wide_nucleus_falls_back_to_a_full_sort():
     probs = torch.softmax(logits.double(), dim=-1)[0].tolist()
     assert_clear_of_the_boundary(probs, 0.9)
     oracle = set(nucleus(probs, 0.9))
-    assert len(oracle) > sampling.NUCLEUS_CANDIDATES
+    assert len(oracle) > sampling.NUCLEUS_CANDIDATES[0]
     rows = 4000
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=i) for i in range(rows)]
     tokens = sample_next_tokens(logits.expand(rows, -1), params, [p.make_rng() for p in params])
     assert set(tokens.tolist()) <= oracle
-    assert len(set(tokens.tolist())) > sampling.NUCLEUS_CANDIDATES
+    assert len(set(tokens.tolist())) > sampling.NUCLEUS_CANDIDATES[0]
+
+
+def test_each_row_draws_the_same_token_whichever_candidate_tier_holds_its_nucleus():
+    """Rows whose nucleus fits the top-32, the top-1024, or only the full sort (a 4,000-token
+    vocabulary), mixed in one batch: each row draws exactly the token that inverting the oracle's
+    sorted nucleus gives for that row's uniform."""
+    import random
+
+    import steer.runtime.sampling as sampling
+
+    torch.manual_seed(3)
+    vocab, top_p = 4000, 0.9
+
+    def spread(width: int) -> torch.Tensor:  # the mass spread about evenly over `width` tokens
+        row = torch.randn(vocab) * 0.01
+        row[width:] -= 30
+        return row
+
+    peaked = torch.randn(vocab) * 0.5
+    peaked[:5] += 12
+    rows = [peaked, spread(100), spread(1500), peaked.roll(7), spread(2000), spread(300)]
+    tiers = [0, 1, 2, 0, 2, 1]  # which tier holds each row's nucleus
+    logits = torch.stack(rows)
+    params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i) for i in range(len(rows))]
+    tokens = sample_next_tokens(logits, params, [p.make_rng() for p in params]).tolist()
+    bounds = [0, *sampling.NUCLEUS_CANDIDATES, vocab]
+    for row, tier in enumerate(tiers):
+        probs = torch.softmax(logits[row].double(), dim=-1).tolist()
+        assert_clear_of_the_boundary(probs, top_p)
+        kept = sorted(nucleus(probs, top_p).items(), key=lambda item: -item[1])
+        assert bounds[tier] < len(kept) <= bounds[tier + 1], row
+        target = random.Random(row).random() * sum(p for _, p in kept)
+        running, expected = 0.0, kept[-1][0]
+        for token, p in kept:
+            running += p
+            if running > target:
+                expected = token
+                break
+        assert tokens[row] == expected, row
 
 
 def test_non_finite_logits_are_an_error_not_a_token():

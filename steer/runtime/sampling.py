@@ -6,8 +6,9 @@ inside any batch: the batch only decides how many rows share one softmax and one
 
 A token is drawn by inverting the cumulative distribution of the (top-p filtered) probabilities
 sorted from most to least likely. That needs the sorted head of the distribution only: a top-k
-of 32 usually holds the whole nucleus, and rows where it does not fall back to a full sort. Both
-paths give the same token for the same row, since the nucleus is the same set in the same order.
+of 32 usually holds the whole nucleus, rows where it does not try a top-1024, and only rows whose
+nucleus is wider still fall back to a full sort. Every path gives the same token for the same row,
+since the nucleus is the same set in the same order.
 Compared with a full sort plus ``torch.multinomial`` per row, this made sampling a batch of 16
 from the demo policy about seven times cheaper (1.55 ms -> 0.21 ms; a sixth of a decode step before).
 """
@@ -33,8 +34,11 @@ MAX_STOP_LENGTH = 256
 # and the draw then lands on the last vocabulary id. At 1e-4 the softmax of any two logits that
 # differ by 0.01 already puts 1 - e^-100 on the larger one, so nothing is lost.
 GREEDY_TEMPERATURE = 1e-4
-# Candidates looked at before falling back to a full sort of the vocabulary.
-NUCLEUS_CANDIDATES = 32
+# Candidates looked at, in turn, before falling back to a full sort of the vocabulary. A top-32
+# holds the nucleus of most steps; a top-1024 holds that of a real model's open-ended text at
+# temperature 0.8 (SmolLM2's 49,152 tokens: a full sort of 16 rows took 86 ms on one core of the
+# 2-core VM, a top-1024 10 ms).
+NUCLEUS_CANDIDATES = (32, 1024)
 
 
 class SamplingError(SteerError, ValueError):
@@ -189,19 +193,29 @@ def _sample_rows(probs: torch.Tensor, top_p: float, uniforms: torch.Tensor) -> t
         # No nucleus to find: the vocabulary's own order serves as well as a sorted one.
         cumulative = torch.cumsum(probs, dim=-1)
         return _invert(cumulative, cumulative[:, -1:], uniforms, None)
-    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
-    head, order = torch.topk(probs, k, dim=-1)
-    cumulative = torch.cumsum(head, dim=-1)
-    if k == probs.shape[-1] or float(cumulative[:, -1].min()) >= top_p:
-        return _nucleus_draw(order, cumulative, top_p, uniforms)
+    vocab = probs.shape[-1]
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    covered = cumulative[:, -1] >= top_p
-    rest = (~covered).nonzero().squeeze(-1)
-    if bool(covered.any()):
-        done = covered.nonzero().squeeze(-1)
-        tokens[done] = _nucleus_draw(order[done], cumulative[done], top_p, uniforms[done])
-    sorted_probs, full_order = torch.sort(probs[rest], descending=True)
-    tokens[rest] = _nucleus_draw(full_order, torch.cumsum(sorted_probs, dim=-1), top_p, uniforms[rest])
+    rest = None  # the rows still to draw (None: all of them)
+    for k in (*[c for c in NUCLEUS_CANDIDATES if c < vocab], vocab):
+        part = probs if rest is None else probs[rest]
+        if k < vocab:
+            head, order = torch.topk(part, k, dim=-1)
+        else:
+            head, order = torch.sort(part, descending=True)
+        cumulative = torch.cumsum(head, dim=-1)
+        if k == vocab or float(cumulative[:, -1].min()) >= top_p:  # every row's nucleus is here
+            drawn = _nucleus_draw(order, cumulative, top_p, uniforms if rest is None else uniforms[rest])
+            if rest is None:
+                return drawn
+            tokens[rest] = drawn
+            return tokens
+        covered = cumulative[:, -1] >= top_p
+        if bool(covered.any()):
+            done = covered.nonzero().squeeze(-1)
+            rows = done if rest is None else rest[done]
+            tokens[rows] = _nucleus_draw(order[done], cumulative[done], top_p, uniforms[rows])
+        missing = (~covered).nonzero().squeeze(-1)
+        rest = missing if rest is None else rest[missing]
     return tokens
 
 
