@@ -359,7 +359,9 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(collecto
         target, target_sink = row("Once upon a time", 1234, 12)
         engine.submit([target])
         assert target_sink.done.wait(30)
-        assert placed == [1]  # the short row's slot
+        # The target takes the short row's slot. With mixed steps the short row got that slot by
+        # joining too: a first batch of alike prompts prefills one row and the others copy its start.
+        assert placed == ([1, 1] if mixed_steps else [1])
         assert engine.batch._mixed is mixed_steps
         assert (target_sink.text, target_sink.final.completion_tokens) == (alone_sink.text, 12)
         # Nobody takes the slot the target left: after a few steps the batch is one row again.
