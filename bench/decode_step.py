@@ -76,14 +76,13 @@ def time_mixed(generator, prepared, joining, tokens: int, sync, copy: bool = Fal
         return float("nan")
     pending = torch.zeros(len(prepared), dtype=torch.long, device=generator.device)
     prompt = joining.prompt_ids
+    # The prompt joins in row 0 every step, copying what it shares with row 1's prompt.
+    copied = common_prefix_length(prepared[1].prompt_ids, prompt, len(prompt) - 1) if copy else 0
     times = []
     for i in range(tokens + 3):
-        # The prompt joins in row 0 each step, copying from row 1.
-        row, source = 0, 1
-        copied = common_prefix_length(prepared[source].prompt_ids, prompt, len(prompt) - 1) if copy else 0
         sync()
         start = time.perf_counter()
-        mixed_step(generator.model, pending, state, [JoiningPrompt(row, prompt, source, copied)])
+        mixed_step(generator.model, pending, state, [JoiningPrompt(0, prompt, 1, copied)])
         sync()
         if i >= 3:
             times.append(time.perf_counter() - start)

@@ -68,7 +68,8 @@ class TorchBatch:
         self._mixed: bool | None = None if mixed_steps else False
         self._joining: list[tuple[int, object]] = []
         self._steps = 0
-        # Prompt tokens prefilled, and those copied from another row's cache instead.
+        # Tokens prefilled (prompts, and running rows' text where a batch is rebuilt), and prompt
+        # tokens copied from another row's cache instead.
         self.tokens_prefilled = 0
         self.tokens_copied = 0
 
