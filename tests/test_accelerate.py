@@ -183,3 +183,21 @@ def test_the_deepspeed_and_fsdp_configs_in_the_docs_are_ones_accelerate_reads(tm
         section = config.deepspeed_config if name.startswith("ds") else config.fsdp_config
         assert section and set(section) <= options, set(section) - options
         assert config.distributed_type.value == ("DEEPSPEED" if name.startswith("ds") else "FSDP")
+
+
+def test_a_command_leaves_the_process_group_it_ran_in(tmp_path):
+    """Each rank of a launch leaves its process group when the command ends, even on an error,
+    rather than leaving the group to be torn down at interpreter exit."""
+    import torch.distributed as dist
+
+    from steer.cli.main import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        code = main(["sft", "--base-model", "unused", "--data", str(tmp_path / "missing.jsonl"),
+                     "--output-dir", str(tmp_path / "out")])
+        assert code == 2  # the missing data file, reported as a CLI error
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

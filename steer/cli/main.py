@@ -145,7 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"steer {name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
     return result if isinstance(result, int) else 0
+
+
+def close_process_group() -> None:
+    """Under ``accelerate launch`` or ``torchrun`` each rank leaves its process group before it
+    exits. A gloo group left to the interpreter's exit is torn down under its own threads: once in
+    CI a rank aborted that way ("terminate called without an active exception") after its training
+    had finished and the policy was written, failing the launch."""
+    torch = sys.modules.get("torch")  # a command that never imported torch started no group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
