@@ -542,3 +542,33 @@ def test_paired_difference_is_positive_for_a_better_model_and_zero_for_the_same(
     assert d["difference"] > 0.3 and d["ci"][0] > 0
     same = paired_difference(good, good, labels, groups, schema, ["helpfulness"], n_boot=50)
     assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
+
+
+def _rated_means(true_sd: float, rater_sd: float, n: int = 3000, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(0.5, true_sd, n)
+    counts = rng.choice([1, 2, 3, 4], n, p=[0.2, 0.2, 0.4, 0.2])
+    means = np.array([truth[i] + rng.normal(0, rater_sd, counts[i]).mean() for i in range(n)])
+    return truth, means, counts, [f"tree{i // 5}" for i in range(n)]
+
+
+@pytest.mark.parametrize("true_sd, rater_sd", [(0.2, 0.3), (0.1, 0.4)])
+def test_noise_ceiling_matches_a_perfect_models_correlation_on_simulated_raters(true_sd, rater_sd):
+    from steer.training.apm_cv import rater_noise_ceiling
+
+    truth, means, counts, groups = _rated_means(true_sd, rater_sd)
+    r = rater_noise_ceiling(means, counts, groups, n_boot=200)
+    perfect = np.corrcoef(truth, means)[0, 1]
+    assert r["ceiling"] == pytest.approx(perfect, abs=0.05)
+    assert r["ci"][0] < perfect < r["ci"][1]
+    assert r["true_variance"] == pytest.approx(true_sd**2, rel=0.25)
+    assert r["rater_variance"] == pytest.approx(rater_sd**2, rel=0.25)
+    assert r["strata"] == {k: int((counts == k).sum()) for k in (1, 2, 3, 4)}
+
+
+def test_noise_ceiling_is_not_identifiable_from_one_number_of_raters():
+    from steer.training.apm_cv import rater_noise_ceiling
+
+    _, means, _, groups = _rated_means(0.2, 0.3, n=300)
+    r = rater_noise_ceiling(means, np.full(300, 3), groups, n_boot=20)
+    assert r["ceiling"] is None and r["ci"] is None and r["strata"] == {3: 300}

@@ -193,3 +193,91 @@ def test_apm_trains_on_a_gguf_backbone_and_reloads(shared_path, tmp_path, recipe
                                {"role": "assistant", "content": "Once upon a time there was a cat."}]])
     assert len(pred) == 2 and set(pred[0]) == {"helpfulness", "correctness", "coherence", "complexity", "verbosity"}
     assert all(0 <= v <= 4 for p in pred for v in p.values())
+
+
+JUDGE_QUESTION = "Rate your last reply: how good, helpful, funny and creative was it?"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_decoder(smollm2_tokenizer, tmp_path_factory):
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer and chat template: a chat
+    decoder backbone that runs in milliseconds."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         pad_token_id=smollm2_tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny-chat-decoder")
+    LlamaModel(config).save_pretrained(out)
+    smollm2_tokenizer.save_pretrained(out)
+    return out
+
+
+def test_judge_question_apm_asks_the_backbone_and_reads_the_reply_end_and_the_question_end(
+        shared_path, tmp_path, tiny_chat_decoder, smollm2_tokenizer):
+    """--judge-question: the conversation is written in the backbone's own chat template, the
+    question follows as a user turn, and the head reads each layer at the reply's last token and at
+    the question's; the saved APM reloads and scores the same way."""
+    from steer.models.apm import AttributePredictor
+    from steer.training.apm import ApmTrainConfig
+    from steer.training.apm import main as train_apm
+
+    out = tmp_path / "apm"
+    train_apm(ApmTrainConfig(
+        data=str(shared_path("data", "helpsteer2", "sample.jsonl")), format="helpsteer", output_dir=str(out),
+        backbone=str(tiny_chat_decoder), pooling="last", layers=[1, 2], judge_question=JUDGE_QUESTION,
+        max_length=128, cv=0, device="cpu"))
+    config = json.loads((out / "steer_config.json").read_text())
+    assert config["template"]["type"] == "chat_template" and config["head"]["judge_question"] == JUDGE_QUESTION
+    apm = AttributePredictor.load(out, device="cpu")
+
+    chat = [{"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "Why did the hen cross?"}]
+    enc = apm.encode(chat)
+    asked = smollm2_tokenizer.apply_chat_template(chat + [{"role": "user", "content": JUDGE_QUESTION}],
+                                                  tokenize=False, add_generation_prompt=True)
+    assert enc["input_ids"] == smollm2_tokenizer.encode(asked, add_special_tokens=False)
+    answered = smollm2_tokenizer.apply_chat_template(chat, tokenize=False)
+    assert enc["reply_end"] == len(smollm2_tokenizer.encode(answered, add_special_tokens=False)) - 1
+
+    x = apm.features([chat])
+    with torch.inference_mode():
+        hidden = apm.model(torch.tensor([enc["input_ids"]]), output_hidden_states=True).hidden_states
+    want = torch.cat([hidden[layer][0, pos] for layer in (1, 2) for pos in (enc["reply_end"], -1)]).numpy()
+    assert x.shape == (1, 2 * 2 * 16 + 3)
+    assert abs(x[0, :64] - want).max() < 1e-5
+    head = apm.head
+    expected = ((x - head["mean"]) / head["scale"]) @ head["weight"] + head["bias"]
+    assert abs(apm.predict([chat]) - expected).max() < 1e-6
+
+    # A reply longer than the window is cut; the question always stays whole, at the end.
+    long_chat = [chat[0], {"role": "assistant", "content": "ha " * 400}]
+    enc = apm.encode(long_chat)
+    question = smollm2_tokenizer.encode(asked[len(answered):], add_special_tokens=False)
+    assert len(enc["input_ids"]) <= 128 and enc["input_ids"][-len(question):] == question
+    assert enc["reply_end"] == len(enc["input_ids"]) - len(question) - 1
+
+
+def test_judge_question_settings_are_checked(tmp_path, tiny_chat_decoder, shared_path):
+    from steer.models.apm import default_backbone
+    from steer.training.apm import ApmTrainConfig, ApmTrainError, validate_config
+    from steer.training.apm import main as train_apm
+
+    def config(**kw):
+        return ApmTrainConfig(data=str(shared_path("data", "helpsteer2", "sample.jsonl")), format="helpsteer",
+                              output_dir=str(tmp_path / "apm"), cv=0, device="cpu", **kw)
+
+    for bad in (dict(judge_question="Was it good?"),  # mean pooling
+                dict(judge_question="Was it good?", pooling="last", recipe="finetune"),
+                dict(judge_question="Was it good?", pooling="last", prompt_format="steerlm"),
+                dict(judge_question="  ", pooling="last")):
+        with pytest.raises(ApmTrainError) as err:
+            validate_config(config(**bad))
+        assert err.value.field == "judge_question"
+    with pytest.raises(ApmTrainError) as err:
+        validate_config(config(prompt_format="chatml"))
+    assert err.value.field == "prompt_format"
+    # The default backbone (an encoder, no chat template) cannot be asked a question.
+    with pytest.raises(ApmTrainError) as err:
+        train_apm(config(backbone=default_backbone(), judge_question="Was it good?", pooling="last"))
+    assert err.value.field == "judge_question" and "chat template" in str(err.value)

@@ -54,7 +54,7 @@ from steer.core.attributes import AttributeSchema, get_schema
 from steer.data import DataError, grouped_split, load_conversations
 from steer.data.formats import DEFAULT_SCHEMA
 from steer.models.modeling import ModelLoadError, load_pretrained, load_tokenizer, quiet_peft_deprecations
-from steer.core.template import PromptTemplate
+from steer.core.template import ChatTemplatePrompt, PromptTemplate
 from steer.training import apm_cv
 from steer.training.apm_data import (  # noqa: F401  (re-exported: older code imports them from here)
     MIN_MEANINGFUL_HELD_OUT,
@@ -137,6 +137,19 @@ class ApmTrainConfig(SteerTrainingArguments):
         default=True,
         metadata={"help": "head recipe: add the reply's length in characters and words and the number of turns "
                           "(the window is truncated; these are not)."},
+    )
+    prompt_format: str = field(
+        default="auto",
+        metadata={"help": "How the conversation is written for the backbone: steerlm (steer's own turn markers), "
+                          "chat_template (the backbone tokenizer's chat template, the format an instruction-tuned "
+                          "decoder was trained on) or auto (chat_template for a decoder that has one, else steerlm)."},
+    )
+    judge_question: str | None = field(
+        default=None,
+        metadata={"help": "head recipe, --pooling last, chat-template decoders: after the reply, ask the backbone "
+                          "this question in a user turn and read its state both at the reply's end and at the "
+                          "question's end, e.g. 'Rate your last reply: how good, helpful, funny and creative was "
+                          "it?' (on SmolLM2-135M-Instruct this helped humor and creativity; docs/apm.md)."},
     )
     cv: int | None = field(
         default=None,
@@ -325,6 +338,18 @@ def validate_config(config: ApmTrainConfig) -> None:
         config.__dict__["_cv_by_default"] = True  # not a field: only decides whether too little data is an error
     if config.pooling not in ("mean", "cls", "last"):
         raise ApmTrainError(f"--pooling must be mean, cls or last, got {config.pooling!r}", "pooling")
+    if config.prompt_format not in PROMPT_FORMATS:
+        raise ApmTrainError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {config.prompt_format!r}",
+                            "prompt_format")
+    if config.judge_question is not None:
+        if not config.judge_question.strip():
+            raise ApmTrainError("--judge-question is empty", "judge_question")
+        if config.recipe != "head" or config.pooling != "last":
+            raise ApmTrainError("--judge-question needs --recipe head and --pooling last (its answer is read at the "
+                                "question's last token)", "judge_question")
+        if config.prompt_format == "steerlm":
+            raise ApmTrainError("--judge-question needs the backbone's chat template (--prompt-format chat_template "
+                                "or auto)", "judge_question")
     if config.cv == 1 or config.cv < 0:
         raise ApmTrainError(f"--cv must be 0 (off) or at least 2 folds, got {config.cv}", "cv")
     if config.inner_folds < 2:
@@ -344,6 +369,27 @@ def validate_config(config: ApmTrainConfig) -> None:
                    if getattr(config, name) != ApmTrainConfig.__dataclass_fields__[name].default]
         if ignored:
             logger.warning("%s only apply to --recipe finetune; the head recipe ignores them", ", ".join(ignored))
+
+
+PROMPT_FORMATS = ("auto", "steerlm", "chat_template")
+
+
+def apm_template(config: ApmTrainConfig, schema: AttributeSchema, tokenizer) -> PromptTemplate:
+    """The prompt format of ``--prompt-format`` for this backbone's tokenizer."""
+    is_encoder = tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    fmt = config.prompt_format
+    if fmt == "auto":
+        fmt = "chat_template" if has_chat and not is_encoder else "steerlm"
+    if fmt == "steerlm":
+        if config.judge_question:
+            raise ApmTrainError("--judge-question needs a decoder backbone with a chat template; this one has "
+                                + ("none" if not has_chat else "an encoder layout"), "judge_question")
+        return PromptTemplate(schema)
+    if not has_chat:
+        raise ApmTrainError("--prompt-format chat_template: the backbone's tokenizer has no chat template",
+                            "prompt_format")
+    return ChatTemplatePrompt(schema, tokenizer)
 
 
 FINETUNE_ONLY = ("num_train_epochs", "max_steps", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type",
@@ -437,7 +483,8 @@ class FrozenBackbone:
         self.predictor = AttributePredictor(
             model, tokenizer, schema,
             {"template": template.to_dict(), "max_length": config.max_length, "min_context_tokens": MIN_CONTEXT_TOKENS,
-             "head": {"pooling": config.pooling, "layers": config.layers, "length_features": config.length_features}},
+             "head": {"pooling": config.pooling, "layers": config.layers, "length_features": config.length_features,
+                      "judge_question": config.judge_question}},
             torch.device("cpu") if config.device in (None, "cpu") or not torch.cuda.is_available()
             else torch.device(config.device or "cuda"),
         )
@@ -495,7 +542,8 @@ def save_head_apm(config: ApmTrainConfig, frozen: FrozenBackbone, tokenizer, hea
     save_steer_config(
         out, APM_KIND, schema, template.to_dict(),
         head={"type": "ridge", "pooling": config.pooling, "layers": list(config.layers),
-              "length_features": config.length_features, "length_feature_names": list(LENGTH_FEATURES),
+              "judge_question": config.judge_question, "length_features": config.length_features,
+              "length_feature_names": list(LENGTH_FEATURES),
               "alpha": [float(a) for a in head["alpha"]]},
         label_normalization={"mean": [0.0] * k, "std": [1.0] * k},
         **extra,
@@ -625,14 +673,16 @@ def main(config: ApmTrainConfig) -> dict:
     main_process = is_main_process(config.use_cpu)
     backbone = config.backbone or default_backbone()
     tokenizer = load_tokenizer(backbone, trust_remote_code=config.trust_remote_code)
-    template = PromptTemplate(schema)
+    template = apm_template(config, schema, tokenizer)
 
     convs, all_items = _load_all_items(config, schema)
-    truncated = count_truncated(encode_for_apm(it.messages, tokenizer, template, config.max_length) for it in all_items)
+    frozen = FrozenBackbone(config, backbone, tokenizer, template, schema) if config.recipe == "head" or config.cv else None
+    encode = frozen.predictor.encode if frozen is not None else (
+        lambda messages: encode_for_apm(messages, tokenizer, template, config.max_length))
+    truncated = count_truncated(encode(it.messages) for it in all_items)
     if truncated:
         logger.info("%d of %d rated replies do not fit in --max-length %d tokens: their oldest context (and, for a "
                     "reply longer than the window, its end) is cut", truncated, len(all_items), config.max_length)
-    frozen = FrozenBackbone(config, backbone, tokenizer, template, schema) if config.recipe == "head" or config.cv else None
     result: dict = {"recipe": config.recipe}
     out = Path(config.output_dir)
     n_groups = len({it.group for it in all_items})
@@ -723,6 +773,8 @@ def training_summary(config: ApmTrainConfig, train_items: int) -> dict:
         summary.update({
             "head": f"ridge per attribute, strength chosen on {config.inner_folds} grouped inner folds",
             "features": f"{config.pooling}-pooled layers {', '.join(map(str, config.layers))}"
+                        + (f" at the reply's end and after the question {config.judge_question!r}"
+                           if config.judge_question else "")
                         + (" + length features" if config.length_features else ""),
         })
     else:

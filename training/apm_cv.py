@@ -283,3 +283,52 @@ def ridge_probe(features: np.ndarray, targets: np.ndarray, groups: Sequence[str]
         return apply_head(head, features[test])
 
     return out_of_fold(folds, fit_predict, targets.shape[1])
+
+
+# ------------------------------------------------------------------- what the labels allow
+def rater_noise_ceiling(means: np.ndarray, counts: np.ndarray, groups: Sequence[str], min_stratum: int = 20,
+                        n_boot: int = 1000, seed: int = 0) -> dict:
+    """How well a perfect model could correlate with averaged ratings, from how their spread
+    shrinks with the number of raters.
+
+    A reply's label is the mean of ``c`` raters: ``m = t + e`` with ``Var(e) = s2 / c``. Among the
+    replies rated by ``c`` people the variance of ``m`` is then ``vt + s2 / c``; a weighted line
+    through the strata of ``c`` (each with at least ``min_stratum`` replies) gives the variance
+    of the true value ``vt`` and one rater's noise ``s2``. A model that predicts ``t`` exactly
+    reaches a pooled Pearson of ``sqrt(vt / (vt + s2 * mean(1 / c)))`` on these replies: the
+    ceiling. It assumes replies rated by fewer people are not otherwise different; with fewer than
+    two strata the ceiling is not identifiable (``None``). The interval resamples whole groups.
+    """
+    means, counts = np.asarray(means, dtype=float), np.asarray(counts, dtype=float)
+    groups = np.asarray([str(g) for g in groups])
+    ok = np.isfinite(means) & (counts >= 1)
+    means, counts, groups = means[ok], counts[ok], groups[ok]
+
+    def estimate(idx: np.ndarray) -> tuple[float, float, float] | None:
+        m, c = means[idx], counts[idx]
+        strata = [(k, m[c == k]) for k in np.unique(c) if (c == k).sum() >= min_stratum]
+        if len(strata) < 2:
+            return None
+        inv = np.array([1.0 / k for k, _ in strata])
+        var = np.array([v.var(ddof=1) for _, v in strata])
+        w = np.array([len(v) for _, v in strata], dtype=float)
+        design = np.stack([np.ones_like(inv), inv], axis=1) * np.sqrt(w)[:, None]
+        (vt, s2), *_ = np.linalg.lstsq(design, var * np.sqrt(w), rcond=None)
+        if vt <= 0:
+            return 0.0, float(s2), 0.0
+        return float(vt), float(s2), math.sqrt(vt / (vt + max(s2, 0.0) * float(np.mean(1.0 / c))))
+
+    point = estimate(np.arange(len(means)))
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    samples = []
+    if point is not None:
+        for _ in range(n_boot):
+            est = estimate(np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))]))
+            samples.append(est[2] if est is not None else np.nan)
+    strata = {int(k): int((counts == k).sum()) for k in np.unique(counts)}
+    if point is None:
+        return {"ceiling": None, "ci": None, "true_variance": None, "rater_variance": None, "strata": strata}
+    return {"ceiling": point[2], "ci": _interval(samples), "true_variance": point[0], "rater_variance": point[1],
+            "strata": strata}

@@ -354,6 +354,17 @@ class ChatTemplatePrompt(PromptTemplate):
                 "message contents, so it cannot be kept as plain text; remove it", where)
         return located
 
+    def question_turn(self, question: str) -> str:
+        """The text this chat template writes after a finished assistant reply for a user turn
+        asking ``question``, up to where the assistant would answer it. An APM reads a decoder's
+        state there: the model has just been asked to judge the reply above (see docs/apm.md)."""
+        user = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        done = self._chat(user, generation_prompt=False)
+        asked = self._chat(user + [{"role": "user", "content": self.escape(question)}], generation_prompt=True)
+        if not asked.startswith(done):
+            raise ValueError("this chat template does not render conversations as growing prefixes")
+        return asked[len(done):]
+
     def _render(self, msgs: list[Message], mode: Mode, requested: dict[str, int],
                 contents: list[str] | None = None) -> list[Segment]:
         """Segments of the conversation; with ``contents``, each message content (and the default

