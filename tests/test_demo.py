@@ -144,6 +144,9 @@ def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(shar
     assert rows == {("demo APM", a) for a in ("helpfulness", "humor", "creativity")}
     assert {"prompt_baseline", "policy_best_of_1", "policy_best_of_2"} <= set(report["comparison"][0])
     assert len(report["general_answers"]) == 3 and all("policy" in a for a in report["general_answers"])
+    sft = json.loads((work / "policy" / "sft_metrics.json").read_text())
+    assert report["sft_label_gain"] == {"before": sft["eval_label_gain_before"], "after": sft["eval_label_gain_after"]}
+    assert isinstance(report["sft_label_gain"]["after"], float)
     assert (work / "eval" / "report.json").exists()
     out = capsys.readouterr().out
-    assert "prompt steering of the unmodified base" in out
+    assert "prompt steering of the unmodified base" in out and "SFT label gain" in out

@@ -279,3 +279,42 @@ def test_qlora_steps_on_half_billion_shaped_model(sft_conversations, write_conve
           f"{metrics['eval_loss_after']:.3f}")
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert peak_gib < 4.0
+
+
+def test_mirrored_labels_flip_every_value_on_its_scale_and_keep_the_text(sft_conversations):
+    from steer.training.sft import mirror_labels
+
+    schema = get_schema("oasst")
+    convs = sft_conversations(6)
+    mirrored = mirror_labels(convs, schema)
+    assert [c.id for c in mirrored] == [c.id for c in convs]
+    for conv, flip in zip(convs, mirrored):
+        assert [m.content for m in flip.messages] == [m.content for m in conv.messages]
+        for m, f in zip(conv.messages, flip.messages):
+            assert f.labels == {k: schema[k].min + schema[k].max - v for k, v in m.labels.items()}
+    assert convs[1].messages[2].labels == {"humor": 4, "quality": 3}  # the input is not modified
+
+
+def test_label_gain_is_about_zero_before_training_and_clearly_positive_once_the_policy_listens(
+        shared_path, write_conversations, tmp_path):
+    """Each question is asked twice, once answered plainly (humor 0) and once with a joke (humor 4):
+    only the label tells the two apart, so a policy that finds each reply likelier under its own
+    labels has learned the conditioning."""
+    from steer.core.conversation import Conversation
+
+    convs = []
+    for i in range(60):
+        for funny in (0, 1):
+            reply = f"Item {i} costs {i % 7} coins." + (" Ha, a bargain for a goblin!" if funny else "")
+            convs.append(Conversation([Message("system", "You are a shopkeeper."),
+                                       Message("user", f"How much is item {i}?"),
+                                       Message("assistant", reply, labels={"humor": 4 * funny, "quality": 3})],
+                                      id=f"c{i}-{funny}", group=f"g{i}"))
+    data = write_conversations(tmp_path / "train.jsonl", convs)
+    metrics = main(SftConfig(base_model=str(shared_path("models", "stories260K")), data=str(data),
+                             output_dir=str(tmp_path / "policy"), max_steps=200, per_device_train_batch_size=8,
+                             learning_rate=5e-3, eval_fraction=0.2, logging_steps=50))
+    # The replies' text is learned within 30 steps (eval loss 4.7 -> 0.3) while the gain stays at
+    # 0; the conditioning comes later (0.30 at step 200 when this test was written).
+    assert abs(metrics["eval_label_gain_before"]) < 0.05, metrics
+    assert metrics["eval_label_gain_after"] > 0.1, metrics

@@ -221,6 +221,31 @@ def load_sft_conversations(config: SftConfig) -> tuple[list[Conversation], Attri
     return convs, schema
 
 
+def mirror_labels(conversations: Sequence[Conversation], schema: AttributeSchema) -> list[Conversation]:
+    """The labelled conversations with every label mirrored on its scale (``v -> min + max - v``):
+    the same replies, conditioned on the opposite values."""
+    from dataclasses import replace
+
+    out = []
+    for conv in conversations:
+        messages = [replace(m, labels={k: schema[k].min + schema[k].max - v if k in schema.names else v
+                                       for k, v in m.labels.items()}) if m.labels else m
+                    for m in conv.messages]
+        out.append(replace(conv, messages=messages))
+    return out
+
+
+def label_gain(trainer, labelled: SftDataset, mirrored: SftDataset) -> float | None:
+    """How much the policy's own labels lower its loss on the labelled eval replies: their loss
+    under :func:`mirror_labels` minus under their own labels, in nats per reply token. A policy that
+    learned the conditioning scores clearly above 0; one that ignores its labels scores about 0,
+    however low its loss. (Replies rated at a scale's midpoint mirror to themselves and add 0.)"""
+    if not len(labelled):
+        return None
+    own = trainer.evaluate(eval_dataset=labelled, metric_key_prefix="labelled")["labelled_loss"]
+    return round(trainer.evaluate(eval_dataset=mirrored, metric_key_prefix="mirrored")["mirrored_loss"] - own, 4)
+
+
 @dataclass
 class TokenizeStats:
     """What truncation did, summed over the calls (train and eval split) and reported once."""
@@ -720,9 +745,13 @@ def main(config: SftConfig) -> dict[str, Any]:
         processing_class=tokenizer,
     )
     metrics: dict[str, Any] = {"train_examples": len(train_set), "eval_examples": len(eval_set)}
+    labelled = [c for c in eval_convs if any(m.labels for m in c.messages)]
+    label_sets = tuple(SftDataset(tokenize_conversations(convs, template, tokenizer, config.max_length, TokenizeStats()))
+                       for convs in (labelled, mirror_labels(labelled, schema)))
     if len(eval_set) and resume_from is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         logger.info("eval loss before training: %.4f", metrics["eval_loss_before"])
+        metrics["eval_label_gain_before"] = label_gain(trainer, *label_sets)
     if resume_from is not None:
         logger.info("resuming from %s", resume_from)
     start = time.perf_counter()
@@ -737,6 +766,11 @@ def main(config: SftConfig) -> dict[str, Any]:
     if len(eval_set):
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         logger.info("eval loss after training: %.4f", metrics["eval_loss_after"])
+        metrics["eval_label_gain_after"] = label_gain(trainer, *label_sets)
+        if metrics["eval_label_gain_after"] is not None:
+            logger.info("label gain after training: %.4f nats per reply token (the eval replies' loss under "
+                        "mirrored labels minus under their own; about 0 means the policy ignores its labels)",
+                        metrics["eval_label_gain_after"])
 
     # Weights sharded over the processes (FSDP, ZeRO-3): all of them take part in gathering the full
     # state for the first one, which saves the adapter out of it.

@@ -166,8 +166,11 @@ def evaluate(config, work: Path) -> dict[str, Any]:
     ))
     (work / "eval" / "report.json").write_text(json.dumps(eval_report, indent=2) + "\n", encoding="utf-8")
     comparison = compare(eval_report)
+    metrics_file = work / "policy" / "sft_metrics.json"
+    sft = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
     return {"mode": "base_model", "base_model": config.base_model, "steerability": eval_report["steerability"],
             "baseline": eval_report.get("baseline"), "comparison": comparison,
+            "sft_label_gain": {"before": sft.get("eval_label_gain_before"), "after": sft.get("eval_label_gain_after")},
             "eval_report": str(work / "eval" / "report.json"), **general_ability(config, work)}
 
 
@@ -203,6 +206,10 @@ def format_comparison(report: dict[str, Any]) -> str:
         lines.append(f"{r['judge']:<16} {r['attribute']:<12} {fmt(r['prompt_baseline']):>15} "
                      + " ".join(f"{fmt(r[k]):>10}" for k in sizes))
     lines.append("\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()))
+    gain = report.get("sft_label_gain") or {}
+    if gain.get("after") is not None:
+        lines.append(f"\nSFT label gain (held-out replies' loss under mirrored labels minus their own, nats per "
+                     f"token; about 0 = the labels are ignored): before {fmt(gain['before'])}, after {fmt(gain['after'])}")
     loss = report.get("oasst_reply_loss", {})
     if loss.get("n_replies"):
         lines.append(f"\nOpenAssistant reply loss ({loss['n_replies']} held-out replies): "
