@@ -26,6 +26,7 @@ import json
 import logging
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -197,7 +198,9 @@ def main() -> None:
     results["all_cv"] = cross_validate(config, every, schema, backbone, tokenizer, template, frozen)
     if args.compare_default and config.recipe == "head":
         compare_with_default(results, config, frozen, dev, hold, every, schema, args.bootstrap)
-    results["noise_ceiling"] = noise_ceilings(args.data, every, headline, args.bootstrap)
+    # Rater counts are read from the OpenAssistant JSONL itself (a hub id has no file to read).
+    if Path(args.data).is_file():
+        results["noise_ceiling"] = noise_ceilings(args.data, every, headline, args.bootstrap)
     results["peak_rss_mb"] = round(_peak_rss_mb())
     print(json.dumps(results, indent=2))
 
@@ -223,7 +226,7 @@ def main() -> None:
                 print(f"  {name:<34} {d['difference']:6.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]")
     print("\nceiling set by rater noise (a perfect model's Pearson with the rater means) [95% CI], "
           "true and one-rater variance, replies per number of raters")
-    for name, c in results["noise_ceiling"].items():
+    for name, c in results.get("noise_ceiling", {}).items():
         if c["ceiling"] is None:
             print(f"  {name:<12}   -  not identifiable (fewer than two numbers of raters with 20+ replies) {c['strata']}")
         else:

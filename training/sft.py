@@ -222,8 +222,8 @@ def load_sft_conversations(config: SftConfig) -> tuple[list[Conversation], Attri
 
 
 def mirror_labels(conversations: Sequence[Conversation], schema: AttributeSchema) -> list[Conversation]:
-    """The labelled conversations with every label mirrored on its scale (``v -> min + max - v``):
-    the same replies, conditioned on the opposite values."""
+    """The conversations with every label mirrored on its scale (``v -> min + max - v``): the same
+    replies, conditioned on the opposite values (unlabelled messages stay as they are)."""
     from dataclasses import replace
 
     out = []
