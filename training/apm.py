@@ -511,7 +511,11 @@ class FrozenBackbone:
             saved = (p.pooling, p.layers, p.length_features)
             p.pooling, p.layers, p.length_features = pooling, missing, False
             try:
-                rows = p.features([it.messages for it in items], batch_size=self.config.per_device_train_batch_size * 2)
+                # A decoder backbone takes about a second per reply on a CPU: show the pass, as
+                # the Trainer shows its steps (off with --disable-tqdm, or when logging is quiet).
+                progress = not self.config.disable_tqdm and logger.isEnabledFor(logging.INFO)
+                rows = p.features([it.messages for it in items], batch_size=self.config.per_device_train_batch_size * 2,
+                                  progress=progress)
             finally:
                 p.pooling, p.layers, p.length_features = saved
             for n, layer in enumerate(missing):
