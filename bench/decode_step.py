@@ -68,7 +68,6 @@ def time_mixed(generator, prepared, joining, tokens: int, sync, copy: bool = Fal
 
     from steer.runtime.model_runner import left_pad, prefill
     from steer.runtime.mixed_step import JoiningPrompt, mixed_step, supports_mixed_step
-    from steer.runtime.rows import common_prefix_length
 
     ids, mask = left_pad([p.prompt_ids for p in prepared], generator.pad_token_id, generator.device)
     _, state = prefill(generator.model, ids, mask)

@@ -45,6 +45,7 @@ from steer.models.apm import (
     count_truncated,
     default_backbone,
     encode_for_apm,
+    has_pair_layout,
     pad_batch,
     quiet_model_loading,
     save_head,
@@ -376,7 +377,7 @@ PROMPT_FORMATS = ("auto", "steerlm", "chat_template")
 
 def apm_template(config: ApmTrainConfig, schema: AttributeSchema, tokenizer) -> PromptTemplate:
     """The prompt format of ``--prompt-format`` for this backbone's tokenizer."""
-    is_encoder = tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+    is_encoder = has_pair_layout(tokenizer)
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     fmt = config.prompt_format
     if fmt == "auto":

