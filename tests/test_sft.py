@@ -8,6 +8,7 @@ from steer.core.attributes import get_schema
 from steer.core.conversation import Message
 from steer.models.modeling import ModelLoadError
 from steer.core.template import IGNORE_INDEX, PromptTemplate
+from steer.training.train_args import TRAINING_CONFIG_FILE
 from steer.training.sft import (
     SftCollator,
     SftConfig,
@@ -220,6 +221,10 @@ def test_bad_config_is_a_clear_error(tiny_base, tmp_path):
     with pytest.raises(SftError) as e:
         main(SftConfig(base_model=str(tiny_base), data="x", output_dir="y", eval_fraction=1.5))
     assert e.value.field == "eval_fraction"
+    for bad in ({"label_contrast": -1.0}, {"label_contrast_margin": 0.0}):
+        with pytest.raises(SftError) as e:
+            SftConfig(base_model="b", data="x", output_dir="y", **bad)
+        assert e.value.field == next(iter(bad))
 
 
 def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(shared_path, tmp_path):
@@ -295,8 +300,7 @@ def test_mirrored_labels_flip_every_value_on_its_scale_and_keep_the_text(sft_con
     assert convs[1].messages[2].labels == {"humor": 4, "quality": 3}  # the input is not modified
 
 
-def test_label_gain_is_about_zero_before_training_and_clearly_positive_once_the_policy_listens(
-        shared_path, write_conversations, tmp_path):
+def _humor_only_data(write_conversations, path):
     """Each question is asked twice, once answered plainly (humor 0) and once with a joke (humor 4):
     only the label tells the two apart, so a policy that finds each reply likelier under its own
     labels has learned the conditioning."""
@@ -310,7 +314,12 @@ def test_label_gain_is_about_zero_before_training_and_clearly_positive_once_the_
                                        Message("user", f"How much is item {i}?"),
                                        Message("assistant", reply, labels={"humor": 4 * funny, "quality": 3})],
                                       id=f"c{i}-{funny}", group=f"g{i}"))
-    data = write_conversations(tmp_path / "train.jsonl", convs)
+    return write_conversations(path, convs)
+
+
+def test_label_gain_is_about_zero_before_training_and_clearly_positive_once_the_policy_listens(
+        shared_path, write_conversations, tmp_path):
+    data = _humor_only_data(write_conversations, tmp_path / "train.jsonl")
     metrics = main(SftConfig(base_model=str(shared_path("models", "stories260K")), data=str(data),
                              output_dir=str(tmp_path / "policy"), max_steps=200, per_device_train_batch_size=8,
                              learning_rate=5e-3, eval_fraction=0.2, logging_steps=50))
@@ -318,3 +327,74 @@ def test_label_gain_is_about_zero_before_training_and_clearly_positive_once_the_
     # conditioning comes later (0.30 after 200 steps when this test was written).
     assert abs(metrics["eval_label_gain_before"]) < 0.05, metrics
     assert metrics["eval_label_gain_after"] > 0.1, metrics
+
+
+def test_label_contrast_teaches_the_conditioning_in_the_steps_plain_sft_spends_on_the_text(
+        shared_path, write_conversations, tmp_path):
+    data = _humor_only_data(write_conversations, tmp_path / "train.jsonl")
+    runs = {}
+    for weight in (0.0, 1.0):
+        runs[weight] = main(SftConfig(
+            base_model=str(shared_path("models", "stories260K")), data=str(data), output_dir=str(tmp_path / f"p{weight}"),
+            max_steps=40, per_device_train_batch_size=8, learning_rate=5e-3, eval_fraction=0.2, logging_steps=10,
+            label_contrast=weight))
+    plain, contrast = runs[0.0], runs[1.0]
+    # When written: gain 0.0004 plain, 0.76 with the contrast; eval loss 0.26 both.
+    assert plain["eval_label_gain_after"] < 0.05, plain
+    assert contrast["eval_label_gain_after"] > 0.3, contrast
+    # The replies are learned as well as without it (the eval loss is under their own labels).
+    assert contrast["eval_loss_after"] < 1.5 * plain["eval_loss_after"], (plain, contrast)
+    saved = json.loads((tmp_path / "p1.0" / TRAINING_CONFIG_FILE).read_text())
+    assert saved["label_contrast"] == 1.0 and saved["label_contrast_margin"] == 0.3
+
+
+def test_contrast_copies_are_the_same_reply_under_mirrored_labels(sft_conversations, llama_tokenizer):
+    from steer.core.conversation import Conversation
+
+    template = PromptTemplate(SCHEMA)
+    convs = sft_conversations(4)
+    midpoint = {a.name: (a.min + a.max) // 2 for a in SCHEMA.attributes if (a.min + a.max) % 2 == 0}
+    convs.append(Conversation([Message("user", "Hi"), Message("assistant", "Hello.", labels=midpoint)], id="mid"))
+    examples = tokenize_conversations(convs, template, llama_tokenizer, max_length=512, contrast_schema=SCHEMA)
+    assert examples[-1].contrast is None  # mirroring a midpoint changes nothing: no pair to contrast
+    for ex in examples[:-1]:
+        assert ex.contrast is not None and ex.contrast.input_ids != ex.input_ids
+        reply = [t for t in ex.labels if t != IGNORE_INDEX]
+        assert [t for t in ex.contrast.labels if t != IGNORE_INDEX] == reply
+    assert all(ex.contrast is None for ex in tokenize_conversations(convs, template, llama_tokenizer, 512))
+
+    batch = SftCollator(llama_tokenizer.pad_token_id)(
+        [{"input_ids": e.input_ids, "labels": e.labels,
+          **({"contrast_input_ids": e.contrast.input_ids, "contrast_labels": e.contrast.labels} if e.contrast else {})}
+         for e in reversed(examples)])
+    assert batch["contrast_rows"].tolist() == [1, 2, 3, 4]  # row 0 is the midpoint example
+    for row, ex in zip(batch["contrast_rows"].tolist(), reversed(examples[:-1])):
+        n = len(ex.contrast.input_ids)
+        i = row - 1
+        assert batch["contrast_input_ids"][i, :n].tolist() == ex.contrast.input_ids
+        assert batch["contrast_attention_mask"][i, :n].all() and not batch["contrast_attention_mask"][i, n:].any()
+        assert batch["input_ids"][row, :len(ex.input_ids)].tolist() == ex.input_ids
+
+
+def test_contrast_loss_is_plain_cross_entropy_plus_a_hinge_on_the_label_gap():
+    from steer.training.label_contrast import contrast_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[:, :2] = IGNORE_INDEX
+    labels[2] = labels[0]  # row 2 mirrors row 0
+    own_ce = torch.nn.functional.cross_entropy(logits[:2, :-1].reshape(-1, 11), labels[:2, 1:].reshape(-1),
+                                               ignore_index=IGNORE_INDEX)
+    ce, hinge, gap = contrast_loss(logits, labels, 2, torch.tensor([0]), margin=0.5)
+    assert torch.allclose(ce, own_ce)
+    # Same logits under both label sets: no gap, the full margin is missing.
+    logits[2] = logits[0]
+    ce, hinge, gap = contrast_loss(logits, labels, 2, torch.tensor([0]), margin=0.5)
+    assert abs(float(gap)) < 1e-6 and abs(float(hinge) - 0.5) < 1e-6
+    # The reply's tokens far less likely under the mirrored labels: the margin is met, no loss.
+    logits[2].scatter_(1, labels[0].clamp(min=0).roll(-1).unsqueeze(1), -30.0)
+    ce, hinge, gap = contrast_loss(logits, labels, 2, torch.tensor([0]), margin=0.5)
+    assert float(gap) > 0.5 and float(hinge) == 0.0
+    ce, hinge, gap = contrast_loss(logits, labels, 2, torch.tensor([], dtype=torch.long), margin=0.5)
+    assert float(hinge) == 0.0 and torch.allclose(ce, own_ce)

@@ -39,12 +39,16 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 
-# ``steer demo --base-model``: settings that fit a ~135M chat model on 2 CPU cores within the demo's
-# 45-minute budget. With SmolLM2-135M-Instruct a LoRA step (rank 16, attention + MLP) over 8
-# sequences of up to 192 tokens took 4.4-6.3 s, and the whole run 34 minutes (docs/sft.md).
+# ``steer demo --base-model``: settings that fit a ~135M chat model on a small CPU within about the
+# demo's 45-minute budget. Plain LoRA SFT of SmolLM2-135M-Instruct learned the replies' text and
+# ignored its labels in every run that fit (96-240 steps; label gain 0.0003-0.0037), so the default
+# adds the label contrast (steer sft --label-contrast), which needs the labels opening the reply:
+# 100 steps of 8 sequences of at most 192 tokens at 15 s per step, 48 min in all on one core
+# (docs/sft.md, fourth run).
 PRETRAINED_DEFAULTS = {
-    "sft_steps": 160, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 2e-4, "lora_r": 16,
+    "sft_steps": 100, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 4e-4, "lora_r": 16,
     "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64, "label_placement": "reply",
+    "sft_label_contrast": 10.0,
 }
 
 
@@ -96,6 +100,8 @@ class DemoConfig:
     label_placement: str | None = field(default=None, metadata={
         "help": "With --base-model and a chat-template base: where the attribute labels go (reply: opening the "
                 "assistant turn, as SteerLM does; system: closing the system message)."})
+    sft_label_contrast: float | None = field(default=None, metadata={
+        "help": "With --base-model: weight of the label-contrast term of the SFT (steer sft --label-contrast)."})
     heldout_replies: int | None = field(default=None, metadata={
         "help": "With --base-model: OpenAssistant replies whose loss is measured before and after SFT."})
 
@@ -152,7 +158,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "judge": ("judge_apm", "judge_data", "judge_format"),
     "base": ("limit", "vocab_size", "hidden_size", "num_layers", "pretrain_epochs"),
     "sft": ("base_model", "limit", "apm_limit", "lora_r", "sft_epochs", "sft_lr", "sft_steps", "sft_batch_size",
-            "sft_max_length", "label_placement"),
+            "sft_max_length", "label_placement", "sft_label_contrast"),
     "evaluate": ("base_model", "eval_prompts", "max_new_tokens", "samples", "seeds", "temperature", "best_of",
                  "heldout_replies", "judge_apm", "judge_data", "judge_format"),
 }

@@ -69,8 +69,9 @@ def stage_sft(config, work: Path) -> None:
         base_model=config.base_model, data=str(data), output_dir=str(work / "policy"), format="steer",
         schema=str(work / "apm"), template=template, label_placement=config.label_placement, lora_r=config.lora_r,
         lora_alpha=2 * config.lora_r, lora_dropout=0.05, max_steps=config.sft_steps,
-        per_device_train_batch_size=config.sft_batch_size, learning_rate=config.sft_lr, max_length=config.sft_max_length, eval_fraction=0.02, save_steps=40, resume=True, logging_steps=10,
-        limit=config.limit,
+        per_device_train_batch_size=config.sft_batch_size, learning_rate=config.sft_lr, max_length=config.sft_max_length,
+        eval_fraction=0.02, save_steps=40, resume=True, logging_steps=10, limit=config.limit,
+        label_contrast=config.sft_label_contrast,
     ))
 
 
