@@ -584,8 +584,8 @@ def sft_fingerprint(config: SftConfig) -> dict[str, Any]:
     keys = ("format", "schema", "template", "label_placement", "default_system", "lora_r", "lora_alpha", "lora_dropout",
             "lora_target_modules", "lora_modules_to_save", "num_train_epochs", "max_steps", "learning_rate",
             "lr_scheduler_type", "warmup_steps", "weight_decay", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "max_length", "eval_fraction", "limit", "load_in_4bit", "dtype", "seed", "label_contrast",
-            "label_contrast_margin")
+            "gradient_accumulation_steps", "max_length", "eval_fraction", "limit", "load_in_4bit", "dtype", "seed",
+            "label_contrast", "label_contrast_margin")
     return {
         "data": str(data.resolve()) if data.exists() else config.data,
         "data_sha256": _file_digest(data) if data.is_file() else None,
@@ -794,9 +794,11 @@ def main(config: SftConfig) -> dict[str, Any]:
 
         trainer_class = LabelContrastTrainer
         contrast = {"label_contrast": config.label_contrast, "label_contrast_margin": config.label_contrast_margin}
-        logger.info("label contrast (weight %g, margin %g) on %d of %d training examples", config.label_contrast,
-                    config.label_contrast_margin, sum(ex.contrast is not None for ex in train_set.examples),
-                    len(train_set))
+        contrasted = sum(ex.contrast is not None for ex in train_set.examples)
+        logger.log(logging.INFO if contrasted else logging.WARNING,
+                   "label contrast (weight %g, margin %g) on %d of %d training examples%s", config.label_contrast,
+                   config.label_contrast_margin, contrasted, len(train_set),
+                   "" if contrasted else ": no reply has labels off its scale's midpoint, so it changes nothing")
     trainer = trainer_class(
         model=model,
         args=args,
