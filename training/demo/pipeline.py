@@ -39,16 +39,16 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 
-# ``steer demo --base-model``: settings that fit a ~135M chat model on a small CPU within about the
-# demo's 45-minute budget. Plain LoRA SFT of SmolLM2-135M-Instruct learned the replies' text and
-# ignored its labels in every run that fit (96-240 steps; label gain 0.0003-0.0037), so the default
-# adds the label contrast (steer sft --label-contrast), which needs the labels opening the reply:
-# 100 steps of 8 sequences of at most 192 tokens at 15 s per step, 48 min in all on one core
-# (docs/sft.md, fourth run).
+# ``steer demo --base-model``: settings that fit a ~135M chat model on a small CPU within the demo's
+# 45-minute budget. Plain LoRA SFT of SmolLM2-135M-Instruct learned the replies' text and ignored
+# its labels in every run that fit (96-240 steps; label gain 0.0003-0.0037), so the default adds
+# the label contrast (steer sft --label-contrast), which needs the labels opening the reply. At
+# weight 3, 100 steps of 8 sequences of at most 192 tokens (15 s each) reached a label gain of
+# 0.243, and the whole run took 44.5 min on one core (docs/sft.md, fifth run; weight 10 was unsteady).
 PRETRAINED_DEFAULTS = {
     "sft_steps": 100, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 4e-4, "lora_r": 16,
     "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64, "label_placement": "reply",
-    "sft_label_contrast": 10.0,
+    "sft_label_contrast": 3.0,
 }
 
 
