@@ -102,6 +102,13 @@ def test_a_stage_reruns_with_the_stages_after_it_when_its_settings_change(tmp_pa
     run_all({**quick, "b": {"epochs": 6.0}})
     assert calls[-3:] == ["a", "b", "c"]
 
+    # A setting a newer steer added: unset, the older record still counts; set, the stage reruns.
+    n = len(calls)
+    run_all({**quick, "b": {"epochs": 6.0}, "c": {**quick["c"], "new_knob": None}})
+    assert calls[n:] == []
+    run_all({**quick, "b": {"epochs": 6.0}, "c": {**quick["c"], "new_knob": 3.0}})
+    assert calls[n:] == ["c"]
+
 
 def test_format_report_shows_both_settings_side_by_side():
     report = {

@@ -171,6 +171,14 @@ def stage_settings(config: DemoConfig, name: str) -> dict[str, Any]:
     return {key: getattr(config, key) for key in STAGE_SETTINGS[name]}
 
 
+def _same_settings(recorded: dict[str, Any] | None, settings: dict[str, Any]) -> bool:
+    """Whether a stage ran with ``settings``. A setting that a newer steer added is recorded by
+    none of the older runs; when it is unset (None) the older run counts as having had it unset."""
+    if recorded is None:
+        return False
+    return all(recorded.get(k) == settings.get(k) for k in set(recorded) | set(settings))
+
+
 class Stages:
     """Finished stages are recorded in ``WORKDIR/stages/NAME.done`` with the settings they ran with.
 
@@ -204,14 +212,14 @@ class Stages:
         the files and directories the stage writes, removed when it starts over."""
         settings = json.loads(json.dumps(settings or {}))  # compared as stored (tuples become lists)
         done, started = self._record(name, "done"), self._record(name, "started")
-        if done is not None and done.get("settings") == settings and not self.ran:
+        if done is not None and _same_settings(done.get("settings"), settings) and not self.ran:
             logger.info("stage %s: already done, reusing it", name)
             self.timings[name] = done.get("seconds", 0.0)
             return
         previous = done if done is not None else started
         if self.ran:
             why = f"{self.ran[-1]} ran again"
-        elif previous is not None and previous.get("settings") != settings:
+        elif previous is not None and not _same_settings(previous.get("settings"), settings):
             old = previous.get("settings")
             why = ("its settings were not recorded" if old is None else
                    "settings changed: " + ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items()
