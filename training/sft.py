@@ -810,10 +810,12 @@ def main(config: SftConfig) -> dict[str, Any]:
     )
     metrics: dict[str, Any] = {"train_examples": len(train_set), "eval_examples": len(eval_set)}
     labelled = [c for c in eval_convs if any(m.labels for m in c.messages)]
-    label_sets = tuple(SftDataset(tokenize_conversations(convs, template, tokenizer, config.max_length, TokenizeStats()))
-                       for convs in (labelled, mirror_labels(labelled, schema)))
-    # Rated data usually labels every eval reply: then the eval loss is the labelled replies' loss.
-    eval_is_labelled = [e.input_ids for e in label_sets[0].examples] == [e.input_ids for e in eval_set.examples]
+    # Rated data usually labels every eval reply: then the eval set (and its loss) is theirs.
+    eval_is_labelled = len(labelled) == len(eval_convs)
+    label_sets = tuple(
+        eval_set if convs is eval_convs else
+        SftDataset(tokenize_conversations(convs, template, tokenizer, config.max_length, TokenizeStats()))
+        for convs in (eval_convs if eval_is_labelled else labelled, mirror_labels(labelled, schema)))
     if len(eval_set) and resume_from is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         logger.info("eval loss before training: %.4f", metrics["eval_loss_before"])
