@@ -176,3 +176,15 @@ def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(shar
     assert (work / "eval" / "report.json").exists()
     out = capsys.readouterr().out
     assert "prompt steering of the unmodified base" in out and "SFT label gain" in out
+
+
+def test_bad_sft_choices_are_refused_before_any_stage_runs(tmp_path):
+    from steer.training.demo.pipeline import DemoError
+
+    for bad in ({"label_placement": "middle"}, {"sft_label_contrast_mirror": "both"}):
+        with pytest.raises(DemoError) as e:
+            DemoConfig(workdir=str(tmp_path / "w"), base_model="model.gguf", **bad)
+        assert e.value.field == next(iter(bad)) and repr(next(iter(bad.values()))) in str(e.value)
+    assert not (tmp_path / "w").exists()
+    assert DemoConfig(base_model="model.gguf").sft_label_contrast_mirror == "one"
+    assert DemoConfig().sft_label_contrast_mirror is None  # the tiny demo trains without the contrast

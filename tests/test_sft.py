@@ -10,6 +10,7 @@ from steer.models.modeling import ModelLoadError
 from steer.core.template import IGNORE_INDEX, PromptTemplate
 from steer.training.train_args import TRAINING_CONFIG_FILE
 from steer.training.sft import (
+    ContrastPicker,
     SftCollator,
     SftConfig,
     SftError,
@@ -221,7 +222,7 @@ def test_bad_config_is_a_clear_error(tiny_base, tmp_path):
     with pytest.raises(SftError) as e:
         main(SftConfig(base_model=str(tiny_base), data="x", output_dir="y", eval_fraction=1.5))
     assert e.value.field == "eval_fraction"
-    for bad in ({"label_contrast": -1.0}, {"label_contrast_margin": 0.0}):
+    for bad in ({"label_contrast": -1.0}, {"label_contrast_margin": 0.0}, {"label_contrast_mirror": "some"}):
         with pytest.raises(SftError) as e:
             SftConfig(base_model="b", data="x", output_dir="y", **bad)
         assert e.value.field == next(iter(bad))
@@ -312,7 +313,8 @@ def _humor_only_data(write_conversations, path):
             reply = f"Item {i} costs {i % 7} coins." + (" Ha, a bargain for a goblin!" if funny else "")
             convs.append(Conversation([Message("system", "You are a shopkeeper."),
                                        Message("user", f"How much is item {i}?"),
-                                       Message("assistant", reply, labels={"humor": 4 * funny, "quality": 3})],
+                                       # quality at its midpoint: mirroring leaves it as it is
+                                       Message("assistant", reply, labels={"humor": 4 * funny, "quality": 2})],
                                       id=f"c{i}-{funny}", group=f"g{i}"))
     return write_conversations(path, convs)
 
@@ -339,13 +341,49 @@ def test_label_contrast_teaches_the_conditioning_in_the_steps_plain_sft_spends_o
             max_steps=40, per_device_train_batch_size=8, learning_rate=5e-3, eval_fraction=0.2, logging_steps=10,
             label_contrast=weight))
     plain, contrast = runs[0.0], runs[1.0]
-    # When written: gain 0.0004 plain, 0.76 with the contrast; eval loss 0.26 both.
+    # When written: gain 0.30 with the contrast (its margin), about 0 plain; eval loss 0.26 both.
     assert plain["eval_label_gain_after"] < 0.05, plain
-    assert contrast["eval_label_gain_after"] > 0.3, contrast
+    assert contrast["eval_label_gain_after"] > 0.2, (plain, contrast)
     # The replies are learned as well as without it (the eval loss is under their own labels).
     assert contrast["eval_loss_after"] < 1.5 * plain["eval_loss_after"], (plain, contrast)
     saved = json.loads((tmp_path / "p1.0" / TRAINING_CONFIG_FILE).read_text())
     assert saved["label_contrast"] == 1.0 and saved["label_contrast_margin"] == 0.3
+    assert saved["label_contrast_mirror"] == "one"
+
+
+def _humor_and_creativity_data(write_conversations, path):
+    """Every question answered four ways: with or without a long scenic opening (creativity 4 or 0)
+    and with or without a short joke at the end (humor 4 or 0). The opening is the easier label to
+    learn: it is longer and comes first."""
+    from steer.core.conversation import Conversation
+
+    convs = []
+    for i in range(48):
+        for funny in (0, 1):
+            for scenic in (0, 1):
+                reply = (("The shop smells of cinnamon and old maps, and the lamps hum like sleepy bees. " if scenic
+                          else "") + f"Item {i} costs {i % 7} coins." + (" Ha, a bargain for a goblin!" if funny else ""))
+                convs.append(Conversation(
+                    [Message("user", f"How much is item {i}?"),
+                     Message("assistant", reply, labels={"humor": 4 * funny, "creativity": 4 * scenic})],
+                    id=f"c{i}-{funny}{scenic}", group=f"g{i}"))
+    return write_conversations(path, convs)
+
+
+def test_mirroring_one_label_at_a_time_teaches_the_label_that_mirroring_all_leaves_behind(
+        shared_path, write_conversations, tmp_path):
+    data = _humor_and_creativity_data(write_conversations, tmp_path / "train.jsonl")
+    gains = {}
+    for mirror in ("all", "one"):
+        metrics = main(SftConfig(
+            base_model=str(shared_path("models", "stories260K")), data=str(data), output_dir=str(tmp_path / mirror),
+            max_steps=80, per_device_train_batch_size=8, learning_rate=5e-3, eval_fraction=0.2, logging_steps=20,
+            label_contrast=1.0, label_contrast_mirror=mirror, label_gain_by_attribute=True))
+        gains[mirror] = metrics["eval_label_gain_by_attribute"]
+    # When written: all {humor 0.098, creativity 0.617}, one {humor 0.248, creativity 0.436}. Mirroring
+    # both labels at once, the opening alone met the margin by step 60 and the term went quiet.
+    assert gains["one"]["humor"] > max(0.15, 2 * gains["all"]["humor"]), gains
+    assert gains["one"]["creativity"] > 0.3, gains
 
 
 def test_contrast_copies_are_the_same_reply_under_mirrored_labels(sft_conversations, llama_tokenizer):
@@ -355,7 +393,8 @@ def test_contrast_copies_are_the_same_reply_under_mirrored_labels(sft_conversati
     convs = sft_conversations(4)
     midpoint = {a.name: (a.min + a.max) // 2 for a in SCHEMA.attributes if (a.min + a.max) % 2 == 0}
     convs.append(Conversation([Message("user", "Hi"), Message("assistant", "Hello.", labels=midpoint)], id="mid"))
-    examples = tokenize_conversations(convs, template, llama_tokenizer, max_length=512, contrast_schema=SCHEMA)
+    examples = tokenize_conversations(convs, template, llama_tokenizer, max_length=512,
+                                      contrast=ContrastPicker(SCHEMA, "all"))
     assert examples[-1].contrast is None  # mirroring a midpoint changes nothing: no pair to contrast
     for ex in examples[:-1]:
         assert ex.contrast is not None and ex.contrast.input_ids != ex.input_ids
@@ -374,6 +413,38 @@ def test_contrast_copies_are_the_same_reply_under_mirrored_labels(sft_conversati
         assert batch["contrast_input_ids"][i, :n].tolist() == ex.contrast.input_ids
         assert batch["contrast_attention_mask"][i, :n].all() and not batch["contrast_attention_mask"][i, n:].any()
         assert batch["input_ids"][row, :len(ex.input_ids)].tolist() == ex.input_ids
+
+
+def test_contrast_copies_mirroring_one_label_take_turns_over_the_attributes(sft_conversations, llama_tokenizer):
+    from steer.core.attributes import Attribute, AttributeSchema
+    from steer.core.conversation import Conversation
+
+    schema = AttributeSchema("three", (Attribute("a", 0, 4, 2), Attribute("b", 0, 4, 2), Attribute("c", 0, 4, 2)))
+    template = PromptTemplate(schema)
+    # The last one can only mirror b: a and c sit at their midpoint.
+    labels = [{"a": 0, "b": 4, "c": 1}, {"a": 4, "b": 1, "c": 3}, {"a": 1, "b": 3, "c": 0}, {"a": 2, "b": 0, "c": 2}] * 4
+    convs = [Conversation([Message("user", f"Question {i}?"), Message("assistant", f"Answer {i}.", labels=lab)],
+                          id=str(i)) for i, lab in enumerate(labels)]
+    examples = tokenize_conversations(convs, template, llama_tokenizer, 512, contrast=ContrastPicker(schema, "one"))
+    mirrored = []
+    for ex, conv in zip(examples, convs):
+        own = conv.messages[-1].labels
+        (name,) = ex.contrast_names
+        assert 2 * own[name] != 4  # only a label that mirroring changes
+        assert ex.contrast_attribute == schema.names.index(name)
+        copy = tokenize_conversations(
+            [Conversation([conv.messages[0], Message("assistant", conv.messages[-1].content,
+                                                     labels={**own, name: 4 - own[name]})])],
+            template, llama_tokenizer, 512)[0]
+        assert ex.contrast.input_ids == copy.input_ids  # that label mirrored, the others as they were
+        mirrored.append(name)
+    assert mirrored[3::4] == ["b"] * 4
+    counts = [mirrored.count(n) for n in "abc"]
+    assert sum(counts) == 16 and max(counts) - min(counts) <= 1, counts  # turns, not the first one each time
+    batch = SftCollator(llama_tokenizer.pad_token_id)(
+        [{"input_ids": e.input_ids, "labels": e.labels, "contrast_input_ids": e.contrast.input_ids,
+          "contrast_labels": e.contrast.labels, "contrast_attribute": e.contrast_attribute} for e in examples[:3]])
+    assert batch["contrast_attribute"].tolist() == [schema.names.index(n) for n in mirrored[:3]]
 
 
 def test_contrast_loss_is_plain_cross_entropy_plus_a_hinge_on_the_label_gap():

@@ -18,7 +18,7 @@ backward pass per labelled example whose labels are not all at their scale's mid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,38 +42,55 @@ def contrast_loss(logits: torch.Tensor, labels: torch.Tensor, n_own: int, contra
                   margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SFT loss and the label-contrast hinge for one batch whose first ``n_own`` rows are the
     examples under their own labels and whose other rows are mirrored copies of the rows
-    ``contrast_rows`` names. Returns (token-mean CE of the own rows, mean hinge, mean gap), the gap
-    being each pair's NLL under mirrored labels minus under its own."""
+    ``contrast_rows`` names. Returns (token-mean CE of the own rows, mean hinge, each pair's gap),
+    a gap being the pair's NLL under mirrored labels minus under its own (detached)."""
     token_loss, mask, per_row = row_nll(logits, labels)
     ce = token_loss[:n_own][mask[:n_own]].mean()
     if not len(contrast_rows):
-        zero = ce.new_zeros(())
-        return ce, zero, zero
+        return ce, ce.new_zeros(()), ce.new_zeros(0)
     gap = per_row[n_own:] - per_row[contrast_rows]
-    return ce, F.relu(margin - gap).mean(), gap.detach().mean()
+    return ce, F.relu(margin - gap).mean(), gap.detach()
 
 
 @dataclass
 class ContrastStats:
-    """Running sums between two log lines."""
+    """Running sums between two log lines; per attribute for copies that mirror one label."""
 
     hinge: float = 0.0
     gap: float = 0.0
     batches: int = 0
+    attribute_gap: dict[int, float] = field(default_factory=dict)
+    attribute_pairs: dict[int, int] = field(default_factory=dict)
+
+    def add(self, hinge: float, gaps: torch.Tensor, attributes: torch.Tensor | None) -> None:
+        self.hinge += hinge
+        self.gap += float(gaps.mean()) if len(gaps) else 0.0
+        self.batches += 1
+        if attributes is None:
+            return
+        for index, gap in zip(attributes.tolist(), gaps.tolist()):
+            if index >= 0:
+                self.attribute_gap[index] = self.attribute_gap.get(index, 0.0) + gap
+                self.attribute_pairs[index] = self.attribute_pairs.get(index, 0) + 1
 
 
 class LabelContrastTrainer(Trainer):
     """``Trainer`` whose training loss adds the label-contrast hinge (module docstring). Batches
     carry the mirrored copies as ``contrast_*`` tensors (:class:`steer.training.sft.SftCollator`);
-    evaluation batches have none and get the plain loss, so eval losses compare with plain SFT."""
+    evaluation batches have none and get the plain loss, so eval losses compare with plain SFT.
+    When each copy mirrors one label (``contrast_attribute``: its index in ``attribute_names``),
+    the log also shows the gap per attribute (``label_contrast_gap_<name>``): which sliders the
+    policy has learned so far."""
 
     # The training loss below is a per-batch mean; the Trainer divides it over accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, label_contrast: float, label_contrast_margin: float, **kwargs):
+    def __init__(self, *args, label_contrast: float, label_contrast_margin: float,
+                 attribute_names: tuple[str, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.label_contrast = label_contrast
         self.label_contrast_margin = label_contrast_margin
+        self.attribute_names = tuple(attribute_names)
         self._contrast = ContrastStats()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -81,6 +98,7 @@ class LabelContrastTrainer(Trainer):
         contrast_mask = inputs.pop("contrast_attention_mask", None)
         contrast_labels = inputs.pop("contrast_labels", None)
         contrast_rows = inputs.pop("contrast_rows", None)
+        contrast_attribute = inputs.pop("contrast_attribute", None)
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
@@ -96,9 +114,7 @@ class LabelContrastTrainer(Trainer):
             labels = torch.cat([_pad_to(labels, width, IGNORE_INDEX), _pad_to(contrast_labels, width, IGNORE_INDEX)])
         outputs = model(input_ids=ids, attention_mask=mask)
         ce, hinge, gap = contrast_loss(outputs.logits, labels, n_own, contrast_rows, self.label_contrast_margin)
-        self._contrast.hinge += float(hinge.detach())
-        self._contrast.gap += float(gap)
-        self._contrast.batches += 1
+        self._contrast.add(float(hinge.detach()), gap, contrast_attribute)
         loss = ce + self.label_contrast * hinge
         return (loss, outputs) if return_outputs else loss
 
@@ -106,6 +122,10 @@ class LabelContrastTrainer(Trainer):
         if self._contrast.batches and "loss" in logs:
             logs["label_contrast_hinge"] = round(self._contrast.hinge / self._contrast.batches, 4)
             logs["label_contrast_gap"] = round(self._contrast.gap / self._contrast.batches, 4)
+            for index, total in sorted(self._contrast.attribute_gap.items()):
+                if index < len(self.attribute_names):
+                    logs[f"label_contrast_gap_{self.attribute_names[index]}"] = round(
+                        total / self._contrast.attribute_pairs[index], 4)
             self._contrast = ContrastStats()
         super().log(logs, *args, **kwargs)
 

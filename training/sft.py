@@ -21,7 +21,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,6 +57,7 @@ METRICS_FILE = "sft_metrics.json"
 # torch asks for an explicit choice and recommends the non-reentrant implementation, which also
 # handles inputs that need no gradient (a frozen, 4-bit base).
 CHECKPOINTING_KWARGS = {"use_reentrant": False}
+CONTRAST_MIRRORS = ("one", "all")
 
 
 class SftError(TrainingConfigError):
@@ -121,6 +123,18 @@ class SftConfig(SteerTrainingArguments):
     label_contrast_margin: float = field(
         default=0.3, metadata={"help": "Label-contrast margin in nats per reply token (the unit of the label gain)."}
     )
+    label_contrast_mirror: str = field(
+        default="one",
+        metadata={"help": "What each contrast copy mirrors. one: a single label per reply, taking turns among the "
+                          "labels off their scale's midpoint, so every attribute has to earn the margin itself; all: "
+                          "every label at once (then the attribute learned first can meet the margin for the rest)."},
+    )
+    label_gain_by_attribute: bool = field(
+        default=False,
+        metadata={"help": "After training, also measure the label gain of each attribute alone (only its label "
+                          "mirrored): which sliders the policy learned. One more pass over the labelled eval "
+                          "replies per attribute."},
+    )
 
     # TrainingArguments fields whose defaults differ for SFT.
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW).", "aliases": ["--lr"]})
@@ -165,6 +179,9 @@ class SftConfig(SteerTrainingArguments):
         if self.label_contrast_margin <= 0:
             raise SftError(f"--label-contrast-margin must be positive, got {self.label_contrast_margin}",
                            "label_contrast_margin")
+        if self.label_contrast_mirror not in CONTRAST_MIRRORS:
+            raise SftError(f"--label-contrast-mirror must be one or all, got {self.label_contrast_mirror!r}",
+                           "label_contrast_mirror")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise SftError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "dtype")
         super().__post_init__()
@@ -175,8 +192,12 @@ class SftConfig(SteerTrainingArguments):
 class SftExample:
     input_ids: list[int]
     labels: list[int]
-    # The same reply under mirrored labels, for the label-contrast term (None: not contrasted).
+    # The same reply under mirrored labels, for the label-contrast term (None: not contrasted),
+    # and the attributes that copy mirrors.
     contrast: SftExample | None = None
+    contrast_names: tuple[str, ...] = ()
+    # Index of the one mirrored attribute in the schema (-1: the copy mirrors several), for the log.
+    contrast_attribute: int = -1
 
 
 def resolve_schema(spec: str | None, conversations: Sequence[Conversation] = ()) -> AttributeSchema:
@@ -238,18 +259,48 @@ def load_sft_conversations(config: SftConfig) -> tuple[list[Conversation], Attri
     return convs, schema
 
 
-def mirror_labels(conversations: Sequence[Conversation], schema: AttributeSchema) -> list[Conversation]:
-    """The conversations with every label mirrored on its scale (``v -> min + max - v``): the same
-    replies, conditioned on the opposite values (unlabelled messages stay as they are)."""
+def mirror_labels(conversations: Sequence[Conversation], schema: AttributeSchema,
+                  names: Collection[str] | None = None) -> list[Conversation]:
+    """The conversations with their labels mirrored on each scale (``v -> min + max - v``): the
+    same replies, conditioned on the opposite values. ``names``: mirror only these attributes
+    (default: all of the schema's). Unlabelled messages stay as they are."""
     from dataclasses import replace
 
+    mirrored = set(schema.names if names is None else names) & set(schema.names)
     out = []
     for conv in conversations:
-        messages = [replace(m, labels={k: schema[k].min + schema[k].max - v if k in schema.names else v
+        messages = [replace(m, labels={k: schema[k].min + schema[k].max - v if k in mirrored else v
                                        for k, v in m.labels.items()}) if m.labels else m
                     for m in conv.messages]
         out.append(replace(conv, messages=messages))
     return out
+
+
+def mirrorable_names(conv: Conversation, schema: AttributeSchema) -> list[str]:
+    """The schema attributes that mirroring changes in this conversation: labelled somewhere off
+    their scale's midpoint. In schema order."""
+    return [name for name in schema.names
+            if any(name in m.labels and 2 * m.labels[name] != schema[name].min + schema[name].max
+                   for m in conv.messages if m.labels)]
+
+
+@dataclass
+class ContrastPicker:
+    """Chooses what each label-contrast copy mirrors. ``all``: every attribute. ``one``: a single
+    attribute per conversation, the least used so far among those it can mirror (ties in schema
+    order), so the copies spread evenly over the attributes, deterministically."""
+
+    schema: AttributeSchema
+    mirror: str = "one"
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, conv: Conversation) -> tuple[str, ...]:
+        names = mirrorable_names(conv, self.schema)
+        if self.mirror == "one" and names:
+            names = [min(names, key=lambda n: self.counts.get(n, 0))]
+        for name in names:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return tuple(names)
 
 
 def label_gain(trainer, labelled: SftDataset, mirrored: SftDataset, own_loss: float | None = None) -> float | None:
@@ -285,11 +336,11 @@ class TokenizeStats:
 
 def tokenize_conversations(
     conversations: Sequence[Conversation], template: PromptTemplate, tokenizer, max_length: int,
-    stats: TokenizeStats | None = None, contrast_schema: AttributeSchema | None = None,
+    stats: TokenizeStats | None = None, contrast: ContrastPicker | None = None,
 ) -> list[SftExample]:
     """Template tokens and loss labels per conversation; truncated, and dropped if nothing is left to
     learn. Pass ``stats`` to sum several calls and report them once; without it, this call reports.
-    With ``contrast_schema`` each example also carries its conversation under mirrored labels
+    With ``contrast`` each example also carries its conversation with the labels it picks mirrored
     (:func:`mirror_labels`), unless mirroring changes no token (unlabelled, or every value at its
     scale's midpoint)."""
     own = stats is None
@@ -301,10 +352,13 @@ def tokenize_conversations(
         if example is None:
             stats.dropped += 1
             continue
-        if contrast_schema is not None:
-            mirrored = _tokenize_one(mirror_labels([conv], contrast_schema)[0], template, tokenizer, max_length)
+        names = contrast(conv) if contrast is not None else ()
+        if names:
+            mirrored = _tokenize_one(mirror_labels([conv], contrast.schema, names)[0], template, tokenizer, max_length)
             if mirrored is not None and mirrored.input_ids != example.input_ids:
-                example.contrast = mirrored
+                example.contrast, example.contrast_names = mirrored, names
+                if len(names) == 1:
+                    example.contrast_attribute = contrast.schema.names.index(names[0])
         out.append(example)
     if own:
         stats.log(max_length)
@@ -336,7 +390,8 @@ class SftDataset(torch.utils.data.Dataset):
         ex = self.examples[i]
         item = {"input_ids": ex.input_ids, "labels": ex.labels}
         if ex.contrast is not None:
-            item.update(contrast_input_ids=ex.contrast.input_ids, contrast_labels=ex.contrast.labels)
+            item.update(contrast_input_ids=ex.contrast.input_ids, contrast_labels=ex.contrast.labels,
+                        contrast_attribute=ex.contrast_attribute)
         return item
 
     @property
@@ -348,8 +403,8 @@ class SftDataset(torch.utils.data.Dataset):
 class SftCollator:
     """Right-pads a batch; padding gets attention 0 and label -100, prompt tokens keep the
     template's -100, so the loss only sees reply tokens. Examples with a label-contrast copy add
-    ``contrast_input_ids/attention_mask/labels`` (one row per copy) and ``contrast_rows``, the
-    batch row each copy belongs to."""
+    ``contrast_input_ids/attention_mask/labels`` (one row per copy), ``contrast_rows``, the
+    batch row each copy belongs to, and ``contrast_attribute``, what each copy mirrors."""
 
     pad_token_id: int
 
@@ -361,6 +416,8 @@ class SftCollator:
                                  [features[i]["contrast_labels"] for i in rows])
             batch.update({f"contrast_{k}": v for k, v in contrast.items()})
             batch["contrast_rows"] = torch.tensor(rows, dtype=torch.long)
+            batch["contrast_attribute"] = torch.tensor([features[i].get("contrast_attribute", -1) for i in rows],
+                                                       dtype=torch.long)
         return batch
 
     def _pad(self, ids: Sequence[list[int]], labels_: Sequence[list[int]]) -> dict[str, torch.Tensor]:
@@ -585,7 +642,7 @@ def sft_fingerprint(config: SftConfig) -> dict[str, Any]:
             "lora_target_modules", "lora_modules_to_save", "num_train_epochs", "max_steps", "learning_rate",
             "lr_scheduler_type", "warmup_steps", "weight_decay", "per_device_train_batch_size",
             "gradient_accumulation_steps", "max_length", "eval_fraction", "limit", "load_in_4bit", "dtype", "seed",
-            "label_contrast", "label_contrast_margin")
+            "label_contrast", "label_contrast_margin", "label_contrast_mirror")
     return {
         "data": str(data.resolve()) if data.exists() else config.data,
         "data_sha256": _file_digest(data) if data.is_file() else None,
@@ -778,7 +835,8 @@ def main(config: SftConfig) -> dict[str, Any]:
     histogram = report_label_histogram(train_convs, schema)
     stats = TokenizeStats()
     train_set = SftDataset(tokenize_conversations(train_convs, template, tokenizer, config.max_length, stats,
-                                                  contrast_schema=schema if config.label_contrast else None))
+                                                  ContrastPicker(schema, config.label_contrast_mirror)
+                                                  if config.label_contrast else None))
     eval_set = SftDataset(tokenize_conversations(eval_convs, template, tokenizer, config.max_length, stats))
     stats.log(config.max_length)
     if len(train_set) == 0:
@@ -793,12 +851,16 @@ def main(config: SftConfig) -> dict[str, Any]:
         from steer.training.label_contrast import LabelContrastTrainer
 
         trainer_class = LabelContrastTrainer
-        contrast = {"label_contrast": config.label_contrast, "label_contrast_margin": config.label_contrast_margin}
-        contrasted = sum(ex.contrast is not None for ex in train_set.examples)
+        contrast = {"label_contrast": config.label_contrast, "label_contrast_margin": config.label_contrast_margin,
+                    "attribute_names": schema.names}
+        contrasted = [ex.contrast_names for ex in train_set.examples if ex.contrast is not None]
+        per_name = Counter(name for names in contrasted for name in names)
         logger.log(logging.INFO if contrasted else logging.WARNING,
-                   "label contrast (weight %g, margin %g) on %d of %d training examples%s", config.label_contrast,
-                   config.label_contrast_margin, contrasted, len(train_set),
-                   "" if contrasted else ": no reply has labels off its scale's midpoint, so it changes nothing")
+                   "label contrast (weight %g, margin %g, mirroring %s) on %d of %d training examples%s",
+                   config.label_contrast, config.label_contrast_margin, config.label_contrast_mirror, len(contrasted),
+                   len(train_set),
+                   f" ({', '.join(f'{n} {per_name[n]}' for n in schema.names if per_name[n])})" if contrasted else
+                   ": no reply has labels off its scale's midpoint, so it changes nothing")
     trainer = trainer_class(
         model=model,
         args=args,
@@ -841,6 +903,16 @@ def main(config: SftConfig) -> dict[str, Any]:
             logger.info("label gain after training: %.4f nats per reply token (the eval replies' loss under "
                         "mirrored labels minus under their own; about 0 means the policy ignores its labels)",
                         metrics["eval_label_gain_after"])
+        if config.label_gain_by_attribute and labelled:
+            own = (metrics["eval_loss_after"] if eval_is_labelled else
+                   trainer.evaluate(eval_dataset=label_sets[0], metric_key_prefix="labelled")["labelled_loss"])
+            metrics["eval_label_gain_by_attribute"] = {
+                name: label_gain(trainer, label_sets[0], SftDataset(tokenize_conversations(
+                    mirror_labels(labelled, schema, [name]), template, tokenizer, config.max_length, TokenizeStats())),
+                    own_loss=own)
+                for name in schema.names}
+            logger.info("label gain per attribute: %s", ", ".join(
+                f"{name} {gain:.4f}" for name, gain in metrics["eval_label_gain_by_attribute"].items()))
 
     # Weights sharded over the processes (FSDP, ZeRO-3): all of them take part in gathering the full
     # state for the first one, which saves the adapter out of it.
@@ -931,8 +1003,9 @@ def training_summary(model, config: SftConfig) -> dict[str, Any]:
         "LoRA targets": sorted(lora.target_modules) if lora is not None else list(config.lora_target_modules),
         "trained in full": list(config.lora_modules_to_save),
         "4-bit base (QLoRA)": config.load_in_4bit,
-        "label contrast (weight / margin)": (f"{config.label_contrast} / {config.label_contrast_margin}"
-                                             if config.label_contrast else "off"),
+        "label contrast (weight / margin / mirror)": (
+            f"{config.label_contrast} / {config.label_contrast_margin} / {config.label_contrast_mirror}"
+            if config.label_contrast else "off"),
         "seed": config.seed,
     }
 

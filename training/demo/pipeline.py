@@ -48,7 +48,7 @@ STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 PRETRAINED_DEFAULTS = {
     "sft_steps": 100, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 4e-4, "lora_r": 16,
     "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64, "label_placement": "reply",
-    "sft_label_contrast": 3.0,
+    "sft_label_contrast": 3.0, "sft_label_contrast_mirror": "one",
 }
 
 
@@ -102,10 +102,20 @@ class DemoConfig:
                 "assistant turn, as SteerLM does; system: closing the system message)."})
     sft_label_contrast: float | None = field(default=None, metadata={
         "help": "With --base-model: weight of the label-contrast term of the SFT (steer sft --label-contrast)."})
+    sft_label_contrast_mirror: str | None = field(default=None, metadata={
+        "help": "With --base-model: one or all, what each label-contrast copy mirrors (steer sft "
+                "--label-contrast-mirror)."})
     heldout_replies: int | None = field(default=None, metadata={
         "help": "With --base-model: OpenAssistant replies whose loss is measured before and after SFT."})
 
     def __post_init__(self) -> None:
+        # Checked here, not when the SFT stage starts after the APM has trained for minutes.
+        if self.label_placement not in (None, "reply", "system"):
+            raise DemoError(f"--label-placement must be reply or system, got {self.label_placement!r}",
+                            "label_placement")
+        if self.sft_label_contrast_mirror not in (None, "one", "all"):
+            raise DemoError(f"--sft-label-contrast-mirror must be one or all, got {self.sft_label_contrast_mirror!r}",
+                            "sft_label_contrast_mirror")
         if self.base_model:
             # A pretrained model needs a gentler learning rate and fewer, costlier steps than the
             # tiny model built from scratch; flags given on the command line still win.
@@ -158,7 +168,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "judge": ("judge_apm", "judge_data", "judge_format"),
     "base": ("limit", "vocab_size", "hidden_size", "num_layers", "pretrain_epochs"),
     "sft": ("base_model", "limit", "apm_limit", "lora_r", "sft_epochs", "sft_lr", "sft_steps", "sft_batch_size",
-            "sft_max_length", "label_placement", "sft_label_contrast"),
+            "sft_max_length", "label_placement", "sft_label_contrast", "sft_label_contrast_mirror"),
     "evaluate": ("base_model", "eval_prompts", "max_new_tokens", "samples", "seeds", "temperature", "best_of",
                  "heldout_replies", "judge_apm", "judge_data", "judge_format"),
 }
