@@ -186,5 +186,5 @@ def test_bad_sft_choices_are_refused_before_any_stage_runs(tmp_path):
             DemoConfig(workdir=str(tmp_path / "w"), base_model="model.gguf", **bad)
         assert e.value.field == next(iter(bad)) and repr(next(iter(bad.values()))) in str(e.value)
     assert not (tmp_path / "w").exists()
-    assert DemoConfig(base_model="model.gguf").sft_label_contrast_mirror == "one"
+    assert DemoConfig(base_model="model.gguf").sft_label_contrast_mirror == "all"
     assert DemoConfig().sft_label_contrast_mirror is None  # the tiny demo trains without the contrast

@@ -348,7 +348,7 @@ def test_label_contrast_teaches_the_conditioning_in_the_steps_plain_sft_spends_o
     assert contrast["eval_loss_after"] < 1.5 * plain["eval_loss_after"], (plain, contrast)
     saved = json.loads((tmp_path / "p1.0" / TRAINING_CONFIG_FILE).read_text())
     assert saved["label_contrast"] == 1.0 and saved["label_contrast_margin"] == 0.3
-    assert saved["label_contrast_mirror"] == "one"
+    assert saved["label_contrast_mirror"] == "all"
 
 
 def _humor_and_creativity_data(write_conversations, path):

@@ -48,7 +48,7 @@ STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 PRETRAINED_DEFAULTS = {
     "sft_steps": 100, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 4e-4, "lora_r": 16,
     "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64, "label_placement": "reply",
-    "sft_label_contrast": 3.0, "sft_label_contrast_mirror": "one",
+    "sft_label_contrast": 3.0, "sft_label_contrast_mirror": "all",
 }
 
 
@@ -103,7 +103,7 @@ class DemoConfig:
     sft_label_contrast: float | None = field(default=None, metadata={
         "help": "With --base-model: weight of the label-contrast term of the SFT (steer sft --label-contrast)."})
     sft_label_contrast_mirror: str | None = field(default=None, metadata={
-        "help": "With --base-model: one or all, what each label-contrast copy mirrors (steer sft "
+        "help": "With --base-model: all or one, what each label-contrast copy mirrors (steer sft "
                 "--label-contrast-mirror)."})
     heldout_replies: int | None = field(default=None, metadata={
         "help": "With --base-model: OpenAssistant replies whose loss is measured before and after SFT."})
@@ -113,8 +113,8 @@ class DemoConfig:
         if self.label_placement not in (None, "reply", "system"):
             raise DemoError(f"--label-placement must be reply or system, got {self.label_placement!r}",
                             "label_placement")
-        if self.sft_label_contrast_mirror not in (None, "one", "all"):
-            raise DemoError(f"--sft-label-contrast-mirror must be one or all, got {self.sft_label_contrast_mirror!r}",
+        if self.sft_label_contrast_mirror not in (None, "all", "one"):
+            raise DemoError(f"--sft-label-contrast-mirror must be all or one, got {self.sft_label_contrast_mirror!r}",
                             "sft_label_contrast_mirror")
         if self.base_model:
             # A pretrained model needs a gentler learning rate and fewer, costlier steps than the

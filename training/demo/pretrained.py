@@ -71,7 +71,7 @@ def stage_sft(config, work: Path) -> None:
         lora_alpha=2 * config.lora_r, lora_dropout=0.05, max_steps=config.sft_steps,
         per_device_train_batch_size=config.sft_batch_size, learning_rate=config.sft_lr, max_length=config.sft_max_length,
         eval_fraction=0.02, save_steps=40, resume=True, logging_steps=10, limit=config.limit,
-        label_contrast=config.sft_label_contrast, label_contrast_mirror=config.sft_label_contrast_mirror or "one",
+        label_contrast=config.sft_label_contrast, label_contrast_mirror=config.sft_label_contrast_mirror or "all",
     ))
 
 
