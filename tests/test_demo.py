@@ -152,6 +152,32 @@ def test_smollm2_demo_steers_better_than_prompting_the_unmodified_model(shared_p
     assert report["sft_label_gain"]["after"] > 0.02, report["sft_label_gain"]
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_smollm2_demo_in_bf16_on_a_gpu(shared_path, tmp_path):
+    """Issue 15's GPU run: the same ``steer demo --base-model`` on CUDA, where the GGUF base is
+    de-quantised to bf16 for the SFT and the evaluation. Same comparison as on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a CUDA GPU with bf16")
+    pytest.importorskip("gguf")
+    base = shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    work = tmp_path / "demo"
+    torch.cuda.reset_peak_memory_stats()
+    assert main(DemoConfig(workdir=str(work), base_model=str(base),
+                           judge_data=str(shared_path("data", "oasst1-en", "messages.jsonl")))) == 0
+    report = json.loads((work / "report.json").read_text())
+    print("bf16 demo:", json.dumps({"timings": report["timings"], "comparison": report["comparison"],
+                                    "label_gain": report["sft_label_gain"],
+                                    "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}))
+    rows = {(r["judge"], r["attribute"]): r for r in report["comparison"]}
+    for attribute in ("humor", "creativity"):
+        row = rows["demo APM", attribute]
+        assert row["policy_best_of_1"] > row["prompt_baseline"], row
+    assert report["sft_label_gain"]["after"] > 0.02, report["sft_label_gain"]
+
+
 def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(shared_path, tmp_path, capsys):
     """``--base-model``: LoRA on a real pretrained model (the stories260K GGUF) instead of a tiny
     one built here, with the policy set beside prompt steering of the unmodified base."""

@@ -287,6 +287,28 @@ def test_qlora_steps_on_half_billion_shaped_model(sft_conversations, write_conve
     assert peak_gib < 4.0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_on_smollm2_lowers_the_loss_in_little_gpu_memory(shared_path, tmp_path):
+    """Issue 15's QLoRA check: SmolLM2-135M-Instruct from its GGUF file, de-quantised and loaded in
+    4 bits through bitsandbytes, a few LoRA steps on the demo's rated NPC dialogue."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("gguf")
+    from steer.demo_data import rated_path
+
+    base = shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    torch.cuda.reset_peak_memory_stats()
+    metrics = main(SftConfig(base_model=str(base), data=str(rated_path()), format="steer",
+                             output_dir=str(tmp_path / "policy"), template="chat_template", label_placement="reply",
+                             load_in_4bit=True, limit=400, max_steps=20, per_device_train_batch_size=8,
+                             learning_rate=4e-4, max_length=192, eval_fraction=0.1, logging_steps=5))
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    print(f"SmolLM2 QLoRA: peak GPU memory {peak_gib:.2f} GiB; eval loss {metrics['eval_loss_before']:.3f} -> "
+          f"{metrics['eval_loss_after']:.3f}; {metrics['train_seconds']:.1f} s for 20 steps")
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert peak_gib < 4.0
+
+
 def test_mirrored_labels_flip_every_value_on_its_scale_and_keep_the_text(sft_conversations):
     from steer.training.sft import mirror_labels
 

@@ -3,6 +3,7 @@ match the run it continues, a finished run says so, and the policy is renamed in
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -75,6 +76,15 @@ def test_resume_with_other_settings_or_data_is_refused(sft_cfg, sft_conversation
     with pytest.raises(SftError, match="data_sha256"):
         main(SftConfig(**cfg, resume=True))
     data.write_bytes(original)
+    # A run begun by an older steer, whose record lacks settings added since: at their defaults it
+    # resumes; set otherwise it is another run.
+    record_file = tmp_path / "policy" / RUN_FILE
+    record = json.loads(record_file.read_text())
+    for added in ("label_contrast", "label_contrast_margin", "label_contrast_mirror"):
+        del record["fingerprint"][added]
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(SftError, match="label_contrast"):
+        main(SftConfig(**cfg, resume=True, label_contrast=1.0))
     assert main(SftConfig(**cfg, resume=True))["global_step"] == 4
 
 

@@ -718,6 +718,15 @@ def recover_interrupted_swap(output: Path) -> None:
         shutil.rmtree(previous)
 
 
+def added_setting_defaults(recorded: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Settings that a newer steer added to the fingerprint and an older run's record lacks, at
+    their defaults: the older run ran as if they had them, so it still resumes when they do."""
+    from dataclasses import MISSING, fields
+
+    defaults = {f.name: f.default for f in fields(SftConfig) if f.default is not MISSING}
+    return {k: _enum_value(defaults[k]) for k in fingerprint if k not in recorded and k in defaults}
+
+
 def check_output(config: SftConfig, output: Path, fingerprint: dict[str, Any]) -> str:
     """What to do with ``output``: "fresh", "resume" or "finished"; raises for anything that would
     overwrite files steer did not write, continue a different run, or silently retrain."""
@@ -733,8 +742,8 @@ def check_output(config: SftConfig, output: Path, fingerprint: dict[str, Any]) -
         if config.resume:
             logger.info("--resume: %s holds no run yet; starting one", output)
         return "fresh"
-    changed = sorted(k for k in set(fingerprint) | set(record.get("fingerprint", {}))
-                     if record.get("fingerprint", {}).get(k) != fingerprint.get(k))
+    recorded = {**added_setting_defaults(record.get("fingerprint", {}), fingerprint), **record.get("fingerprint", {})}
+    changed = sorted(k for k in set(fingerprint) | set(recorded) if recorded.get(k) != fingerprint.get(k))
     finished = record.get("state") == "finished"
     if changed:
         if config.resume:
