@@ -414,6 +414,11 @@ def test_contrast_copies_are_the_same_reply_under_mirrored_labels(sft_conversati
     template = PromptTemplate(SCHEMA)
     convs = sft_conversations(4)
     midpoint = {a.name: (a.min + a.max) // 2 for a in SCHEMA.attributes if (a.min + a.max) % 2 == 0}
+    one_off = tokenize_conversations([Conversation([Message("user", "Hi"), Message(
+        "assistant", "Hello.", labels={**midpoint, "humor": 4})])], template, llama_tokenizer, 512,
+        contrast=ContrastPicker(SCHEMA, "all"))[0]
+    # Only humor to mirror: the copy mirrors one label, but per-attribute gaps are for --label-contrast-mirror one.
+    assert one_off.contrast_names == ("humor",) and one_off.contrast_attribute == -1
     convs.append(Conversation([Message("user", "Hi"), Message("assistant", "Hello.", labels=midpoint)], id="mid"))
     examples = tokenize_conversations(convs, template, llama_tokenizer, max_length=512,
                                       contrast=ContrastPicker(SCHEMA, "all"))

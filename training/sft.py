@@ -198,7 +198,7 @@ class SftExample:
     # and the attributes that copy mirrors.
     contrast: SftExample | None = None
     contrast_names: tuple[str, ...] = ()
-    # Index of the one mirrored attribute in the schema (-1: the copy mirrors several), for the log.
+    # With --label-contrast-mirror one: the index of the mirrored attribute in the schema, for the log.
     contrast_attribute: int = -1
 
 
@@ -359,7 +359,7 @@ def tokenize_conversations(
             mirrored = _tokenize_one(mirror_labels([conv], contrast.schema, names)[0], template, tokenizer, max_length)
             if mirrored is not None and mirrored.input_ids != example.input_ids:
                 example.contrast, example.contrast_names = mirrored, names
-                if len(names) == 1:
+                if contrast.mirror == "one":
                     example.contrast_attribute = contrast.schema.names.index(names[0])
         out.append(example)
     if own:
