@@ -167,7 +167,14 @@ def test_a_failing_engine_loop_fails_its_rows_and_starts_over(hello, make_client
         assert engine.restarts_total == 1 and "steer_engine_restarts_total 1.0" in c.get("/metrics").text
 
         engine.max_restarts = 1
-        engine.on_step = lambda: (_ for _ in ()).throw(RuntimeError("again"))  # now fails for good
+
+        def fail_with_a_row():
+            # Only once the request holds a row: a step that merely finishes the previous request
+            # would otherwise kill the engine before this one arrives, and it would get a 503.
+            if engine.stats().active:
+                raise RuntimeError("again")
+
+        engine.on_step = fail_with_a_row  # now fails for good
         r = c.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4})
         assert r.status_code == 500
         health = c.get("/health")
