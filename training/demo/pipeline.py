@@ -109,13 +109,19 @@ class DemoConfig:
         "help": "With --base-model: OpenAssistant replies whose loss is measured before and after SFT."})
 
     def __post_init__(self) -> None:
-        # Checked here, not when the SFT stage starts after the APM has trained for minutes.
-        if self.label_placement not in (None, "reply", "system"):
-            raise DemoError(f"--label-placement must be reply or system, got {self.label_placement!r}",
-                            "label_placement")
-        if self.sft_label_contrast_mirror not in (None, "all", "one"):
-            raise DemoError(f"--sft-label-contrast-mirror must be all or one, got {self.sft_label_contrast_mirror!r}",
-                            "sft_label_contrast_mirror")
+        # Checked here, not when the SFT stage starts after the APM has trained for minutes, against
+        # steer sft's own choices.
+        from steer.core.template import ChatTemplatePrompt
+
+        if self.label_placement is not None and self.label_placement not in ChatTemplatePrompt.LABEL_PLACEMENTS:
+            raise DemoError(f"--label-placement must be {' or '.join(ChatTemplatePrompt.LABEL_PLACEMENTS)}, "
+                            f"got {self.label_placement!r}", "label_placement")
+        if self.sft_label_contrast_mirror is not None:
+            from steer.training.sft import CONTRAST_MIRRORS  # loads transformers: only when the flag is given
+
+            if self.sft_label_contrast_mirror not in CONTRAST_MIRRORS:
+                raise DemoError(f"--sft-label-contrast-mirror must be {' or '.join(CONTRAST_MIRRORS)}, "
+                                f"got {self.sft_label_contrast_mirror!r}", "sft_label_contrast_mirror")
         if self.base_model:
             # A pretrained model needs a gentler learning rate and fewer, costlier steps than the
             # tiny model built from scratch; flags given on the command line still win.
