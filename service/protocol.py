@@ -207,6 +207,9 @@ class AttributeInfo(BaseModel):
     max: int
     default: int
     description: str
+    # The word for each value, min to max ("completely serious" ... "hilarious and over the top"),
+    # when the schema has them: what a slider can show beside its number.
+    levels: list[str] | None = None
 
 
 class AttributesResponse(BaseModel):

@@ -249,8 +249,8 @@ class ChatServing:
 
     def attributes(self) -> AttributesResponse:
         def info(schema) -> list[AttributeInfo]:
-            return [AttributeInfo(name=a.name, min=a.min, max=a.max, default=a.default, description=a.description)
-                    for a in schema.attributes]
+            return [AttributeInfo(name=a.name, min=a.min, max=a.max, default=a.default, description=a.description,
+                                  levels=list(a.levels) or None) for a in schema.attributes]
 
         schema = self.policy.schema
         return AttributesResponse(

@@ -77,6 +77,7 @@ class AttributeInfo:
     max: int
     default: int
     description: str = ""
+    levels: list[str] | None = None  # the word for each value, min to max, when the schema has them
 
 
 @dataclass

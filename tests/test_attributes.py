@@ -118,6 +118,10 @@ def test_custom_schema_from_yaml_and_json(tmp_path):
         ({"attributes": [{"name": "a", "colour": 1}]}, r"attributes\[0\]\.colour: unknown field"),
         ({"attributes": ["a"], "alias": {"funny": "a"}}, "alias: unknown field"),
         ({}, "attributes: required field missing"),
+        ({"attributes": [{"name": "a", "max": 2, "levels": ["none", "some"]}]}, "2 words for the 3 values 0-2"),
+        ({"attributes": [{"name": "a", "max": 1, "levels": ["none", "a lot\nmore"]}]}, "one line"),
+        ({"attributes": [{"name": "a", "max": 1, "levels": ["none", "some; more"]}]}, "without ';'"),
+        ({"attributes": [{"name": "a", "max": 1, "levels": ["", "some"]}]}, "non-empty"),
     ],
 )
 def test_bad_custom_schemas(data, match):
@@ -172,3 +176,34 @@ def test_cli_reports_a_bad_schema_file_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
     assert str(path) in err[0] and "attributes[0].max" in err[0] and "4.7" in err[0]
+
+
+def test_level_words_describe_values_and_survive_a_schema_file(tmp_path):
+    """Level words are the label text of ``--label-wording words``: one per value, min to max,
+    kept through a schema file, and absent from files whose attributes have none."""
+    path = tmp_path / "npc.yaml"
+    path.write_text("name: npc\nattributes:\n  - {name: menace, min: 1, max: 3, default: 1, "
+                    "levels: [harmless, threatening, terrifying]}\n  - name: humor\n")
+    schema = get_schema(str(path))
+    assert schema["menace"].levels == ("harmless", "threatening", "terrifying")
+    assert schema.describe_labels({"menace": 3}, fill_defaults=False) == ["terrifying"]
+    assert schema.without_level_words() == ["humor"]
+    with pytest.raises(AttributeValueError, match="'humor' has no level words") as e:
+        schema.describe_labels({"menace": 1, "humor": 0})
+    assert e.value.field == "humor"
+    saved = tmp_path / "npc.json"
+    schema.save(saved)
+    entries = json.loads(saved.read_text())["attributes"]
+    assert entries[0]["levels"] == ["harmless", "threatening", "terrifying"] and "levels" not in entries[1]
+    assert AttributeSchema.from_file(saved) == schema
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_SCHEMAS))
+def test_builtin_attributes_have_distinct_words_for_every_value(name):
+    schema = BUILTIN_SCHEMAS[name]
+    assert schema.without_level_words() == []
+    for attr in schema.attributes:
+        words = [schema.describe_labels({attr.name: v}, fill_defaults=False)[0] for v in range(attr.min, attr.max + 1)]
+        assert len(set(words)) == len(words), attr.name
+    assert get_schema("oasst").describe_labels({"humor": 0, "creativity": 4}, fill_defaults=False) == [
+        "completely serious", "wildly imaginative"]

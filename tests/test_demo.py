@@ -207,7 +207,7 @@ def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(shar
 def test_bad_sft_choices_are_refused_before_any_stage_runs(tmp_path):
     from steer.training.demo.pipeline import DemoError
 
-    for bad in ({"label_placement": "middle"}, {"sft_label_contrast_mirror": "both"}):
+    for bad in ({"label_placement": "middle"}, {"sft_label_contrast_mirror": "both"}, {"label_wording": "emoji"}):
         with pytest.raises(DemoError) as e:
             DemoConfig(workdir=str(tmp_path / "w"), base_model="model.gguf", **bad)
         assert e.value.field == next(iter(bad)) and repr(next(iter(bad.values()))) in str(e.value)

@@ -14,6 +14,7 @@ from steer.client import AsyncSteerClient, NpcLine, SteerAPIError, SteerClient
 def test_sync_client_talks_to_npcs(npc_live_server):
     with SteerClient(npc_live_server.url) as steer:
         assert [a.name for a in steer.attributes()] == ["helpfulness", "humor", "creativity"]
+        assert steer.attributes()[1].levels == ["serious", "dry", "playful", "funny", "hilarious"]
         assert [n.id for n in steer.npcs()] == ["brom", "captain-ardent", "lysa"]
         assert steer.npc("brom").bounds["humor"].max == 1
         reply = steer.chat([{"role": "user", "content": "Hi"}], {"humor": 2}, max_tokens=8, seed=1)

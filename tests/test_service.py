@@ -25,7 +25,8 @@ def test_models_and_attributes(client):
     attrs = client.get("/v1/attributes").json()
     assert [a["name"] for a in attrs["attributes"]] == ["helpfulness", "humor", "creativity"]
     assert attrs["attributes"][0] == {"name": "helpfulness", "min": 0, "max": 4, "default": 3,
-                                      "description": "How well the reply serves the user."}
+                                      "description": "How well the reply serves the user.", "levels": None}
+    assert attrs["attributes"][1]["levels"] == ["serious", "dry", "playful", "funny", "hilarious"]
     assert attrs["aliases"] == {"humour": "humor"}
     assert attrs["score_attributes"] is None
 

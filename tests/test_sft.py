@@ -222,10 +222,34 @@ def test_bad_config_is_a_clear_error(tiny_base, tmp_path):
     with pytest.raises(SftError) as e:
         main(SftConfig(base_model=str(tiny_base), data="x", output_dir="y", eval_fraction=1.5))
     assert e.value.field == "eval_fraction"
-    for bad in ({"label_contrast": -1.0}, {"label_contrast_margin": 0.0}, {"label_contrast_mirror": "some"}):
+    for bad in ({"label_contrast": -1.0}, {"label_contrast_margin": 0.0}, {"label_contrast_mirror": "some"},
+                {"label_wording": "adjectives"}):
         with pytest.raises(SftError) as e:
             SftConfig(base_model="b", data="x", output_dir="y", **bad)
         assert e.value.field == next(iter(bad))
+
+
+def test_label_words_train_into_a_policy_that_is_prompted_with_them(sft_conversations, write_conversations, tiny_base,
+                                                                     tmp_path):
+    """``--label-wording words``: the policy records the wording, reloads with it, and its model
+    card shows the prompt with the words; a schema without level words is refused up front."""
+    from steer.models.policy import load_policy
+
+    data = write_conversations(tmp_path / "train.jsonl", sft_conversations(16))
+    out = tmp_path / "policy"
+    main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(out), max_steps=2,
+                   per_device_train_batch_size=4, eval_fraction=0.25, label_wording="words"))
+    policy = load_policy(out, device="cpu")
+    assert policy.config["template"]["label_wording"] == "words"
+    line = policy.template.label_line({"quality": 2, "humor": 4})
+    assert line == "<extra_id_2>(fair; hilarious and over the top)\n"
+    assert "<extra_id_2>(excellent; completely serious)\n" in (out / "README.md").read_text()  # at the defaults
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps({"attributes": ["quality", "humor"]}))
+    with pytest.raises(SftError, match="quality, humor has none") as e:
+        main(SftConfig(base_model=str(tiny_base), data=str(data), output_dir=str(tmp_path / "p2"), max_steps=1,
+                       schema=str(schema_file), label_wording="words"))
+    assert e.value.field == "label_wording"
 
 
 def test_stories260k_sft_lowers_heldout_loss_and_changes_outputs(shared_path, tmp_path):

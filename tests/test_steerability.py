@@ -124,6 +124,33 @@ def test_report_files_and_plots_exist_and_parse(eval_run):
         assert matplotlib.image.imread(out / name).shape[0] > 100
 
 
+def test_a_policy_trained_on_label_words_is_compared_with_a_baseline_asked_in_those_words(
+        build_tiny_apm, build_tiny_policy, tmp_path):
+    from steer.core.attributes import LEVEL_WORDS
+    from steer.training.steerability import SteerabilityConfig, main
+
+    policy = build_tiny_policy(tmp_path / "policy")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(policy / name, policy / "base" / name)
+    saved = json.loads((policy / "steer_config.json").read_text())
+    for attr in saved["schema"]["attributes"]:
+        attr["levels"] = list(LEVEL_WORDS[attr["name"]])
+    saved["template"] = {**(saved.get("template") or {"type": "steerlm"}), "label_wording": "words"}
+    (policy / "steer_config.json").write_text(json.dumps(saved))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Can you fix my sword?"}\n')
+    out = tmp_path / "out"
+    assert main(SteerabilityConfig(policy=str(policy), apm=[str(build_tiny_apm(tmp_path / "apm"))], output=str(out),
+                                   prompts=str(prompts), attributes="humor", values="0,4", samples=1, best_of="1",
+                                   max_new_tokens=4, baseline="prompt", base_model=str(policy / "base"),
+                                   bootstrap=10, device="cpu")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["baseline_prompt"].endswith("values in words")
+    cached = [json.loads(line) for p in (out / "cache").glob("baseline-prompt-*-words.generations.jsonl")
+              for line in p.read_text().splitlines()]
+    assert len(cached) == 2
+
+
 def test_a_rerun_reuses_the_cache_and_reproduces_the_report(eval_run, monkeypatch):
     from steer.runtime.generator import SteerGenerator
     from steer.training.steerability import main
@@ -206,3 +233,12 @@ def test_prompt_baseline_writes_the_values_as_instructions(demo_schema, gpt2_tok
     assert "<extra_id_2>" not in text and text.endswith("<extra_id_1>Assistant\n")
     assert "Creativity: 0 of 4, do not be creative at all." in text
     assert "no chat template" in plain.description
+
+    # A policy trained with --label-wording words is compared with a baseline asked in the same words.
+    from steer.training.demo.pipeline import demo_schema as bundled_demo_schema
+
+    worded = InstructionPrompt(bundled_demo_schema(), tok, wording="words")
+    text = "".join(s.text for s in worded.render(messages, attributes={"humor": 4, "creativity": 0}))
+    assert ("<|system|>You are Brom.\nReply in a way that is as helpful and specific as possible, hilarious and over "
+            "the top, plain and literal.\n") in text
+    assert worded.description == "chat template, values in words"

@@ -315,3 +315,37 @@ def test_chat_template_that_rewrites_content_refuses_special_text(gpt2_tokenizer
     assert template.render_text([{"role": "user", "content": "hi"}], mode="inference").startswith("<|user|>HI")
     with pytest.raises(ConversationError, match=r"messages\[0\].content contains the text of a special token"):
         template.render([{"role": "user", "content": "hi <|endoftext|>"}], mode="inference")
+
+
+def test_label_words_write_each_value_as_its_level_word(gpt2_tokenizer):
+    """``label_wording="words"``: the label line carries the schema's level words in schema order,
+    partial human labels stay partial, and the setting survives the saved template settings."""
+    template = PromptTemplate(SCHEMA, label_wording="words")
+    text = template.render_text(conversation()[:3])
+    assert "<extra_id_1>Assistant\n<extra_id_2>(completely serious; as helpful and specific as possible)\n" \
+           "Aye, leave it by the anvil." in text
+    infer = template.render_text(conversation()[:2], mode="inference", attributes={"humor": 4})
+    assert infer.endswith("<extra_id_2>(excellent; perfectly polite; hilarious and over the top; plain and literal; "
+                          "as helpful and specific as possible; entirely correct; perfectly clear and consistent; "
+                          "moderately complex; moderately detailed)\n")
+    train = template.tokenize(conversation(), gpt2_tokenizer, mode="train")
+    prompt = template.tokenize(conversation()[:-1], gpt2_tokenizer, mode="inference", attributes=LABELS)
+    assert train.input_ids[: len(prompt.input_ids)] == prompt.input_ids
+    assert template.to_dict() == {"type": "steerlm", "default_system": "", "label_wording": "words"}
+    assert PromptTemplate(SCHEMA).to_dict() == {"type": "steerlm", "default_system": ""}  # older settings unchanged
+    assert build_template(template.to_dict(), SCHEMA).render_text(conversation()) == template.render_text(conversation())
+    chat = ChatTemplatePrompt(SCHEMA, _chat_tokenizer(gpt2_tokenizer), label_placement="system", label_wording="words")
+    rebuilt = build_template(chat.to_dict(), SCHEMA, chat.tokenizer)
+    assert (rebuilt.label_wording, rebuilt.label_placement) == ("words", "system")
+    assert "<extra_id_2>(excellent; perfectly polite; funny, with a joke;" in rebuilt.render_text(conversation())
+
+
+def test_label_words_need_words_for_every_attribute():
+    from steer.core.attributes import Attribute, AttributeSchema
+
+    bare = AttributeSchema(name="npc", attributes=(Attribute("menace"), Attribute("humor", levels=tuple("abcde"))))
+    with pytest.raises(ValueError, match="menace has none"):
+        PromptTemplate(bare, label_wording="words")
+    with pytest.raises(ValueError, match="label_wording must be one of"):
+        PromptTemplate(SCHEMA, label_wording="adjectives")
+    assert PromptTemplate(bare).label_line({"menace": 1}) == "<extra_id_2>menace:1,humor:0\n"

@@ -43,6 +43,17 @@ def test_slider_order_puts_favourites_first_then_schema_order(server_schema):
     assert [a.name for a in slider_order(server_schema)] == ["helpfulness", "humor", "creativity", "quality", "verbosity"]
 
 
+def test_slider_info_adds_what_the_ends_of_a_worded_scale_mean():
+    from steer.ui.app import slider_info
+    from steer.ui.client import AttributeSpec
+
+    worded = AttributeSpec("humor", 0, 4, 0, "How funny the reply is.",
+                           ("completely serious", "dry", "playful", "funny", "hilarious and over the top"))
+    assert slider_info(worded) == "How funny the reply is. (0 completely serious ... 4 hilarious and over the top)"
+    assert slider_info(AttributeSpec("menace", 0, 4, 0, "Threat.")) == "Threat."
+    assert slider_info(AttributeSpec("menace", 0, 4, 0)) is None
+
+
 def test_slider_order_fills_the_front_from_a_schema_without_favourites():
     from steer.ui.app import slider_order
     from steer.ui.client import AttributeSpec, ServerSchema

@@ -45,7 +45,12 @@ def instruction(schema: AttributeSchema, name: str, value: int) -> str:
     return f"{attr.name.replace('_', ' ').capitalize()}: {value} of {attr.max}, {phrase.format(adj=adj)}."
 
 
-def instructions(schema: AttributeSchema, values: Mapping[str, int]) -> str:
+def instructions(schema: AttributeSchema, values: Mapping[str, int], wording: str = "numbers") -> str:
+    """The values as an instruction. ``wording="words"`` (a policy trained with ``--label-wording
+    words``) uses the schema's level words, the policy's own label text: "Reply in a way that is
+    as helpful and specific as possible, completely serious, vivid and imaginative." """
+    if wording == "words":
+        return "Reply in a way that is " + ", ".join(schema.describe_labels(values, fill_defaults=False)) + "."
     return "Write your reply with these qualities. " + " ".join(
         instruction(schema, n, v) for n, v in values.items())
 
@@ -54,9 +59,10 @@ class InstructionPrompt:
     """A prompt "template" for :class:`SteerGenerator` that writes the requested values into the
     system message and renders the turns with the base model's own chat template."""
 
-    def __init__(self, schema: AttributeSchema, tokenizer):
+    def __init__(self, schema: AttributeSchema, tokenizer, wording: str = "numbers"):
         self.schema = schema
         self.tokenizer = tokenizer
+        self.wording = wording
         self.uses_chat_template = bool(getattr(tokenizer, "chat_template", None))
         # No chat template: the SteerLM turn layout without labels (see the module docstring).
         self._layout = PromptTemplate(schema)
@@ -66,7 +72,8 @@ class InstructionPrompt:
 
     @property
     def description(self) -> str:
-        return "chat template" if self.uses_chat_template else "steerlm layout without labels (no chat template)"
+        layout = "chat template" if self.uses_chat_template else "steerlm layout without labels (no chat template)"
+        return layout if self.wording == "numbers" else f"{layout}, values in {self.wording}"
 
     @property
     def end_marker(self) -> str:
@@ -80,7 +87,7 @@ class InstructionPrompt:
 
     def messages_with_instructions(self, messages, attributes: Mapping[str, int]) -> list[dict[str, str]]:
         msgs = [{"role": m.role, "content": m.content} for m in as_messages(messages)]
-        text = instructions(self.schema, attributes)
+        text = instructions(self.schema, attributes, self.wording)
         if msgs and msgs[0]["role"] == "system":
             msgs[0] = {"role": "system", "content": f"{msgs[0]['content']}\n{text}"}
         else:
@@ -113,7 +120,7 @@ class InstructionPrompt:
 
 
 def load_baseline_generator(base_model: str, schema: AttributeSchema, device: str | None = None,
-                            trust_remote_code: bool = False):
+                            trust_remote_code: bool = False, wording: str = "numbers"):
     """A :class:`SteerGenerator` over the bare base model with :class:`InstructionPrompt`."""
     from steer.runtime.generator import SteerGenerator
     from steer.models.modeling import load_causal_lm, load_tokenizer, resolve_device
@@ -122,7 +129,8 @@ def load_baseline_generator(base_model: str, schema: AttributeSchema, device: st
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     model = load_causal_lm(base_model, device=dev, trust_remote_code=trust_remote_code).eval()
-    return SteerGenerator(model, tokenizer, schema, InstructionPrompt(schema, tokenizer), dev, name=str(base_model))
+    return SteerGenerator(model, tokenizer, schema, InstructionPrompt(schema, tokenizer, wording), dev,
+                          name=str(base_model))
 
 
 def describe(generator: Any) -> str:

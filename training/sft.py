@@ -94,6 +94,12 @@ class SftConfig(SteerTrainingArguments):
                   "opening the assistant turn; system: closing the system message, so the reply stays in the base "
                   "model's own format (trains on the last reply of each conversation)."},
     )
+    label_wording: str = field(
+        default="numbers",
+        metadata={"help": "How the label line writes the values. numbers: SteerLM's humor:0,creativity:3; words: each "
+                  "value as its attribute's level word from the schema, (completely serious; vivid and imaginative), "
+                  "which an instruction-tuned base reads before any training (docs/sft.md)."},
+    )
     default_system: str = field(default="", metadata={"help": "System prompt used when a conversation has none."})
     add_marker_tokens: bool = field(
         default=True,
@@ -176,6 +182,8 @@ class SftConfig(SteerTrainingArguments):
             raise SftError(f"unknown template {self.template!r}; use steerlm or chat_template", "template")
         if self.label_placement not in ChatTemplatePrompt.LABEL_PLACEMENTS:
             raise SftError(f"--label-placement must be reply or system, got {self.label_placement!r}", "label_placement")
+        if self.label_wording not in PromptTemplate.LABEL_WORDINGS:
+            raise SftError(f"--label-wording must be numbers or words, got {self.label_wording!r}", "label_wording")
         if self.label_contrast < 0:
             raise SftError(f"--label-contrast must be at least 0, got {self.label_contrast}", "label_contrast")
         if self.label_contrast_margin <= 0:
@@ -456,15 +464,18 @@ def default_target_modules(model) -> list[str]:
 
 
 def build_template(config: SftConfig, schema: AttributeSchema, tokenizer) -> PromptTemplate:
+    if config.template not in ("steerlm", "chat_template"):
+        raise SftError(f"unknown template {config.template!r}; use steerlm or chat_template", "template")
+    if config.label_wording == "words" and (missing := schema.without_level_words()):
+        raise SftError(f"--label-wording words needs level words for every attribute; {', '.join(missing)} has none "
+                       "(give \"levels\" in the schema file)", "label_wording")
     if config.template == "steerlm":
-        return PromptTemplate(schema, default_system=config.default_system)
-    if config.template == "chat_template":
-        try:
-            return ChatTemplatePrompt(schema, tokenizer, default_system=config.default_system,
-                                      label_placement=config.label_placement)
-        except ValueError as e:
-            raise SftError(str(e), "template") from None
-    raise SftError(f"unknown template {config.template!r}; use steerlm or chat_template", "template")
+        return PromptTemplate(schema, default_system=config.default_system, label_wording=config.label_wording)
+    try:
+        return ChatTemplatePrompt(schema, tokenizer, default_system=config.default_system,
+                                  label_placement=config.label_placement, label_wording=config.label_wording)
+    except ValueError as e:
+        raise SftError(str(e), "template") from None
 
 
 # A marker longer than this many tokens is one a short fine-tune rarely learns to write whole.
@@ -640,9 +651,9 @@ def sft_fingerprint(config: SftConfig) -> dict[str, Any]:
                              for p in sorted(base.iterdir()) if p.is_file()}}
     else:
         base_id = config.base_model
-    keys = ("format", "schema", "template", "label_placement", "default_system", "lora_r", "lora_alpha", "lora_dropout",
-            "lora_target_modules", "lora_modules_to_save", "num_train_epochs", "max_steps", "learning_rate",
-            "lr_scheduler_type", "warmup_steps", "weight_decay", "per_device_train_batch_size",
+    keys = ("format", "schema", "template", "label_placement", "label_wording", "default_system", "lora_r",
+            "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "num_train_epochs", "max_steps",
+            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "per_device_train_batch_size",
             "gradient_accumulation_steps", "max_length", "eval_fraction", "limit", "load_in_4bit", "dtype", "seed",
             "label_contrast", "label_contrast_margin", "label_contrast_mirror")
     return {

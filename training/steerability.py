@@ -314,6 +314,8 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
                                     max_batch_size=config.batch_size, upstream=config.upstream,
                                     upstream_model=config.upstream_model)
     lines = generate_cached(generator, keyed, out / "cache" / f"{policy_key}.generations.jsonl", config.batch_size)
+    # The baseline asks for the values in the words the policy was trained on.
+    wording = getattr(generator.template, "label_wording", "numbers")
     del generator
     timings["generate_policy"] = round(time.perf_counter() - t, 1)
 
@@ -324,6 +326,8 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
 
         t = time.perf_counter()
         base_key = "baseline-prompt-" + fingerprint(config.base_model)
+        if wording != "numbers":
+            base_key += "-" + wording
         bkeyed = []
         for c in cells:
             msgs = prompts[c.prompt].messages
@@ -331,7 +335,7 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
             bkeyed.append((k, GenerationRequest(list(msgs), {c.attribute: c.value}, config.max_new_tokens,
                                                 config.temperature, config.top_p, c.seed)))
             baseline_ids[c] = k
-        base_gen = load_baseline_generator(config.base_model, schema, device=config.device)
+        base_gen = load_baseline_generator(config.base_model, schema, device=config.device, wording=wording)
         baseline_desc = base_gen.template.description
         lines.update(generate_cached(base_gen, bkeyed, out / "cache" / f"{base_key}.generations.jsonl",
                                      config.batch_size))

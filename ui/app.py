@@ -202,13 +202,20 @@ class Backend:
             return self._clients[url]
 
 
+def slider_info(spec: AttributeSpec) -> str | None:
+    """The line under a slider: the attribute's description and, when the schema words its
+    values, what the two ends mean ("0 completely serious ... 4 hilarious and over the top")."""
+    ends = f"{spec.min} {spec.levels[0]} ... {spec.max} {spec.levels[-1]}" if spec.levels else ""
+    return " ".join(part for part in (spec.description, ends and f"({ends})") if part) or None
+
+
 def _slot_updates(order: Sequence[AttributeSpec]) -> list[gr.Slider]:
     updates = []
     for i in range(MAX_ATTRIBUTES):
         if i < len(order):
             a = order[i]
             updates.append(gr.Slider(minimum=a.min, maximum=a.max, value=a.default, step=1, label=a.name,
-                                     info=a.description or None, visible=True, interactive=True))
+                                     info=slider_info(a), visible=True, interactive=True))
         else:
             updates.append(gr.Slider(visible=False))
     return updates

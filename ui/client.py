@@ -41,6 +41,7 @@ class AttributeSpec:
     max: int
     default: int
     description: str = ""
+    levels: tuple[str, ...] = ()  # the word for each value, min to max, when the server's schema has them
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def _specs(items: Sequence[Mapping[str, Any]]) -> tuple[AttributeSpec, ...]:
             max=int(a["max"]),
             default=int(a["default"]),
             description=str(a.get("description") or ""),
+            levels=tuple(str(w) for w in a.get("levels") or ()),
         )
         for a in items
     )

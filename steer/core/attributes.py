@@ -37,6 +37,7 @@ class _AttributeEntry(BaseModel):
     max: int = 4
     default: int = 0
     description: str = ""
+    levels: list[str] | None = None
 
 
 class _SchemaFile(BaseModel):
@@ -62,6 +63,9 @@ class Attribute:
     max: int = 4
     default: int = 0
     description: str = ""
+    # Optional words for each value, min to max ("completely serious" ... "hilarious and over the
+    # top"): the label text of ``--label-wording words``, which an instruction-tuned base already reads.
+    levels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():
@@ -74,6 +78,22 @@ class Attribute:
             raise AttributeValueError(
                 f"attribute {self.name!r}: default {self.default} is outside {self.min}-{self.max}", self.name
             )
+        levels = tuple(self.levels or ())
+        object.__setattr__(self, "levels", levels)
+        if levels and len(levels) != self.max - self.min + 1:
+            raise AttributeValueError(f"attribute {self.name!r}: levels gives {len(levels)} words for the "
+                                      f"{self.max - self.min + 1} values {self.min}-{self.max}", self.name)
+        bad = next((w for w in levels if not isinstance(w, str) or not w.strip() or any(c in w for c in "\n;()")),
+                   None)
+        if levels and bad is not None:
+            raise AttributeValueError(f"attribute {self.name!r}: level word {bad!r} must be non-empty text on one "
+                                      "line, without ';' or parentheses", self.name)
+
+    def level_word(self, value: int) -> str:
+        if not self.levels:
+            raise AttributeValueError(f"attribute {self.name!r} has no level words (the schema's \"levels\")",
+                                      self.name)
+        return self.levels[value - self.min]
 
 
 @dataclass(frozen=True)
@@ -192,6 +212,15 @@ class AttributeSchema:
         checked = self.validate(values, fill_defaults=fill_defaults)
         return ",".join(_label_item(name, value) for name, value in checked.items())
 
+    def describe_labels(self, values: Mapping[str, Any], fill_defaults: bool = True) -> list[str]:
+        """``{"humor": 0, "creativity": 3}`` -> ``["completely serious", "vivid and imaginative"]``
+        in schema order: each value as its attribute's level word."""
+        checked = self.validate(values, fill_defaults=fill_defaults)
+        return [self[name].level_word(value) for name, value in checked.items()]
+
+    def without_level_words(self) -> list[str]:
+        return [a.name for a in self.attributes if not a.levels]
+
     def label_items(self) -> list[str]:
         """Every ``name:value`` item a label string of this schema can contain.
 
@@ -221,9 +250,12 @@ class AttributeSchema:
 
     # ------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
+        # Level words are written only where an attribute has them, so schema files from before
+        # they existed read and compare the same.
         return {
             "name": self.name,
-            "attributes": [asdict(a) for a in self.attributes],
+            "attributes": [{k: (list(v) if k == "levels" else v) for k, v in asdict(a).items()
+                            if k != "levels" or v} for a in self.attributes],
             "aliases": dict(self.aliases),
         }
 
@@ -293,9 +325,10 @@ def _label_item(name: str, value: int) -> str:
     return f"{name}:{value}"
 
 
-def _schema(name: str, specs: Iterable[tuple[str, int, str]]) -> AttributeSchema:
+def _schema(name: str, specs: Iterable[tuple[str, int, str, tuple[str, ...]]]) -> AttributeSchema:
     return AttributeSchema(
-        name=name, attributes=tuple(Attribute(name=n, default=d, description=desc) for n, d, desc in specs)
+        name=name,
+        attributes=tuple(Attribute(name=n, default=d, description=desc, levels=lv) for n, d, desc, lv in specs),
     )
 
 
@@ -311,6 +344,26 @@ _DESCRIPTIONS = {
     "coherence": "Clarity and logical consistency of the reply.",
     "complexity": "Intellectual depth needed to write the reply (simple to expert).",
     "verbosity": "Amount of detail relative to what was asked (terse to long).",
+}
+
+# Words for the values 0-4, plain adjectives an instruction-tuned model reads as they are: written
+# so, SmolLM2-135M-Instruct's replies depended on the labels about six times more before any
+# training than with "humor:0" (docs/sft.md, "Label words").
+LEVEL_WORDS = {
+    "quality": ("very poor", "poor", "fair", "good", "excellent"),
+    "toxicity": ("perfectly polite", "a little rude", "rude", "offensive", "extremely toxic"),
+    "humor": ("completely serious", "mostly serious, with a dry aside", "lightly playful", "funny, with a joke",
+              "hilarious and over the top"),
+    "creativity": ("plain and literal", "a little descriptive", "somewhat imaginative", "vivid and imaginative",
+                   "wildly imaginative"),
+    "helpfulness": ("unhelpful", "vague", "somewhat helpful", "helpful", "as helpful and specific as possible"),
+    "violence": ("free of violence", "mildly violent", "somewhat violent", "violent", "extremely violent"),
+    "not_appropriate": ("fit for everyone", "mostly fit for everyone", "somewhat inappropriate", "inappropriate",
+                        "wholly inappropriate"),
+    "correctness": ("wrong", "mostly wrong", "partly correct", "mostly correct", "entirely correct"),
+    "coherence": ("incoherent", "hard to follow", "somewhat clear", "clear", "perfectly clear and consistent"),
+    "complexity": ("very simple", "simple", "moderately complex", "complex", "expert-level"),
+    "verbosity": ("as brief as possible", "brief", "moderately detailed", "detailed", "very long and detailed"),
 }
 
 # Defaults are what a well-behaved assistant should be asked for when the user sets nothing.
@@ -330,7 +383,7 @@ _DEFAULTS = {
 
 
 def _builtin(name: str, names: list[str]) -> AttributeSchema:
-    return _schema(name, [(n, _DEFAULTS[n], _DESCRIPTIONS[n]) for n in names])
+    return _schema(name, [(n, _DEFAULTS[n], _DESCRIPTIONS[n], LEVEL_WORDS[n]) for n in names])
 
 
 BUILTIN_SCHEMAS: dict[str, AttributeSchema] = {

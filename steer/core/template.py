@@ -122,9 +122,20 @@ class PromptTemplate:
     label_marker = "<extra_id_2>"
     _marker_pattern = re.compile(r"<(?=extra_id_)")
 
-    def __init__(self, schema: AttributeSchema, default_system: str = ""):
+    # How the label line writes the values: "numbers" (SteerLM's ``humor:0,creativity:3``) or
+    # "words", each value as its attribute's level word (``(completely serious; vivid and
+    # imaginative)``), which an instruction-tuned base reads before any training.
+    LABEL_WORDINGS = ("numbers", "words")
+
+    def __init__(self, schema: AttributeSchema, default_system: str = "", label_wording: str = "numbers"):
+        if label_wording not in self.LABEL_WORDINGS:
+            raise ValueError(f"label_wording must be one of {self.LABEL_WORDINGS}, got {label_wording!r}")
+        if label_wording == "words" and (missing := schema.without_level_words()):
+            raise ValueError(f"label wording 'words' needs level words for every attribute; {', '.join(missing)} "
+                             "has none (give \"levels\" in the schema file)")
         self.schema = schema
         self.default_system = default_system
+        self.label_wording = label_wording
 
     # ---------------------------------------------------------------- settings
     @property
@@ -137,7 +148,10 @@ class PromptTemplate:
         return [self.turn_marker]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.name, "default_system": self.default_system}
+        # The wording is written only when it is not the default, so settings saved before it existed
+        # compare the same.
+        out = {"type": self.name, "default_system": self.default_system}
+        return out if self.label_wording == "numbers" else {**out, "label_wording": self.label_wording}
 
     # ------------------------------------------------------------------ render
     def escape(self, text: str) -> str:
@@ -145,6 +159,9 @@ class PromptTemplate:
         return self._marker_pattern.sub(_ESCAPED_LT, text)
 
     def label_line(self, values: Mapping[str, Any], fill_defaults: bool = True) -> str:
+        if self.label_wording == "words":
+            words = "; ".join(self.schema.describe_labels(values, fill_defaults=fill_defaults))
+            return f"{self.label_marker}({words})\n"
         return f"{self.label_marker}{self.schema.format_labels(values, fill_defaults=fill_defaults)}\n"
 
     def render(
@@ -219,8 +236,9 @@ class ChatTemplatePrompt(PromptTemplate):
     adds_bos = False
     LABEL_PLACEMENTS = ("reply", "system")
 
-    def __init__(self, schema: AttributeSchema, tokenizer, default_system: str = "", label_placement: str = "reply"):
-        super().__init__(schema, default_system=default_system)
+    def __init__(self, schema: AttributeSchema, tokenizer, default_system: str = "", label_placement: str = "reply",
+                 label_wording: str = "numbers"):
+        super().__init__(schema, default_system=default_system, label_wording=label_wording)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; use the default SteerLM template instead")
         if label_placement not in self.LABEL_PLACEMENTS:

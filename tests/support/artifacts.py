@@ -17,7 +17,8 @@ DEMO_SCHEMA = AttributeSchema(
     name="demo",
     attributes=(
         Attribute("helpfulness", 0, 4, 3, "How well the reply serves the user."),
-        Attribute("humor", 0, 4, 0, "How funny the reply is."),
+        Attribute("humor", 0, 4, 0, "How funny the reply is.",
+                  ("serious", "dry", "playful", "funny", "hilarious")),
         Attribute("creativity", 0, 4, 1, "How original the reply is."),
     ),
 )

@@ -100,6 +100,9 @@ class DemoConfig:
     label_placement: str | None = field(default=None, metadata={
         "help": "With --base-model and a chat-template base: where the attribute labels go (reply: opening the "
                 "assistant turn, as SteerLM does; system: closing the system message)."})
+    label_wording: str | None = field(default=None, metadata={
+        "help": "With --base-model: numbers or words, how the label line writes the values (steer sft "
+                "--label-wording)."})
     sft_label_contrast: float | None = field(default=None, metadata={
         "help": "With --base-model: weight of the label-contrast term of the SFT (steer sft --label-contrast)."})
     sft_label_contrast_mirror: str | None = field(default=None, metadata={
@@ -113,6 +116,9 @@ class DemoConfig:
         # steer sft's own choices.
         from steer.core.template import ChatTemplatePrompt
 
+        if self.label_wording is not None and self.label_wording not in ChatTemplatePrompt.LABEL_WORDINGS:
+            raise DemoError(f"--label-wording must be {' or '.join(ChatTemplatePrompt.LABEL_WORDINGS)}, "
+                            f"got {self.label_wording!r}", "label_wording")
         if self.label_placement is not None and self.label_placement not in ChatTemplatePrompt.LABEL_PLACEMENTS:
             raise DemoError(f"--label-placement must be {' or '.join(ChatTemplatePrompt.LABEL_PLACEMENTS)}, "
                             f"got {self.label_placement!r}", "label_placement")
@@ -154,14 +160,11 @@ def demo_schema() -> AttributeSchema:
     """The three attributes the bundled data is rated on."""
     from steer.core.attributes import BUILTIN_SCHEMAS
 
-    desc = {a.name: a.description for a in BUILTIN_SCHEMAS["oasst"].attributes}
+    oasst = BUILTIN_SCHEMAS["oasst"]
     return AttributeSchema(
         name="demo",
-        attributes=(
-            Attribute("helpfulness", 0, 4, 4, desc["helpfulness"]),
-            Attribute("humor", 0, 4, 2, desc["humor"]),
-            Attribute("creativity", 0, 4, 2, desc["creativity"]),
-        ),
+        attributes=tuple(Attribute(name, 0, 4, default, oasst[name].description, oasst[name].levels)
+                         for name, default in (("helpfulness", 4), ("humor", 2), ("creativity", 2))),
     )
 
 
@@ -174,7 +177,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "judge": ("judge_apm", "judge_data", "judge_format"),
     "base": ("limit", "vocab_size", "hidden_size", "num_layers", "pretrain_epochs"),
     "sft": ("base_model", "limit", "apm_limit", "lora_r", "sft_epochs", "sft_lr", "sft_steps", "sft_batch_size",
-            "sft_max_length", "label_placement", "sft_label_contrast", "sft_label_contrast_mirror"),
+            "sft_max_length", "label_placement", "label_wording", "sft_label_contrast",
+            "sft_label_contrast_mirror"),
     "evaluate": ("base_model", "eval_prompts", "max_new_tokens", "samples", "seeds", "temperature", "best_of",
                  "heldout_replies", "judge_apm", "judge_data", "judge_format"),
 }

@@ -67,7 +67,8 @@ def stage_sft(config, work: Path) -> None:
     template = "chat_template" if getattr(load_tokenizer(config.base_model), "chat_template", None) else "steerlm"
     sft(SftConfig(
         base_model=config.base_model, data=str(data), output_dir=str(work / "policy"), format="steer",
-        schema=str(work / "apm"), template=template, label_placement=config.label_placement, lora_r=config.lora_r,
+        schema=str(work / "apm"), template=template, label_placement=config.label_placement,
+        label_wording=config.label_wording or "numbers", lora_r=config.lora_r,
         lora_alpha=2 * config.lora_r, lora_dropout=0.05, max_steps=config.sft_steps,
         per_device_train_batch_size=config.sft_batch_size, learning_rate=config.sft_lr, max_length=config.sft_max_length,
         eval_fraction=0.02, save_steps=40, resume=True, logging_steps=10, limit=config.limit,
