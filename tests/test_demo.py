@@ -136,8 +136,9 @@ def test_full_demo_is_steerable(tmp_path):
 @pytest.mark.slow
 def test_smollm2_demo_steers_better_than_prompting_the_unmodified_model(shared_path, tmp_path):
     """The issue's run: ``steer demo --base-model`` on SmolLM2-135M-Instruct with its defaults
-    (label contrast included) and an OASST-trained judge. The policy beats prompt steering of the
-    unmodified model on humor and creativity under the demo APM, at best-of-1."""
+    (label contrast and label words included) and an OASST-trained judge. The policy beats prompt
+    steering of the unmodified model, asked in the same words, on humor and creativity under the
+    demo APM and on humor under the OASST judge, at best-of-1."""
     pytest.importorskip("gguf")
     base = shared_path("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
     work = tmp_path / "demo"
@@ -149,7 +150,9 @@ def test_smollm2_demo_steers_better_than_prompting_the_unmodified_model(shared_p
     for attribute in ("humor", "creativity"):
         row = rows["demo APM", attribute]
         assert row["policy_best_of_1"] > row["prompt_baseline"], row
-    assert report["sft_label_gain"]["after"] > 0.02, report["sft_label_gain"]
+    row = rows["independent APM", "humor"]
+    assert row["policy_best_of_1"] > row["prompt_baseline"], row
+    assert report["sft_label_gain"]["after"] > 0.2, report["sft_label_gain"]
 
 
 @pytest.mark.gpu
@@ -189,12 +192,14 @@ def test_quick_demo_on_a_pretrained_gguf_base_compares_with_prompt_steering(shar
     assert main(DemoConfig(workdir=str(work), quick=True, base_model=str(base))) == 0
     config, _ = load_steer_config(work / "policy", kind="policy")
     assert config["base_model"] == str(base.resolve())  # recorded as given, so serve reloads it offline
+    assert config["template"]["label_wording"] == "words"  # this mode's default
     assert not (work / "policy" / "base").exists() and not (work / "stages" / "base.done").exists()
     report = json.loads((work / "report.json").read_text())
     assert report["mode"] == "base_model"
     rows = {(r["judge"], r["attribute"]) for r in report["comparison"]}
     assert rows == {("demo APM", a) for a in ("helpfulness", "humor", "creativity")}
     assert {"prompt_baseline", "policy_best_of_1", "policy_best_of_2"} <= set(report["comparison"][0])
+    assert {"difference", "ci95"} <= set(report["comparison"][0]["minus_baseline_best_of_1"])  # paired, over prompts
     assert len(report["general_answers"]) == 3 and all("policy" in a for a in report["general_answers"])
     sft = json.loads((work / "policy" / "sft_metrics.json").read_text())
     assert report["sft_label_gain"] == {"before": sft["eval_label_gain_before"], "after": sft["eval_label_gain_after"]}
@@ -214,3 +219,6 @@ def test_bad_sft_choices_are_refused_before_any_stage_runs(tmp_path):
     assert not (tmp_path / "w").exists()
     assert DemoConfig(base_model="model.gguf").sft_label_contrast_mirror == "all"
     assert DemoConfig().sft_label_contrast_mirror is None  # the tiny demo trains without the contrast
+    assert DemoConfig(base_model="model.gguf").label_wording == "words"
+    assert DemoConfig(base_model="model.gguf", label_wording="numbers").label_wording == "numbers"
+    assert DemoConfig().label_wording is None  # the tiny model learns its label line from scratch

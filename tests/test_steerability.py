@@ -58,6 +58,27 @@ def test_the_bootstrap_interval_resamples_prompts():
     assert level_means([0], [0, 0], [1.0, 3.0], [5, 5], n_boot=100)[0]["ci95"] == [2.0, 2.0]
 
 
+def test_the_lead_over_the_baseline_has_a_paired_interval_that_tells_a_real_lead_from_noise():
+    from steer.training.steerability_metrics import spearman_difference, spearman_interval
+
+    rng = np.random.default_rng(0)
+    requested, groups = _grid(prompts=12, draws=1)
+    follows = requested + rng.normal(0, 0.7, len(requested))  # a policy that follows the request
+    noise_a, noise_b = rng.normal(0, 1, len(requested)), rng.normal(0, 1, len(requested))  # two that ignore it
+    lead = spearman_difference(requested, follows, noise_a, groups, n_boot=500, seed=1)
+    assert lead["difference"] > 0.6 and lead["ci95"][0] > 0.3  # clear of 0
+    tie = spearman_difference(requested, noise_a, noise_b, groups, n_boot=500, seed=1)
+    assert tie["ci95"][0] < 0 < tie["ci95"][1]  # 60 replies cannot tell two ignoring policies apart
+    # The interval of one Spearman contains it, and a larger grid narrows it.
+    lo, hi = spearman_interval(requested, follows, groups, n_boot=500, seed=1)
+    assert lo < attribute_metrics(requested, follows, groups, LEVELS, n_boot=0)["spearman"] < hi
+    big_req, big_groups = _grid(prompts=48, draws=1)
+    big_lo, big_hi = spearman_interval(big_req, big_req + rng.normal(0, 0.7, len(big_req)), big_groups, n_boot=500)
+    assert big_hi - big_lo < hi - lo
+    # Undefined on a constant judge, as the Spearman itself is.
+    assert spearman_difference(requested, np.ones_like(requested), noise_a, groups, n_boot=50)["difference"] is None
+
+
 def test_crosstalk_separates_the_varied_attribute_from_the_others():
     requested, _ = _grid()
     rng = np.random.default_rng(0)
@@ -110,6 +131,14 @@ def test_report_files_and_plots_exist_and_parse(eval_run):
     assert report["judges"][0]["steerability"] == report["steerability"]
     assert report["judges"][0]["baseline"]["steerability"] == report["baseline"]["steerability"]
     assert "no chat template" in report["settings"]["baseline_prompt"]
+    for judge in report["judges"]:  # the policy's lead over the baseline, paired on the same cells
+        for n in ("1", "3"):
+            gaps = judge["best_of"][n]["vs_baseline"]
+            assert set(gaps) == {"humor", "creativity"}
+            for a, gap in gaps.items():
+                policy, base = judge["best_of"][n]["steerability"][a]["spearman"], judge["baseline"]["steerability"][a]["spearman"]
+                if policy is not None and base is not None:
+                    assert gap["difference"] == pytest.approx(policy - base, abs=2e-4)
     assert report["settings"]["replies_generated"] == 2 * 3 * 3 * 2 * 3 + 2 * 3 * 3 * 2
     for lv in report["relevance"]["humor"]["levels"]:
         assert -1.0 <= lv["mean"] <= 1.0

@@ -14,6 +14,17 @@ def _means(block: dict) -> str:
     return " ".join(_f(lv["mean"]) for lv in block["levels"])
 
 
+def _ci(interval) -> str:
+    return "n/a" if not interval else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def _gap(gap: dict | None) -> str:
+    """``+0.63 [0.40, 0.83]``: the policy's Spearman minus the baseline's, with its interval."""
+    if not gap or gap.get("difference") is None:
+        return ""
+    return f"{gap['difference']:+.2f} {_ci(gap.get('ci95'))}"
+
+
 def steerability_rows(judge: dict[str, Any]) -> list[list[str]]:
     """One row per (attribute, best-of N or baseline)."""
     rows = []
@@ -21,12 +32,14 @@ def steerability_rows(judge: dict[str, Any]) -> list[list[str]]:
         for n, block in judge["best_of"].items():
             s = block["steerability"].get(name)
             if s:
-                rows.append([name, f"policy best-of-{n}", _f(s["spearman"]), _f(s["pearson"]), _means(s),
-                             "yes" if s["monotonic"] else "no", _f(s["within_1"])])
+                rows.append([name, f"policy best-of-{n}", _f(s["spearman"]), _ci(s.get("spearman_ci95")),
+                             _f(s["pearson"]), _means(s), "yes" if s["monotonic"] else "no", _f(s["within_1"]),
+                             _gap(block.get("vs_baseline", {}).get(name))])
         base = (judge.get("baseline") or {}).get("steerability", {}).get(name)
         if base:
-            rows.append([name, "prompt baseline", _f(base["spearman"]), _f(base["pearson"]), _means(base),
-                         "yes" if base["monotonic"] else "no", _f(base["within_1"])])
+            rows.append([name, "prompt baseline", _f(base["spearman"]), _ci(base.get("spearman_ci95")),
+                         _f(base["pearson"]), _means(base), "yes" if base["monotonic"] else "no",
+                         _f(base["within_1"]), ""])
     return rows
 
 
@@ -34,7 +47,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-HEADER = ["attribute", "generation", "Spearman", "Pearson", "mean measured per level", "monotonic", "within 1"]
+HEADER = ["attribute", "generation", "Spearman", "95%", "Pearson", "mean measured per level", "monotonic", "within 1",
+          "Spearman minus baseline (95%)"]
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
@@ -50,7 +64,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     for j, judge in enumerate(report["judges"]):
         role = "primary judge" if j == 0 else f"judge {j + 1}"
         lines += [f"## {role}: `{judge['apm']}`", "",
-                  "Intervals per level (95%, bootstrap over prompts) are in report.json.", ""]
+                  "Intervals are 95% bootstraps over prompts (the difference from the baseline resamples both on "
+                  "the same prompts); those per level are in report.json.", ""]
         lines += _table(HEADER, steerability_rows(judge)) + [""]
         ct = judge["crosstalk"]
         cols = list(next(iter(ct.values()), {}))

@@ -234,6 +234,23 @@ def figures(cells: list[Cell], winners: dict[Cell, str], scores: dict[str, dict]
     return {"steerability": steer, "crosstalk": crosstalk(varied)}
 
 
+def baseline_gap(cells: list[Cell], winners: dict[Cell, str], baseline_ids: dict[Cell, str], scores: dict[str, dict],
+                 attributes: Sequence[str], n_boot: int, seed: int) -> dict[str, dict]:
+    """Per attribute: the policy's Spearman minus the prompt baseline's on the same cells, with a
+    paired 95% interval over prompts (:func:`steer.training.steerability_metrics.spearman_difference`)."""
+    from steer.training.steerability_metrics import spearman_difference
+
+    out = {}
+    for a in attributes:
+        rows = [c for c in cells if c.attribute == a]
+        if not rows or a not in scores[winners[rows[0]]]:
+            continue
+        out[a] = spearman_difference([c.value for c in rows], [scores[winners[c]][a] for c in rows],
+                                     [scores[baseline_ids[c]][a] for c in rows], [c.prompt for c in rows],
+                                     n_boot=n_boot, seed=seed)
+    return out
+
+
 def relevance_figures(cells: list[Cell], winners: dict[Cell, str], replies: dict[str, str], prompts, encoder,
                       attributes: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
     from steer.training.steerability_metrics import level_means
@@ -383,6 +400,9 @@ def run(config: SteerabilityConfig) -> dict[str, Any]:
                                 for n, b in blocks.items()}}
         if baseline_ids:
             report_j["baseline"] = figures(cells, baseline_ids, j["scores"], attributes, config.bootstrap, config.seed)
+            for n in best_of:
+                report_j["best_of"][str(n)]["vs_baseline"] = baseline_gap(
+                    cells, winners[n], baseline_ids, j["scores"], attributes, config.bootstrap, config.seed)
         judge_reports.append(report_j)
 
     main_judge = judge_reports[0]

@@ -6,6 +6,9 @@ Pure functions over arrays (one entry per reply), so they are tested on hand-mad
   value per requested level with a 95% bootstrap interval (resampling prompts, since replies to
   one prompt are not independent), monotonicity and the share of replies within 1 of the request;
 - :func:`crosstalk`: varying attribute A against measured attribute B (Spearman);
+- :func:`spearman_difference`: a policy's Spearman minus a baseline's on the same cells, with a
+  paired 95% bootstrap interval over prompts: whether one steers better than the other, or the
+  difference is inside the noise of a small grid;
 - :func:`level_means`: any per-reply quantity (relevance) averaged per level with the same interval.
 """
 
@@ -69,6 +72,47 @@ def level_means(levels: Sequence[int], requested, values, groups, n_boot: int = 
     return out
 
 
+def _prompt_draws(groups, n_boot: int, seed: int) -> list[np.ndarray]:
+    """Row indices of ``n_boot`` bootstrap samples that draw prompts (``groups``) with replacement
+    and take every reply to each drawn prompt."""
+    groups = np.asarray(groups)
+    uniq, group_idx = np.unique(groups, return_inverse=True)
+    rows = [np.flatnonzero(group_idx == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([rows[g] for g in draw]) for draw in rng.integers(0, len(uniq), size=(n_boot, len(uniq)))]
+
+
+def _interval(samples: list[float]) -> list[float] | None:
+    samples = [s for s in samples if s is not None]
+    if len(samples) < 20:  # too few defined resamples for a 95% interval
+        return None
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def spearman_interval(requested, measured, groups, n_boot: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> list | None:
+    """95% bootstrap interval of Spearman(requested, measured), resampling prompts."""
+    requested, measured = np.asarray(requested, dtype=float), np.asarray(measured, dtype=float)
+    return _interval([spearman(requested[i], measured[i]) for i in _prompt_draws(groups, n_boot, seed)])
+
+
+def spearman_difference(requested, measured, baseline, groups, n_boot: int = BOOTSTRAP_SAMPLES,
+                        seed: int = 0) -> dict:
+    """Spearman(requested, measured) minus Spearman(requested, baseline), where entry i of
+    ``measured`` and of ``baseline`` answer the same cell (prompt, requested value, draw). The 95%
+    interval resamples prompts for both at once (paired), so the prompts' shared difficulty cancels."""
+    requested = np.asarray(requested, dtype=float)
+    measured, baseline = np.asarray(measured, dtype=float), np.asarray(baseline, dtype=float)
+
+    def diff(idx) -> float | None:
+        a, b = spearman(requested[idx], measured[idx]), spearman(requested[idx], baseline[idx])
+        return None if a is None or b is None else a - b
+
+    point = diff(np.arange(len(requested)))
+    return {"difference": None if point is None else round(point, 4),
+            "ci95": _interval([diff(i) for i in _prompt_draws(groups, n_boot, seed)]) if n_boot else None}
+
+
 def attribute_metrics(requested, measured, groups, levels: Sequence[int] | None = None,
                       n_boot: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict:
     """Steerability of one attribute under one judge. ``requested``/``measured``/``groups`` have one
@@ -81,6 +125,7 @@ def attribute_metrics(requested, measured, groups, levels: Sequence[int] | None 
     means = [lv["mean"] for lv in per_level if lv["mean"] is not None]
     return {
         "spearman": spearman(requested, measured),
+        "spearman_ci95": spearman_interval(requested, measured, groups, n_boot, seed) if n_boot else None,
         "pearson": pearson(requested, measured),
         "levels": per_level,
         # Each level's mean strictly above the one below.

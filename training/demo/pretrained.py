@@ -187,6 +187,8 @@ def compare(eval_report: dict[str, Any]) -> list[dict[str, Any]]:
                    "prompt_baseline": base.get(attr, {}).get("spearman")}
             for n, block in judge["best_of"].items():
                 row[f"policy_best_of_{n}"] = block["steerability"][attr]["spearman"]
+                if attr in block.get("vs_baseline", {}):
+                    row[f"minus_baseline_best_of_{n}"] = block["vs_baseline"][attr]
             rows.append(row)
     return rows
 
@@ -196,8 +198,12 @@ def format_comparison(report: dict[str, Any]) -> str:
     if not rows:
         return ""
     sizes = [k for k in rows[0] if k.startswith("policy_best_of_")]
+    # The paired interval of the smallest best-of's lead over the baseline says whether it is noise.
+    gap_key = "minus_baseline_best_of_" + sizes[0].rsplit("_", 1)[1] if sizes else ""
     head = f"{'judge':<16} {'attribute':<12} {'prompt baseline':>15} " + " ".join(
         f"{'best-of-' + k.rsplit('_', 1)[1]:>10}" for k in sizes)
+    if any(gap_key in r for r in rows):
+        head += f"  best-of-{gap_key.rsplit('_', 1)[1]} minus baseline (95%)"
     lines = ["\nSteerability (Spearman): SteerLM policy vs prompt steering of the unmodified base", head]
     lines[0] += f" ({report['base_model']})"
 
@@ -205,8 +211,12 @@ def format_comparison(report: dict[str, Any]) -> str:
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
     for r in rows:
+        gap = r.get(gap_key) or {}
+        ci = gap.get("ci95")
         lines.append(f"{r['judge']:<16} {r['attribute']:<12} {fmt(r['prompt_baseline']):>15} "
-                     + " ".join(f"{fmt(r[k]):>10}" for k in sizes))
+                     + " ".join(f"{fmt(r[k]):>10}" for k in sizes)
+                     + (f"  {gap['difference']:+.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if gap.get("difference") is not None
+                        and ci else ""))
     lines.append("\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()))
     gain = report.get("sft_label_gain") or {}
     if gain.get("after") is not None:
