@@ -466,16 +466,14 @@ def default_target_modules(model) -> list[str]:
 def build_template(config: SftConfig, schema: AttributeSchema, tokenizer) -> PromptTemplate:
     if config.template not in ("steerlm", "chat_template"):
         raise SftError(f"unknown template {config.template!r}; use steerlm or chat_template", "template")
-    if config.label_wording == "words" and (missing := schema.without_level_words()):
-        raise SftError(f"--label-wording words needs level words for every attribute; {', '.join(missing)} has none "
-                       "(give \"levels\" in the schema file)", "label_wording")
-    if config.template == "steerlm":
-        return PromptTemplate(schema, default_system=config.default_system, label_wording=config.label_wording)
     try:
+        if config.template == "steerlm":
+            return PromptTemplate(schema, default_system=config.default_system, label_wording=config.label_wording)
         return ChatTemplatePrompt(schema, tokenizer, default_system=config.default_system,
                                   label_placement=config.label_placement, label_wording=config.label_wording)
     except ValueError as e:
-        raise SftError(str(e), "template") from None
+        # The template names the setting it refuses (label_wording); anything else is the template's.
+        raise SftError(str(e), getattr(e, "field", None) or "template") from None
 
 
 # A marker longer than this many tokens is one a short fine-tune rarely learns to write whole.

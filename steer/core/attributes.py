@@ -85,7 +85,7 @@ class Attribute:
                                       f"{self.max - self.min + 1} values {self.min}-{self.max}", self.name)
         bad = next((w for w in levels if not isinstance(w, str) or not w.strip() or any(c in w for c in "\n;()")),
                    None)
-        if levels and bad is not None:
+        if bad is not None:
             raise AttributeValueError(f"attribute {self.name!r}: level word {bad!r} must be non-empty text on one "
                                       "line, without ';' or parentheses", self.name)
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from steer.core.attributes import AttributeSchema
+from steer.core.attributes import AttributeSchema, AttributeValueError
 from steer.core.conversation import ConversationError, Message, as_messages, validate_messages
 
 Mode = Literal["train", "inference", "apm"]
@@ -131,8 +131,9 @@ class PromptTemplate:
         if label_wording not in self.LABEL_WORDINGS:
             raise ValueError(f"label_wording must be one of {self.LABEL_WORDINGS}, got {label_wording!r}")
         if label_wording == "words" and (missing := schema.without_level_words()):
-            raise ValueError(f"label wording 'words' needs level words for every attribute; {', '.join(missing)} "
-                             "has none (give \"levels\" in the schema file)")
+            raise AttributeValueError(f"label wording 'words' needs level words for every attribute; "
+                                      f"{', '.join(missing)} has none (give \"levels\" in the schema file)",
+                                      "label_wording")
         self.schema = schema
         self.default_system = default_system
         self.label_wording = label_wording
