@@ -79,6 +79,72 @@ def test_alike_prompts_copy_their_shared_start_from_one_another_and_still_match_
         assert row.reply.text == alone.text
 
 
+def test_a_waiting_request_takes_the_slot_of_the_first_to_end_and_still_matches_single_requests(generator,
+                                                                                                  monkeypatch):
+    import steer.runtime.generator as generator_module
+
+    engines = []
+
+    class RecordingScheduler(generator_module.Scheduler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(generator_module, "Scheduler", RecordingScheduler)
+    lengths = [2, 12, 3, 10, 4, 6]
+    requests = [GenerationRequest(USER if i % 2 else LONGER, {"humor": i % 5}, max_new_tokens=n, temperature=0.8,
+                                  seed=i, ignore_eos=True) for i, n in enumerate(lengths)]
+    ended = []
+    results = generator.generate_prepared([generator.prepare(r) for r in requests], max_batch_size=2,
+                                          on_result=lambda i, result: ended.append((i, result)))
+    assert engines[-1].stats().max_batch_seen == 2
+    # Row 0 (2 tokens) ends first and row 2 takes its slot and ends (3 tokens) while row 1 (12) runs.
+    assert [i for i, _ in ended][:2] == [0, 2] and sorted(i for i, _ in ended) == list(range(6))
+    assert all(results[i] == result for i, result in ended)
+    assert [r.completion_tokens for r in results] == lengths
+    for request, got in zip(requests, results):
+        alone = generator.generate(request.messages, request.attributes, request.max_new_tokens, request.temperature,
+                                   seed=request.seed, ignore_eos=True)
+        assert got == alone
+
+
+def test_batch_file_keeps_input_order_and_a_crash_loses_only_the_replies_in_flight(generator, tmp_path,
+                                                                                   monkeypatch):
+    from steer.cli.batch import BatchItem, generate_file
+    from steer.runtime.scheduler import Scheduler
+
+    lengths = [9, 2, 3, 8, 2, 5]
+    items = [BatchItem(f"line-{i}", GenerationRequest(USER, {"humor": i % 5}, max_new_tokens=n, seed=i,
+                                                      ignore_eos=True), f"line {i}")
+             for i, n in enumerate(lengths)]
+    clean = tmp_path / "clean.jsonl"
+    generate_file(generator, items, clean, batch_size=2)
+    lines = [json.loads(line) for line in clean.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [item.id for item in items]  # not the order they ended in
+    assert [line["completion_tokens"] for line in lines] == lengths
+
+    steps = 0
+    decode_step = Scheduler._decode_step
+
+    def crash_at_step_ten(self):
+        nonlocal steps
+        steps += 1
+        if steps == 10:
+            raise KeyboardInterrupt
+        decode_step(self)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", crash_at_step_ten)
+    crashed = tmp_path / "crashed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        generate_file(generator, items, crashed, batch_size=2)
+    # By step 10 line 0 (9 tokens) and the short lines 1 and 2 have ended: they were saved.
+    assert [json.loads(line)["id"] for line in crashed.read_text().splitlines()] == ["line-0", "line-1", "line-2"]
+    monkeypatch.setattr(Scheduler, "_decode_step", decode_step)
+    summary = generate_file(generator, items, crashed, batch_size=2)
+    assert summary["skipped"] == 3 and summary["generated"] == 3
+    assert crashed.read_text() == clean.read_text()
+
+
 def test_attributes_are_validated_and_reported_in_full(generator):
     res = generator.generate(USER, {"humour": 4}, max_new_tokens=2, seed=0)
     assert res.attributes == dict(get_schema("oasst").defaults, humor=4)

@@ -520,3 +520,57 @@ def test_contrast_loss_is_plain_cross_entropy_plus_a_hinge_on_the_label_gap():
     assert float(gap) > 0.5 and float(hinge) == 0.0
     ce, hinge, gap = contrast_loss(logits, labels, 2, torch.tensor([], dtype=torch.long), margin=0.5)
     assert float(hinge) == 0.0 and torch.allclose(ce, own_ce)
+
+
+def _tiny_llama(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+
+
+def test_the_head_runs_over_the_reply_window_only_and_the_loss_is_the_same(sft_conversations, llama_tokenizer,
+                                                                           tmp_path):
+    """SftTrainer asks for the logits of the positions that predict reply tokens (and those after
+    them) only: the prompt's share of the LM head and softmax is skipped; the loss is unchanged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from steer.training.label_contrast import LabelContrastTrainer, contrast_loss
+    from steer.training.sft_trainer import SftTrainer, keeps_logits, reply_window
+
+    examples = tokenize_conversations(sft_conversations(4), PromptTemplate(SCHEMA), llama_tokenizer, max_length=512)
+    batch = SftCollator(llama_tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels}
+                                                       for e in examples])
+    labels = batch["labels"]
+    width = labels.shape[1]
+    keep = reply_window(labels)
+    first_trained = min(int((row != IGNORE_INDEX).nonzero()[0]) for row in labels)
+    assert keep == width - first_trained + 1 < width  # from the position that predicts the first reply token
+    assert reply_window(torch.full((2, 5), IGNORE_INDEX)) is None
+
+    model = get_peft_model(_tiny_llama(len(llama_tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert keeps_logits(model)
+    model.eval()
+    full = model(**batch)
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(output.logits.shape[1]))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = SftTrainer(model=model, args=args)
+    assert torch.allclose(trainer.compute_loss(model, dict(batch)), full.loss, atol=1e-6)
+    assert seen == [keep]
+
+    # The label contrast: own rows and mirrored copies through one forward over the window.
+    model.train()
+    contrast = {"contrast_input_ids": batch["input_ids"][:2], "contrast_attention_mask": batch["attention_mask"][:2],
+                "contrast_labels": labels[:2], "contrast_rows": torch.tensor([1, 0]),
+                "contrast_attribute": torch.tensor([-1, -1])}
+    ids, mask = torch.cat([batch["input_ids"], contrast["contrast_input_ids"]]), torch.cat(
+        [batch["attention_mask"], contrast["contrast_attention_mask"]])
+    ce, hinge, _ = contrast_loss(model(input_ids=ids, attention_mask=mask).logits, torch.cat([labels, labels[:2]]),
+                                 4, contrast["contrast_rows"], 0.5)
+    trainer = LabelContrastTrainer(model=model, args=args, label_contrast=2.0, label_contrast_margin=0.5)
+    seen.clear()
+    loss = trainer.compute_loss(model, {**batch, **contrast})
+    assert torch.allclose(loss, ce + 2.0 * hinge, atol=1e-5) and seen == [keep]

@@ -188,7 +188,7 @@ def test_a_rerun_reuses_the_cache_and_reproduces_the_report(eval_run, monkeypatc
     before = json.loads((out / "report.json").read_text())
     sizes = {p.name: p.stat().st_size for p in (out / "cache").iterdir()}
 
-    def no_decoding(self, rows):
+    def no_decoding(self, rows, **kwargs):
         assert not rows, "a rerun with the same settings must not generate again"
         return []
 

@@ -264,9 +264,12 @@ def test_api_key_is_sent_as_bearer(api, engine_for, reset_fake, policy, prompt, 
 
 def test_run_decodes_on_an_engine_not_started(engine_for, policy, prompt, torch_reply):
     engine = engine_for("llama-server", max_batch_size=2)
-    rows = engine.run([make_row(policy, prompt) for _ in range(3)])  # past max_batch_size: they take turns
+    ended = []
+    # Past max_batch_size: they take turns, and each is handed back as it ends (to be saved at once).
+    rows = engine.run([make_row(policy, prompt) for _ in range(3)], on_done=ended.append)
     assert all(r.reply.text == torch_reply().reply.text for r in rows)
     assert engine.stats().max_batch_seen <= 2
+    assert sorted(map(id, ended)) == sorted(map(id, rows))
 
 
 def test_vllm_needs_a_served_model_name(engine_for):

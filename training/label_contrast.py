@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
-
 from steer.core.template import IGNORE_INDEX
+from steer.training.sft_trainer import SftTrainer
 
 
 def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,7 +73,7 @@ class ContrastStats:
                 self.attribute_pairs[index] = self.attribute_pairs.get(index, 0) + 1
 
 
-class LabelContrastTrainer(Trainer):
+class LabelContrastTrainer(SftTrainer):
     """``Trainer`` whose training loss adds the label-contrast hinge (module docstring). Batches
     carry the mirrored copies as ``contrast_*`` tensors (:class:`steer.training.sft.SftCollator`);
     evaluation batches have none and get the plain loss, so eval losses compare with plain SFT.
@@ -112,7 +111,12 @@ class LabelContrastTrainer(Trainer):
             mask, contrast_mask = _pad_to(mask, width, 0), _pad_to(contrast_mask, width, 0)
             ids, mask = torch.cat([ids, contrast_ids]), torch.cat([mask, contrast_mask])
             labels = torch.cat([_pad_to(labels, width, IGNORE_INDEX), _pad_to(contrast_labels, width, IGNORE_INDEX)])
-        outputs = model(input_ids=ids, attention_mask=mask)
+        keep = self.window(labels)  # the LM head over the reply window only (steer.training.sft_trainer)
+        if keep is not None:
+            outputs = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep)
+            labels = labels[:, -keep:]
+        else:
+            outputs = model(input_ids=ids, attention_mask=mask)
         ce, hinge, gap = contrast_loss(outputs.logits, labels, n_own, contrast_rows, self.label_contrast_margin)
         self._contrast.add(float(hinge.detach()), gap, contrast_attribute)
         loss = ce + self.label_contrast * hinge

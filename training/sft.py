@@ -828,9 +828,10 @@ def stored_base_model(base_model: str, output: Path) -> str:
 
 def main(config: SftConfig) -> dict[str, Any]:
     validate_config(config)
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from steer.models.modeling import load_tokenizer
+    from steer.training.sft_trainer import SftTrainer
 
     output = Path(config.output_dir)
     if not Path(config.data).exists() and config.format not in ("hub",):
@@ -866,7 +867,7 @@ def main(config: SftConfig) -> dict[str, Any]:
 
     model = load_model_for_training(config, vocab_size=len(tokenizer) if added_tokens else None)
     args = training_arguments(config, output, has_eval=len(eval_set) > 0)
-    trainer_class, contrast = Trainer, {}
+    trainer_class, contrast = SftTrainer, {}
     if config.label_contrast:
         from steer.training.label_contrast import LabelContrastTrainer
 
@@ -915,7 +916,11 @@ def main(config: SftConfig) -> dict[str, Any]:
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = result.global_step
     if len(eval_set):
-        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+        # The Trainer has often just evaluated on the last step (eval_strategy "epoch" evaluates where
+        # max_steps cuts the epoch short): a second pass would give the same number.
+        last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        metrics["eval_loss_after"] = (last["eval_loss"] if last is not None and last.get("step") == result.global_step
+                                      else trainer.evaluate()["eval_loss"])
         logger.info("eval loss after training: %.4f", metrics["eval_loss_after"])
         metrics["eval_label_gain_after"] = label_gain(
             trainer, *label_sets, own_loss=metrics["eval_loss_after"] if eval_is_labelled else None)

@@ -2,15 +2,17 @@
 
 For writers and game developers who ship pre-generated NPC lines instead of running a server: one
 request per input line (a prompt or a conversation, attribute values, optionally a seed), decoded
-in batches through :meth:`SteerGenerator.generate_batch`, one result per output line.
+together through :meth:`SteerGenerator.generate_prepared`, one result per output line.
 
 - Every line is checked (JSON, fields, attribute names and ranges, prompt length) before anything
   is generated; an error names the line and the field.
 - Each result records the seed it was drawn with (a random one when the request gave none), so
   any line can be regenerated exactly later.
-- Results are appended and flushed batch by batch. A rerun of the same command skips the ids
-  already in the output, so a crash or a Ctrl-C loses at most the batch in progress; a line cut
-  off mid-write is dropped and redone.
+- ``--batch-size`` replies decode together, continuously batched: a new request takes the place of
+  the first reply to end.
+- Results are appended and flushed in input order as they end. A rerun of the same command skips
+  the ids already in the output, so a crash or a Ctrl-C loses at most the replies in flight; a line
+  cut off mid-write is dropped and redone.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def finished_ids(output: ResumableJsonl) -> set[str]:
 
 
 def generate_file(generator: SteerGenerator, items: list[BatchItem], output: str | Path, batch_size: int = 16) -> dict:
-    """Generate every item not yet in ``output``, appending results batch by batch."""
+    """Generate every item not yet in ``output``, appending each result (in input order) as it ends."""
     if batch_size < 1:
         raise GenerationError("--batch-size must be at least 1", "batch_size")
     output = ResumableJsonl(output)
@@ -153,14 +155,27 @@ def generate_file(generator: SteerGenerator, items: list[BatchItem], output: str
         logger.info("%s already holds %d of the %d requests; generating the other %d",
                     output.path, len(items) - len(todo), len(items), len(todo))
     start, tokens = time.perf_counter(), 0
+    # Continuous batching: ``batch_size`` replies decode together and a waiting request takes the
+    # place of the first to end, so a batch does not idle on its longest reply. Lines are written
+    # in input order, each as soon as those before it are done, so a crash loses only the replies
+    # in flight.
+    finished: dict[int, Any] = {}
+    written = 0
+
+    def on_result(index: int, result) -> None:
+        nonlocal written, tokens
+        finished[index] = result
+        ready = []
+        while written in finished:
+            ready.append((todo[written], finished.pop(written)))
+            written += 1
+        if ready:
+            output.append({"id": item.id, **result.to_dict(), "seed": item.request.seed} for item, result in ready)
+            tokens += sum(result.completion_tokens for _, result in ready)
+            bar.update(len(ready))
+
     with tqdm(total=len(todo), desc="generate", unit="reply") as bar:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
-            results = generator.generate_prepared(prepared[i:i + batch_size])
-            output.append({"id": item.id, **result.to_dict(), "seed": item.request.seed}
-                          for item, result in zip(batch, results))
-            tokens += sum(result.completion_tokens for result in results)
-            bar.update(len(batch))
+        generator.generate_prepared(prepared, max_batch_size=batch_size, on_result=on_result)
     seconds = time.perf_counter() - start
     logger.info("wrote %d replies to %s (%d tokens in %.1f s)", len(todo), output.path, tokens, seconds)
     return {"generated": len(todo), "skipped": len(items) - len(todo), "completion_tokens": tokens, "seconds": seconds}

@@ -55,7 +55,8 @@ class GenerateConfig:
         metadata={"help": "JSONL the --input replies are appended to, with the seed each was drawn with. "
                   "Rerunning the command skips the ids already there."},
     )
-    batch_size: int = field(default=16, metadata={"help": "With --input: requests decoded together."})
+    batch_size: int = field(default=16, metadata={
+        "help": "With --input: requests decoded together (a waiting one takes the slot of the first to end)."})
     best_of: int = field(default=1, metadata={
         "help": "APM-guided best-of-n: draw N candidates in one batch and print the one --apm measures closest to "
                 "the --attr values (all attributes when no --attr is given). Needs --apm."})

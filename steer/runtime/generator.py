@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -245,14 +245,28 @@ class SteerGenerator:
             out.append(winner)
         return out
 
-    def generate_prepared(self, prepared: Sequence[PreparedRequest]) -> list[GenerationResult]:
-        """:meth:`generate_batch` for requests already through :meth:`prepare` (each once): all of
-        them prefilled together and decoded to their ends by the runtime's scheduler."""
+    def generate_prepared(
+        self,
+        prepared: Sequence[PreparedRequest],
+        max_batch_size: int | None = None,
+        on_result: Callable[[int, GenerationResult], None] | None = None,
+    ) -> list[GenerationResult]:
+        """:meth:`generate_batch` for requests already through :meth:`prepare` (each once), decoded
+        to their ends by the runtime's scheduler. With ``max_batch_size`` (torch engine) at most
+        that many decode together, a waiting request taking the place of the first to finish;
+        ``on_result(index, result)`` is called as each one ends, in the order they end."""
         if not prepared:
             return []
-        engine = self.engine or Scheduler(self.model, self.tokenizer, max_batch_size=len(prepared), max_queue=0,
-                                          eos_token_ids=self.eos_ids, device=self.device, decoder=self._decoder)
-        rows = engine.run([p.row() for p in prepared])
-        return [GenerationResult(row.reply.text, len(row.prompt_ids), len(row.generated), p.attributes,
-                                 row.finish_reason or "length", warnings=list(p.warnings))
-                for p, row in zip(prepared, rows)]
+        rows = [p.row() for p in prepared]
+        index = {id(row): i for i, row in enumerate(rows)}
+
+        def result(i: int, row: Row) -> GenerationResult:
+            return GenerationResult(row.reply.text, len(row.prompt_ids), len(row.generated), prepared[i].attributes,
+                                    row.finish_reason or "length", warnings=list(prepared[i].warnings))
+
+        engine = self.engine or Scheduler(
+            self.model, self.tokenizer, max_batch_size=min(len(rows), max_batch_size or len(rows)),
+            max_queue=len(rows), eos_token_ids=self.eos_ids, device=self.device, decoder=self._decoder)
+        on_done = None if on_result is None else (lambda row: on_result(index[id(row)], result(index[id(row)], row)))
+        engine.run(rows, on_done=on_done)
+        return [result(i, row) for i, row in enumerate(rows)]

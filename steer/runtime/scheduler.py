@@ -255,15 +255,26 @@ class Scheduler:
         if self.batch.slots:
             self._decode_step()
 
-    def run(self, rows: Sequence[Row]) -> list[Row]:
+    def run(self, rows: Sequence[Row], on_done: Callable[[Row], None] | None = None) -> list[Row]:
         """Decode ``rows`` to their end on the calling thread, for a scheduler that is not
-        :meth:`start`-ed; errors propagate. Each row's ``reply`` then holds its text."""
+        :meth:`start`-ed; errors propagate. Each row's ``reply`` then holds its text.
+
+        Rows beyond ``max_batch_size`` wait and take the slot of the first row to finish (continuous
+        batching), so a long reply holds up no one; ``on_done(row)`` is called as each row ends,
+        which lets a caller save it at once."""
         if self._thread is not None:
             raise RuntimeError("run() drives a scheduler that is not running on its own thread")
         self.submit(rows)
+        running: list[Row] = []
         with torch.inference_mode():
             while self._waiting or self.batch.slots:
-                self._step([])
+                admitted: list[Row] = []
+                self._step(admitted)
+                if on_done is not None:
+                    running += admitted
+                    for row in [r for r in running if r.done]:
+                        running.remove(row)
+                        on_done(row)
         return list(rows)
 
     def _live_rows(self) -> list[Row]:

@@ -376,17 +376,25 @@ class UpstreamEngine:
         if loop is not None:
             loop.call_soon_threadsafe(self._drop_cancelled)
 
-    def run(self, rows: Sequence[Row]) -> list[Row]:
+    def run(self, rows: Sequence[Row], on_done: Callable[[Row], None] | None = None) -> list[Row]:
         """Decode ``rows`` to their end while the calling thread waits (all of them, past the queue
         limit; ``max_batch_size`` stream at a time). An engine not started is started for the call
-        and stopped after. A row that failed raises ``UpstreamError``; each row's ``reply`` holds its text."""
+        and stopped after. A row that failed raises ``UpstreamError``; each row's ``reply`` holds its
+        text. ``on_done(row)`` is called on the calling thread as each row ends."""
         started_here = self._thread is None
         if started_here:
             self.start()
         try:
             self._enqueue(rows, limit=False)
-            with self._done:
-                self._done.wait_for(lambda: all(r.done for r in rows))
+            pending = list(rows)
+            while pending:
+                with self._done:
+                    self._done.wait_for(lambda: any(r.done for r in pending))
+                finished = [r for r in pending if r.done]
+                pending = [r for r in pending if not r.done]
+                for row in finished:
+                    if on_done is not None and row.finish_reason != "error":  # a failed row raises below
+                        on_done(row)
         finally:
             if started_here:
                 self.stop()

@@ -44,11 +44,12 @@ STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 # its labels in every run that fit (96-240 steps; label gain 0.0003-0.0037), so the default adds
 # the label contrast (steer sft --label-contrast), which needs the labels opening the reply. At
 # weight 3, 100 steps of 8 sequences of at most 192 tokens (15 s each) reached a label gain of
-# 0.243, and the whole run took 44.5 min on one core (docs/sft.md, fifth run; weight 10 was unsteady).
-# With the labels written as words the instruct model already reads ("completely serious"), the
-# same run reached 0.405, and humor, which the numbers left untaught (gain 0.002), 0.091 (sixth run).
+# 0.243 (docs/sft.md, fifth run; weight 10 was unsteady). With the labels written as words the
+# instruct model already reads ("completely serious"), the same run reached 0.405, and humor, which
+# the numbers left untaught (gain 0.002), 0.091 (sixth run); but the longer label lines took the
+# whole run to about 50 min. Words reach most of their gain by step 40, so 80 steps fit the budget.
 PRETRAINED_DEFAULTS = {
-    "sft_steps": 100, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 4e-4, "lora_r": 16,
+    "sft_steps": 80, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 4e-4, "lora_r": 16,
     "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64, "label_placement": "reply",
     "label_wording": "words", "sft_label_contrast": 3.0, "sft_label_contrast_mirror": "all",
 }
