@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
 from steer.core.template import IGNORE_INDEX
 from steer.training.sft_trainer import SftTrainer
 

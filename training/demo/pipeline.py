@@ -47,7 +47,9 @@ STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 # 0.243 (docs/sft.md, fifth run; weight 10 was unsteady). With the labels written as words the
 # instruct model already reads ("completely serious"), the same run reached 0.405, and humor, which
 # the numbers left untaught (gain 0.002), 0.091 (sixth run); but the longer label lines took the
-# whole run to about 50 min. Words reach most of their gain by step 40, so 80 steps fit the budget.
+# whole run to about 50 min. At 80 steps (eighth run) the label gain was 0.334 and humor led prompt
+# steering under the demo APM; the run took 54 min on a VM 1.3-1.5x slower than the one the budget
+# was set on (docs/sft.md).
 PRETRAINED_DEFAULTS = {
     "sft_steps": 80, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 4e-4, "lora_r": 16,
     "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64, "label_placement": "reply",
