@@ -365,6 +365,8 @@ def _humor_only_data(write_conversations, path):
     return write_conversations(path, convs)
 
 
+# Slow: trains a tiny policy for about a minute on a slow VM; CI's 20 minutes are tight.
+@pytest.mark.slow
 def test_label_gain_is_about_zero_before_training_and_clearly_positive_once_the_policy_listens(
         shared_path, write_conversations, tmp_path):
     data = _humor_only_data(write_conversations, tmp_path / "train.jsonl")
@@ -416,6 +418,8 @@ def _humor_and_creativity_data(write_conversations, path):
     return write_conversations(path, convs)
 
 
+# Slow: trains a tiny policy for about a minute on a slow VM; CI's 20 minutes are tight.
+@pytest.mark.slow
 def test_mirroring_one_label_at_a_time_teaches_the_label_that_mirroring_all_leaves_behind(
         shared_path, write_conversations, tmp_path):
     data = _humor_and_creativity_data(write_conversations, tmp_path / "train.jsonl")
