@@ -113,11 +113,8 @@ class LabelContrastTrainer(SftTrainer):
             ids, mask = torch.cat([ids, contrast_ids]), torch.cat([mask, contrast_mask])
             labels = torch.cat([_pad_to(labels, width, IGNORE_INDEX), _pad_to(contrast_labels, width, IGNORE_INDEX)])
         keep = self.window(labels)  # the LM head over the reply window only (steer.training.sft_trainer)
-        if keep is not None:
-            outputs = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep)
-            labels = labels[:, -keep:]
-        else:
-            outputs = model(input_ids=ids, attention_mask=mask)
+        outputs = model(input_ids=ids, attention_mask=mask, **({"logits_to_keep": keep} if keep else {}))
+        labels = labels[:, -keep:] if keep else labels
         ce, hinge, gap = contrast_loss(outputs.logits, labels, n_own, contrast_rows, self.label_contrast_margin)
         self._contrast.add(float(hinge.detach()), gap, contrast_attribute)
         loss = ce + self.label_contrast * hinge
