@@ -387,9 +387,11 @@ def test_label_contrast_teaches_the_conditioning_in_the_steps_plain_sft_spends_o
         runs[weight] = main(SftConfig(
             base_model=str(shared_path("models", "stories260K")), data=str(data), output_dir=str(tmp_path / f"p{weight}"),
             max_steps=40, per_device_train_batch_size=8, learning_rate=5e-3, eval_fraction=0.2, logging_steps=10,
-            label_contrast=weight))
+            label_contrast=weight, lora_dropout=0.0))
     plain, contrast = runs[0.0], runs[1.0]
-    # When written: gain 0.296 with the contrast (its margin is 0.3).
+    # When written: gain 0.445 with the contrast (its margin is 0.3). Without dropout: at this
+    # learning rate the step where the gain takes off moves with the dropout noise (0.02-0.62 over
+    # four seeds at dropout 0.05), and this test is about the term, not the noise.
     assert plain["eval_label_gain_after"] < 0.05, plain
     assert contrast["eval_label_gain_after"] > 0.2, (plain, contrast)
     # The replies are learned as well as without it (the eval loss is under their own labels).
@@ -565,7 +567,8 @@ def test_the_head_runs_over_the_reply_window_only_and_the_loss_is_the_same(sft_c
     assert torch.allclose(trainer.compute_loss(model, dict(batch)), full.loss, atol=1e-6)
     assert seen == [keep]
 
-    # The label contrast: own rows and mirrored copies through one forward over the window.
+    # The label contrast: own rows and mirrored copies through one forward over the window (or two,
+    # when the copies reuse their rows' KV cache: the same loss).
     model.train()
     contrast = {"contrast_input_ids": batch["input_ids"][:2], "contrast_attention_mask": batch["attention_mask"][:2],
                 "contrast_labels": labels[:2], "contrast_rows": torch.tensor([1, 0]),
@@ -575,6 +578,107 @@ def test_the_head_runs_over_the_reply_window_only_and_the_loss_is_the_same(sft_c
     ce, hinge, _ = contrast_loss(model(input_ids=ids, attention_mask=mask).logits, torch.cat([labels, labels[:2]]),
                                  4, contrast["contrast_rows"], 0.5)
     trainer = LabelContrastTrainer(model=model, args=args, label_contrast=2.0, label_contrast_margin=0.5)
+    assert trainer.shares_prefix
+    trainer.shares_prefix = False
     seen.clear()
     loss = trainer.compute_loss(model, {**batch, **contrast})
     assert torch.allclose(loss, ce + 2.0 * hinge, atol=1e-5) and seen == [keep]
+    trainer.shares_prefix = True
+    seen.clear()
+    assert torch.allclose(trainer.compute_loss(model, {**batch, **contrast}), loss, atol=1e-5)
+    assert seen[0] == keep and len(seen) == 2
+
+
+def _contrast_pairs(tokenizer, turns: int):
+    """Labelled conversations of ``turns`` exchanges whose first replies sit at their scales'
+    midpoints (mirroring leaves them as they are) and whose last reply does not: each copy parts
+    from its row at the last label line, after earlier trained replies."""
+    from steer.core.conversation import Conversation
+
+    midpoint = {a.name: (a.min + a.max) // 2 for a in SCHEMA.attributes if (a.min + a.max) % 2 == 0}
+    convs = []
+    for i in range(4):
+        messages = []
+        for t in range(turns):
+            labels = midpoint if t < turns - 1 else {**midpoint, "humor": i % 5, "creativity": (i + 2) % 5}
+            messages += [Message("user", f"Question {t} of customer {i}: what is this{' thing' * i}?"),
+                         Message("assistant", f"That is item {i}-{t}, a fine{' old' * (i + t)} lamp.", labels=labels)]
+        convs.append(Conversation(messages, id=str(i)))
+    examples = tokenize_conversations(convs, PromptTemplate(SCHEMA), tokenizer, max_length=512,
+                                      contrast=ContrastPicker(SCHEMA, "all"))
+    return SftCollator(tokenizer.pad_token_id)(
+        [{"input_ids": e.input_ids, "labels": e.labels,
+          **({"contrast_input_ids": e.contrast.input_ids, "contrast_labels": e.contrast.labels} if e.contrast else {})}
+         for e in examples])
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_contrast_copies_reuse_their_rows_cache_with_the_same_loss_and_gradients(llama_tokenizer, tmp_path, turns):
+    """The mirrored copies run from where they part from their own rows, on those rows' KV cache:
+    loss, label gap and every LoRA gradient equal running them in full, also when earlier trained
+    replies of the conversation lie in the shared part (two turns)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from steer.training.label_contrast import LabelContrastTrainer, copy_tails
+
+    batch = _contrast_pairs(llama_tokenizer, turns)
+    rows = batch["contrast_rows"]
+    assert len(rows) >= 3
+    tails = copy_tails(batch["input_ids"], batch["attention_mask"], batch["contrast_input_ids"],
+                       batch["contrast_attention_mask"], batch["contrast_labels"], rows)
+    for j, row in enumerate(rows.tolist()):
+        start = int(tails.start[j])
+        own, copy = batch["input_ids"][row], batch["contrast_input_ids"][j]
+        assert own[:start + 1].tolist() == copy[:start + 1].tolist() and own[start + 1] != copy[start + 1]
+        n = int(batch["contrast_attention_mask"][j].sum())
+        assert tails.input_ids[j, :n - start].tolist() == copy[start:n].tolist()
+        assert tails.attention_mask[j, :tails.shared].sum() == start
+        if turns == 2:  # the first reply is trained and shared
+            assert (batch["contrast_labels"][j, :start + 1] != IGNORE_INDEX).any()
+    assert tails.input_ids.shape[1] < batch["contrast_input_ids"].shape[1]
+
+    model = get_peft_model(_tiny_llama(len(llama_tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    widths = []
+    model.register_forward_hook(lambda module, args, kwargs, output: widths.append(kwargs["input_ids"].shape[1]),
+                                with_kwargs=True)
+    trainer = LabelContrastTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                                                       use_cpu=True),
+                                   label_contrast=2.0, label_contrast_margin=0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = {}
+    for shared in (False, True):
+        trainer.shares_prefix = shared
+        trainer._contrast.gap = 0.0
+        widths.clear()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        results[shared] = (loss.detach(), trainer._contrast.gap, torch.cat([p.grad.flatten() for p in params]))
+        assert len(widths) == (2 if shared else 1)
+    assert widths[1] == tails.input_ids.shape[1]
+    (loss_full, gap_full, grad_full), (loss_shared, gap_shared, grad_shared) = results[False], results[True]
+    assert torch.allclose(loss_full, loss_shared, atol=1e-5) and abs(gap_full - gap_shared) < 1e-5
+    assert gap_full != 0.0
+    assert torch.allclose(grad_full, grad_shared, atol=1e-6, rtol=1e-4)
+
+
+def test_contrast_copies_run_in_full_where_the_cache_has_sliding_windows(llama_tokenizer, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM, TrainingArguments
+
+    from steer.training.label_contrast import LabelContrastTrainer
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(llama_tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                             sliding_window=8))
+    model.train()
+    batch = _contrast_pairs(llama_tokenizer, 1)
+    trainer = LabelContrastTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                                                       use_cpu=True),
+                                   label_contrast=2.0, label_contrast_margin=0.5)
+    assert trainer.shares_prefix
+    first = trainer.compute_loss(model, dict(batch))
+    assert not trainer.shares_prefix  # it found the sliding layers and ran the copies in full
+    assert torch.allclose(trainer.compute_loss(model, dict(batch)), first, atol=1e-6)

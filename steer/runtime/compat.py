@@ -27,8 +27,9 @@ TESTED_TRANSFORMERS_VERSIONS = ("5.24.0",)
 
 __all__ = [
     "DynamicCache", "DynamicLayer", "TESTED_TRANSFORMERS_VERSIONS", "attention_implementation", "cache_layers",
-    "check_transformers", "forward_parameters", "has_sliding_layers", "last_logits_only", "new_dynamic_cache",
-    "register_attention", "returned_cache", "sdpa_attention_forward", "using_attention", "with_cache",
+    "check_transformers", "forward_parameters", "has_sliding_layers", "last_logits_only", "leading_columns",
+    "new_dynamic_cache", "register_attention", "returned_cache", "sdpa_attention_forward", "using_attention",
+    "with_cache",
 ]
 
 
@@ -102,6 +103,16 @@ def cache_layers(cache) -> list[Any]:
 def has_sliding_layers(cache) -> bool:
     """Whether any layer keeps fewer columns than the attention mask has (sliding windows)."""
     return any(getattr(layer, "is_sliding", False) for layer in cache_layers(cache))
+
+
+def leading_columns(cache, rows: Any, width: int, config) -> DynamicCache:
+    """A new cache holding the first ``width`` columns of the given batch ``rows`` of ``cache``, for a
+    forward that continues those rows from there. Slices, not copies: in training, gradients flow
+    back into the forward that filled ``cache``."""
+    out = DynamicCache(config=config) if hasattr(config, "get_text_config") else DynamicCache()
+    for i, layer in enumerate(cache_layers(cache)):
+        out.update(layer.keys[rows, :, :width], layer.values[rows, :, :width], i)
+    return out
 
 
 # ------------------------------------------------------------------ check
