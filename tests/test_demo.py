@@ -89,6 +89,18 @@ def test_a_stage_reruns_with_the_stages_after_it_when_its_settings_change(tmp_pa
     run_all({**quick, "b": {"epochs": 6.0}})
     assert calls == ["a", "b", "c", "b", "c"]
 
+    # Each stage reports its own peak RSS (Linux), also when reused.
+    import numpy as np
+
+    peaks = Stages(tmp_path)
+    peaks.run("big", lambda: np.ones(40_000_000).sum(), {})  # 320 MB, freed when the stage ends
+    peaks.run("small", lambda: None, {})
+    if peaks.peak_rss_gb["small"] is not None:
+        assert peaks.peak_rss_gb["big"] - peaks.peak_rss_gb["small"] > 0.25, peaks.peak_rss_gb
+        reused = Stages(tmp_path)
+        reused.run("big", lambda: None, {})
+        assert reused.peak_rss_gb["big"] == peaks.peak_rss_gb["big"]
+
     # A stage cut short keeps its partial output when resumed with the same settings.
     (tmp_path / "stages" / "c.done").unlink()
     (tmp_path / "stages" / "c.started").write_text(json.dumps({"settings": quick["c"]}))

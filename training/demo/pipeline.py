@@ -49,7 +49,8 @@ STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 # the numbers left untaught (gain 0.002), 0.091 (sixth run); but the longer label lines took the
 # whole run to about 50 min. At 80 steps (eighth run) the label gain was 0.334 and humor led prompt
 # steering under the demo APM; the run took 54 min on a VM 1.3-1.5x slower than the one the budget
-# was set on (docs/sft.md).
+# was set on. With the contrast copies continuing from their rows' KV cache and the evaluation
+# decoding 48 replies at once (ninth run), 45.9 min on a VM 1.3-1.6x slower (docs/sft.md).
 PRETRAINED_DEFAULTS = {
     "sft_steps": 80, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 4e-4, "lora_r": 16,
     "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64, "label_placement": "reply",
@@ -217,6 +218,7 @@ class Stages:
         self.dir = workdir / "stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
+        self.peak_rss_gb: dict[str, float | None] = {}
         self.ran: list[str] = []  # stages run (not reused) so far in this run
 
     def _record(self, name: str, kind: str) -> dict[str, Any] | None:
@@ -240,6 +242,7 @@ class Stages:
         if done is not None and _same_settings(done.get("settings"), settings) and not self.ran:
             logger.info("stage %s: already done, reusing it", name)
             self.timings[name] = done.get("seconds", 0.0)
+            self.peak_rss_gb[name] = done.get("peak_rss_gb")
             return
         previous = done if done is not None else started
         if self.ran:
@@ -263,15 +266,41 @@ class Stages:
             logger.info("stage %s: running", name)
         (self.dir / f"{name}.done").unlink(missing_ok=True)
         (self.dir / f"{name}.started").write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
+        measured = reset_peak_rss()
         start = time.perf_counter()
         fn()
         seconds = round(time.perf_counter() - start, 2)
+        peak = peak_rss_gb() if measured else None
         self.timings[name] = seconds
+        self.peak_rss_gb[name] = peak
         self.ran.append(name)
-        (self.dir / f"{name}.done").write_text(json.dumps({"seconds": seconds, "settings": settings}) + "\n",
-                                               encoding="utf-8")
+        (self.dir / f"{name}.done").write_text(
+            json.dumps({"seconds": seconds, "peak_rss_gb": peak, "settings": settings}) + "\n", encoding="utf-8")
         (self.dir / f"{name}.started").unlink(missing_ok=True)
-        logger.info("stage %s: done in %.1f s", name, seconds)
+        logger.info("stage %s: done in %.1f s%s", name, seconds, f", peak RSS {peak:.2f} GB" if peak else "")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window for this process, so each stage reports its own peak (Linux:
+    writing 5 to /proc/self/clear_refs resets VmHWM). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gb() -> float | None:
+    """This process's peak resident memory since the last :func:`reset_peak_rss`, in GB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) * 1024 / 1e9, 2)
+    except OSError:
+        pass
+    return None
 
 
 def load_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -478,9 +507,18 @@ def format_report(report: dict[str, Any], width: int = 100) -> str:
         means = " ".join(f"{v:5.2f}" for v in s["mean_apm_score_by_value"].values())
         rho = "n/a" if s["spearman"] is None else f"{s['spearman']:.3f}"
         lines.append(f"{name:<12} {rho:>9} {s['n']:>5}   {means}")
-    t = report.get("timings", {})
-    lines.append("\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    lines.append(format_timings(report))
     return "\n".join(lines)
+
+
+def format_timings(report: dict[str, Any]) -> str:
+    """Each stage's wall time and, where measured, its own peak RSS."""
+    text = "\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items())
+    peaks = report.get("peak_rss_gb", {})
+    if any(v is not None for v in peaks.values()):
+        text += "\nPeak RSS per stage (GB): " + ", ".join(
+            f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in peaks.items())
+    return text
 
 
 def main(config: DemoConfig) -> int:
@@ -526,6 +564,7 @@ def main(config: DemoConfig) -> int:
     run("evaluate", run_evaluate, "report.json", "eval")
     report = json.loads(report_path.read_text(encoding="utf-8"))
     report["timings"] = {**stages.timings, "total_this_run": round(time.perf_counter() - start, 2)}
+    report["peak_rss_gb"] = dict(stages.peak_rss_gb)
     report["settings"] = {name: stage_settings(config, name) for name in stages.timings}
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(demo_pretrained.format_comparison(report) if config.base_model else format_report(report))

@@ -219,7 +219,9 @@ def format_comparison(report: dict[str, Any]) -> str:
                      + " ".join(f"{fmt(r[k]):>10}" for k in sizes)
                      + (f"  {gap['difference']:+.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if gap.get("difference") is not None
                         and ci else ""))
-    lines.append("\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()))
+    from steer.training.demo.pipeline import format_timings
+
+    lines.append(format_timings(report))
     gain = report.get("sft_label_gain") or {}
     if gain.get("after") is not None:
         lines.append(f"\nSFT label gain (held-out replies' loss under mirrored labels minus their own, nats per "
