@@ -50,7 +50,8 @@ STAGES = ("apm", "relabel", "base", "sft", "evaluate")
 # whole run to about 50 min. At 80 steps (eighth run) the label gain was 0.334 and humor led prompt
 # steering under the demo APM; the run took 54 min on a VM 1.3-1.5x slower than the one the budget
 # was set on. With the contrast copies continuing from their rows' KV cache and the evaluation
-# decoding 48 replies at once (ninth run), 45.9 min on a VM 1.3-1.6x slower (docs/sft.md).
+# decoding 48 replies at once (ninth run), 45.9 min; with the GGUF base loaded faster (tenth run),
+# 40.9 min on a VM 1.5-1.8x slower than the budget's (docs/sft.md).
 PRETRAINED_DEFAULTS = {
     "sft_steps": 80, "sft_batch_size": 8, "sft_max_length": 192, "sft_lr": 4e-4, "lora_r": 16,
     "eval_prompts": 12, "max_new_tokens": 64, "best_of": "1,4", "heldout_replies": 64, "label_placement": "reply",
