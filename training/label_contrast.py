@@ -17,7 +17,8 @@ backward pass per labelled example whose labels are not all at their scale's mid
 the whole copy: a copy and its own row agree up to the first label token (the system message and
 the user's turn, 44% of the SmolLM2 demo's copies), so the copies start from that part of the own
 rows' KV cache and only their tails run again (:func:`copy_tails`). Same loss and gradients as
-running the copies in full; a training step of the SmolLM2 demo 27-31% faster.
+running the copies in full; a training step of the SmolLM2 demo 1.49x faster
+(``bench/label_contrast_step.py``: 16.40 -> 11.04 s).
 """
 
 from __future__ import annotations
