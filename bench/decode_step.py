@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_throughput import _gen_kwargs, requests_for, wrap_stories260k  # noqa: E402
 
-from steer.runtime.rows import common_prefix_length  # noqa: E402
+from steer.runtime.rows import MIN_COPIED_TOKENS, common_prefix_length  # noqa: E402
 
 
 def time_decode(generator, prepared, tokens: int, sync) -> dict[str, float]:
@@ -88,6 +88,80 @@ def time_mixed(generator, prepared, joining, tokens: int, sync, copy: bool = Fal
     return statistics.median(times) * 1e3
 
 
+def time_prefill(generator, prepared, sync) -> float:
+    """Median milliseconds of prefilling one prompt alone (batch 1) and sampling its first token,
+    as one-at-a-time generation does before its first decode step; over the prompts of ``prepared``."""
+    from steer.runtime.model_runner import left_pad, prefill
+    from steer.runtime.sampling import sample_next_tokens
+
+    times = []
+    for i, p in enumerate([prepared[0]] + list(prepared)):  # the first is a warm-up
+        ids, mask = left_pad([p.prompt_ids], generator.pad_token_id, generator.device)
+        sync()
+        start = time.perf_counter()
+        logits, _ = prefill(generator.model, ids, mask)
+        sample_next_tokens(logits, [p.params], [p.params.make_rng()])
+        sync()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def time_joining(generator, running, joining, sync, repeats: int = 8) -> float:
+    """Median milliseconds that one prompt of ``joining`` adds to a decode step of the batch
+    ``running`` when all of ``joining`` join it in one mixed step, each copying the start it shares
+    with a running row's prompt from that row's cache (as the engine admits requests that arrive
+    together): (mixed step - plain step) / len(joining), the two timed back to back ``repeats``
+    times. NaN when the model cannot take mixed steps or no running row is left to copy from."""
+    import torch
+
+    from steer.runtime.mixed_step import JoiningPrompt, fits, mixed_step, supports_mixed_step
+    from steer.runtime.model_runner import decode_step, left_pad, prefill
+
+    k = len(joining)
+    if not 0 < k < len(running):
+        return float("nan")
+    ids, mask = left_pad([p.prompt_ids for p in running], generator.pad_token_id, generator.device)
+    _, state = prefill(generator.model, ids, mask)
+    if not supports_mixed_step(generator.model, state):
+        return float("nan")
+    pending = torch.zeros(len(running), dtype=torch.long, device=generator.device)
+    for _ in range(3):  # warm-up; the batch's cache also grows past the joining prompts' lengths
+        decode_step(generator.model, pending, state)
+    if not all(fits(state, len(p.prompt_ids)) for p in joining):
+        return float("nan")
+    # Row i < k takes joining prompt i, copying from the running row (k or later) it shares most with.
+    prompts = []
+    for row, p in enumerate(joining):
+        shared = [(common_prefix_length(running[s].prompt_ids, p.prompt_ids, len(p.prompt_ids) - 1), s)
+                  for s in range(k, len(running))]
+        copied, source = max(shared)
+        prompts.append(JoiningPrompt(row, p.prompt_ids, source, copied) if copied >= MIN_COPIED_TOKENS
+                       else JoiningPrompt(row, p.prompt_ids))
+    extra = []
+    for _ in range(repeats + 1):  # the first pair is a warm-up
+        sync()
+        start = time.perf_counter()
+        decode_step(generator.model, pending, state)
+        sync()
+        middle = time.perf_counter()
+        mixed_step(generator.model, pending, state, prompts)
+        sync()
+        extra.append((time.perf_counter() - middle) - (middle - start))
+    return statistics.median(extra[1:]) * 1e3 / k
+
+
+def ceiling_with_prefill(one: dict, many: dict, n: int, prefill_ms: float, joining_ms: float,
+                         tokens: float) -> float:
+    """The batching ceiling for requests that must each be prefilled: one request of ``tokens``
+    tokens costs a prefill at batch 1 and ``tokens`` steps at batch 1 one at a time; batched, it
+    costs its share of ``tokens`` steps at batch ``n`` and what its prompt adds to the step it joins.
+    Sampling included on both sides, as in ``ceiling_with_sampling``."""
+    alone = prefill_ms + tokens * (one["step_ms"] + one["sample_ms"])
+    batched = tokens * (many["step_ms"] + many["sample_ms"]) / n + joining_ms
+    return alone / batched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", default=None, help="policy directory (default: stories260K wrapped in a temp dir)")
@@ -110,7 +184,9 @@ def main() -> None:
     try:
         policy = args.policy or str(wrap_stories260k(Path(tmp) / "policy"))
         generator = SteerGenerator.load(policy, device=args.device, dtype=args.dtype)
-        bodies = requests_for(args.batch, args.tokens)
+        # The batch, then the requests that would come next (half a batch of them join at once).
+        bodies = requests_for(args.batch + args.batch // 2, args.tokens)
+        following, bodies = bodies[args.batch:], bodies[:args.batch]
         # The joining request is none of the batch's: it shares only the template's opening with them.
         bodies.append({**bodies[0], "messages": [{"role": "user", "content": "Name three birds that cannot fly."}],
                        "attributes": {"humor": 2, "creativity": 3}})
@@ -120,6 +196,9 @@ def main() -> None:
         mixed_ms = time_mixed(generator, prepared[: args.batch], prepared[-1], args.tokens, sync)
         copied_ms = time_mixed(generator, prepared[: args.batch], prepared[-1], args.tokens, sync, copy=True)
         shared = common_prefix_length(prepared[1].prompt_ids, prepared[-1].prompt_ids)
+        prefill_ms = time_prefill(generator, prepared[: args.batch], sync)
+        joining_ms = time_joining(generator, prepared[: args.batch],
+                                  [generator.prepare(GenerationRequest(**_gen_kwargs(b))) for b in following], sync)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -142,6 +221,12 @@ def main() -> None:
         "batching_ceiling": round(n * one["step_ms"] / many["step_ms"], 2),
         "ceiling_with_sampling": round(n * (one["step_ms"] + one["sample_ms"])
                                        / (many["step_ms"] + many["sample_ms"]), 2),
+        # Every request is also prefilled: alone at batch 1 one at a time (prompt, first token), or
+        # joining a running batch's step with half a batch of others (its share of that step's extra
+        # cost). The ceiling above leaves prefills out; this one counts them for replies of --tokens.
+        "prefill_ms": round(prefill_ms, 3),
+        "joining_ms_per_prompt": round(joining_ms, 3),
+        "ceiling_with_prefill": round(ceiling_with_prefill(one, many, n, prefill_ms, joining_ms, args.tokens), 2),
     }
     print(json.dumps(report, indent=2))
     print()
@@ -152,8 +237,11 @@ def main() -> None:
     print(f"{'  its shared start copied':<26}{'':>10}{copied_ms:>10.3f}  "
           f"({shared} of {len(prepared[-1].prompt_ids)} prompt tokens)")
     print(f"{'forward tokens/s':<26}{1e3 / one['step_ms']:>10.1f}{n * 1e3 / many['step_ms']:>10.1f}")
+    print(f"{'prefill alone (ms)':<26}{prefill_ms:>10.3f}")
+    print(f"{'joining, per prompt (ms)':<26}{'':>10}{joining_ms:>10.3f}  ({len(following)} joining one step)")
     print(f"batching ceiling: {report['batching_ceiling']:.2f}x (forward), "
-          f"{report['ceiling_with_sampling']:.2f}x (with sampling)")
+          f"{report['ceiling_with_sampling']:.2f}x (with sampling), "
+          f"{report['ceiling_with_prefill']:.2f}x (with prefills, {args.tokens}-token replies)")
 
 
 if __name__ == "__main__":

@@ -77,10 +77,14 @@ def wrap_stories260k(directory: Path) -> Path:
     return directory
 
 
-def requests_for(n: int, max_tokens: int) -> list[dict]:
+def requests_for(n: int, max_tokens: int, distinct: bool = False) -> list[dict]:
+    """The benchmark's requests: 8 prompts x 4 attribute sets in turn, so request i asks what request
+    i - 8 asked (with another seed), and each of 16 clients repeats one prompt. ``distinct``: every
+    prompt is made unique, so that only the template's opening is shared between requests."""
     return [
         {
-            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "messages": [{"role": "user",
+                          "content": PROMPTS[i % len(PROMPTS)] + (f" (Request {i}.)" if distinct else "")}],
             "attributes": ATTRIBUTE_SETS[i % len(ATTRIBUTE_SETS)],
             "max_tokens": max_tokens,
             "temperature": 0.8,
@@ -186,11 +190,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads on both sides (0: torch's default; 1 is fastest for tiny models)")
+    parser.add_argument("--distinct-prompts", action="store_true",
+                        help="make every request's prompt unique (by default each client repeats one prompt, "
+                             "which the server's prompt cache copies instead of prefilling)")
     args = parser.parse_args()
 
     import torch
 
-    from decode_step import time_decode
+    from decode_step import ceiling_with_prefill, time_decode, time_joining, time_prefill
 
     from steer.runtime.generator import GenerationRequest, SteerGenerator
 
@@ -199,7 +206,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="steer-bench-")
     try:
         policy = args.policy or str(wrap_stories260k(Path(tmp) / "policy"))
-        bodies = requests_for(args.clients * args.requests_per_client, args.max_tokens)
+        bodies = requests_for(args.clients * args.requests_per_client, args.max_tokens, args.distinct_prompts)
         # Each round runs its share of the requests one at a time, then all of them served.
         shares = [bodies[r::args.rounds] for r in range(args.rounds)]
         generator = SteerGenerator.load(policy, device=args.device)
@@ -222,6 +229,9 @@ def main() -> None:
                 generator.generate(**_gen_kwargs({**body, "max_tokens": 1}))  # time to one token, alone
                 seq_ttft.append(time.perf_counter() - start)
             ceiling_prepared = [generator.prepare(GenerationRequest(**_gen_kwargs(b))) for b in bodies[:args.clients]]
+            # The requests that follow the first wave, half a batch of which join a step at once.
+            following = [generator.prepare(GenerationRequest(**_gen_kwargs(b)))
+                         for b in bodies[args.clients:args.clients + args.clients // 2]]
             rounds = []
             def one_at_a_time(part: list[dict]) -> tuple[int, float, float]:
                 t0, cpu0 = time.perf_counter(), time.process_time()
@@ -241,6 +251,12 @@ def main() -> None:
                 seq_tokens, seq_time, seq_cpu = (a + b for a, b in zip(before, after))
                 served_tokens = sum(r["tokens"] for r in results)
                 ceiling = _ceiling(generator, ceiling_prepared, args.max_tokens, time_decode)
+                # The same ceiling with each request's prefill counted on both sides (the one above
+                # leaves prefills out): alone at batch 1, or joining a running step (what the
+                # engine does, copying what a cache already holds).
+                sync = (lambda: torch.cuda.synchronize()) if generator.device.type == "cuda" else (lambda: None)
+                prefill_ms = time_prefill(generator, ceiling_prepared, sync)
+                joining_ms = time_joining(generator, ceiling_prepared, following, sync) if following else float("nan")
                 alone_tokens, alone_s = _engine_alone(generator, bodies, args.clients)
                 rounds.append({
                     "sequential_tokens": seq_tokens, "sequential_s": seq_time, "sequential_cpu_s": seq_cpu,
@@ -249,6 +265,12 @@ def main() -> None:
                     "engine_tokens": counters["tokens"] - counters0["tokens"],
                     "engine_steps": counters["steps"] - counters0["steps"],
                     "speedup": (served_tokens / wall) / (seq_tokens / seq_time),
+                    "prompt_tokens_fed": counters["prompt_fed"] - counters0["prompt_fed"],
+                    "prompt_tokens_copied": counters["prompt_copied"] - counters0["prompt_copied"],
+                    "prefill_ms": prefill_ms, "joining_ms_per_prompt": joining_ms,
+                    "ceiling_with_prefill": ceiling_with_prefill(
+                        ceiling["one"], ceiling["many"], args.clients, prefill_ms, joining_ms,
+                        served_tokens / len(bodies)),
                     "engine_alone_speedup": (alone_tokens / alone_s) / (seq_tokens / seq_time),
                     "served_over_engine_alone": (served_tokens / wall) / (alone_tokens / alone_s),
                     **ceiling,
@@ -276,12 +298,17 @@ def main() -> None:
     of_forward_ceiling = statistics.median(r["speedup"] / r["batching_ceiling"] for r in rounds)
     alone_of_ceiling = statistics.median(r["engine_alone_speedup"] / r["ceiling_with_sampling"] for r in rounds)
     served_of_alone = statistics.median(r["served_over_engine_alone"] for r in rounds)
+    prefill_ceiling = statistics.median(r["ceiling_with_prefill"] for r in rounds)
+    of_prefill_ceiling = statistics.median(r["speedup"] / r["ceiling_with_prefill"] for r in rounds)
+    fed = sum(r["prompt_tokens_fed"] for r in rounds)
+    copied = sum(r["prompt_tokens_copied"] for r in rounds)
     served_tokens_all = sum(r["served_tokens"] for r in rounds)
     report = {
         "policy": args.policy or "stories260K (wrapped)",
         "clients": args.clients,
         "requests": len(bodies),
         "max_tokens": args.max_tokens,
+        "distinct_prompts": args.distinct_prompts,
         "rounds": args.rounds,
         "device": args.device,
         "threads": args.threads,
@@ -302,13 +329,19 @@ def main() -> None:
             # From /metrics: generated tokens per decode step, the batch the engine actually ran
             # (at most --clients; lower when rows wait on their clients' next request).
             "rows_per_step": round(sum(r["engine_tokens"] for r in rounds) / max(1, sum(r["engine_steps"] for r in rounds)), 2),
+            # From /metrics: the served prompts' tokens the engine copied from its cache instead of
+            # prefilling them (the sequential side prefills every prompt whole).
+            "prompt_tokens_fed": int(fed), "prompt_tokens_copied": int(copied),
+            "prompt_copied_share": round(copied / max(1, fed + copied), 3),
         },
         "rounds_detail": [
             {"sequential_tokens_per_s": round(r["sequential_tokens"] / r["sequential_s"], 1),
              "served_tokens_per_s": round(r["served_tokens"] / r["served_s"], 1), "speedup": round(r["speedup"], 2),
              "engine_alone_speedup": round(r["engine_alone_speedup"], 2),
              "ceiling_with_sampling": round(r["ceiling_with_sampling"], 2),
-             "batching_ceiling": round(r["batching_ceiling"], 2)}
+             "batching_ceiling": round(r["batching_ceiling"], 2),
+             "ceiling_with_prefill": round(r["ceiling_with_prefill"], 2),
+             "prefill_ms": round(r["prefill_ms"], 3), "joining_ms_per_prompt": round(r["joining_ms_per_prompt"], 3)}
             for r in rounds
         ],
         "load_average_1m": round(os.getloadavg()[0], 2),
@@ -326,6 +359,10 @@ def main() -> None:
         # over the ceiling; and the server's tokens/s over that.
         "engine_alone_over_ceiling": round(alone_of_ceiling, 3),
         "served_over_engine_alone": round(served_of_alone, 3),
+        # bench/decode_step.py's ceiling with every request's prefill counted, alone and joining
+        # (this load's prompts; see --distinct-prompts), and the speedup over it.
+        "ceiling_with_prefill": round(prefill_ceiling, 2),
+        "served_over_ceiling_with_prefill": round(of_prefill_ceiling, 3),
         # Tokens per CPU-second, served (server + clients) over sequential.
         "cpu_speedup": round((served_tokens_all / served_cpu) / (seq_tokens / seq_cpu), 2),
         "targets": {"speedup>=8": speedup >= 8, "ttft_p50<=0.3s": percentile(ttfts, 50) <= 0.3,
@@ -347,6 +384,9 @@ def main() -> None:
     print(f"{'served / ceiling':<28}{'':>12}{of_ceiling:>14.3f}  (of the forward's {of_forward_ceiling:.3f})")
     print(f"{'engine alone / ceiling':<28}{'':>12}{alone_of_ceiling:>14.3f}  (no HTTP, no engine process)")
     print(f"{'served / engine alone':<28}{'':>12}{served_of_alone:>14.3f}")
+    print(f"{'ceiling with prefills':<28}{'':>12}{prefill_ceiling:>13.2f}x  (served / it {of_prefill_ceiling:.3f})")
+    print(f"{'prompt tokens copied':<28}{'':>12}{copied / max(1, fed + copied):>14.1%}  "
+          f"({int(copied)} of {int(fed + copied)}; the sequential side prefills all)")
 
 
 def _ceiling(generator, prepared, tokens: int, time_decode) -> dict[str, float]:
@@ -360,7 +400,8 @@ def _ceiling(generator, prepared, tokens: int, time_decode) -> dict[str, float]:
     many = time_decode(generator, prepared, tokens, sync)
     n = len(prepared)
     return {"batching_ceiling": n * one["step_ms"] / many["step_ms"],
-            "ceiling_with_sampling": n * (one["step_ms"] + one["sample_ms"]) / (many["step_ms"] + many["sample_ms"])}
+            "ceiling_with_sampling": n * (one["step_ms"] + one["sample_ms"]) / (many["step_ms"] + many["sample_ms"]),
+            "one": one, "many": many}
 
 
 def _engine_alone(generator, bodies: list[dict], clients: int) -> tuple[int, float]:
@@ -430,7 +471,9 @@ def _scrape(url: str) -> dict[str, float]:
 
 def _engine_counters(url: str) -> dict[str, float]:
     samples = _scrape(url)
-    return {"tokens": samples["steer_generated_tokens_total"], "steps": samples["steer_decode_steps_total"]}
+    return {"tokens": samples["steer_generated_tokens_total"], "steps": samples["steer_decode_steps_total"],
+            "prompt_fed": samples.get("steer_prompt_tokens_fed_total", 0.0),
+            "prompt_copied": samples.get("steer_prompt_tokens_copied_total", 0.0)}
 
 
 def _server_mean_ttft(url: str) -> float:

@@ -40,6 +40,13 @@ class ServerMetrics:
         self.active.set_function(lambda: stats().active)
         self.cancelled.set_function(lambda: stats().cancelled_total)
         self.registry.register(_EngineSteps(stats))
+        # How much prompt work the cache saves: copied / (fed + copied) is its hit rate.
+        self.registry.register(_Value("steer_prompt_tokens_fed", "Prompt tokens fed to the model (prefilled).",
+                                      lambda: stats().prompt_tokens_fed))
+        self.registry.register(_Value("steer_prompt_tokens_copied",
+                                      "Prompt tokens copied from cached keys and values instead of being fed "
+                                      "(a shared start with a running request, or an ended one's left in its slot).",
+                                      lambda: stats().prompt_tokens_copied))
 
     def bind_restarts(self, restarts: Callable[[], int]) -> None:
         """``steer_engine_restarts_total``: times the engine was restarted after a crash."""

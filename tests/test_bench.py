@@ -22,7 +22,24 @@ def test_decode_step_bench_reports_the_batching_ceiling(shared_dir, shared_path)
     steps = report["decode_step_ms"]
     assert report["batch"] == 4 and steps["1"] > 0 and steps["4"] > 0 and report["mixed_step_ms"] > 0
     assert abs(report["batching_ceiling"] - 4 * steps["1"] / steps["4"]) < 0.02
+    assert report["prefill_ms"] > 0 and report["ceiling_with_prefill"] > 0
     assert "batching ceiling:" in out.stdout
+
+
+def test_prompt_cache_bench_copies_later_turns_and_both_sides_agree(shared_dir, shared_path):
+    shared_path("models", "stories260K")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "prompt_cache.py"), "--turns", "2", "--conversations", "1",
+         "--reply-tokens", "4"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "STEER_SHARED": str(shared_dir), "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout[: out.stdout.index("\n}\n") + 2])
+    assert [t["turn"] for t in report["per_turn"]] == [0, 1] and report["same_text_both_sides"]
+    # The second turn copies what the first left in the cache; without the cache nothing is copied.
+    assert report["prompt_tokens_copied"]["cached"] > 8 and report["prompt_tokens_copied"]["uncached"] == 0
+    assert report["prompt_tokens_fed"]["cached"] < report["prompt_tokens_fed"]["uncached"]
 
 
 def test_overload_bench_runs_and_reports_outcomes(shared_dir, shared_path):

@@ -114,6 +114,15 @@ def test_a_killed_engine_process_fails_requests_and_health(hello, make_client, w
         steps = float(next(line.split()[1] for line in metrics.splitlines()
                            if line.startswith("steer_decode_steps_total ")))
         assert tokens - 1 <= steps <= tokens
+        # The same prompt again is copied from what the first request left in the engine's cache,
+        # all but its last token, and both counts reach /metrics.
+        assert client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 4}).status_code == 200
+        metrics = client.get("/metrics").text
+        fed, copied = (float(next(line.split()[1] for line in metrics.splitlines()
+                                  if line.startswith(f"steer_prompt_tokens_{kind}_total ")))
+                       for kind in ("fed", "copied"))
+        prompt = reply.json()["usage"]["prompt_tokens"]
+        assert (fed, copied) == (prompt + 1, prompt - 1)
         result = {}
 
         def long_request():

@@ -108,6 +108,99 @@ def test_a_waiting_request_takes_the_slot_of_the_first_to_end_and_still_matches_
         assert got == alone
 
 
+def _alone(generator, row):
+    """``row``'s reply from a scheduler of its own (nothing cached to copy from)."""
+    from steer.runtime.scheduler import Row, Scheduler
+
+    engine = Scheduler(generator.model, generator.tokenizer, max_batch_size=1, max_queue=0,
+                       eos_token_ids=generator.eos_ids)
+    [done] = engine.run([Row(prompt_ids=list(row.prompt_ids), params=row.params, stops=row.stops)])
+    assert engine.batch.tokens_copied == 0
+    return done.reply.text
+
+
+def test_a_joining_prompt_copies_what_an_ended_request_left_in_its_slot(generator):
+    """A next turn that starts with an ended request's prompt and reply takes that request's free
+    slot and copies its start from what the slot's cache still holds (in place), instead of feeding
+    it; its reply is the one it gets alone."""
+    from steer.runtime.scheduler import Scheduler
+
+    params = dict(temperature=0.8, ignore_eos=True)
+    first = generator.prepare(GenerationRequest(LONGER, {"humor": 2}, max_new_tokens=3, seed=1, **params)).row()
+    other = generator.prepare(GenerationRequest(USER, {"humor": 1}, max_new_tokens=14, seed=2, **params)).row()
+    # The next turn: the first request's prompt, then tokens of its own (known before it runs).
+    turn = generator.prepare(GenerationRequest(LONGER, {"humor": 2}, max_new_tokens=6, seed=3, **params)).row()
+    turn.prompt_ids = list(first.prompt_ids) + [5, 6, 7, 8, 9]
+    engine = Scheduler(generator.model, generator.tokenizer, max_batch_size=2, max_queue=1,
+                       eos_token_ids=generator.eos_ids)
+    engine.run([first, other, turn])
+    shared_with_other = len(os.path.commonprefix([other.prompt_ids, turn.prompt_ids]))
+    held = first.prompt_ids + first.generated[:-1]
+    expected = len(os.path.commonprefix([held, turn.prompt_ids[:-1]]))
+    assert shared_with_other < 8 <= len(first.prompt_ids) <= expected
+    assert engine.batch.tokens_copied == expected
+    for row in (first, other, turn):
+        assert row.reply.text == _alone(generator, row)
+
+
+def test_a_prompt_longer_than_the_batch_that_shares_nothing_is_prefilled_apart_and_appended(generator):
+    from steer.runtime.scheduler import Row, Scheduler
+    from steer.runtime.sampling import SamplingParams
+
+    def row(ids, tokens, seed):
+        return Row(prompt_ids=ids, params=SamplingParams(max_new_tokens=tokens, temperature=0.9, seed=seed,
+                                                         ignore_eos=True), stops=[])
+
+    engine = Scheduler(generator.model, generator.tokenizer, max_batch_size=2, max_queue=1,
+                       eos_token_ids=generator.eos_ids)
+    prefilled = []
+    prefill = engine.batch._prefill
+    engine.batch._prefill = lambda sequences: (prefilled.append(len(sequences)), prefill(sequences))[1]
+    rows = [row([5, 6, 7, 8, 9, 10], 12, 1), row([11, 12, 13, 14, 15, 16], 2, 2), row(list(range(20, 60)), 3, 3)]
+    engine.run(rows)
+    assert prefilled == [2, 1] and engine.batch.tokens_copied == 0
+    assert [r.reply.text for r in rows] == [_alone(generator, r) for r in rows]
+
+
+def test_requests_after_the_batch_ended_copy_the_prompts_it_held(generator):
+    """When the last row ends the batch's cache is kept: the next requests with those prompts feed
+    only their last token; unrelated ones are prefilled as usual. Replies match their runs alone."""
+    from steer.runtime.scheduler import Scheduler
+
+    def rows(seed):
+        return [generator.prepare(GenerationRequest(USER, {"humor": 4}, max_new_tokens=5, seed=seed,
+                                                    temperature=0.9, ignore_eos=True)).row(),
+                generator.prepare(GenerationRequest(LONGER, None, max_new_tokens=7, seed=seed + 1,
+                                                    temperature=0.9, ignore_eos=True)).row()]
+
+    engine = Scheduler(generator.model, generator.tokenizer, max_batch_size=2, max_queue=0,
+                       eos_token_ids=generator.eos_ids)
+    ended = engine.run(rows(10))
+    assert not engine.batch.slots
+    copied, prefilled = engine.batch.tokens_copied, engine.batch.tokens_prefilled
+    again = engine.run(rows(20))
+    assert engine.batch.tokens_copied - copied == sum(len(r.prompt_ids) - 1 for r in again)
+    assert engine.batch.tokens_prefilled - prefilled == 2
+    for row in ended + again:
+        assert row.reply.text == _alone(generator, row)
+    # A prompt that shares too little with what is held: prefilled whole.
+    unrelated = generator.prepare(GenerationRequest([{"role": "user", "content": "Something else."}], None,
+                                                    max_new_tokens=4, seed=3, temperature=0.9)).row()
+    unrelated.prompt_ids = [9, 8, 7] + unrelated.prompt_ids
+    copied, prefilled = engine.batch.tokens_copied, engine.batch.tokens_prefilled
+    [done] = engine.run([unrelated])
+    assert engine.batch.tokens_copied == copied
+    assert engine.batch.tokens_prefilled - prefilled == len(unrelated.prompt_ids)
+    assert done.reply.text == _alone(generator, done)
+    # Without the prompt cache nothing an ended request held is kept.
+    engine = Scheduler(generator.model, generator.tokenizer, max_batch_size=2, max_queue=0,
+                       eos_token_ids=generator.eos_ids, prompt_cache=False)
+    engine.run(rows(10))
+    again = engine.run(rows(20))
+    assert engine.batch.tokens_copied == 0
+    assert [r.reply.text for r in again] == [_alone(generator, r) for r in again]
+
+
 def test_batch_file_keeps_input_order_and_a_crash_loses_only_the_replies_in_flight(generator, tmp_path,
                                                                                    monkeypatch):
     from steer.cli.batch import BatchItem, generate_file

@@ -273,8 +273,9 @@ def test_seeded_request_gives_the_same_text_alone_or_batched(make_row, tiny_poli
 def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(make_row, tiny_policy):
     """Once a batch runs, arriving requests take free or newly added rows and are prefilled by the
     next decode step (steer.runtime.mixed_step) rather than by a forward pass of their own, and still
-    generate exactly what they generate alone. A prompt longer than the batch's cache is prefilled
-    on its own and appended."""
+    generate exactly what they generate alone. A prompt longer than the batch's cache joins too: it
+    shares the template's opening with the running rows, so the cache grows on the left to take it
+    and that opening is copied (tests/test_generation.py covers a long prompt that shares nothing)."""
     from steer.runtime.scheduler import Scheduler as Engine
 
     policy, _ = _engine(tiny_policy)
@@ -308,11 +309,15 @@ def test_requests_joining_a_running_batch_are_prefilled_inside_its_decode_steps(
         engine.submit([rows[0][0]])  # joins alone
         engine.submit([r for r, _ in rows[1:3]])  # two at once: the batch grows by two rows
         assert rows[0][1].done.wait(30) and rows[1][1].done.wait(30)
-        engine.submit([rows[3][0]])  # longer than the batch's cache
+        columns = engine.batch._state.columns
+        copied = engine.stats().prompt_tokens_copied
+        assert len(rows[3][0].prompt_ids) > columns + 1  # longer than the batch's cache
+        engine.submit([rows[3][0]])
         for _, sink in rows:
             assert sink.done.wait(30)
         assert [(sink.text, sink.final.completion_tokens) for _, sink in rows] == expected
-        assert prefilled == [1, 1]  # the request that started the batch and the one too long to join
+        assert prefilled == [1]  # only the request that started the batch
+        assert engine.stats().prompt_tokens_copied - copied >= 8
         assert engine.stats().max_batch_seen >= 3 and not running_sink.done.is_set()
     finally:
         engine.stop()
@@ -360,9 +365,10 @@ def test_a_free_slot_is_taken_over_then_compacted_and_text_is_unchanged(collecto
         target, target_sink = row("Once upon a time", 1234, 12)
         engine.submit([target])
         assert target_sink.done.wait(30)
-        # The target takes the short row's slot. With mixed steps the short row got that slot by
-        # joining too: a first batch of alike prompts prefills one row and the others copy its start.
-        assert placed == ([1, 1] if mixed_steps else [1])
+        # The target takes the short row's slot. With mixed steps the long and the short row joined
+        # the batch the first request left (kept for the template's opening they share with it): the
+        # long row in that request's slot, the short one in a row added for it.
+        assert placed == ([0, 1, 1] if mixed_steps else [1])
         assert engine.batch._mixed is mixed_steps
         assert (target_sink.text, target_sink.final.completion_tokens) == (alone_sink.text, 12)
         # Nobody takes the slot the target left: after a few steps the batch is one row again.

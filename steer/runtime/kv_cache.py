@@ -119,6 +119,18 @@ def add_free_rows(state: DecodeState, n: int) -> None:
     state.next_positions = torch.cat([state.next_positions, state.next_positions.new_zeros(n)])
 
 
+def add_columns(state: DecodeState, n: int) -> None:
+    """Put ``n`` empty columns in front of every row (nothing attends to them): room on the left
+    for a prompt longer than the batch's columns to be written right-aligned."""
+    for layer in state.past_key_values.layers:
+        layer.keys = torch.cat([layer.keys.new_zeros((*layer.keys.shape[:2], n, layer.keys.shape[3])), layer.keys],
+                               dim=2)
+        layer.values = torch.cat(
+            [layer.values.new_zeros((*layer.values.shape[:2], n, layer.values.shape[3])), layer.values], dim=2)
+    state.attention_mask = torch.cat(
+        [state.attention_mask.new_zeros((state.attention_mask.shape[0], n)), state.attention_mask], dim=1)
+
+
 def place_row(state: DecodeState, new: DecodeState, j: int, slot: int, length: int) -> None:
     """Write row ``j`` of the freshly prefilled ``new`` (``length`` real tokens) into batch row
     ``slot`` of ``state``, right-aligned like every row."""
@@ -159,8 +171,9 @@ def merge_states(old: DecodeState, new: DecodeState) -> None:
     old.next_positions = torch.cat([old.next_positions, new.next_positions])
 
 
-def select_rows(state: DecodeState, keep: list[int], preallocated: bool) -> None:
-    """Keep only batch rows ``keep``; on a preallocated cache, also drop the columns no row uses."""
+def select_rows(state: DecodeState, keep: list[int], preallocated: bool, trim: bool = True) -> None:
+    """Keep only batch rows ``keep``; on a preallocated cache, also drop the columns no row uses
+    (unless not ``trim``: free rows kept for what their cache still holds attend to nothing)."""
     index = torch.tensor(keep, dtype=torch.long, device=state.attention_mask.device)
     state.attention_mask = state.attention_mask.index_select(0, index)
     state.next_positions = state.next_positions.index_select(0, index)
@@ -170,7 +183,8 @@ def select_rows(state: DecodeState, keep: list[int], preallocated: bool) -> None
     for layer in state.past_key_values.layers:
         layer.keys = layer.keys.index_select(0, index)
         layer.values = layer.values.index_select(0, index)
-    trim_columns(state, min_columns=1)
+    if trim:
+        trim_columns(state, min_columns=1)
 
 
 def trim_columns(state: DecodeState, min_columns: int) -> None:

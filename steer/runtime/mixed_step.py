@@ -75,7 +75,10 @@ class _Layout:
 
 class JoiningPrompt(NamedTuple):
     """A prompt joining the batch in free batch row ``row``; its first ``copied`` tokens are already
-    cached in batch row ``source`` (a running row), and are copied rather than fed."""
+    cached in batch row ``source``, and are copied rather than fed. The source is a running row, or
+    a free one (``row`` itself included) whose cache still holds an ended request's tokens: a row's
+    tokens always end where its position count says, ``next_positions`` columns before the end,
+    since every step appends one column and one position to every row, free ones included."""
 
     row: int
     prompt_ids: Sequence[int]
@@ -122,7 +125,7 @@ def mixed_step(model, tokens: torch.Tensor, state: DecodeState, joining: Sequenc
             raise ValueError(f"a {length}-token prompt does not fit a batch of {width} columns")
         if copied:
             cached = state.next_positions.tolist() if cached is None else cached
-            if not 0 < copied < length or copied > cached[source] or source == row:
+            if not 0 < copied < length or copied > cached[source] or cached[source] > end:
                 raise ValueError(f"row {source} cannot lend {copied} tokens to a {length}-token prompt")
             copies.append((row, end - (length - 1), source, end - cached[source], copied))
         joins.append((row, len(prefix_ids), length - 1 - copied))
@@ -134,9 +137,13 @@ def mixed_step(model, tokens: torch.Tensor, state: DecodeState, joining: Sequenc
         mask[row] = 0
         mask[row, end + 1 - length:] = 1
     for layer in state.past_key_values.layers:
-        for row, to, source, start, copied in copies:
-            layer.keys[row, :, to:to + copied] = layer.keys[source, :, start:start + copied]
-            layer.values[row, :, to:to + copied] = layer.values[source, :, start:start + copied]
+        # Every source is read before any row is written: a free row may lend what its cache still
+        # holds to the prompt that takes it over, or to another joining row, in the same step.
+        lent = [(layer.keys[source, :, start:start + copied].clone(),
+                 layer.values[source, :, start:start + copied].clone()) for _, _, source, start, copied in copies]
+        for (row, to, _, _, copied), (keys, values) in zip(copies, lent):
+            layer.keys[row, :, to:to + copied] = keys
+            layer.values[row, :, to:to + copied] = values
     flat_ids = torch.cat([torch.tensor(prefix_ids, dtype=torch.long, device=device), tokens])
     flat_positions = torch.cat([torch.tensor(prefix_positions, dtype=torch.long, device=device), positions])
     layout = _Layout(

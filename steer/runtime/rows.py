@@ -123,6 +123,10 @@ class EngineStats:
     tokens_total: int
     steps_total: int
     max_batch_seen: int
+    # Prompt tokens fed to the model, and those copied from a cache that already held them (another
+    # row's, or an ended request's left in its slot) instead; engines that do not count them say 0.
+    prompt_tokens_fed: int = 0
+    prompt_tokens_copied: int = 0
 
 
 class RowBook:
@@ -142,11 +146,13 @@ class RowBook:
         """Rows submitted and not yet ended (waiting, being admitted or decoding)."""
         return self.submitted - self.ended
 
-    def stats(self, *, waiting: int, active: int, steps_total: int, max_batch_seen: int) -> EngineStats:
+    def stats(self, *, waiting: int, active: int, steps_total: int, max_batch_seen: int, prompt_tokens_fed: int = 0,
+              prompt_tokens_copied: int = 0) -> EngineStats:
         """The engine's ``EngineStats``: its queue and batch, and this book's counters."""
         return EngineStats(waiting=waiting, active=active, cancelled_total=self.cancelled_total,
                            finished_total=self.finished_total, tokens_total=self.tokens_total,
-                           steps_total=steps_total, max_batch_seen=max_batch_seen)
+                           steps_total=steps_total, max_batch_seen=max_batch_seen,
+                           prompt_tokens_fed=prompt_tokens_fed, prompt_tokens_copied=prompt_tokens_copied)
 
     def admit(self, row: Row, now: float | None = None) -> None:
         """A row enters the engine: stamp it, give it its random stream and its ``ReplyState``."""

@@ -88,7 +88,8 @@ class BatchRunner(Protocol):
 class Scheduler:
     """The decode loop. ``model``: a transformers model, decoded by a
     :class:`~steer.runtime.torch_batch.TorchBatch`; or None when ``batch`` gives the runner
-    (:class:`~steer.runtime.llamacpp.LlamaCppBatch`, ...)."""
+    (:class:`~steer.runtime.llamacpp.LlamaCppBatch`, ...). ``mixed_steps`` and ``prompt_cache``
+    (keep ended requests' keys and values for later prompts to copy) configure the TorchBatch."""
 
     def __init__(
         self,
@@ -102,6 +103,7 @@ class Scheduler:
         on_token: Callable[[int], None] | None = None,
         on_step: Callable[[], None] | None = None,
         mixed_steps: bool = True,
+        prompt_cache: bool = True,
         decoder: TokenDecoder | None = None,
         batch: BatchRunner | None = None,
     ):
@@ -114,7 +116,7 @@ class Scheduler:
             from steer.runtime.torch_batch import TorchBatch
 
             device = torch.device(device) if device is not None else next(model.parameters()).device
-            batch = TorchBatch(model, self.pad_token_id, device, mixed_steps=mixed_steps)
+            batch = TorchBatch(model, self.pad_token_id, device, mixed_steps=mixed_steps, prompt_cache=prompt_cache)
         # The running batch: its slots, its model state and its forward passes.
         self.batch: BatchRunner = batch
         self.on_token = on_token
@@ -182,7 +184,9 @@ class Scheduler:
     def stats(self) -> EngineStats:
         with self._cv:
             return self._book.stats(waiting=len(self._waiting), active=len(self._live_rows()),
-                                    steps_total=self._steps_total, max_batch_seen=self._max_batch_seen)
+                                    steps_total=self._steps_total, max_batch_seen=self._max_batch_seen,
+                                    prompt_tokens_fed=getattr(self.batch, "tokens_prefilled", 0),
+                                    prompt_tokens_copied=getattr(self.batch, "tokens_copied", 0))
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:

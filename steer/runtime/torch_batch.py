@@ -20,6 +20,14 @@ with a running row's prompt copies those from that row's cache instead of feedin
 that a first batch of alike prompts gets there too, its first row is prefilled alone and the others
 join it in the next step.
 
+The prompt cache: a request that ends leaves its prompt and reply in its slot's cache, and when
+the last running row ends the whole batch is kept (parked) until the next request, which keeps
+the rows it copies from. A joining prompt
+copies its start from whichever row holds most of it, running or ended, so a conversation's next
+turn, a system prompt used again or the same question asked again feeds only what is new. A slot's
+tokens stay valid until the slot is taken, compacted away or its first columns are trimmed
+(``prompt_cache=False`` keeps nothing).
+
 Caches of other shapes than plain ``[batch, heads, seq, dim]`` tensors per layer (sliding-window
 layers) fall back to re-prefilling the whole batch on admission and compacting at once, which is
 correct and, for small models, cheap.
@@ -32,8 +40,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from steer.runtime.kv_cache import DecodeState, add_free_rows, is_preallocated, merge_states, place_row, \
-    select_new_rows, select_rows, trim_columns
+from steer.runtime.kv_cache import DecodeState, add_columns, add_free_rows, is_preallocated, merge_states, \
+    place_row, select_new_rows, select_rows, trim_columns
 from steer.runtime.mixed_step import JoiningPrompt, fits, mixed_step, supports_mixed_step
 from steer.runtime.model_runner import context_limit, decode_step, left_pad, prefill
 from steer.runtime.rows import MIN_COPIED_TOKENS, common_prefix_length
@@ -53,7 +61,8 @@ class TorchBatch:
     # Leading cache columns that only padding still uses are cut once there are this many.
     TRIM_COLUMNS = 32
 
-    def __init__(self, model, pad_token_id: int, device: torch.device, mixed_steps: bool = True):
+    def __init__(self, model, pad_token_id: int, device: torch.device, mixed_steps: bool = True,
+                 prompt_cache: bool = True):
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = device
@@ -67,6 +76,13 @@ class TorchBatch:
         # when the first batch exists; and the (slot, row) pairs that claimed a slot for the next step.
         self._mixed: bool | None = None if mixed_steps else False
         self._joining: list[tuple[int, object]] = []
+        # Free slot -> the tokens its cache still holds (an ended request's prompt and reply), which
+        # a joining prompt that starts the same way copies instead of feeding (prefix reuse across
+        # requests: a conversation's next turn, a repeated system prompt). And the batch as it was
+        # when its last row ended, kept for that until the next request comes.
+        self._donors: dict[int, list[int]] = {}
+        self._parked: DecodeState | None = None
+        self.prompt_cache = prompt_cache
         self._steps = 0
         # Tokens prefilled (prompts, and running rows' text where a batch is rebuilt), and prompt
         # tokens copied from another row's cache instead.
@@ -76,6 +92,7 @@ class TorchBatch:
     # ------------------------------------------------------------ interface
     def reset(self) -> None:
         self.slots, self._free_since, self._state, self._joining = [], {}, None, []
+        self._donors, self._parked = {}, None
 
     def live_rows(self) -> list:
         return [r for r in self.slots if r is not None]
@@ -87,6 +104,10 @@ class TorchBatch:
         # (the first batch, prompts longer than the batch's cache) are prefilled now, first, since
         # appending them may compact the batch. A first batch whose prompts start alike is
         # prefilled one row only, so that the others copy its cache for what they share.
+        if self._state is None and self._parked is not None:
+            self._unpark(rows)
+        if self._state is not None and self._mixed:
+            self._widen_for(rows)
         if self._state is None and self._mixed is not False and len(rows) > 1 and any(
                 common_prefix_length(rows[0].prompt_ids, r.prompt_ids, len(r.prompt_ids) - 1) >= MIN_COPIED_TOKENS
                 for r in rows[1:]):
@@ -104,7 +125,8 @@ class TorchBatch:
         slots = self.slots
         pending = torch.tensor([r.generated[-1] if r is not None and r.generated else self.pad_token_id
                                 for r in slots], dtype=torch.long, device=self.device)
-        if self._joining:
+        joined = bool(self._joining)
+        if joined:
             joining, self._joining = self._joining, []
             logits = mixed_step(self.model, pending, self._state, self._joining_prompts(joining))
         else:
@@ -113,15 +135,24 @@ class TorchBatch:
         live = [i for i, r in enumerate(slots) if r is not None]
         if len(live) < len(slots):
             logits = logits.index_select(0, torch.tensor(live, dtype=torch.long, device=logits.device))
-        if self._mergeable and self._state is not None and self._steps % self.TRIM_COLUMNS == 0:
+        # Attention reads every column of the batch, so columns no row attends to are cut: every
+        # TRIM_COLUMNS steps, and right after rows joined (their prompts were written right-aligned,
+        # often past the columns that ended requests held).
+        if self._mergeable and self._state is not None and (joined or self._steps % self.TRIM_COLUMNS == 0):
             trim_columns(self._state, min_columns=self.TRIM_COLUMNS)
         return [slots[i] for i in live], logits
 
     def release(self, row) -> None:
         slot = next(i for i, r in enumerate(self.slots) if r is row)
         self.slots[slot] = None
+        if self._mixed and self.prompt_cache:
+            # The slot's cache holds the prompt and the reply but its last token (sampled, never fed).
+            self._donors[slot] = list(row.prompt_ids) + row.generated[:-1]
         if not self.live_rows():
-            self.reset()
+            if self._donors:
+                self._park()
+            else:
+                self.reset()
             return
         self._free_since[slot] = self._steps
         # From now on the free row attends only to the padding it is fed, so it stays finite and
@@ -136,6 +167,75 @@ class TorchBatch:
             self._compact()
 
     # ------------------------------------------------------------ internals
+    def _park(self) -> None:
+        """The last row ended: keep the batch's cache for the next requests to copy from."""
+        parked, donors = self._state, self._donors
+        self.reset()
+        self._parked, self._donors = parked, donors
+
+    def _unpark(self, rows: list) -> None:
+        """Make the parked batch the running one, when one of ``rows`` can copy at least
+        MIN_COPIED_TOKENS from it; or drop it. Only the ended requests that ``rows`` copy from are
+        kept, as free rows: every row kept is decoded (as padding) until it is taken or compacted,
+        so keeping the whole batch would cost a full batch's steps for a single request."""
+        parked, donors = self._parked, self._donors
+        self._parked, self._donors = None, {}
+        lenders = set()
+        for row in rows:
+            slot, copied = self._best_donor(row.prompt_ids, donors, parked)
+            if copied >= MIN_COPIED_TOKENS:
+                lenders.add(slot)
+        if not lenders:
+            return
+        keep = sorted(lenders)
+        select_rows(parked, keep, preallocated=True, trim=False)
+        self._state, self.slots = parked, [None] * len(keep)
+        self._donors = {i: donors[slot] for i, slot in enumerate(keep)}
+        self._free_since = {i: self._steps for i in range(len(keep))}
+
+    def _widen_for(self, rows: list) -> None:
+        """A prompt longer than the batch's columns (a conversation's next turn, which holds the
+        last turn's prompt and reply) still joins the next step when a row's cache lends it its
+        start: the cache grows on the left by what it lacks. That copies the cache once, as
+        prefilling the prompt apart and appending it would, without feeding what it copies."""
+        lacking = 0
+        for row in rows:
+            length = len(row.prompt_ids)
+            if not fits(self._state, length) and self._best_source(row.prompt_ids)[1] >= MIN_COPIED_TOKENS:
+                lacking = max(lacking, length - 1 - self._state.columns)
+        if lacking:
+            add_columns(self._state, lacking)
+
+    def _best_source(self, prompt, exclude: set[int] = frozenset()) -> tuple[int, int]:
+        """The row whose cache holds most of ``prompt``'s start (all but its last token): a free
+        slot's ended request, or a running row's prompt (not those in ``exclude``); and how many
+        tokens. (-1, 0) when none."""
+        source, copied = self._best_donor(prompt, self._donors, self._state)
+        for i, r in enumerate(self.slots):
+            if copied == len(prompt) - 1:
+                break
+            if r is not None and i not in exclude:  # a running row's cache holds at least its whole prompt
+                shared = common_prefix_length(r.prompt_ids, prompt, len(prompt) - 1)
+                if shared > copied:
+                    source, copied = i, shared
+        return source, copied
+
+    @staticmethod
+    def _best_donor(prompt, donors: dict[int, list[int]], state: DecodeState) -> tuple[int, int]:
+        """The free slot whose cache holds most of ``prompt``'s start (all but its last token, which
+        is fed), and how many tokens; (-1, 0) when none. A slot whose first tokens were trimmed away
+        lends nothing."""
+        if not donors:
+            return -1, 0
+        positions, width = state.next_positions.tolist(), state.columns
+        best = (-1, 0)
+        for slot, cached in donors.items():
+            if positions[slot] <= width:
+                shared = common_prefix_length(cached, prompt, len(prompt) - 1)
+                if shared > best[1]:
+                    best = (slot, shared)
+        return best
+
     def _compact(self) -> None:
         """Drop free slots from the batch."""
         keep = [i for i, r in enumerate(self.slots) if r is not None]
@@ -185,7 +285,8 @@ class TorchBatch:
         """Give every row a free slot to be prefilled in by the next decode step, if all of them fit."""
         if self._state is None or not all(fits(self._state, len(r.prompt_ids)) for r in rows):
             return False
-        free = [i for i, r in enumerate(self.slots) if r is None]
+        # Slots whose cache lends nothing go first, so that what the others hold is kept longer.
+        free = sorted((i for i, r in enumerate(self.slots) if r is None), key=lambda i: i in self._donors)
         if len(free) < len(rows):
             # Empty rows cost one copy of the cache; a prefill of their own would cost a forward pass.
             first = len(self.slots)
@@ -198,24 +299,21 @@ class TorchBatch:
         return True
 
     def _joining_prompts(self, joining: list[tuple[int, object]]) -> list[JoiningPrompt]:
-        """Each joining row's prompt, with the running row whose cache holds most of its start."""
+        """Each joining row's prompt, with the row whose cache holds most of its start: a running
+        row, or a free one that still holds an ended request (the joining rows' own slots included:
+        the mixed step reads every source before it writes)."""
         taken = {slot for slot, _ in joining}
-        sources = [(i, r.prompt_ids) for i, r in enumerate(self.slots) if r is not None and i not in taken]
         prompts = []
         for slot, row in joining:
             prompt = row.prompt_ids
-            source, copied = -1, 0
-            for i, cached in sources:  # a running row's cache holds at least its whole prompt
-                shared = common_prefix_length(cached, prompt, len(prompt) - 1)
-                if shared > copied:
-                    source, copied = i, shared
-                    if shared == len(prompt) - 1:
-                        break
+            source, copied = self._best_source(prompt, exclude=taken)
             if copied < MIN_COPIED_TOKENS:
                 source, copied = -1, 0
             self.tokens_copied += copied
             self.tokens_prefilled += len(prompt) - copied
             prompts.append(JoiningPrompt(slot, prompt, source, copied))
+        for slot in taken:
+            self._donors.pop(slot, None)
         return prompts
 
     def _add_free_slots(self, n: int) -> None:
@@ -228,11 +326,12 @@ class TorchBatch:
         place_row(self._state, new, j, slot, len(row.prompt_ids))
         self.slots[slot] = row
         self._free_since.pop(slot, None)
+        self._donors.pop(slot, None)
 
     def _select_rows(self, keep: Sequence[int]) -> None:
         """Keep only the batch rows ``keep`` and drop cache columns no remaining row uses."""
         self.slots = [self.slots[i] for i in keep]
-        self._free_since = {}
+        self._free_since, self._donors = {}, {}
         if not keep:
             self._state = None
             return
