@@ -119,16 +119,22 @@ def add_free_rows(state: DecodeState, n: int) -> None:
     state.next_positions = torch.cat([state.next_positions, state.next_positions.new_zeros(n)])
 
 
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` zero columns in front: of a layer's [batch, heads, columns, dim] keys or values, or of
+    a [batch, columns] attention mask."""
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[-2 if t.dim() == 4 else -1] = n
+    return torch.cat([t.new_zeros(shape), t], dim=-2 if t.dim() == 4 else -1)
+
+
 def add_columns(state: DecodeState, n: int) -> None:
     """Put ``n`` empty columns in front of every row (nothing attends to them): room on the left
     for a prompt longer than the batch's columns to be written right-aligned."""
     for layer in state.past_key_values.layers:
-        layer.keys = torch.cat([layer.keys.new_zeros((*layer.keys.shape[:2], n, layer.keys.shape[3])), layer.keys],
-                               dim=2)
-        layer.values = torch.cat(
-            [layer.values.new_zeros((*layer.values.shape[:2], n, layer.values.shape[3])), layer.values], dim=2)
-    state.attention_mask = torch.cat(
-        [state.attention_mask.new_zeros((state.attention_mask.shape[0], n)), state.attention_mask], dim=1)
+        layer.keys, layer.values = _pad_left(layer.keys, n), _pad_left(layer.values, n)
+    state.attention_mask = _pad_left(state.attention_mask, n)
 
 
 def place_row(state: DecodeState, new: DecodeState, j: int, slot: int, length: int) -> None:
@@ -155,19 +161,11 @@ def merge_states(old: DecodeState, new: DecodeState) -> None:
     """Append ``new``'s rows to ``old``, left-padding the shorter cache."""
     old_len, new_len = old.columns, new.columns
     width = max(old_len, new_len)
-
-    def pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-        if n == 0:
-            return t
-        shape = list(t.shape)
-        shape[-2 if t.dim() == 4 else -1] = n
-        return torch.cat([t.new_zeros(shape), t], dim=-2 if t.dim() == 4 else -1)
-
     for layer, added in zip(old.past_key_values.layers, new.past_key_values.layers):
-        layer.keys = torch.cat([pad_left(layer.keys, width - old_len), pad_left(added.keys, width - new_len)])
-        layer.values = torch.cat([pad_left(layer.values, width - old_len), pad_left(added.values, width - new_len)])
+        layer.keys = torch.cat([_pad_left(layer.keys, width - old_len), _pad_left(added.keys, width - new_len)])
+        layer.values = torch.cat([_pad_left(layer.values, width - old_len), _pad_left(added.values, width - new_len)])
     old.attention_mask = torch.cat(
-        [pad_left(old.attention_mask, width - old_len), pad_left(new.attention_mask, width - new_len)])
+        [_pad_left(old.attention_mask, width - old_len), _pad_left(new.attention_mask, width - new_len)])
     old.next_positions = torch.cat([old.next_positions, new.next_positions])
 
 
