@@ -11,7 +11,8 @@ token), next to the cost of a step that also prefills one joining request (the e
 fed whole or only past the start it shares with a running row (copied from that row's cache).
 
 Each timing is the median over a real decode of --tokens steps (the KV cache grows as it would),
-after a warm-up; CUDA is synchronised around every step. Uses the serving benchmark's prompts and
+after a warm-up, batch 1 and batch N decoded in turns of 8 steps so that both see the same machine
+speed; CUDA is synchronised around every step. Uses the serving benchmark's prompts and
 sampling settings. Without --policy, ../shared/models/stories260K is wrapped as a policy. Prints a
 JSON object, then a short table.
 """
@@ -37,27 +38,41 @@ from serve_throughput import _gen_kwargs, requests_for, wrap_stories260k  # noqa
 from steer.runtime.rows import MIN_COPIED_TOKENS, common_prefix_length  # noqa: E402
 
 
-def time_decode(generator, prepared, tokens: int, sync) -> dict[str, float]:
-    """Median milliseconds of a decode step and of sampling, decoding ``prepared`` as one batch."""
+def time_decode(generator, batches: list[list], tokens: int, sync, block: int = 8) -> list[dict[str, float]]:
+    """Median milliseconds of a decode step and of sampling for each batch of ``batches``, each
+    decoded as one batch, in turns of ``block`` steps (8 steps of batch 1, 8 of batch 16, ...).
+
+    This VM's speed changes by a third in plateaus of a few seconds; timed one after the other,
+    batch 1 and batch 16 could each land on a different plateau, and their ratio (the ceiling)
+    swung from 7x to 15x between the rounds of one run. In turns, both see the same machine. Each
+    turn's first step is left out of the medians: it runs with the other batch's data in the CPU's
+    caches (taken step by step in turn, batch 1's step time rose by a fifth), where one-at-a-time
+    generation and the server each run their own steps back to back."""
     from steer.runtime.model_runner import decode_step, left_pad, prefill
     from steer.runtime.sampling import sample_next_tokens
 
-    params, rngs = [p.params for p in prepared], [p.params.make_rng() for p in prepared]
-    ids, mask = left_pad([p.prompt_ids for p in prepared], generator.pad_token_id, generator.device)
-    logits, state = prefill(generator.model, ids, mask)
-    steps, draws = [], []
-    for i in range(tokens + 3):  # the first three are warm-up
-        sync()
-        start = time.perf_counter()
-        next_tokens = sample_next_tokens(logits, params, rngs)
-        sync()
-        drawn = time.perf_counter()
-        logits = decode_step(generator.model, next_tokens, state)
-        sync()
-        if i >= 3:
-            draws.append(drawn - start)
-            steps.append(time.perf_counter() - drawn)
-    return {"step_ms": statistics.median(steps) * 1e3, "sample_ms": statistics.median(draws) * 1e3}
+    runs = []
+    for prepared in batches:
+        params, rngs = [p.params for p in prepared], [p.params.make_rng() for p in prepared]
+        ids, mask = left_pad([p.prompt_ids for p in prepared], generator.pad_token_id, generator.device)
+        logits, state = prefill(generator.model, ids, mask)
+        runs.append({"params": params, "rngs": rngs, "logits": logits, "state": state, "steps": [], "draws": []})
+    total = tokens + 3  # the first three are warm-up
+    for first in range(0, total, block):
+        for run in runs:
+            for i in range(first, min(first + block, total)):
+                sync()
+                start = time.perf_counter()
+                next_tokens = sample_next_tokens(run["logits"], run["params"], run["rngs"])
+                sync()
+                drawn = time.perf_counter()
+                run["logits"] = decode_step(generator.model, next_tokens, run["state"])
+                sync()
+                if i >= 3 and i != first:
+                    run["draws"].append(drawn - start)
+                    run["steps"].append(time.perf_counter() - drawn)
+    return [{"step_ms": statistics.median(run["steps"]) * 1e3, "sample_ms": statistics.median(run["draws"]) * 1e3}
+            for run in runs]
 
 
 def time_mixed(generator, prepared, joining, tokens: int, sync, copy: bool = False) -> float:
@@ -191,8 +206,7 @@ def main() -> None:
         bodies.append({**bodies[0], "messages": [{"role": "user", "content": "Name three birds that cannot fly."}],
                        "attributes": {"humor": 2, "creativity": 3}})
         prepared = [generator.prepare(GenerationRequest(**_gen_kwargs(b))) for b in bodies]
-        one = time_decode(generator, prepared[:1], args.tokens, sync)
-        many = time_decode(generator, prepared[: args.batch], args.tokens, sync)
+        one, many = time_decode(generator, [prepared[:1], prepared[: args.batch]], args.tokens, sync)
         mixed_ms = time_mixed(generator, prepared[: args.batch], prepared[-1], args.tokens, sync)
         copied_ms = time_mixed(generator, prepared[: args.batch], prepared[-1], args.tokens, sync, copy=True)
         shared = common_prefix_length(prepared[1].prompt_ids, prepared[-1].prompt_ids)

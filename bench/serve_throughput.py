@@ -20,8 +20,9 @@ much of what batching could buy the server delivers.
 Without --policy, ../shared/models/stories260K is wrapped as a policy directory in a temp folder.
 The server runs as a subprocess (`python -m steer.cli.main serve`), so clients and server do not share
 a Python interpreter; the clients are a minimal asyncio HTTP/1.1 reader so that generating the
-load costs little CPU next to serving it. Both sides use the same seeds, so they generate the same
-tokens. Prints a JSON object (including CPU seconds per side and the 1-minute load average), then
+load costs little CPU next to serving it, each on one keep-alive connection for all its requests
+(as pooled clients such as httpx and the OpenAI SDK keep theirs). Both sides use the same seeds,
+so they generate the same tokens. Prints a JSON object (including CPU seconds per side and the 1-minute load average), then
 a short table.
 """
 
@@ -101,30 +102,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def open_chat_stream(url: str, body: dict):
-    """POST a streaming chat completion (usage included) on a fresh connection; returns the reader,
-    the writer and the response head once the status is 200, else raises with the body."""
+class KeepAlive:
+    """One client's HTTP/1.1 connection, kept open from one request to its next, as a pooled client
+    (httpx, the OpenAI SDK) keeps it: opened on first use, and again when the server closed it."""
+
+    def __init__(self):
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def open_chat_stream(url: str, body: dict, conn: KeepAlive | None = None):
+    """POST a streaming chat completion (usage included) on ``conn`` (kept open after the response)
+    or on a fresh connection closed by the response; returns the reader, the writer and the
+    response head once the status is 200, else raises with the body."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), len(payload)) + payload)
-    head = await reader.readuntil(b"\r\n\r\n")
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\nConnection: %s\r\n\r\n"
+               % (host.encode(), len(payload), b"close" if conn is None else b"keep-alive") + payload)
+    reused = conn is not None and conn.writer is not None and not conn.writer.is_closing()
+    if reused:
+        reader, writer = conn.reader, conn.writer
+    else:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        if conn is not None:
+            conn.reader, conn.writer = reader, writer
+    writer.write(request)
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        if not reused:
+            raise
+        conn.close()  # the server closed the idle connection: once more on a new one
+        return await open_chat_stream(url, body, conn)
     status = int(head.split(b" ", 2)[1])
     if status != 200:
+        if conn is not None:
+            conn.close()
         raise RuntimeError(f"{url}: HTTP {status}: {(head + await reader.read()).decode(errors='replace')}")
     return reader, writer, head
 
 
-async def stream_one(url: str, body: dict) -> dict:
-    """One streaming chat completion over a plain asyncio connection.
+async def stream_one(url: str, body: dict, conn: KeepAlive | None = None) -> dict:
+    """One streaming chat completion over a plain asyncio connection (``conn``: kept open for the
+    client's next request).
 
     The clients share one process and core with nothing but each other, yet httpx's per-chunk
     machinery (httpcore, h11, anyio) cost a third of what the server spent serving them, CPU taken
     from the server on a 2-core machine. This client does the minimum: HTTP/1.1, chunked
     transfer decoding, and one ``json.loads`` per server-sent event."""
     start = time.perf_counter()
-    reader, writer, head = await open_chat_stream(url, body)
+    reused = conn is not None and conn.writer is not None and not conn.writer.is_closing()
+    reader, writer, head = await open_chat_stream(url, body, conn)
     chunked = b"transfer-encoding: chunked" in head.lower()
     arrivals: list[float] = []
     usage = None
@@ -149,21 +183,30 @@ async def stream_one(url: str, body: dict) -> dict:
                 usage = chunk["usage"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 arrivals.append(now)
-    writer.close()
+    if conn is None or not chunked or b"connection: close" in head.lower():
+        writer.close()  # a body without chunked framing ends with the connection
+        if conn is not None:
+            conn.close()
     end = time.perf_counter()
     return {
         "ttft": arrivals[0] - start if arrivals else end - start,
         "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],
         "tokens": usage["completion_tokens"],
         "latency": end - start,
+        "reused_connection": reused,
     }
 
 
 async def run_concurrent(url: str, bodies: list[dict], clients: int) -> tuple[list[dict], float]:
-    """``clients`` concurrent clients; client ``c`` sends bodies ``c``, ``c + clients``, ... in turn."""
+    """``clients`` concurrent clients; client ``c`` sends bodies ``c``, ``c + clients``, ... in turn,
+    on one keep-alive connection."""
 
     async def client(mine: list[dict]) -> list[dict]:
-        return [await stream_one(url, b) for b in mine]
+        conn = KeepAlive()
+        try:
+            return [await stream_one(url, b, conn) for b in mine]
+        finally:
+            conn.close()
 
     t0 = time.perf_counter()
     per_client = await asyncio.gather(*(client(bodies[c::clients]) for c in range(clients)))
@@ -320,6 +363,8 @@ def main() -> None:
             "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p95_s": round(percentile(ttfts, 95), 4),
             "itl_p50_s": round(percentile(gaps, 50), 4), "itl_p95_s": round(percentile(gaps, 95), 4),
             "latency_p50_s": round(percentile([r["latency"] for r in results], 50), 3),
+            # Requests sent on a connection their client had kept open (all but each client's first).
+            "requests_on_kept_connections": sum(r["reused_connection"] for r in results),
             # From /metrics: accepted by the server -> first content, averaged (excludes client overhead).
             "server_ttft_mean_s": round(server_ttft, 4),
             # CPU seconds used by the served runs (server and its engine process; the clients): on a
@@ -396,8 +441,7 @@ def _ceiling(generator, prepared, tokens: int, time_decode) -> dict[str, float]:
         import torch
 
         sync = torch.cuda.synchronize
-    one = time_decode(generator, prepared[:1], tokens, sync)
-    many = time_decode(generator, prepared, tokens, sync)
+    one, many = time_decode(generator, [prepared[:1], prepared], tokens, sync)
     n = len(prepared)
     return {"batching_ceiling": n * one["step_ms"] / many["step_ms"],
             "ceiling_with_sampling": n * (one["step_ms"] + one["sample_ms"]) / (many["step_ms"] + many["sample_ms"]),

@@ -22,11 +22,12 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 
 from steer.runtime.scheduler import (  # noqa: F401  (EngineFailedError is imported from here too)
     STOPPED_MESSAGE,
@@ -40,6 +41,9 @@ from steer.runtime.scheduler import (  # noqa: F401  (EngineFailedError is impor
 )
 
 logger = logging.getLogger(__name__)
+
+
+STATS_FIELDS = tuple(f.name for f in fields(EngineStats))
 
 
 @dataclass(frozen=True)
@@ -397,8 +401,12 @@ def run_engine_process(config: EngineProcessConfig, commands, events) -> None:
                 return
             batch = outbox[:]
             outbox.clear()
+        stats = engine.stats()
+        message = ("events", (batch, tuple(getattr(stats, name) for name in STATS_FIELDS)))
         try:
-            events.send(("events", (batch, astuple(engine.stats()))))
+            # What Connection.send does, less its per-message pickler set-up and dataclasses'
+            # deep-copying astuple: this runs after every decode step (the server's recv reads it).
+            events.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
         except (OSError, ValueError):  # the server is gone; the command loop ends too
             pass
 

@@ -7,7 +7,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from steer.service.errors import invalid_api_key, model_not_ready
 from steer.service.metrics import CONTENT_TYPE_LATEST
@@ -20,6 +20,7 @@ from steer.service.protocol import (
     HealthResponse,
     ModelList,
 )
+from steer.service.responses import EventStreamResponse
 from steer.service.serving import ChatServing, ServingError
 
 if TYPE_CHECKING:
@@ -96,9 +97,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     chat = ready_chat(server_state(request))
     gen = await chat.start_async(body)
     if body.stream:
-        # Starlette cancels the stream when the client disconnects; the generator then frees its rows.
-        return StreamingResponse(chat.stream(gen), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # The stream is cancelled when the client disconnects; the generator then frees its rows.
+        return EventStreamResponse(chat.stream(gen))
     task = asyncio.ensure_future(chat.complete(gen))
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)

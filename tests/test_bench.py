@@ -37,6 +37,20 @@ def test_decode_step_bench_reports_the_batching_ceiling(shared_dir, shared_path)
     assert "batching ceiling:" in out.stdout
 
 
+def test_serve_throughput_bench_keeps_each_client_on_one_connection(shared_dir, shared_path):
+    shared_path("models", "stories260K")
+    out = run_bench(shared_dir, "serve_throughput.py", "--clients", "2", "--requests-per-client", "3",
+                    "--max-tokens", "4", "--rounds", "1", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json_report(out)
+    served = report["served"]
+    # Same seeds on both sides: the server generates what one-at-a-time generation does.
+    assert report["requests"] == 6 and served["tokens_per_round"] == report["sequential"]["tokens"] > 0
+    assert served["requests_on_kept_connections"] == 6 - 2  # each client opened one connection
+    assert report["served_over_ceiling"] > 0 and report["ceiling_with_sampling"] > 0
+    assert "served / ceiling" in out.stdout
+
+
 def test_prompt_cache_bench_copies_later_turns_and_both_sides_agree(shared_dir, shared_path):
     shared_path("models", "stories260K")
     out = run_bench(shared_dir, "prompt_cache.py", "--turns", "2", "--conversations", "1", "--reply-tokens", "4")

@@ -201,6 +201,52 @@ def test_requests_after_the_batch_ended_copy_the_prompts_it_held(generator):
     assert [r.reply.text for r in again] == [_alone(generator, r) for r in again]
 
 
+def test_requests_arriving_one_by_one_after_the_batch_ended_each_copy_their_own_prompt(generator):
+    """Replies that end in the same step are followed by their clients' next requests one by one:
+    each still finds what its own ended request left (the parked batch keeps every ended row, not
+    only the first newcomer's lender); slots no request takes are compacted away once nothing
+    waits; replies match their runs alone."""
+    from steer.runtime.scheduler import Scheduler
+
+    third = [{"role": "user", "content": "A third question, about the weather at sea."}]
+
+    def rows(seed, tokens=4):
+        return [generator.prepare(GenerationRequest(messages, {"humor": i}, max_new_tokens=tokens, seed=seed + i,
+                                                    temperature=0.9, ignore_eos=True)).row()
+                for i, messages in enumerate([USER, LONGER, third])]
+
+    engine = Scheduler(generator.model, generator.tokenizer, max_batch_size=3, max_queue=0,
+                       eos_token_ids=generator.eos_ids)
+    ended = engine.run(rows(10))
+    assert not engine.batch.slots
+    copied, prefilled = engine.batch.tokens_copied, engine.batch.tokens_prefilled
+    later = rows(20, tokens=12)
+    with torch.inference_mode():
+        for row in later:  # one request per step
+            engine.submit([row])
+            engine._step([])
+        assert len(engine.batch.slots) == 3
+    engine.run([])
+    assert engine.batch.tokens_copied - copied == sum(len(r.prompt_ids) - 1 for r in later)
+    assert engine.batch.tokens_prefilled - prefilled == len(later)
+    for row in ended + later:
+        assert row.reply.text == _alone(generator, row)
+
+    # One request after the batch ended: the two rows it does not take are dropped once no
+    # request has waited for HOLD_FREE_SLOT_STEPS steps.
+    engine.run(rows(30))
+    [alone] = rows(40, tokens=12)[:1]
+    with torch.inference_mode():
+        engine.submit([alone])
+        engine._step([])
+        assert len(engine.batch.slots) == 3
+        for _ in range(engine.batch.HOLD_FREE_SLOT_STEPS + 1):
+            engine._step([])
+        assert engine.batch.slots == [alone]
+    engine.run([])
+    assert alone.reply.text == _alone(generator, alone)
+
+
 def test_batch_file_keeps_input_order_and_a_crash_loses_only_the_replies_in_flight(generator, tmp_path,
                                                                                    monkeypatch):
     from steer.cli.batch import BatchItem, generate_file

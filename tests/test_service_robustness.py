@@ -74,7 +74,11 @@ def test_oversized_prompts_are_refused_before_tokenizing(hello, client, monkeypa
     assert r.status_code == 200 and calls == [1]
 
 
-def test_prompts_are_tokenized_off_the_event_loop(hello, client, monkeypatch):
+def test_short_prompts_are_built_on_the_event_loop_and_long_ones_on_the_worker(hello, client, monkeypatch):
+    """A short prompt is rendered and tokenized where its request is handled (handing it to the
+    worker thread cost more than building it); a long one goes to the worker, so that the loop
+    keeps streaming; and while the worker holds the tokenizer, a short one waits its turn there
+    rather than using the tokenizer from a second thread."""
     serving = client.app.state.server.serving
     threads = []
     tokenize = serving.policy.template.tokenize
@@ -86,8 +90,25 @@ def test_prompts_are_tokenized_off_the_event_loop(hello, client, monkeypatch):
                         lambda p: loop_thread.append(threading.current_thread().name) or serving_submit(p))
     r = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
     assert r.status_code == 200
-    assert len(threads) == 1 and threads[0].startswith("steer-prompt")
-    assert loop_thread and loop_thread[0] != threads[0]
+    assert threads == loop_thread and not threads[0].startswith("steer-prompt")
+
+    monkeypatch.setattr(serving, "INLINE_PROMPT_CHARS", sum(len(m["content"]) for m in hello) - 1)
+    r = client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
+    assert r.status_code == 200
+    assert threads[1].startswith("steer-prompt") and loop_thread[1] != threads[1]
+
+    monkeypatch.undo()
+    entered = threading.Event()
+    build_locked = serving._build_locked
+    monkeypatch.setattr(serving, "_build_locked", lambda req: entered.set() or build_locked(req))
+    result = []
+    with serving._prompt_lock:  # as if the worker were tokenizing a long prompt
+        request = threading.Thread(target=lambda: result.append(
+            client.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})))
+        request.start()
+        assert entered.wait(30)
+    request.join(60)
+    assert result and result[0].status_code == 200
 
 
 @pytest.mark.parametrize("sent, configured, status", [

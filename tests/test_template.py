@@ -284,6 +284,30 @@ def test_plain_content_tokenizes_as_before(gpt2_tokenizer, llama_tokenizer):
         assert template.tokenize(conversation(), tok, mode="train").input_ids == expected
 
 
+TRICKY_TEXTS = ["", " leading space", "two  spaces\n\nand lines\n", "Ünïcödé ✓ 日本語 🙂", "tabs\tand\r\nreturns",
+                "</s><s><|endoftext|><|im_start|>", "x" * 3000]
+
+
+@pytest.mark.parametrize("tokenizer_name", ["gpt2", "llama", "chatml"])
+def test_backend_encoding_gives_the_ids_of_a_transformers_call(tokenizer_name, request):
+    """The fast path (the tokenizers backend called directly) is taken for these tokenizers and gives
+    exactly what ``tokenizer(text, add_special_tokens=False)`` gives; truncation left set on the
+    backend by an earlier call turns it off instead of cutting the text."""
+    from steer.core.template import backend_encoder, encode_plain
+
+    tok = request.getfixturevalue(f"{tokenizer_name}_tokenizer")
+    assert backend_encoder(tok) is not None
+    for text in TRICKY_TEXTS:
+        assert encode_plain(tok, text) == tok(text, add_special_tokens=False)["input_ids"], text
+    tok._tokenizer.enable_truncation(max_length=4)
+    try:
+        assert backend_encoder(tok) is None
+        assert len(encode_plain(tok, "x " * 50)) > 4
+    finally:
+        tok._tokenizer.no_truncation()
+    assert backend_encoder(tok) is not None
+
+
 def test_special_token_text_in_content_stays_text_chatml(chatml_tokenizer):
     tok = chatml_tokenizer
     im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")

@@ -11,7 +11,6 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
 
 from steer.service.npc.protocol import (
     CreateSessionRequest,
@@ -24,6 +23,7 @@ from steer.service.npc.protocol import (
     SessionObject,
 )
 from steer.service.errors import model_not_ready
+from steer.service.responses import EventStreamResponse
 from steer.service.npc.serving import NpcServing
 from steer.service.routes import check_api_key
 from steer.service.serving import ChatServing, ServingError
@@ -136,8 +136,7 @@ def npc_router(state) -> APIRouter:
             except BaseException:
                 await service.release(turn)
                 raise
-        return StreamingResponse(service.stream(turn, gen), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStreamResponse(service.stream(turn, gen))
 
     @router.get("/v1/sessions/{sid}/export", response_model=SessionExport)
     async def export_session(sid: str):

@@ -63,10 +63,38 @@ def special_token_strings(tokenizer) -> list[str]:
     return sorted((t for t in found if t), key=len, reverse=True)
 
 
+def backend_encoder(tokenizer):
+    """The ``tokenizers`` object behind a fast transformers tokenizer, when calling the tokenizer
+    (no special tokens added, special tokens not split) would only run it: no truncation or
+    padding left set on it, and no subclass that changes how text is encoded. None otherwise.
+
+    A transformers call costs about three times the encoding itself (argument handling and the
+    ``BatchEncoding`` built around the ids); the server tokenizes every request's prompt while it
+    streams other replies. ``tests/test_template.py`` checks both ways give the same ids."""
+    encode_plus = getattr(type(tokenizer), "_encode_plus", None)
+    if getattr(encode_plus, "__qualname__", "") != "TokenizersBackend._encode_plus":
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or getattr(tokenizer, "split_special_tokens", False):
+        return None
+    if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
+        return None
+    return backend
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """``tokenizer(text, add_special_tokens=False)["input_ids"]``, straight from the fast
+    tokenizer's backend where that gives the same ids (:func:`backend_encoder`)."""
+    backend = backend_encoder(tokenizer)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode_segment(segment: Segment, tokenizer) -> list[int]:
     """Token ids of one segment. Special-token text inside user content stays text; the template's
     own text keeps its special tokens (a chat template's ``<|im_start|>``)."""
-    normal = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    normal = lambda text: encode_plain(tokenizer, text)  # noqa: E731
     text = segment.text
     specials = [t for t in special_token_strings(tokenizer) if t in text] if segment.content else []
     if not specials:

@@ -185,9 +185,12 @@ def select_rows(state: DecodeState, keep: list[int], preallocated: bool, trim: b
         trim_columns(state, min_columns=1)
 
 
-def trim_columns(state: DecodeState, min_columns: int) -> None:
-    """Cut leading cache columns no row attends to any more, if there are ``min_columns`` of them."""
+def trim_columns(state: DecodeState, min_columns: int, keep_from: int | None = None) -> None:
+    """Cut leading cache columns no row attends to any more, if there are ``min_columns`` of them;
+    never column ``keep_from`` or any after it."""
     first = int(state.attention_mask.any(0).int().argmax())
+    if keep_from is not None:
+        first = min(first, keep_from)
     if first >= min_columns:
         state.attention_mask = state.attention_mask[:, first:]
         for layer in state.past_key_values.layers:

@@ -21,12 +21,12 @@ that a first batch of alike prompts gets there too, its first row is prefilled a
 join it in the next step.
 
 The prompt cache: a request that ends leaves its prompt and reply in its slot's cache, and when
-the last running row ends the whole batch is kept (parked) until the next request, which keeps
-the rows it copies from. A joining prompt
-copies its start from whichever row holds most of it, running or ended, so a conversation's next
+the last running row ends the whole batch is kept (parked) until the next request that copies
+from it. A joining prompt copies its start from whichever row holds most of it, running or ended
+(taking the ended request's slot when that is where it copies from), so a conversation's next
 turn, a system prompt used again or the same question asked again feeds only what is new. A slot's
-tokens stay valid until the slot is taken, compacted away or its first columns are trimmed
-(``prompt_cache=False`` keeps nothing).
+tokens stay until the slot is taken or compacted away (free slots are, once no request has waited
+for a few steps); trimming keeps the columns they hold (``prompt_cache=False`` keeps nothing).
 
 Caches of other shapes than plain ``[batch, heads, seq, dim]`` tensors per layer (sliding-window
 layers) fall back to re-prefilling the whole batch on admission and compacting at once, which is
@@ -139,7 +139,7 @@ class TorchBatch:
         # TRIM_COLUMNS steps, and right after rows joined (their prompts were written right-aligned,
         # often past the columns that ended requests held).
         if self._mergeable and self._state is not None and (joined or self._steps % self.TRIM_COLUMNS == 0):
-            trim_columns(self._state, min_columns=self.TRIM_COLUMNS)
+            trim_columns(self._state, min_columns=self.TRIM_COLUMNS, keep_from=self._first_lent_column())
         return [slots[i] for i in live], logits
 
     def release(self, row) -> None:
@@ -174,24 +174,19 @@ class TorchBatch:
         self._parked, self._donors = parked, donors
 
     def _unpark(self, rows: list) -> None:
-        """Make the parked batch the running one, when one of ``rows`` can copy at least
-        MIN_COPIED_TOKENS from it; or drop it. Only the ended requests that ``rows`` copy from are
-        kept, as free rows: every row kept is decoded (as padding) until it is taken or compacted,
-        so keeping the whole batch would cost a full batch's steps for a single request."""
+        """Make the parked batch the running one, its rows free, when one of ``rows`` copies at
+        least MIN_COPIED_TOKENS from it; else drop it. Every ended request is kept, not only the
+        ones ``rows`` copy from: replies that end in the same step are followed by their clients'
+        next requests one by one over the next steps, and each finds its own cache still there.
+        Free rows are decoded as padding, so those no request takes are compacted away once no
+        request has waited for HOLD_FREE_SLOT_STEPS steps, as any free slot is."""
         parked, donors = self._parked, self._donors
         self._parked, self._donors = None, {}
-        lenders = set()
-        for row in rows:
-            slot, copied = self._best_donor(row.prompt_ids, donors, parked)
-            if copied >= MIN_COPIED_TOKENS:
-                lenders.add(slot)
-        if not lenders:
+        if not any(self._best_donor(row.prompt_ids, donors, parked)[1] >= MIN_COPIED_TOKENS for row in rows):
             return
-        keep = sorted(lenders)
-        select_rows(parked, keep, preallocated=True, trim=False)
-        self._state, self.slots = parked, [None] * len(keep)
-        self._donors = {i: donors[slot] for i, slot in enumerate(keep)}
-        self._free_since = {i: self._steps for i in range(len(keep))}
+        self._state, self.slots = parked, [None] * parked.attention_mask.shape[0]
+        self._donors = donors
+        self._free_since = dict.fromkeys(range(len(self.slots)), self._steps)
 
     def _widen_for(self, rows: list) -> None:
         """A prompt longer than the batch's columns (a conversation's next turn, which holds the
@@ -235,6 +230,16 @@ class TorchBatch:
                 if shared > best[1]:
                     best = (slot, shared)
         return best
+
+    def _first_lent_column(self) -> int | None:
+        """The first cache column an ended request in a free slot still holds (a row's tokens end
+        at the last column and start ``next_positions`` before it), so trimming keeps what it can
+        lend until the slot is taken or compacted; None when no free slot lends anything."""
+        if not self._donors:
+            return None
+        width, positions = self._state.columns, self._state.next_positions.tolist()
+        starts = [width - positions[slot] for slot in self._donors if positions[slot] <= width]
+        return min(starts, default=None)
 
     def _compact(self) -> None:
         """Drop free slots from the batch."""
@@ -285,14 +290,28 @@ class TorchBatch:
         """Give every row a free slot to be prefilled in by the next decode step, if all of them fit."""
         if self._state is None or not all(fits(self._state, len(r.prompt_ids)) for r in rows):
             return False
-        # Slots whose cache lends nothing go first, so that what the others hold is kept longer.
-        free = sorted((i for i, r in enumerate(self.slots) if r is None), key=lambda i: i in self._donors)
-        if len(free) < len(rows):
+        # A row whose best lender is an ended request takes that request's slot (the step reads
+        # every source before it writes); the others take slots whose cache lends nothing first,
+        # so that what the rest hold is kept for the requests still to come.
+        free = {i for i, r in enumerate(self.slots) if r is None}
+        slots: list[int | None] = []
+        for row in rows:
+            lenders = {i: cached for i, cached in self._donors.items() if i in free}
+            slot, copied = self._best_donor(row.prompt_ids, lenders, self._state)
+            claims = copied >= MIN_COPIED_TOKENS
+            slots.append(slot if claims else None)
+            if claims:
+                free.discard(slot)
+        others = sorted(free, key=lambda i: (i in self._donors, i))
+        missing = slots.count(None) - len(others)
+        if missing > 0:
             # Empty rows cost one copy of the cache; a prefill of their own would cost a forward pass.
             first = len(self.slots)
-            self._add_free_slots(len(rows) - len(free))
-            free += range(first, len(self.slots))
-        for slot, row in zip(free, rows):
+            self._add_free_slots(missing)
+            others += range(first, len(self.slots))
+        others.reverse()
+        slots = [others.pop() if slot is None else slot for slot in slots]
+        for slot, row in zip(slots, rows):
             self.slots[slot] = row
             self._free_since.pop(slot, None)
             self._joining.append((slot, row))
