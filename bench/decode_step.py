@@ -46,8 +46,7 @@ def time_decode(generator, batches: list[list], tokens: int, sync, block: int = 
     batch 1 and batch 16 could each land on a different plateau, and their ratio (the ceiling)
     swung from 7x to 15x between the rounds of one run. In turns, both see the same machine. Each
     turn's first step is left out of the medians: it runs with the other batch's data in the CPU's
-    caches (taken step by step in turn, batch 1's step time rose by a fifth), where one-at-a-time
-    generation and the server each run their own steps back to back."""
+    caches, where one-at-a-time generation and the server each run their own steps back to back."""
     from steer.runtime.model_runner import decode_step, left_pad, prefill
     from steer.runtime.sampling import sample_next_tokens
 

@@ -70,7 +70,8 @@ def backend_encoder(tokenizer):
 
     A transformers call costs about three times the encoding itself (argument handling and the
     ``BatchEncoding`` built around the ids); the server tokenizes every request's prompt while it
-    streams other replies. ``tests/test_template.py`` checks both ways give the same ids."""
+    streams other replies. ``tests/test_template.py`` checks both ways give the same ids, and
+    ``steer.runtime.compat.check_transformers`` that the method recognised here still exists."""
     encode_plus = getattr(type(tokenizer), "_encode_plus", None)
     if getattr(encode_plus, "__qualname__", "") != "TokenizersBackend._encode_plus":
         return None

@@ -147,4 +147,10 @@ def check_transformers() -> list[str]:
             problems.append(f"LlamaForCausalLM.forward lost its {name!r} argument")
     if not hasattr(LlamaConfig(), "_attn_implementation"):
         problems.append("model configs have no '_attn_implementation' (attention switching)")
+    # steer.core.template.backend_encoder (the prompt tokenizer's fast path; it imports no
+    # transformers, so it recognises the method by name and falls back to a plain call without it).
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    if getattr(TokenizersBackend, "_encode_plus", None) is None:
+        problems.append("TokenizersBackend._encode_plus is gone (the prompt tokenizer's fast path)")
     return [f"transformers {version} (tested: {', '.join(TESTED_TRANSFORMERS_VERSIONS)}): {p}" for p in problems]
