@@ -110,6 +110,10 @@ class KeepAlive:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
+    @property
+    def is_open(self) -> bool:
+        return self.writer is not None and not self.writer.is_closing()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -125,7 +129,7 @@ async def open_chat_stream(url: str, body: dict, conn: KeepAlive | None = None):
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\nConnection: %s\r\n\r\n"
                % (host.encode(), len(payload), b"close" if conn is None else b"keep-alive") + payload)
-    reused = conn is not None and conn.writer is not None and not conn.writer.is_closing()
+    reused = conn is not None and conn.is_open
     if reused:
         reader, writer = conn.reader, conn.writer
     else:
@@ -157,7 +161,7 @@ async def stream_one(url: str, body: dict, conn: KeepAlive | None = None) -> dic
     from the server on a 2-core machine. This client does the minimum: HTTP/1.1, chunked
     transfer decoding, and one ``json.loads`` per server-sent event."""
     start = time.perf_counter()
-    reused = conn is not None and conn.writer is not None and not conn.writer.is_closing()
+    reused = conn is not None and conn.is_open
     reader, writer, head = await open_chat_stream(url, body, conn)
     chunked = b"transfer-encoding: chunked" in head.lower()
     arrivals: list[float] = []
