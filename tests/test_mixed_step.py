@@ -43,6 +43,12 @@ def test_joining_rows_decode_as_if_alone_and_running_rows_as_if_nothing_joined(t
     {2: ([18, 19, 20, 24, 28, 50], 3, 5)},  # copies all but its last token: feeds nothing
     {1: ([5, 6, 7, 60, 61, 62, 63], 0, 3), 2: ([50, 51, 52], -1, 0)},  # one copies, one is fed whole
     {1: ([5, 6, 7, 8, 9, 10, 11, 21, 25, 29, 70], 0, 10), 2: ([18, 19, 20, 24, 80, 81, 82, 83, 84], 3, 4)},
+    # Both copy all but their last token (the step is a plain decode step), from running rows ...
+    {1: ([5, 6, 7, 8, 9, 10, 11, 21, 25, 29, 90], 0, 10), 2: ([18, 19, 20, 24, 28, 32, 91], 3, 6)},
+    # ... and from what freed row 1 still holds (12, 13, 22, 26, 30), which row 1 itself takes over,
+    # or which row 2 reads while row 1 is overwritten by a copy from row 0 in the same step.
+    {1: ([12, 13, 22, 26, 30, 95], 1, 5), 2: ([12, 13, 22, 96], 1, 3)},
+    {1: ([5, 6, 7, 8, 9, 10, 11, 21, 94], 0, 8), 2: ([12, 13, 22, 96], 1, 3)},
 ])
 def test_joining_rows_that_copy_a_running_rows_cache_decode_as_if_alone(tiny_llama, joining):
     _check_mixed_step(tiny_llama, joining)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from steer.runtime.sampling import SamplingError, SamplingParams, filter_top_p, sample_next_tokens
-from steer.runtime.stopping import find_stop, streamable_length
+from steer.runtime.stopping import find_stop, stop_prefixes, streamable_length
 
 
 def test_params_validation():
@@ -190,6 +190,25 @@ def test_stop_helpers():
     assert find_stop("ab<stop>cd", ["<stop>"], new_from=9) == -1
     assert streamable_length("hello <extra", ["<extra_id_1>"]) == len("hello ")
     assert streamable_length("hello", ["<extra_id_1>"]) == 5
+
+
+def test_streamable_length_holds_back_the_longest_tail_that_starts_a_stop():
+    """Against an oracle that tries every stop's every prefix, over texts made of the stops' own
+    characters (so that tails match often), repeated and overlapping stops included."""
+    import random
+
+    def oracle(text, stops):
+        held = [k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])]
+        return len(text) - max(held, default=0)
+
+    rng = random.Random(0)
+    for stop_set in (["<|end|>", "\nUser:"], ["aba", "abab", "b"], ["xx", "xyx", "x"], ["<extra_id_1>"], ["\n\n"]):
+        alphabet = "".join(set("".join(stop_set))) + "q"
+        prefixes = stop_prefixes(stop_set)
+        for _ in range(400):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+            assert streamable_length(text, stop_set, prefixes) == oracle(text, stop_set), (text, stop_set)
+            assert streamable_length(text, stop_set) == oracle(text, stop_set)
 
 
 @pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-6])

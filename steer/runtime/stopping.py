@@ -42,7 +42,7 @@ class ReplyState:
     (:mod:`steer.runtime.detokenize`)."""
 
     __slots__ = ("detok", "stops", "max_tokens", "eos_ids", "completion_tokens", "finish_reason", "_final",
-                 "emitted", "_stop_chars", "_stop_ends")
+                 "emitted", "_held", "_stop_ends")
 
     def __init__(self, detok, stops: Sequence[str], max_tokens: int, eos_ids: frozenset[int] | set[int]):
         self.detok = detok
@@ -53,8 +53,7 @@ class ReplyState:
         self.finish_reason: str | None = None  # "stop" | "length" once the reply is over
         self._final: str | None = None
         self.emitted = 0  # characters handed out by delta()
-        # Characters some stop string contains: text ending in any other cannot end in a stop's prefix.
-        self._stop_chars = frozenset("".join(self.stops))
+        self._held = stop_prefixes(self.stops)
         # A stop string can only be completed by new text holding its last character; most new
         # text holds none, and the search is skipped.
         self._stop_ends = frozenset(s[-1] for s in self.stops)
@@ -100,10 +99,7 @@ class ReplyState:
     def delta(self) -> str:
         """The text that may go to the client now and has not yet; after the end, all that is left."""
         text = self.text
-        if self._final is not None or not text or text[-1] not in self._stop_chars:
-            safe = len(text)
-        else:
-            safe = streamable_length(text, self.stops)
+        safe = len(text) if self._final is not None else streamable_length(text, self.stops, self._held)
         if safe <= self.emitted:
             return ""
         out, self.emitted = text[self.emitted:safe], safe
@@ -117,13 +113,24 @@ def find_stop(text: str, stops: Sequence[str], new_from: int = 0) -> int:
     return min(hits) if hits else -1
 
 
-def streamable_length(text: str, stops: Sequence[str]) -> int:
-    """How much of ``text`` can be sent now: everything except a tail that might be the start
-    of a stop string still being generated."""
-    hold = 0
+def stop_prefixes(stops: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The proper prefixes of the stop strings (the tails a reply may have to hold back), keyed by
+    their last character and longest first."""
+    by_last: dict[str, set[str]] = {}
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return len(text) - hold
+        for k in range(1, len(s)):
+            by_last.setdefault(s[k - 1], set()).add(s[:k])
+    return {c: tuple(sorted(held, key=len, reverse=True)) for c, held in by_last.items()}
+
+
+def streamable_length(text: str, stops: Sequence[str], prefixes: dict[str, tuple[str, ...]] | None = None) -> int:
+    """How much of ``text`` can be sent now: everything except a tail that might be the start
+    of a stop string still being generated. ``prefixes`` is ``stop_prefixes(stops)``, made once
+    per reply: a held tail ends in the text's last character, so only the prefixes ending in it
+    are tried (this runs for every token of every streamed reply)."""
+    if not text:
+        return 0
+    for held in (stop_prefixes(stops) if prefixes is None else prefixes).get(text[-1], ()):
+        if text.endswith(held):
+            return len(text) - len(held)
+    return len(text)
