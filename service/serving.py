@@ -344,8 +344,7 @@ class ChatServing:
     def prepare(self, req: ChatCompletionRequest) -> PreparedRequest:
         """Validate ``req`` and tokenize its prompt (no engine involved; safe off the event loop)."""
         self.check(req)
-        with self._prompt_lock:
-            return self._build(req)
+        return self._build_locked(req)
 
     def _build(self, req: ChatCompletionRequest) -> PreparedRequest:
         """``prepare`` after ``check``, with the prompt lock held."""
