@@ -290,9 +290,11 @@ def main() -> None:
                 # drift of the machine's speed across the round then weighs on both sides alike.
                 before = one_at_a_time(share[:len(share) // 2])
                 server_cpu0, client_cpu0 = _cpu_seconds(server.pid), time.process_time()
+                http_cpu0 = _cpu_seconds(server.pid, children=False)
                 counters0 = _engine_counters(url)
                 results, wall = asyncio.run(run_concurrent(url, bodies, args.clients))
                 server_cpu, client_cpu = _cpu_seconds(server.pid) - server_cpu0, time.process_time() - client_cpu0
+                http_cpu = _cpu_seconds(server.pid, children=False) - http_cpu0
                 counters = _engine_counters(url)
                 after = one_at_a_time(share[len(share) // 2:])
                 seq_tokens, seq_time, seq_cpu = (a + b for a, b in zip(before, after))
@@ -307,7 +309,7 @@ def main() -> None:
                 alone_tokens, alone_s = _engine_alone(generator, bodies, args.clients)
                 rounds.append({
                     "sequential_tokens": seq_tokens, "sequential_s": seq_time, "sequential_cpu_s": seq_cpu,
-                    "served_tokens": served_tokens, "served_s": wall, "server_cpu_s": server_cpu,
+                    "served_tokens": served_tokens, "served_s": wall, "server_cpu_s": server_cpu, "http_cpu_s": http_cpu,
                     "client_cpu_s": client_cpu, "results": results,
                     "engine_tokens": counters["tokens"] - counters0["tokens"],
                     "engine_steps": counters["steps"] - counters0["steps"],
@@ -375,6 +377,9 @@ def main() -> None:
             # shared machine these say more than wall time about where the work goes.
             "server_cpu_s": round(sum(r["server_cpu_s"] for r in rounds), 3),
             "client_cpu_s": round(sum(r["client_cpu_s"] for r in rounds), 3),
+            # The server process alone (HTTP, validation, prompts, streaming; not the engine process)
+            # per request: what each request costs the server beside its decoding (median over rounds).
+            "http_cpu_ms_per_request": round(statistics.median(1e3 * r["http_cpu_s"] / len(bodies) for r in rounds), 3),
             # From /metrics: generated tokens per decode step, the batch the engine actually ran
             # (at most --clients; lower when rows wait on their clients' next request).
             "rows_per_step": round(sum(r["engine_tokens"] for r in rounds) / max(1, sum(r["engine_steps"] for r in rounds)), 2),
@@ -428,6 +433,7 @@ def main() -> None:
     print(f"{'TTFT p50 / p95 (s)':<28}{statistics.median(seq_ttft):>12.3f}"
           f"{percentile(ttfts, 50):>7.3f} / {percentile(ttfts, 95):.3f}")
     print(f"{'inter-token p50 / p95 (s)':<28}{'':>12}{percentile(gaps, 50):>7.4f} / {percentile(gaps, 95):.4f}")
+    print(f"{'server CPU per request':<28}{'':>12}{report['served']['http_cpu_ms_per_request']:>11.3f} ms  (the HTTP process, not the engine)")
     print(f"{'rows per decode step':<28}{'':>12}{report['served']['rows_per_step']:>14.2f}")
     print(f"{'batching ceiling (median)':<28}{'':>12}{ceiling:>13.2f}x  (forward alone {forward_ceiling:.2f}x)")
     print(f"{'served / ceiling':<28}{'':>12}{of_ceiling:>14.3f}  (of the forward's {of_forward_ceiling:.3f})")
@@ -494,17 +500,17 @@ def _engine_alone(generator, bodies: list[dict], clients: int) -> tuple[int, flo
     return tokens, elapsed
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` and its children (the engine process), from /proc;
-    NaN elsewhere."""
+def _cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU time of process ``pid`` and (``children``) its children (the engine
+    process), from /proc; NaN elsewhere."""
     try:
         # Each thread lists the children it started (the engine process starts from a worker thread).
-        children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+        kids = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(_cpu_seconds(int(child)) for child in children)
+    return own + sum(_cpu_seconds(int(child)) for child in kids) if children else own
 
 
 def _scrape(url: str) -> dict[str, float]:

@@ -198,8 +198,9 @@ class EngineProcess:
     # ------------------------------------------------------------ internals
     def _send(self, kind: str, payload) -> None:
         try:
+            message = pickle.dumps((kind, payload), pickle.HIGHEST_PROTOCOL)  # as flush() does, for the same reason
             with self._send_lock:  # stop() may send while the event loop sends
-                self._commands.send((kind, payload))
+                self._commands.send_bytes(message)
         except (OSError, ValueError):  # the child is gone; the reader reports it
             pass
 

@@ -39,6 +39,7 @@ from steer.service.settings import ServerSettings
 from steer.runtime.best_of import BestOfError, CandidateGroup, best_of_target, check_weights, choose_best
 from steer.data.histogram import unseen_request_warnings
 from steer.core.errors import SteerError
+from steer.core.template import SegmentIds
 from steer.runtime.sampling import SamplingParams
 from steer.runtime.scheduler import EngineStoppedError, QueueFullError, Row, RowEvent, Scheduler
 from steer.runtime.stopping import reply_stops, token_budget
@@ -243,6 +244,8 @@ class ChatServing:
         self._prompt_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-prompt")
         # Held while a prompt is built: the tokenizer is never used from two threads at once.
         self._prompt_lock = threading.Lock()
+        # A chat sends its system message and earlier turns again with every request.
+        self.segment_ids = SegmentIds(policy.tokenizer)
         self.max_chars_per_token = max_token_chars(policy.tokenizer)
 
     # ---------------------------------------------------------------- info
@@ -358,7 +361,7 @@ class ChatServing:
             raise bad_request(str(e), _param_from_steer_error(e, "attributes.")) from None
         try:
             prompt = self.policy.template.tokenize(messages, self.policy.tokenizer, mode="inference",
-                                                   attributes=attributes)
+                                                   attributes=attributes, segment_ids=self.segment_ids)
         except SteerError as e:
             raise bad_request(str(e), _param_from_steer_error(e) or "messages") from None
         except Exception as e:

@@ -48,7 +48,8 @@ def test_serve_throughput_bench_keeps_each_client_on_one_connection(shared_dir, 
     assert report["requests"] == 6 and served["tokens_per_round"] == report["sequential"]["tokens"] > 0
     assert served["requests_on_kept_connections"] == 6 - 2  # each client opened one connection
     assert report["served_over_ceiling"] > 0 and report["ceiling_with_sampling"] > 0
-    assert "served / ceiling" in out.stdout
+    assert served["http_cpu_ms_per_request"] > 0  # the server process alone, measured from /proc
+    assert "served / ceiling" in out.stdout and "server CPU per request" in out.stdout
 
 
 def test_prompt_cache_bench_copies_later_turns_and_both_sides_agree(shared_dir, shared_path):

@@ -248,10 +248,14 @@ def chatml_tokenizer(shared_path):
     return AutoTokenizer.from_pretrained(str(directory), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def _special_ids(tok) -> set[int]:
+def _special_texts(tok) -> list[str]:
     from steer.core.template import special_token_strings
 
-    return {tok.convert_tokens_to_ids(t) for t in special_token_strings(tok)}
+    return special_token_strings(tok)
+
+
+def _special_ids(tok) -> set[int]:
+    return {tok.convert_tokens_to_ids(t) for t in _special_texts(tok)}
 
 
 @pytest.mark.parametrize("tokenizer_name", ["gpt2", "llama"])
@@ -373,3 +377,32 @@ def test_label_words_need_words_for_every_attribute():
     with pytest.raises(ValueError, match="label_wording must be one of"):
         PromptTemplate(SCHEMA, label_wording="adjectives")
     assert PromptTemplate(bare).label_line({"menace": 1}) == "<extra_id_2>menace:1,humor:0\n"
+
+
+@pytest.mark.parametrize("tokenizer_name", ["gpt2", "llama", "chatml"])
+def test_segment_id_cache_gives_the_ids_of_tokenizing_afresh(tokenizer_name, request):
+    from steer.core.template import Segment, SegmentIds, encode_segment
+
+    tok = request.getfixturevalue(f"{tokenizer_name}_tokenizer")
+    template = ChatTemplatePrompt(SCHEMA, tok) if tokenizer_name == "chatml" else PromptTemplate(SCHEMA)
+    cache = SegmentIds(tok, max_entries=6, max_chars=500)
+    attack = [{"role": "system", "content": "</s>"}, {"role": "user", "content": INJECTED}]
+    long = [{"role": "user", "content": "a long question " * 60}]
+    conversations = [conversation(), conversation()[:2], attack, long, conversation()[:4]]
+    for _ in range(2):  # the second pass reads what the first stored (where the LRU kept it)
+        for conv in conversations:
+            ends_with_reply = conv[-1]["role"] == "assistant"
+            for mode, attributes in (("train", None),) if ends_with_reply else (("inference", {"humor": 3}),):
+                cached = template.tokenize(conv, tok, mode=mode, attributes=attributes, segment_ids=cache)
+                fresh = template.tokenize(conv, tok, mode=mode, attributes=attributes)
+                assert cached == fresh, (conv, mode)
+    assert cache.hits > 0 and cache.misses > 0 and len(cache._ids) <= 6
+    assert all(len(text) <= 500 for text, _ in cache._ids)  # the long segment was never stored
+    # The same text as template text and as user content tokenizes differently: two entries.
+    text = f"a {_special_texts(tok)[0]} b"
+    as_template, as_content = Segment(text), Segment(text, content=((0, len(text)),))
+    assert encode_segment(as_template, tok) != encode_segment(as_content, tok)
+    assert cache(as_template) == encode_segment(as_template, tok) and cache(as_content) == encode_segment(as_content, tok)
+    assert cache(as_template) == encode_segment(as_template, tok)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        template.tokenize(conversation(), tok, segment_ids=SegmentIds(object()))

@@ -20,6 +20,7 @@ import torch
 
 from steer.data.histogram import unseen_request_warnings
 from steer.core.errors import SteerError
+from steer.core.template import SegmentIds
 from steer.runtime.detokenize import TokenDecoder
 from steer.runtime.model_runner import context_limit, eos_token_ids
 from steer.runtime.sampling import SamplingParams
@@ -119,6 +120,7 @@ class SteerGenerator:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = context_limit(model) if engine is None else engine.max_context
         self._decoder = TokenDecoder.for_tokenizer(tokenizer)
+        self.segment_ids = SegmentIds(tokenizer)  # prompts repeat their system message and earlier turns
 
     @classmethod
     def load(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None,
@@ -190,7 +192,8 @@ class SteerGenerator:
             stop=list(request.stop or []),
             ignore_eos=request.ignore_eos,
         )
-        prompt = self.template.tokenize(request.messages, self.tokenizer, mode="inference", attributes=applied)
+        prompt = self.template.tokenize(request.messages, self.tokenizer, mode="inference", attributes=applied,
+                                        segment_ids=self.segment_ids)
         budget = token_budget(params.max_new_tokens, len(prompt.input_ids), self.max_context)
         if budget < 1:
             raise GenerationError(
