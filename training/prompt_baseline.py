@@ -107,15 +107,21 @@ class InstructionPrompt:
         last = segments[-1].text
         return segments[:-1] + [Segment(last[: last.index(self._layout.label_marker)])]
 
-    def tokenize(self, messages, tokenizer, mode: str = "inference", attributes=None):
-        from steer.core.template import TokenizedPrompt
+    def tokenize(self, messages, tokenizer, mode: str = "inference", attributes=None, segment_ids=None):
+        """As ``PromptTemplate.tokenize``, except that each segment is encoded whole, special-token
+        text included, as a plain tokenizer call would (``segment_ids``: the same cache)."""
+        from steer.core.template import TokenizedPrompt, encode_plain
 
+        if segment_ids is not None and segment_ids.tokenizer is not tokenizer:
+            raise ValueError("segment_ids caches another tokenizer's ids")
         segments = self.render(messages, mode=mode, attributes=attributes)
         ids: list[int] = []
         if not self.uses_chat_template and tokenizer.bos_token_id is not None:
             ids.append(tokenizer.bos_token_id)
         for seg in segments:
-            ids.extend(tokenizer(seg.text, add_special_tokens=False)["input_ids"])
+            # A segment without content spans is encoded as one plain call (encode_segment).
+            whole = Segment(seg.text)
+            ids.extend(segment_ids(whole) if segment_ids is not None else encode_plain(tokenizer, whole.text))
         return TokenizedPrompt(input_ids=ids, labels=list(ids))
 
 
