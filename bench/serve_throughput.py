@@ -510,7 +510,9 @@ def _cpu_seconds(pid: int, children: bool = True) -> float:
     except OSError:
         return float("nan")
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(_cpu_seconds(int(child)) for child in kids) if children else own
+    if not children:
+        return own
+    return own + sum(_cpu_seconds(int(child)) for child in kids)
 
 
 def _scrape(url: str) -> dict[str, float]:

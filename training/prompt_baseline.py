@@ -110,18 +110,16 @@ class InstructionPrompt:
     def tokenize(self, messages, tokenizer, mode: str = "inference", attributes=None, segment_ids=None):
         """As ``PromptTemplate.tokenize``, except that each segment is encoded whole, special-token
         text included, as a plain tokenizer call would (``segment_ids``: the same cache)."""
-        from steer.core.template import TokenizedPrompt, encode_plain
+        from steer.core.template import TokenizedPrompt, segment_encoder
 
-        if segment_ids is not None and segment_ids.tokenizer is not tokenizer:
-            raise ValueError("segment_ids caches another tokenizer's ids")
+        encode = segment_encoder(tokenizer, segment_ids)
         segments = self.render(messages, mode=mode, attributes=attributes)
         ids: list[int] = []
         if not self.uses_chat_template and tokenizer.bos_token_id is not None:
             ids.append(tokenizer.bos_token_id)
         for seg in segments:
-            # A segment without content spans is encoded as one plain call (encode_segment).
-            whole = Segment(seg.text)
-            ids.extend(segment_ids(whole) if segment_ids is not None else encode_plain(tokenizer, whole.text))
+            # Without its content spans a segment is encoded as one plain call (encode_segment).
+            ids.extend(encode(Segment(seg.text)))
         return TokenizedPrompt(input_ids=ids, labels=list(ids))
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -159,6 +159,16 @@ class SegmentIds:
         return ids
 
 
+def segment_encoder(tokenizer, segment_ids: SegmentIds | None = None) -> Callable[[Segment], list[int]]:
+    """How a template's ``tokenize`` encodes a segment: through ``segment_ids``, which must cache
+    ``tokenizer``'s ids, or afresh with :func:`encode_segment`."""
+    if segment_ids is None:
+        return lambda segment: encode_segment(segment, tokenizer)
+    if segment_ids.tokenizer is not tokenizer:
+        raise ValueError("segment_ids caches another tokenizer's ids")
+    return segment_ids
+
+
 @dataclass
 class TokenizedPrompt:
     input_ids: list[int]
@@ -283,9 +293,7 @@ class PromptTemplate:
         """Token ids and loss labels. Each segment is tokenized on its own (no special tokens),
         and the tokenizer's BOS, if it has one, starts the sequence. ``segment_ids``: a cache of
         ``tokenizer``'s segment ids to read and fill (servers pass one; the ids are the same)."""
-        if segment_ids is not None and segment_ids.tokenizer is not tokenizer:
-            raise ValueError("segment_ids caches another tokenizer's ids")
-        encode = segment_ids if segment_ids is not None else (lambda seg: encode_segment(seg, tokenizer))
+        encode = segment_encoder(tokenizer, segment_ids)
         segments = self.render(messages, mode=mode, attributes=attributes)
         ids: list[int] = []
         labels: list[int] = []
